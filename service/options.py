@@ -1,0 +1,100 @@
+"""What a conversion should build: targets, precisions, tolerances, selection policy.
+
+Shared by the API (which checks a job request) and the engine (which runs it).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from service.errors import InvalidOptions
+
+TARGETS = ("onnxruntime", "torchscript", "tensorrt")
+GPU_TARGETS = ("tensorrt",)
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+POLICIES = ("latency", "throughput", "accuracy")
+
+
+class Tolerance(BaseModel):
+    """Pass criteria for one output: |a-b| <= atol + rtol*max|ref|, cosine and top-1 floors."""
+
+    model_config = ConfigDict(extra="forbid")
+    atol: float | None = Field(default=None, ge=0)
+    rtol: float | None = Field(default=None, ge=0)
+    min_cosine: float | None = Field(default=None, ge=-1, le=1)
+    min_top1: float | None = Field(default=None, ge=0, le=1)
+
+
+# Defaults per precision. int8 is judged by agreement (cosine, top-1) rather than absolute error.
+DEFAULT_TOLERANCES: dict[str, Tolerance] = {
+    "fp32": Tolerance(atol=1e-4, rtol=1e-3, min_cosine=0.99999),
+    "fp16": Tolerance(atol=1e-2, rtol=1e-2, min_cosine=0.999),
+    "bf16": Tolerance(atol=5e-2, rtol=5e-2, min_cosine=0.995),
+    "int8": Tolerance(atol=None, rtol=None, min_cosine=0.98, min_top1=0.99),
+}
+
+
+class ConversionOptions(BaseModel):
+    """A conversion request's knobs. Unknown names are refused with the list of known ones."""
+
+    model_config = ConfigDict(extra="forbid")
+    targets: list[str] = Field(default_factory=lambda: ["onnxruntime", "torchscript"])
+    precisions: list[str] = Field(default_factory=lambda: ["fp32"])
+    policy: Literal["latency", "throughput", "accuracy"] = "latency"
+    # For the "accuracy" policy: the largest normwise relative error a candidate may have.
+    accuracy_budget: float = Field(default=1e-2, gt=0)
+    # Per precision or per output name: {"fp16": {...}} or {"logits": {...}}.
+    tolerances: dict[str, Tolerance] = Field(default_factory=dict)
+    batch_sizes: list[int] | None = None
+    threads: int | None = Field(default=None, ge=1, le=256)
+    bench_seconds: float = Field(default=1.0, gt=0, le=60)
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, v: list[str]) -> list[str]:
+        return _known(v, TARGETS, "target")
+
+    @field_validator("precisions")
+    @classmethod
+    def _precisions(cls, v: list[str]) -> list[str]:
+        return _known([{"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(p, p) for p in v],
+                      PRECISIONS, "precision")
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _batches(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or any(b < 1 for b in v)):
+            raise ValueError("batch_sizes must be positive integers")
+        return sorted(set(v)) if v else v
+
+    @classmethod
+    def parse(cls, data: dict) -> "ConversionOptions":
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err.get("loc", ()))
+            raise InvalidOptions(f"{where}: {err.get('msg', 'invalid').removeprefix('Value error, ')}") from None
+
+    def tolerance_for(self, precision: str, output: str) -> Tolerance:
+        """Default for the precision, overridden by a per-precision entry, then a per-output one."""
+        merged = DEFAULT_TOLERANCES[precision].model_dump()
+        for key in (precision, output):
+            if key in self.tolerances:
+                merged.update(self.tolerances[key].model_dump(exclude_none=True))
+        return Tolerance(**merged)
+
+
+def _known(values: list[str], known: tuple[str, ...], what: str) -> list[str]:
+    if not values:
+        raise ValueError(f"at least one {what} is needed")
+    out = []
+    for v in values:
+        v = v.strip().lower()
+        if v not in known:
+            raise ValueError(f"unknown {what} {v!r}; known: {', '.join(known)}")
+        if v not in out:
+            out.append(v)
+    return out

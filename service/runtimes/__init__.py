@@ -1,0 +1,46 @@
+"""Runtime registry. A runtime registers only when its library is installed; nothing heavy is
+imported until an artifact is loaded."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from service.errors import RuntimeUnavailable
+from service.runtimes.base import ARTIFACT_META, ArtifactInfo, Runtime
+from service.runtimes.onnxruntime import OnnxRuntime
+from service.runtimes.torchscript import TorchScriptRuntime
+
+_REGISTRY: dict[str, type[Runtime]] = {}
+
+
+def register(cls: type[Runtime]) -> type[Runtime]:
+    """Register a runtime class if its library can be imported here."""
+    if importlib.util.find_spec(cls.library) is not None:
+        _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> type[Runtime]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise RuntimeUnavailable(f"runtime {name!r} is not available on this host "
+                                 f"(available: {', '.join(available()) or 'none'})") from None
+
+
+def load(directory: Path, *, threads: int | None = None, device: str | None = None) -> Runtime:
+    """Load a built artifact directory (model file + kiln-artifact.json) with its runtime."""
+    info = ArtifactInfo.load(Path(directory))
+    cls = get(info.runtime)
+    return cls(Path(directory) / info.file, info=info, threads=threads, device=device or info.device)
+
+
+for _cls in (OnnxRuntime, TorchScriptRuntime):
+    register(_cls)
+
+__all__ = ["ARTIFACT_META", "ArtifactInfo", "Runtime", "available", "get", "load", "register"]

@@ -1,0 +1,99 @@
+"""TorchScript: a frozen ScriptModule, optimized for inference after loading."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from service.runtimes.base import ArtifactInfo, Runtime
+from service.signature import TensorSpec, numpy_dtype
+
+
+def torch_dtype(name: str) -> Any:
+    import torch
+
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+            "float64": torch.float64, "int8": torch.int8, "int16": torch.int16, "int32": torch.int32,
+            "int64": torch.int64, "uint8": torch.uint8, "bool": torch.bool}[name]
+
+
+def flatten_outputs(value: Any) -> list[Any]:
+    """A model's return value as a flat list of tensors (tensor, tuple/list, or dict in order)."""
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        flat: list[Any] = []
+        for v in value:
+            flat.extend(flatten_outputs(v))
+        return flat
+    return [value]
+
+
+class TorchScriptRuntime(Runtime):
+    """Runs a TorchScript `.pt` artifact. Float inputs are cast to the artifact's compute dtype
+    (bf16/fp16 artifacts) and outputs back to the signature's dtypes."""
+
+    name = "torchscript"
+    library = "torch"
+
+    def __init__(self, path: Path, *, info: ArtifactInfo | None = None, threads: int | None = None,
+                 device: str = "cpu") -> None:
+        super().__init__(path, info=info, threads=threads, device=device)
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        module = torch.jit.load(str(self.path), map_location=device)
+        module.eval()
+        # Saving an optimize_for_inference'd module breaks reloading it, so artifacts are saved
+        # frozen and optimized here, after loading.
+        try:
+            module = torch.jit.optimize_for_inference(module)
+        except Exception:  # noqa: BLE001 - an unoptimizable graph still runs as frozen
+            pass
+        self.module = module
+        sig = self.signature()
+        self._inputs = list(sig.inputs) if sig else []
+        self._outputs = list(sig.outputs) if sig else []
+        self._compute = torch_dtype(info.compute_dtype) if info and info.compute_dtype else None
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        return self._inputs
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        return self._outputs
+
+    def run(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        import torch
+
+        order = [s.name for s in self._inputs] or list(inputs)
+        args = []
+        for name in order:
+            t = torch.from_numpy(np.ascontiguousarray(inputs[name]))
+            if self._compute is not None and t.is_floating_point():
+                t = t.to(self._compute)
+            args.append(t.to(self.device) if self.device != "cpu" else t)
+        with torch.inference_mode():
+            flat = flatten_outputs(self.module(*args))
+        names = [s.name for s in self._outputs] or [f"output_{i}" for i in range(len(flat))]
+        result: dict[str, np.ndarray] = {}
+        for spec_name, t, spec in zip(names, flat, self._outputs or [None] * len(flat)):
+            t = t.detach().to("cpu")
+            want = spec.dtype if spec and spec.dtype else None
+            if want and want != "bfloat16":
+                t = t.to(torch_dtype(want))
+            elif t.dtype in (torch.bfloat16, torch.float16):
+                t = t.float()
+            result[spec_name] = t.numpy()
+        if outputs:
+            return {n: result[n] for n in outputs}
+        return result
+
+
+def as_numpy(value: Any, dtype: str | None = None) -> np.ndarray:
+    arr = np.asarray(value)
+    return arr.astype(numpy_dtype(dtype)) if dtype else arr

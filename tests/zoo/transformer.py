@@ -1,0 +1,65 @@
+"""A small BERT-like encoder over token ids with a dynamic sequence length:
+ids:int64[batch,seq] -> logits[batch,num_classes]."""
+import math
+
+import torch
+from torch import nn
+
+VOCAB = 1000
+SIGNATURE = {"inputs": [{"name": "ids", "dtype": "int64", "shape": ["batch", "seq"], "value_range": [0, VOCAB]}],
+             "outputs": ["logits"], "dims": {"batch": [1, 4, 8], "seq": [4, 64, 128]}}
+SMALL_SIGNATURE = {"inputs": [{"name": "ids", "dtype": "int64", "shape": ["batch", "seq"], "value_range": [0, VOCAB]}],
+                   "outputs": ["logits"], "dims": {"batch": [1, 2, 4], "seq": [2, 8, 16]}}
+
+
+class Attention(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads, self.dh = heads, d // heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, s, 3, self.heads, self.dh).permute(2, 0, 3, 1, 4)
+        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(self.dh), dim=-1)
+        return self.out((att @ v).transpose(1, 2).reshape(b, s, d))
+
+
+class Layer(nn.Module):
+    def __init__(self, d: int, heads: int, ff: int) -> None:
+        super().__init__()
+        self.att, self.ln1 = Attention(d, heads), nn.LayerNorm(d)
+        self.ff = nn.Sequential(nn.Linear(d, ff), nn.GELU(), nn.Linear(ff, d))
+        self.ln2 = nn.LayerNorm(d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.ln1(x + self.att(x))
+        return self.ln2(x + self.ff(x))
+
+
+class Encoder(nn.Module):
+    def __init__(self, d: int = 256, heads: int = 4, ff: int = 1024, layers: int = 4, classes: int = 16,
+                 max_len: int = 512) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(VOCAB, d)
+        self.pos = nn.Embedding(max_len, d)
+        self.layers = nn.ModuleList(Layer(d, heads, ff) for _ in range(layers))
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(ids.shape[1], device=ids.device)
+        x = self.tok(ids) + self.pos(pos)[None]
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x.mean(dim=1))
+
+
+def build_model() -> nn.Module:
+    torch.manual_seed(0)
+    return Encoder().eval()
+
+
+def build_small() -> nn.Module:
+    torch.manual_seed(0)
+    return Encoder(d=32, heads=2, ff=64, layers=1, classes=4, max_len=32).eval()

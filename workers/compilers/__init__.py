@@ -1,0 +1,31 @@
+"""Compilers, one per target. Each turns the captured/exported model into candidates for one
+precision, written to `<out>/<candidate id>/` with a kiln-artifact.json that the runtime reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+from workers.compilers.onnxruntime import OnnxRuntimeCompiler
+from workers.compilers.tensorrt import TensorRTCompiler
+from workers.compilers.torchscript import TorchScriptCompiler
+from workers.context import Candidate, Context
+from workers.pipeline import StepLog
+
+
+class Compiler(Protocol):
+    target: str
+
+    def variants(self, precision: str) -> list[str | None]:
+        """The candidates one precision makes (int8 on ONNX Runtime: static and dynamic)."""
+
+    def build(self, ctx: Context, candidate: Candidate, out_dir: Path, log: StepLog) -> None:
+        """Write the artifact for `candidate` into out_dir, filling in its file and notes.
+        Raise a KilnError (RuntimeUnavailable for a missing library) when it cannot be built."""
+
+
+COMPILERS: dict[str, Compiler] = {c.target: c for c in (OnnxRuntimeCompiler(), TorchScriptCompiler(), TensorRTCompiler())}
+
+
+def candidate_id(target: str, precision: str, variant: str | None) -> str:
+    return "-".join(p for p in (target, precision, variant) if p)

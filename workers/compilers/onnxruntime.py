@@ -1,0 +1,132 @@
+"""ONNX Runtime candidates: graph-optimized fp32, fp16, int8 static (QDQ, calibrated) and int8 dynamic."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+from service.errors import ConversionError, InvalidOptions
+from service.runtimes.base import ArtifactInfo
+from service.runtimes.onnxruntime import session_options
+from service.signature import FLOAT_DTYPES
+from workers.context import Candidate, Context
+from workers.pipeline import StepLog
+from workers.steps.common import load_samples
+
+
+class OnnxRuntimeCompiler:
+    target = "onnxruntime"
+
+    def variants(self, precision: str) -> list[str | None]:
+        return [None, "dynamic"] if precision == "int8" else [None]
+
+    def build(self, ctx: Context, candidate: Candidate, out_dir: Path, log: StepLog) -> None:
+        if not ctx.onnx_file:
+            raise ConversionError("no ONNX model to compile: the export step did not succeed")
+        src = Path(ctx.onnx_file)
+        work = ctx.work / "compile" / candidate.id
+        if work.exists():
+            shutil.rmtree(work)
+        work.mkdir(parents=True)
+        p = candidate.precision
+        if p == "fp32":
+            model = src
+        elif p == "fp16":
+            model = self._fp16(src, work)
+            candidate.notes.append("weights and compute in float16; inputs and outputs keep the signature's dtypes")
+        elif p == "int8" and candidate.variant == "dynamic":
+            model = self._int8_dynamic(src, work)
+            candidate.notes.append("dynamic quantization: int8 weights, activations quantized per batch at run time "
+                                   "(suits MatMul/Gemm-heavy models; slow on convolutions)")
+        elif p == "int8":
+            model, n = self._int8_static(ctx, src, work)
+            candidate.notes.append(f"static quantization (QDQ), per-channel int8 weights, activations calibrated "
+                                   f"on {n} sample batch(es) (suits convolutions)")
+        else:
+            raise InvalidOptions(f"precision {p} is not supported by ONNX Runtime on the CPU "
+                                 "(it has no bf16 kernels for most operators); build bf16 with the torchscript target")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        optimize(model, out_dir / "model.onnx", ctx.options.threads)
+        candidate.file = "model.onnx"
+        ArtifactInfo(runtime="onnxruntime", file="model.onnx", precision=p, signature=ctx.signature.to_json(),
+                     extra={"variant": candidate.variant, "exporter": ctx.onnx_exporter,
+                            "graph_optimization": "ORT_ENABLE_ALL"}).save(out_dir)
+
+    def _fp16(self, src: Path, work: Path) -> Path:
+        import onnx
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True, disable_shape_infer=False)
+        path = work / "fp16.onnx"
+        onnx.save(model, str(path))
+        return path
+
+    def _preprocess(self, src: Path, work: Path) -> Path:
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        path = work / "preprocessed.onnx"
+        try:
+            quant_pre_process(str(src), str(path), skip_symbolic_shape=False)
+        except Exception:  # noqa: BLE001 - symbolic shape inference fails on some graphs
+            quant_pre_process(str(src), str(path), skip_symbolic_shape=True)
+        return path
+
+    def _int8_dynamic(self, src: Path, work: Path) -> Path:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        path = work / "int8-dynamic.onnx"
+        quantize_dynamic(str(self._preprocess(src, work)), str(path), weight_type=QuantType.QInt8)
+        return path
+
+    def _int8_static(self, ctx: Context, src: Path, work: Path) -> tuple[Path, int]:
+        from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                              quantize_static)
+
+        if not any(s.dtype in FLOAT_DTYPES for s in ctx.signature.inputs) and not _has_float_weights(src):
+            raise InvalidOptions("static int8 needs float activations to calibrate")
+        batches = calibration_batches(ctx)
+
+        class Reader(CalibrationDataReader):
+            def __init__(self) -> None:
+                self._it: Iterator[dict[str, Any]] = iter(batches)
+
+            def get_next(self) -> dict[str, Any] | None:
+                return next(self._it, None)
+
+            def rewind(self) -> None:
+                self._it = iter(batches)
+
+        path = work / "int8-static.onnx"
+        quantize_static(str(self._preprocess(src, work)), str(path), Reader(), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax,
+                        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+        return path, len(batches)
+
+
+def calibration_batches(ctx: Context) -> list[dict[str, Any]]:
+    """User samples when there are any, else the generated ones (mixed-sign values only)."""
+    samples = load_samples(ctx)
+    user = [s for s, label in zip(samples, ctx.sample_labels) if label.startswith("user")]
+    if user:
+        return user
+    return [s for s, label in zip(samples, ctx.sample_labels) if label in ("min", "opt", "max")] or samples
+
+
+def optimize(src: Path, dst: Path, threads: int | None) -> None:
+    """Apply ONNX Runtime's graph optimizations at the highest level and save what it will load."""
+    import onnxruntime as ort
+
+    try:
+        ort.InferenceSession(str(src), session_options(threads, optimized_path=dst), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own types
+        raise ConversionError(f"ONNX Runtime could not load the model: {str(exc).splitlines()[0][:300]}") from None
+    if not dst.exists():
+        raise ConversionError("ONNX Runtime did not write the optimized model")
+
+
+def _has_float_weights(path: Path) -> bool:
+    import onnx
+
+    return any(t.data_type == onnx.TensorProto.FLOAT for t in onnx.load(str(path), load_external_data=False).graph.initializer)

@@ -1,0 +1,92 @@
+"""The conversion engine as one library call: a bundle in, validated and benchmarked artifacts out.
+
+The CLI calls `convert`; the Celery task calls it too, with events that write to the job store.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+from service.bundles import ONNX, Bundle, prepare_bundle
+from service.errors import InvalidSignature
+from service.options import ConversionOptions
+from service.signature import Signature
+from workers import report
+from workers.context import STATE_FILE, BundleInfo, Context
+from workers.pipeline import Canceled, Events, Pipeline
+from workers.steps import common, default_steps
+
+
+def prepare(bundle_path: Path, out_dir: Path, *, entry: str | None = None, weights: Path | None = None,
+            samples: Path | None = None, signature: Signature | dict | str | None = None,
+            options: ConversionOptions | dict | None = None, workdir: Path | None = None) -> Context:
+    """Lay out a new conversion and check what can be checked without running user code."""
+    out_dir = Path(out_dir).resolve()
+    workdir = Path(workdir).resolve() if workdir else out_dir / ".work"
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    opts = options if isinstance(options, ConversionOptions) else ConversionOptions.parse(options or {})
+    bundle = prepare_bundle(Path(bundle_path), workdir / "bundle", entry=entry, weights=weights,
+                            samples=samples, signature=signature)
+    sig = bundle.signature or (onnx_signature(bundle) if bundle.kind == ONNX else None)
+    if sig is None:
+        raise InvalidSignature("no signature: give one (--signature FILE or --input 'x:float32[batch,3,224,224]') "
+                               "or put it in the bundle's kiln.yaml")
+    ctx = Context(workdir=str(workdir), out_dir=str(out_dir), bundle=BundleInfo.from_bundle(bundle),
+                  signature=sig, options=opts)
+    ctx.save()
+    return ctx
+
+
+def run(ctx: Context, *, events: Events | None = None, canceled: Callable[[], bool] | None = None) -> Context:
+    """Run (or resume) the pipeline on a prepared context; the report is written whatever happens."""
+    common.cancel_check = canceled
+    try:
+        Pipeline(default_steps(), events=events, canceled=canceled).run(ctx)
+    except Canceled:
+        report.write(ctx)
+        raise
+    finally:
+        common.cancel_check = None
+    report.write(ctx)
+    return ctx
+
+
+def resume(workdir: Path) -> Context | None:
+    """The saved context of an interrupted conversion, if there is one."""
+    return Context.load(workdir) if (Path(workdir) / STATE_FILE).is_file() else None
+
+
+def convert(bundle_path: Path, out_dir: Path, *, events: Events | None = None,
+            canceled: Callable[[], bool] | None = None, **kwargs: Any) -> Context:
+    """prepare + run."""
+    return run(prepare(bundle_path, out_dir, **kwargs), events=events, canceled=canceled)
+
+
+def onnx_signature(bundle: Bundle) -> Signature:
+    """A signature read off an ONNX model's graph inputs (named dims are dynamic)."""
+    import onnx
+
+    from service.runtimes.onnxruntime import ORT_DTYPES
+
+    model = onnx.load(str(bundle.model_file), load_external_data=False)
+    inits = {i.name for i in model.graph.initializer}
+    inputs = []
+    for i, inp in enumerate(x for x in model.graph.input if x.name not in inits):
+        tt = inp.type.tensor_type
+        dtype = ORT_DTYPES.get(f"tensor({onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name})".replace(
+            "float32", "float").replace("float64", "double"))
+        shape: list[int | str] = []
+        for axis, d in enumerate(tt.shape.dim):
+            if d.dim_value > 0:
+                shape.append(d.dim_value)
+            elif d.dim_param and d.dim_param.isidentifier():
+                shape.append(d.dim_param)
+            else:
+                shape.append("batch" if axis == 0 else f"{inp.name}_d{axis}".replace(".", "_"))
+        inputs.append({"name": inp.name, "dtype": dtype or "float32", "shape": shape})
+    return Signature.parse({"inputs": inputs})

@@ -1,0 +1,93 @@
+"""The conversion report: one JSON document and a readable summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from workers.context import Context
+
+REPORT_FILE = "report.json"
+SUMMARY_FILE = "summary.md"
+
+
+def environment() -> dict[str, Any]:
+    versions = {}
+    for dist in ("kiln", "torch", "onnx", "onnxruntime", "onnxscript", "numpy", "tensorrt", "onnxruntime-gpu"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    cpu, flags = platform.processor() or "", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and not cpu.strip(" x86_64"):
+                cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    isa = sorted(f for f in flags if f in {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8",
+                                           "amx_tile", "avx_vnni"})
+    return {"python": platform.python_version(), "platform": platform.platform(), "cpu": cpu,
+            "cpu_count": os.cpu_count(), "isa": isa, "versions": versions}
+
+
+def build_report(ctx: Context) -> dict[str, Any]:
+    data = json.loads(ctx.model_dump_json())
+    status = "succeeded" if ctx.selection and ctx.selection.candidate else "failed"
+    failed = next((s for s in ctx.steps if s.status == "failed"), None)
+    return {"status": status, "error": failed.error if failed and status == "failed" else None, **data}
+
+
+def write(ctx: Context) -> dict[str, Any]:
+    report = build_report(ctx)
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    tmp = ctx.out / (REPORT_FILE + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(ctx.out / REPORT_FILE)
+    (ctx.out / SUMMARY_FILE).write_text(summary(report))
+    return report
+
+
+def summary(report: dict[str, Any]) -> str:
+    """A Markdown summary: steps, hazards, candidates and the selection."""
+    lines = [f"# Kiln conversion: {report['status']}", ""]
+    if report.get("error"):
+        lines += [f"**Error:** {report['error']}", ""]
+    lines += ["## Steps", "", "| step | status | time | note |", "|---|---|---|---|"]
+    for s in report["steps"]:
+        t = f"{s['duration_s']:.2f}s" if s.get("duration_s") is not None else ""
+        lines.append(f"| {s['name']} | {s['status']} | {t} | {(s.get('error') or '').replace('|', '/')[:160]} |")
+    if report["hazards"]:
+        lines += ["", "## Hazards", ""]
+        lines += [f"- **{h['kind']}**: {h['detail']}. {h['action']}." for h in report["hazards"]]
+    eager = report.get("eager_benchmark") or []
+    lines += ["", "## Candidates", "",
+              "| candidate | status | max abs | cosine | top-1 | p50 b1 (ms) | speed-up | note |",
+              "|---|---|---|---|---|---|---|---|"]
+    if eager:
+        lines.append(f"| eager PyTorch | baseline | | | | {eager[0]['p50_ms']:.2f} | 1.00x | |")
+    for c in report["candidates"]:
+        v = c.get("validation") or {}
+        outs = list((v.get("outputs") or {}).values())
+        status = c["status"] if c["status"] != "built" else ("pass" if v.get("passed") else "FAIL")
+        max_abs = f"{max(o['max_abs'] for o in outs):.3g}" if outs else ""
+        cos = f"{min(o['cosine'] for o in outs):.6f}" if outs else ""
+        top1s = [o["top1"] for o in outs if o.get("top1") is not None]
+        top1 = f"{min(top1s):.3f}" if top1s else ""
+        p50 = f"{c['benchmark'][0]['p50_ms']:.2f}" if c.get("benchmark") else ""
+        sp = f"{c['speedup']:.2f}x" if c.get("speedup") else ""
+        note = (c.get("lost_because") or c.get("reason") or "selected" if c["id"] == (report.get("selection") or {}).get("candidate") else c.get("lost_because") or c.get("reason") or "")
+        lines.append(f"| {c['id']} | {status} | {max_abs} | {cos} | {top1} | {p50} | {sp} | {str(note).replace('|', '/')[:160]} |")
+    sel = report.get("selection")
+    if sel:
+        lines += ["", f"**Selected:** {sel['candidate'] or 'none'} ({sel['policy']} policy): {sel['reason']}"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,387 @@
+"""Operations that run inside the sandbox child. Each takes (args, workdir) and returns a
+JSON-able dict; arrays and models travel as files in the working directory, never as pickles.
+
+These are the only places where user code (model source, weights, captured graphs) is executed.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from service import samples as sample_io
+from service.errors import InvalidBundle, InvalidEntryPoint, InvalidSignature
+from service.signature import Signature
+
+Op = Callable[[dict[str, Any], Path], dict[str, Any]]
+OPS: dict[str, Op] = {}
+
+
+def op(name: str) -> Callable[[Op], Op]:
+    def register(fn: Op) -> Op:
+        OPS[name] = fn
+        return fn
+
+    return register
+
+
+@op("call_entry")
+def call_entry(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    """Import a bundle's entry point and call it; report the type of what it returned."""
+    from workers.modelcode import import_entry
+
+    fn = import_entry(Path(args["bundle_dir"]), args["entry"])
+    value = fn()
+    return {"type": type(value).__name__}
+
+
+# --- helpers (child side) ---------------------------------------------------------------------
+
+def _setup_torch(args: dict[str, Any]) -> Any:
+    import torch
+
+    if args.get("threads"):
+        torch.set_num_threads(int(args["threads"]))
+    torch.manual_seed(0)
+    return torch
+
+
+def build_eager(bundle: dict[str, Any]) -> Any:
+    """The model to treat as the reference: built from source, or the uploaded captured graph."""
+    import torch
+
+    kind = bundle["kind"]
+    if kind == "python":
+        from workers.modelcode import import_entry
+
+        model = import_entry(Path(bundle["root"]), bundle["entry"])()
+        if not isinstance(model, torch.nn.Module):
+            raise InvalidEntryPoint(f"entry point {bundle['entry']!r} returned {type(model).__name__}, "
+                                    "not a torch.nn.Module")
+        if bundle.get("weights"):
+            _load_weights(model, Path(bundle["weights"]))
+    elif kind == "torchscript":
+        model = torch.jit.load(bundle["model_file"], map_location="cpu")
+    elif kind == "export":
+        model = torch.export.load(bundle["model_file"]).module()
+    else:
+        raise InvalidBundle(f"bundle kind {kind!r} has no eager model")
+    if hasattr(model, "eval"):
+        model.eval()
+    return model
+
+
+def _load_weights(model: Any, path: Path) -> None:
+    import torch
+
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - anything but a plain state dict is refused
+            raise InvalidBundle(f"weights file {path.name} is not a plain state dict "
+                                f"(loaded with weights_only=True): {str(exc).splitlines()[0][:300]}") from None
+    if not isinstance(state, dict):
+        raise InvalidBundle(f"weights file {path.name} holds a {type(state).__name__}, not a state dict")
+    result = model.load_state_dict(state, strict=False)
+    problems = []
+    if result.missing_keys:
+        problems.append(f"missing {', '.join(result.missing_keys[:5])}")
+    if result.unexpected_keys:
+        problems.append(f"unexpected {', '.join(result.unexpected_keys[:5])}")
+    if problems:
+        raise InvalidBundle(f"weights {path.name} do not match the model: {'; '.join(problems)}")
+
+
+def describe(exc: BaseException) -> str:
+    """One readable line for an exception from torch: ANSI colours stripped, the telling line first."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    telling = next((line for line in lines if re.search(r"not supported|[Uu]nsupported|no decomposition", line)),
+                   lines[0] if lines else "")
+    return f"{type(exc).__name__}: {telling[:400]}"
+
+
+def _tensors(torch: Any, signature: Signature, sample: dict[str, np.ndarray]) -> tuple[Any, ...]:
+    return tuple(torch.from_numpy(np.ascontiguousarray(sample[s.name])) for s in signature.inputs)
+
+
+def _outputs(value: Any) -> tuple[list[str] | None, list[Any]]:
+    """Flatten a model's return value; dict outputs also give their names."""
+    from service.runtimes.torchscript import flatten_outputs
+
+    names = list(value.keys()) if isinstance(value, dict) else None
+    return names, flatten_outputs(value)
+
+
+def _run(torch: Any, model: Any, signature: Signature, sample: dict[str, np.ndarray]) -> list[np.ndarray]:
+    with torch.inference_mode():
+        _, flat = _outputs(model(*_tensors(torch, signature, sample)))
+    out = []
+    for t in flat:
+        if not isinstance(t, torch.Tensor):
+            raise InvalidSignature(f"the model returned a {type(t).__name__}; outputs must be tensors")
+        t = t.detach().cpu()
+        out.append((t.float() if t.dtype == torch.bfloat16 else t).numpy())
+    return out
+
+
+def _compare(got: list[np.ndarray], want: list[np.ndarray]) -> float:
+    if len(got) != len(want):
+        return float("inf")
+    worst = 0.0
+    for a, b in zip(got, want):
+        if a.shape != b.shape:
+            return float("inf")
+        if a.size:
+            worst = max(worst, float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))))
+    return worst
+
+
+def _agreement_tol(ref: list[np.ndarray]) -> float:
+    scale = max([float(np.max(np.abs(r))) for r in ref if r.size and r.dtype.kind == "f"] or [1.0])
+    return 1e-4 + 1e-4 * scale
+
+
+def _load_reference(args: dict[str, Any], signature: Signature) -> tuple[list[dict], list[list[np.ndarray]]]:
+    samples = sample_io.load(Path(args["samples_file"]))
+    ref = sample_io.load(Path(args["reference_file"]))
+    names = [o.name for o in signature.outputs]
+    return samples, [[r[n] for n in names] for r in ref]
+
+
+# --- load ---------------------------------------------------------------------------------------
+
+@op("load")
+def load(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    """Build the eager model, run it on every sample, write the reference outputs."""
+    torch = _setup_torch(args)
+    signature = Signature.parse(args["signature"])
+    t0 = time.perf_counter()
+    model = build_eager(args["bundle"])
+    build_s = time.perf_counter() - t0
+    samples = sample_io.load(Path(args["samples_file"]))
+    references: list[dict[str, np.ndarray]] = []
+    names: list[str] | None = None
+    for i, sample in enumerate(samples):
+        try:
+            with torch.inference_mode():
+                value = model(*_tensors(torch, signature, sample))
+        except Exception as exc:
+            shapes = ", ".join(f"{k}{list(v.shape)}:{v.dtype}" for k, v in sample.items())
+            raise InvalidSignature(f"the model failed on sample #{i} ({shapes}): "
+                                   f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from None
+        dict_names, flat = _outputs(value)
+        arrays = [t.detach().cpu().float().numpy() if t.dtype == torch.bfloat16 else t.detach().cpu().numpy()
+                  for t in flat]
+        if names is None:
+            declared = [o.name for o in signature.outputs]
+            if declared and len(declared) != len(arrays):
+                raise InvalidSignature(f"the signature names {len(declared)} outputs ({', '.join(declared)}) "
+                                       f"but the model returned {len(arrays)}")
+            names = declared or dict_names or (["output"] if len(arrays) == 1
+                                               else [f"output_{k}" for k in range(len(arrays))])
+        references.append(dict(zip(names, arrays)))
+    sample_io.save(Path(args["reference_file"]), references)
+    n_params = sum(p.numel() for p in model.parameters()) if hasattr(model, "parameters") else None
+    return {"output_names": names, "build_s": build_s, "parameters": n_params,
+            "outputs": [[{"dtype": str(a.dtype), "shape": list(a.shape)} for a in r.values()] for r in references]}
+
+
+# --- capture ------------------------------------------------------------------------------------
+
+def _check(torch: Any, module: Any, signature: Signature, samples: list, refs: list, labels: list[str]) -> dict:
+    worst, bad = 0.0, []
+    for label, sample, ref in zip(labels, samples, refs):
+        try:
+            got = _run(torch, module, signature, sample)
+            err = _compare(got, ref)
+        except Exception as exc:  # noqa: BLE001 - a capture that fails on a shape is a disagreement
+            err = float("inf")
+            bad.append(f"{label} ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
+            worst = err
+            continue
+        worst = max(worst, err)
+        if err > _agreement_tol(ref):
+            bad.append(label)
+    return {"agrees": not bad, "max_abs": worst if np.isfinite(worst) else None, "disagreeing_samples": bad}
+
+
+def export_dynamic_shapes(torch: Any, signature: Signature) -> dict[str, dict[int, Any]]:
+    dims = {name: torch.export.Dim(name, min=r.min, max=r.max) for name, r in signature.dims.items()}
+    return {s.name: {i: dims[d] for i, d in enumerate(s.shape or []) if isinstance(d, str)}
+            for s in signature.inputs}
+
+
+@op("capture")
+def capture(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    """Capture TorchScript by trace and by script, and torch.export; check each against eager."""
+    torch = _setup_torch(args)
+    signature = Signature.parse(args["signature"])
+    samples, refs = _load_reference(args, signature)
+    labels = args["sample_labels"]
+    example = samples[labels.index("opt")] if "opt" in labels else samples[0]
+    out = Path(args["out_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    model = build_eager(args["bundle"])
+    records = []
+
+    def attempt(method: str, fn: Callable[[], Any], save: Callable[[Any, Path], None], filename: str) -> None:
+        t0 = time.perf_counter()
+        caught: list[str] = []
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            try:
+                captured = fn()
+            except Exception as exc:  # noqa: BLE001 - a failed capture is recorded, not raised
+                records.append({"method": method, "ok": False, "seconds": time.perf_counter() - t0,
+                                "error": describe(exc)})
+                return
+            caught = [f"{w.category.__name__}: {str(w.message).splitlines()[0][:300]}" for w in seen
+                      if "Tracer" in w.category.__name__]
+        path = out / filename
+        save(captured, path)
+        rec = {"method": method, "ok": True, "file": str(path), "warnings": sorted(set(caught)),
+               "seconds": time.perf_counter() - t0}
+        rec.update(_check(torch, captured, signature, samples, refs, labels))
+        records.append(rec)
+
+    kind = args["bundle"]["kind"]
+    if kind == "python":
+        attempt("trace", lambda: torch.jit.trace(model, _tensors(torch, signature, example), check_trace=False),
+                lambda m, p: m.save(str(p)), "traced.pt")
+        attempt("script", lambda: torch.jit.script(model), lambda m, p: m.save(str(p)), "scripted.pt")
+        attempt("export", lambda: torch.export.export(
+                    model, _tensors(torch, signature, example),
+                    dynamic_shapes=tuple(export_dynamic_shapes(torch, signature).values())),
+                lambda ep, p: torch.export.save(ep, str(p)), "exported.pt2")
+        # an ExportedProgram is checked through its module
+        for r in records:
+            if r["method"] == "export" and r["ok"]:
+                ep = torch.export.load(r["file"])
+                r.update(_check(torch, ep.module(), signature, samples, refs, labels))
+    elif kind == "torchscript":
+        records.append({"method": "script", "ok": True, "file": args["bundle"]["model_file"], "agrees": True,
+                        "max_abs": 0.0, "warnings": [], "seconds": 0.0})
+    elif kind == "export":
+        records.append({"method": "export", "ok": True, "file": args["bundle"]["model_file"], "agrees": True,
+                        "max_abs": 0.0, "warnings": [], "seconds": 0.0})
+    return {"captures": records}
+
+
+# --- export to ONNX -----------------------------------------------------------------------------
+
+@op("export_onnx")
+def export_onnx(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    """ONNX export: torch.export-based first, then TorchScript-based from the faithful capture.
+
+    Stops at the first export that ONNX Runtime runs in agreement with eager on every sample.
+    """
+    torch = _setup_torch(args)
+    import onnxruntime as ort
+
+    signature = Signature.parse(args["signature"])
+    samples, refs = _load_reference(args, signature)
+    labels = args["sample_labels"]
+    example = _tensors(torch, signature, samples[labels.index("opt")] if "opt" in labels else samples[0])
+    out = Path(args["out_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    in_names = [s.name for s in signature.inputs]
+    out_names = [o.name for o in signature.outputs]
+    dynamic_axes = {t.name: {i: d for i, d in enumerate(t.shape or []) if isinstance(d, str)}
+                    for t in signature.inputs + signature.outputs if t.shape}
+    dynamic_axes = {k: v for k, v in dynamic_axes.items() if v}
+    attempts: list[dict[str, Any]] = []
+
+    def onnx_check(path: Path) -> dict[str, Any]:
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        worst, bad = 0.0, []
+        for label, sample, ref in zip(labels, samples, refs):
+            try:
+                got = sess.run(out_names, {n: sample[n] for n in in_names})
+                err = _compare(list(got), ref)
+            except Exception as exc:  # noqa: BLE001
+                bad.append(f"{label} ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})")
+                continue
+            worst = max(worst, err)
+            if err > _agreement_tol(ref):
+                bad.append(label)
+        return {"agrees": not bad, "max_abs": worst if np.isfinite(worst) else None, "disagreeing_samples": bad}
+
+    def attempt(exporter: str, source: str, fn: Callable[[Path], None]) -> bool:
+        path = out / f"model.{exporter}.onnx"
+        t0 = time.perf_counter()
+        rec: dict[str, Any] = {"exporter": exporter, "source": source}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                fn(path)
+            rec.update(file=str(path), ok=True, seconds=time.perf_counter() - t0)
+            rec.update(onnx_check(path))
+        except Exception as exc:  # noqa: BLE001 - recorded; the next exporter is tried
+            rec.update(ok=False, seconds=time.perf_counter() - t0, error=describe(exc))
+        attempts.append(rec)
+        return bool(rec.get("ok") and rec.get("agrees"))
+
+    kind = args["bundle"]["kind"]
+    captures = {c["method"]: c for c in args.get("captures", []) if c.get("ok")}
+    if kind in ("python", "export"):
+        model = build_eager(args["bundle"]) if kind == "python" else torch.export.load(
+            args["bundle"]["model_file"])
+
+        def dynamo(path: Path) -> None:
+            torch.onnx.export(model, example, str(path), dynamo=True, external_data=False,
+                              input_names=in_names, output_names=out_names,
+                              dynamic_shapes=tuple(export_dynamic_shapes(torch, signature).values()),
+                              verbose=False)
+
+        if attempt("dynamo", "eager" if kind == "python" else "export", dynamo):
+            return {"attempts": attempts, "chosen": attempts[-1]}
+    # TorchScript-based exporter: from the scripted module when it is faithful (keeps control
+    # flow as ONNX If), else from the trace when that is faithful.
+    for method in ("script", "trace"):
+        cap = captures.get(method)
+        if not cap or not cap.get("agrees"):
+            continue
+        module = torch.jit.load(cap["file"], map_location="cpu")
+
+        def legacy(path: Path, module: Any = module) -> None:
+            torch.onnx.export(module, example, str(path), dynamo=False, input_names=in_names,
+                              output_names=out_names, dynamic_axes=dynamic_axes, opset_version=17)
+
+        if attempt("torchscript", method, legacy):
+            return {"attempts": attempts, "chosen": attempts[-1]}
+    return {"attempts": attempts, "chosen": None}
+
+
+# --- eager benchmark ----------------------------------------------------------------------------
+
+@op("benchmark_eager")
+def benchmark_eager(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    """Latency and throughput of the eager model: the baseline every candidate is compared with."""
+    from workers.benchmark import measure
+
+    torch = _setup_torch(args)
+    signature = Signature.parse(args["signature"])
+    model = build_eager(args["bundle"])
+    points = []
+    for batch in args["batch_sizes"]:
+        inputs = _tensors(torch, signature, sample_io.at_batch(signature, batch))
+
+        def call() -> None:
+            with torch.inference_mode():
+                model(*inputs)
+
+        points.append(measure(call, batch=batch, seconds=float(args.get("seconds", 1.0))))
+    return {"points": points, "threads": torch.get_num_threads()}

@@ -1,0 +1,51 @@
+"""Helpers the steps share: running a sandbox op for a context, loading samples and references."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from service import samples as sample_io
+from service.config import get_settings
+from workers.context import Context
+from workers.pipeline import Canceled, StepLog
+from workers.sandbox import Limits, run_op
+
+# Set by the caller (the CLI, a Celery task) so that a cancel kills the running sandbox.
+cancel_check: Callable[[], bool] | None = None
+
+
+def sandbox_dir(ctx: Context) -> Path:
+    """The sandbox's working directory: the only place model code may write."""
+    path = ctx.work / "sandbox"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def limits(ctx: Context) -> Limits:
+    s = get_settings()
+    return Limits(timeout_s=s.sandbox_timeout_s, memory_bytes=s.sandbox_memory_bytes,
+                  file_size_bytes=s.sandbox_file_size_bytes, threads=ctx.options.threads or s.threads)
+
+
+def sandboxed(ctx: Context, op: str, args: dict[str, Any], log: StepLog) -> dict[str, Any]:
+    """Run one op in the sandbox with the context's bundle and signature; raise on failure."""
+    base = {"bundle": ctx.bundle.model_dump(), "signature": ctx.signature.to_json(),
+            "samples_file": ctx.samples_file, "reference_file": ctx.reference_file,
+            "sample_labels": ctx.sample_labels, "threads": ctx.options.threads or get_settings().threads}
+    result = run_op(op, {**base, **args}, sandbox_dir(ctx), limits=limits(ctx), cancel=cancel_check)
+    if result.outcome == "canceled":
+        raise Canceled("the conversion was canceled")
+    if not result.ok:
+        tail = "\n".join(result.log.strip().splitlines()[-15:])
+        if tail:
+            log.info(tail)
+    return result.raise_for_outcome()
+
+
+def load_samples(ctx: Context) -> list[sample_io.Sample]:
+    return sample_io.load(Path(ctx.samples_file))
+
+
+def load_references(ctx: Context) -> list[sample_io.Sample]:
+    return sample_io.load(Path(ctx.reference_file))

@@ -1,0 +1,73 @@
+"""export: ONNX with dynamic axes from the signature, checked with onnx.checker and shape inference."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from service.errors import ConversionError
+from workers.context import Context
+from workers.pipeline import SkipStep, StepLog
+from workers.steps.common import sandboxed
+
+
+class Export:
+    name = "export"
+    requires = ("load",)
+
+    def run(self, ctx: Context, log: StepLog) -> dict[str, Any]:
+        if "onnxruntime" not in ctx.options.targets and "tensorrt" not in ctx.options.targets:
+            raise SkipStep("no ONNX-based target was asked for")
+        target = ctx.work / "onnx" / "model.onnx"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if ctx.bundle.kind == "onnx":
+            shutil.copyfile(ctx.bundle.model_file, target)
+            check_onnx(target, external_ok=False)
+            ctx.onnx_file, ctx.onnx_exporter = str(target), "uploaded"
+            log.info("using the uploaded ONNX model")
+            return {"exporter": "uploaded"}
+        result = sandboxed(ctx, "export_onnx", {"out_dir": str(ctx.work / "sandbox" / "onnx"),
+                                                "captures": [c.model_dump() for c in ctx.captures]}, log)
+        ctx.export_attempts = result["attempts"]
+        for a in ctx.export_attempts:
+            what = f"{a['exporter']} exporter from {a['source']}"
+            if not a.get("ok"):
+                log.info(f"{what}: failed: {a.get('error')}")
+            else:
+                log.info(f"{what}: {'agrees with eager' if a.get('agrees') else 'disagrees on ' + ', '.join(a.get('disagreeing_samples', []))}"
+                         f" ({a['seconds']:.2f}s)")
+        chosen = result["chosen"]
+        if not chosen:
+            reasons = "; ".join(f"{a['exporter']}: {a.get('error') or 'disagrees with eager'}" for a in ctx.export_attempts)
+            raise ConversionError(f"ONNX export failed: {reasons or 'no capture agrees with eager to export from'}")
+        shutil.copyfile(chosen["file"], target)
+        info = check_onnx(target)
+        ctx.onnx_file, ctx.onnx_exporter = str(target), f"{chosen['exporter']}:{chosen['source']}"
+        log.info(f"ONNX: {info['nodes']} nodes, opset {info['opset']}, exported by {ctx.onnx_exporter}")
+        return {"exporter": ctx.onnx_exporter, **info}
+
+
+def check_onnx(path: Path, *, external_ok: bool = True) -> dict[str, Any]:
+    """onnx.checker and shape inference; refuses external data that points outside the model's folder."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - a corrupt protobuf
+        raise ConversionError(f"{path.name} is not a valid ONNX model: {str(exc)[:300]}") from None
+    for t in model.graph.initializer:
+        if uses_external_data(t):
+            loc = next((e.value for e in t.external_data if e.key == "location"), "")
+            resolved = (path.parent / loc).resolve()
+            if not external_ok or not resolved.is_relative_to(path.parent.resolve()):
+                raise ConversionError(f"ONNX initializer {t.name!r} points at external data {loc!r}, which is refused")
+    try:
+        onnx.checker.check_model(str(path))
+        inferred = onnx.shape_inference.infer_shapes(onnx.load(str(path)), strict_mode=False)
+    except Exception as exc:  # noqa: BLE001 - checker and inference raise several types
+        raise ConversionError(f"ONNX check failed: {str(exc).splitlines()[0][:300]}") from None
+    opset = next((o.version for o in inferred.opset_import if o.domain in ("", "ai.onnx")), None)
+    return {"nodes": len(inferred.graph.node), "opset": opset,
+            "ops": sorted({n.op_type for n in inferred.graph.node})[:40]}
