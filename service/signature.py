@@ -248,6 +248,8 @@ def parse_dim_range(text: str) -> tuple[str, DimRange]:
 
 
 def _parse_range(name: str, value: Any) -> DimRange:
+    if isinstance(value, DimRange):
+        return value
     try:
         if isinstance(value, (list, tuple)) and len(value) == 3:
             return DimRange(min=value[0], opt=value[1], max=value[2])

@@ -15,7 +15,12 @@ from service.errors import BadRequest, KilnError
 app = typer.Typer(help="Kiln: convert PyTorch models into fast, validated inference artifacts.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 console = Console(stderr=True)
-out = Console()
+out = Console(width=None if Console().is_terminal else 160)
+
+
+@app.callback()
+def _root() -> None:
+    """Kiln: convert PyTorch models into fast, validated inference artifacts."""
 
 
 def _split(values: list[str] | None) -> list[str]:
@@ -23,7 +28,8 @@ def _split(values: list[str] | None) -> list[str]:
 
 
 def _fail(exc: KilnError) -> None:
-    console.print(f"[red]error:[/red] {exc.detail}", highlight=False, soft_wrap=True)
+    console.print("[red]error:[/red] ", end="")
+    console.print(exc.detail, markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(2 if isinstance(exc, BadRequest) else 1)
 
 
@@ -81,8 +87,8 @@ def convert(
     print_summary(ctx)
     if not (ctx.selection and ctx.selection.candidate):
         failed = next((s for s in ctx.steps if s.status == "failed"), None)
-        console.print(f"[red]no candidate passed[/red]{': ' + failed.error if failed and failed.error else ''}",
-                      highlight=False)
+        console.print("[red]no candidate passed[/red]", end="")
+        console.print(f": {failed.error}" if failed and failed.error else "", markup=False, highlight=False)
         raise typer.Exit(1)
 
 
@@ -94,7 +100,7 @@ def print_summary(ctx) -> None:
     for col in ("candidate", "status", "max abs err", "cosine", "top-1", "p50 b1 (ms)", "speed-up", "note"):
         table.add_column(col)
     if ctx.eager_benchmark:
-        table.add_row("eager PyTorch", "baseline", "", "", "", f"{ctx.eager_benchmark[0].p50_ms:.2f}", "1.00x", "")
+        table.add_row("eager PyTorch", "baseline", "", "", "", f"{ctx.eager_benchmark[0].p50_ms:.3g}", "1.00x", "")
     for c in ctx.candidates:
         v = c.validation
         outs = list(v.outputs.values()) if v else []
@@ -105,7 +111,7 @@ def print_summary(ctx) -> None:
                       f"{max(o.max_abs for o in outs):.3g}" if outs else "",
                       f"{min(o.cosine for o in outs):.6f}" if outs else "",
                       f"{min(top1):.3f}" if top1 else "",
-                      f"{c.benchmark[0].p50_ms:.2f}" if c.benchmark else "",
+                      f"{c.benchmark[0].p50_ms:.3g}" if c.benchmark else "",
                       f"{c.speedup:.2f}x" if c.speedup else "",
                       "[bold]selected[/bold]" if selected else (c.lost_because or c.reason or ""))
     out.print(table)

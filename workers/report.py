@@ -74,7 +74,7 @@ def summary(report: dict[str, Any]) -> str:
               "| candidate | status | max abs | cosine | top-1 | p50 b1 (ms) | speed-up | note |",
               "|---|---|---|---|---|---|---|---|"]
     if eager:
-        lines.append(f"| eager PyTorch | baseline | | | | {eager[0]['p50_ms']:.2f} | 1.00x | |")
+        lines.append(f"| eager PyTorch | baseline | | | | {eager[0]['p50_ms']:.3g} | 1.00x | |")
     for c in report["candidates"]:
         v = c.get("validation") or {}
         outs = list((v.get("outputs") or {}).values())
@@ -83,7 +83,7 @@ def summary(report: dict[str, Any]) -> str:
         cos = f"{min(o['cosine'] for o in outs):.6f}" if outs else ""
         top1s = [o["top1"] for o in outs if o.get("top1") is not None]
         top1 = f"{min(top1s):.3f}" if top1s else ""
-        p50 = f"{c['benchmark'][0]['p50_ms']:.2f}" if c.get("benchmark") else ""
+        p50 = f"{c['benchmark'][0]['p50_ms']:.3g}" if c.get("benchmark") else ""
         sp = f"{c['speedup']:.2f}x" if c.get("speedup") else ""
         note = (c.get("lost_because") or c.get("reason") or "selected" if c["id"] == (report.get("selection") or {}).get("candidate") else c.get("lost_because") or c.get("reason") or "")
         lines.append(f"| {c['id']} | {status} | {max_abs} | {cos} | {top1} | {p50} | {sp} | {str(note).replace('|', '/')[:160]} |")

@@ -108,7 +108,9 @@ def describe(exc: BaseException) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     telling = next((line for line in lines if re.search(r"not supported|[Uu]nsupported|no decomposition", line)),
                    lines[0] if lines else "")
-    return f"{type(exc).__name__}: {telling[:400]}"
+    cause = exc.__cause__ or exc.__context__
+    tail = f" (caused by {describe(cause)})" if cause is not None and cause is not exc else ""
+    return f"{type(exc).__name__}: {telling[:400]}{tail}"[:1200]
 
 
 def _tensors(torch: Any, signature: Signature, sample: dict[str, np.ndarray]) -> tuple[Any, ...]:

@@ -46,6 +46,9 @@ class OnnxRuntimeCompiler:
         else:
             raise InvalidOptions(f"precision {p} is not supported by ONNX Runtime on the CPU "
                                  "(it has no bf16 kernels for most operators); build bf16 with the torchscript target")
+        if p == "int8" and not quantized_nodes(model):
+            raise ConversionError("nothing in this graph could be quantized to int8 (no MatMul/Gemm/Conv outside "
+                                  "control-flow subgraphs); the int8 model would just be the fp32 one")
         out_dir.mkdir(parents=True, exist_ok=True)
         optimize(model, out_dir / "model.onnx", ctx.options.threads)
         candidate.file = "model.onnx"
@@ -124,6 +127,17 @@ def optimize(src: Path, dst: Path, threads: int | None) -> None:
         raise ConversionError(f"ONNX Runtime could not load the model: {str(exc).splitlines()[0][:300]}") from None
     if not dst.exists():
         raise ConversionError("ONNX Runtime did not write the optimized model")
+
+
+QUANTIZED_OPS = {"QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "QLinearConv",
+                 "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
+
+
+def quantized_nodes(path: Path) -> int:
+    """How many quantizing nodes the top-level graph has."""
+    import onnx
+
+    return sum(n.op_type in QUANTIZED_OPS for n in onnx.load(str(path), load_external_data=False).graph.node)
 
 
 def _has_float_weights(path: Path) -> bool:

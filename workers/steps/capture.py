@@ -67,10 +67,10 @@ def frozen_branch_hazard(trace: CaptureRecord, preferred: str | None) -> Hazard:
     if trace.warnings:
         detail += f" (tracer: {trace.warnings[0]})"
     if preferred and preferred != "trace":
-        action = (f"the trace was discarded; Kiln uses torch.jit.{preferred}, which keeps the control flow "
+        action = (f"The trace was discarded; Kiln uses torch.jit.{preferred}, which keeps the control flow "
                   "and agrees with eager on every sample")
     elif preferred == "trace":
-        action = "kept the trace because it agreed with eager on every sample, including both branch directions"
+        action = "Kept the trace because it agreed with eager on every sample, including both branch directions"
     else:
-        action = "no capture agrees with eager: TorchScript candidates cannot be built"
+        action = "No capture agrees with eager: TorchScript candidates cannot be built"
     return Hazard(kind=kind, detail=detail, action=action)

@@ -53,9 +53,9 @@ class Select:
             best = min(eligible, key=_latency)
             for c in eligible:
                 if c is not best:
-                    c.lost_because = (f"slower at batch {c.benchmark[0].batch}: p50 {_latency(c):.2f} ms vs "
-                                      f"{_latency(best):.2f} ms ({_latency(c) / _latency(best):.2f}x)")
-            why = f"lowest p50 latency at batch {best.benchmark[0].batch}: {_latency(best):.2f} ms"
+                    c.lost_because = (f"slower at batch {c.benchmark[0].batch}: p50 {_latency(c):.3g} ms vs "
+                                      f"{_latency(best):.3g} ms ({_latency(c) / _latency(best):.2f}x)")
+            why = f"lowest p50 latency at batch {best.benchmark[0].batch}: {_latency(best):.3g} ms"
             if policy == "accuracy":
                 why += f" within the accuracy budget {ctx.options.accuracy_budget:g}"
         best.lost_because = None
