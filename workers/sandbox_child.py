@@ -1,0 +1,70 @@
+"""The sandbox child: ``python -m workers.sandbox_child WORKDIR``, started by ``workers.sandbox.run_op``.
+
+Reads ``WORKDIR/.sandbox/request.json`` (``{"op", "args"}``), calls ``OPS[op](args, workdir)`` and
+writes ``WORKDIR/.sandbox/result.json`` atomically: ``{"ok": true, "result": {...}}``, or
+``{"ok": false, "error": {"type", "message", "traceback", "errno", "kiln_error"}}`` for any exception.
+The limits are already in place when this runs; it only has to report faithfully.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from service.errors import KilnError
+
+
+def main(workdir: Path) -> None:
+    """Run the requested op and write its result, or the error it raised, next to the request."""
+    box = workdir / ".sandbox"
+    try:
+        request = json.loads((box / "request.json").read_text())
+        from workers.sandbox_ops import OPS
+
+        fn = OPS.get(request["op"])
+        if fn is None:
+            raise LookupError(f"unknown sandbox op {request['op']!r}")
+        result = fn(request["args"], workdir)
+        if not isinstance(result, dict):
+            raise TypeError(f"sandbox op {request['op']!r} returned {type(result).__name__}, not a dict")
+        reply = json.dumps({"ok": True, "result": result})
+    # BaseException: model code may call sys.exit() or raise KeyboardInterrupt; that is an error too.
+    except BaseException as exc:
+        reply = json.dumps({"ok": False, "error": _describe(exc)})
+    tmp = box / "result.json.tmp"
+    tmp.write_text(reply)
+    os.replace(tmp, box / "result.json")
+
+
+def _describe(exc: BaseException) -> dict[str, Any]:
+    try:
+        message = str(exc)
+    except Exception:  # model code controls __str__
+        message = f"<unprintable {type(exc).__name__}>"
+    return {
+        "type": type(exc).__name__,
+        "message": message,
+        "traceback": "".join(traceback.format_exception(exc)),
+        # the parent tells EFBIG (file size limit) from other OSErrors by it
+        "errno": exc.errno if isinstance(exc, OSError) else None,
+        # the parent re-raises these as the same service.errors class
+        "kiln_error": type(exc).__name__ if isinstance(exc, KilnError) else None,
+    }
+
+
+if __name__ == "__main__":
+    status = 1
+    try:
+        main(Path(sys.argv[1]))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        status = 0
+    except BaseException:
+        traceback.print_exc()  # no result file: the parent reports a crash and this shows why in the log
+    finally:
+        # os._exit skips interpreter shutdown, so a non-daemon thread left by model code cannot hang us.
+        os._exit(status)
