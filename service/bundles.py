@@ -247,3 +247,31 @@ def _resolve(root: Path, rel: Any, what: str) -> Path | None:
     if not path.is_relative_to(root.resolve()) or not path.is_file():
         raise InvalidBundle(f"{what} file {rel!r} named in the manifest is not in the bundle")
     return path
+
+
+def onnx_signature(bundle: Bundle) -> Signature:
+    """A signature read off an ONNX model's graph inputs (named dims are dynamic)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(bundle.model_file), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf raises several types
+        raise InvalidBundle(f"{bundle.model_file.name} is not a valid ONNX model: {str(exc)[:200]}") from None
+    inits = {i.name for i in model.graph.initializer}
+    inputs = []
+    for inp in (x for x in model.graph.input if x.name not in inits):
+        tt = inp.type.tensor_type
+        try:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name
+        except Exception:  # noqa: BLE001 - an element type numpy has no name for
+            raise InvalidBundle(f"ONNX input {inp.name!r} has an unsupported element type {tt.elem_type}") from None
+        shape: list[int | str] = []
+        for axis, d in enumerate(tt.shape.dim):
+            if d.dim_value > 0:
+                shape.append(d.dim_value)
+            elif d.dim_param and d.dim_param.isidentifier():
+                shape.append(d.dim_param)
+            else:
+                shape.append("batch" if axis == 0 else f"{inp.name}_d{axis}".replace(".", "_"))
+        inputs.append({"name": inp.name, "dtype": dtype, "shape": shape})
+    return Signature.parse({"inputs": inputs})

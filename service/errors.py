@@ -11,6 +11,7 @@
     ├── Conflict (409)
     ├── PayloadTooLarge (413)
     ├── Unavailable (503)
+    ├── StorageFull (507)         the artifact store or a disk is full
     └── ConversionError (500)     a step failed for a reason the user cannot fix by changing the request
         ├── SandboxError          user code crashed, hung or exceeded a limit in the sandbox
         └── RuntimeUnavailable    the runtime's library is not installed on this worker
@@ -79,6 +80,11 @@ class PayloadTooLarge(KilnError):
 class Unavailable(KilnError):
     status = 503
     title = "Service unavailable"
+
+
+class StorageFull(KilnError):
+    status = 507
+    title = "Insufficient storage"
 
 
 class ConversionError(KilnError):

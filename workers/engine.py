@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from service.bundles import ONNX, Bundle, prepare_bundle
+from service.bundles import ONNX, onnx_signature, prepare_bundle
 from service.errors import InvalidSignature
 from service.options import ConversionOptions
 from service.signature import Signature
@@ -65,28 +65,3 @@ def convert(bundle_path: Path, out_dir: Path, *, events: Events | None = None,
             canceled: Callable[[], bool] | None = None, **kwargs: Any) -> Context:
     """prepare + run."""
     return run(prepare(bundle_path, out_dir, **kwargs), events=events, canceled=canceled)
-
-
-def onnx_signature(bundle: Bundle) -> Signature:
-    """A signature read off an ONNX model's graph inputs (named dims are dynamic)."""
-    import onnx
-
-    from service.runtimes.onnxruntime import ORT_DTYPES
-
-    model = onnx.load(str(bundle.model_file), load_external_data=False)
-    inits = {i.name for i in model.graph.initializer}
-    inputs = []
-    for i, inp in enumerate(x for x in model.graph.input if x.name not in inits):
-        tt = inp.type.tensor_type
-        dtype = ORT_DTYPES.get(f"tensor({onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name})".replace(
-            "float32", "float").replace("float64", "double"))
-        shape: list[int | str] = []
-        for axis, d in enumerate(tt.shape.dim):
-            if d.dim_value > 0:
-                shape.append(d.dim_value)
-            elif d.dim_param and d.dim_param.isidentifier():
-                shape.append(d.dim_param)
-            else:
-                shape.append("batch" if axis == 0 else f"{inp.name}_d{axis}".replace(".", "_"))
-        inputs.append({"name": inp.name, "dtype": dtype or "float32", "shape": shape})
-    return Signature.parse({"inputs": inputs})

@@ -90,7 +90,11 @@ def _load_weights(model: Any, path: Path) -> None:
                                 f"(loaded with weights_only=True): {str(exc).splitlines()[0][:300]}") from None
     if not isinstance(state, dict):
         raise InvalidBundle(f"weights file {path.name} holds a {type(state).__name__}, not a state dict")
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        details = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
+        raise InvalidBundle(f"weights {path.name} do not match the model: {'; '.join(details[:3])[:500]}") from None
     problems = []
     if result.missing_keys:
         problems.append(f"missing {', '.join(result.missing_keys[:5])}")

@@ -1,0 +1,194 @@
+"""The conversion engine end to end on the zoo, with the real sandbox, exporters and runtimes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from service import runtimes
+from service import samples as sample_io
+from service.errors import InvalidBundle, InvalidEntryPoint, InvalidSignature
+from tests.conftest import zoo_bundle, zoo_signature
+from workers import engine
+
+FAST = {"bench_seconds": 0.05, "threads": 1}
+
+
+def convert(tmp_path, name, *, entry=None, signature=None, targets=("onnxruntime", "torchscript"),
+            precisions=("fp32",), **kwargs):
+    bundle = zoo_bundle(tmp_path, name)
+    return engine.convert(bundle, tmp_path / "out", entry=f"{name}.py:{entry}" if entry else None,
+                          signature=signature or zoo_signature(name),
+                          options={"targets": list(targets), "precisions": list(precisions), **FAST}, **kwargs)
+
+
+def statuses(ctx):
+    return {s.name: s.status for s in ctx.steps}
+
+
+def test_mlp_every_step_and_precision(tmp_path):
+    ctx = convert(tmp_path, "mlp", precisions=("fp32", "fp16", "bf16", "int8"))
+    assert statuses(ctx) == {s: "ok" for s in
+                             ("load", "capture", "export", "compile", "validate", "benchmark", "select", "report")}
+    by_id = {c.id: c for c in ctx.candidates}
+    for cid in ("onnxruntime-fp32", "onnxruntime-fp16", "torchscript-fp32", "torchscript-bf16", "torchscript-fp16"):
+        assert by_id[cid].passed, (cid, by_id[cid].reason, by_id[cid].validation)
+        assert by_id[cid].benchmark and by_id[cid].benchmark[0].batch == 1
+    # int8 of a randomly initialised MLP may flip near-tied logits: it must be built and judged
+    int8 = by_id["onnxruntime-int8-dynamic"]
+    assert int8.status == "built" and int8.validation.outputs["logits"].top1 is not None
+    assert int8.validation.outputs["logits"].cosine > 0.99
+    assert [p.batch for p in by_id["onnxruntime-fp32"].benchmark] == [1, 8, 32]
+    assert by_id["onnxruntime-bf16"].status == "failed" and "bf16" in by_id["onnxruntime-bf16"].reason
+    assert by_id["torchscript-int8"].status == "failed"
+    assert by_id["onnxruntime-fp32"].validation.outputs["logits"].max_abs < 1e-4
+    assert by_id["onnxruntime-fp32"].validation.outputs["logits"].top1 == 1.0
+    assert ctx.eager_benchmark and ctx.selection.candidate in by_id
+    # fixed artifact paths, and the report on disk says what the context says
+    out = tmp_path / "out"
+    assert (out / "onnxruntime-int8-dynamic" / "model.onnx").is_file()
+    assert (out / "torchscript-bf16" / "model.pt").is_file()
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "succeeded" and report["selection"]["candidate"] == ctx.selection.candidate
+    assert report["environment"]["versions"]["torch"].startswith("2.")
+    assert "## Candidates" in (out / "summary.md").read_text()
+    # a served artifact computes what was validated
+    x = sample_io.at_batch(ctx.signature, 3)
+    ref = runtimes.load(out / "onnxruntime-fp32").run(x)["logits"]
+    ts = runtimes.load(out / "torchscript-fp32").run(x)["logits"]
+    assert ref.shape == (3, 10) and np.allclose(ref, ts, atol=1e-4)
+
+
+def test_control_flow_trace_hazard_is_caught_and_both_branches_survive(tmp_path):
+    ctx = convert(tmp_path, "controlflow", precisions=("fp32",))
+    trace = ctx.capture("trace")
+    assert trace.ok and not trace.agrees and trace.disagreeing_samples
+    assert any("TracerWarning" in w for w in trace.warnings)
+    assert ctx.preferred_capture == "script"
+    hazard = next(h for h in ctx.hazards if h.kind == "frozen_branch")
+    assert "froze" in hazard.detail and "torch.jit.script" in hazard.action
+    assert ctx.onnx_exporter == "torchscript:script"
+    model = onnx.load(ctx.onnx_file)
+    assert "If" in {n.op_type for n in model.graph.node}
+    for cid in ("onnxruntime-fp32", "torchscript-fp32"):
+        c = ctx.candidate(cid)
+        assert c.passed, c.validation
+        assert c.validation.samples == len(ctx.sample_labels)
+    # both branches, checked directly on the served artifacts against each other's branch
+    rt = runtimes.load(tmp_path / "out" / "onnxruntime-fp32")
+    pos = rt.run({"x": np.full((2, 16), 0.5, np.float32)})["y"]
+    neg = rt.run({"x": np.full((2, 16), -0.5, np.float32)})["y"]
+    assert pos.min() >= 0  # relu branch
+    assert not np.allclose(pos, neg)
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "frozen_branch" in summary
+
+
+def test_transformer_dynamic_sequence(tmp_path):
+    ctx = convert(tmp_path, "transformer", entry="build_small", signature=zoo_signature("transformer", "SMALL_SIGNATURE"),
+                  targets=("onnxruntime",), precisions=("fp32", "int8"))
+    fp32 = ctx.candidate("onnxruntime-fp32")
+    assert fp32.passed, fp32.validation
+    model = onnx.load(ctx.onnx_file)
+    dims = [d.dim_param for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", "seq"]
+    rt = runtimes.load(tmp_path / "out" / "onnxruntime-fp32")
+    for seq in (2, 16):
+        assert rt.run({"ids": np.ones((1, seq), np.int64)})["logits"].shape == (1, 4)
+
+
+def test_several_inputs_and_outputs(tmp_path):
+    ctx = convert(tmp_path, "multi_io")
+    assert [o.name for o in ctx.signature.outputs] == ["scores", "embedding"]
+    assert ctx.signature.outputs[1].shape == ["batch", 16]
+    for c in ctx.candidates:
+        assert c.passed and set(c.validation.outputs) == {"scores", "embedding"}
+
+
+def test_unexportable_model_fails_export_with_reason_but_torchscript_passes(tmp_path):
+    ctx = convert(tmp_path, "unexportable")
+    export = ctx.step("export")
+    assert export.status == "failed"
+    assert "eigvalsh" in export.error and "ONNX export failed" in export.error
+    ort = ctx.candidate("onnxruntime-fp32")
+    assert ort.status == "failed" and "export" in ort.reason
+    assert ctx.candidate("torchscript-fp32").passed
+    assert ctx.selection.candidate == "torchscript-fp32"
+
+
+def test_small_cnn_int8_static_and_dynamic(tmp_path):
+    ctx = convert(tmp_path, "cnn", entry="build_small", signature=zoo_signature("cnn", "SMALL_SIGNATURE"),
+                  targets=("onnxruntime",), precisions=("fp32", "int8"))
+    static = ctx.candidate("onnxruntime-int8")
+    assert static.status == "built" and "static quantization" in static.notes[0]
+    assert static.validation.outputs["logits"].top1 is not None
+    qops = {n.op_type for n in onnx.load(str(tmp_path / "out" / "onnxruntime-int8" / "model.onnx")).graph.node}
+    assert qops & {"QLinearConv", "QuantizeLinear", "DequantizeLinear"}, qops
+    assert ctx.candidate("onnxruntime-int8-dynamic").status == "built"
+
+
+def test_weights_from_safetensors_and_mismatch(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    (tmp_path / "m.py").write_text("import torch\ndef build_model():\n    return torch.nn.Linear(4, 3)\n")
+    torch.manual_seed(1)
+    good = torch.nn.Linear(4, 3)
+    save_file(good.state_dict(), str(tmp_path / "w.safetensors"))
+    sig = {"inputs": ["x:float32[batch,4]"], "dims": {"batch": [1, 2, 4]}}
+    ctx = engine.convert(tmp_path / "m.py", tmp_path / "out", weights=tmp_path / "w.safetensors", signature=sig,
+                         options={"targets": ["onnxruntime"], **FAST})
+    x = np.ones((1, 4), np.float32)
+    got = runtimes.load(tmp_path / "out" / "onnxruntime-fp32").run({"x": x})["output"]
+    with torch.no_grad():
+        assert np.allclose(got, good(torch.from_numpy(x)).numpy(), atol=1e-5)
+    save_file({"weight": torch.zeros(2, 2)}, str(tmp_path / "bad.safetensors"))
+    ctx = engine.convert(tmp_path / "m.py", tmp_path / "out2", weights=tmp_path / "bad.safetensors", signature=sig,
+                         options={"targets": ["onnxruntime"], **FAST})
+    assert ctx.step("load").status == "failed" and "do not match the model" in ctx.step("load").error
+
+
+def test_captured_uploads_torchscript_and_onnx(tmp_path):
+    first = convert(tmp_path, "mlp", targets=("onnxruntime", "torchscript"))
+    ts_capture = Path(first.capture("trace").file)
+    onnx_file = Path(first.onnx_file)
+    sig = zoo_signature("mlp")
+    ctx = engine.convert(ts_capture, tmp_path / "ts", signature=sig, options={"targets": ["torchscript"], **FAST})
+    assert ctx.bundle.kind == "torchscript" and ctx.candidate("torchscript-fp32").passed
+    ctx = engine.convert(onnx_file, tmp_path / "onnx", options={"targets": ["onnxruntime"], "precisions": ["fp32", "int8"], **FAST})
+    assert ctx.bundle.kind == "onnx" and ctx.signature.inputs[0].shape == ["batch", 64]
+    assert ctx.step("capture").status == "skipped" and ctx.candidate("onnxruntime-fp32").passed
+
+
+def test_signature_that_does_not_match_the_model(tmp_path):
+    ctx = convert(tmp_path, "mlp", signature={"inputs": ["x:float32[batch,63]"]})
+    load = ctx.step("load")
+    assert load.status == "failed" and "failed on sample #" in load.error and "63" in load.error
+    assert {s.name: s.status for s in ctx.steps}["validate"] == "skipped"
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["status"] == "failed" and "sample" in report["error"]
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("build_raises", "ValueError: this model refuses to be built"),
+    ("build_not_a_module", "returned dict, not a torch.nn.Module"),
+    ("no_such_function", "has no attribute 'no_such_function'"),
+])
+def test_misbehaving_model_code_fails_load_with_reason(tmp_path, entry, message):
+    ctx = convert(tmp_path, "misbehaving", entry=entry)
+    assert ctx.step("load").status == "failed"
+    assert message in ctx.step("load").error
+
+
+def test_bad_input_is_refused_before_running_anything(tmp_path):
+    with pytest.raises(InvalidSignature, match="no signature"):
+        engine.prepare(zoo_bundle(tmp_path, "mlp"), tmp_path / "out")
+    with pytest.raises(InvalidBundle, match="'nope.py' is not in the bundle"):
+        engine.prepare(zoo_bundle(tmp_path, "mlp"), tmp_path / "out", entry="nope.py:f", signature=zoo_signature("mlp"))
+    with pytest.raises(InvalidEntryPoint, match="must look like"):
+        from workers.modelcode import import_entry
+        import_entry(tmp_path, "model.py")
