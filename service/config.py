@@ -5,13 +5,29 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="KILN_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="KILN_", extra="ignore", populate_by_name=True)
 
     data_dir: Path = Path(".kiln")
+    # SQLAlchemy URL; default: SQLite in the data directory.
+    database_url_: str | None = Field(default=None, alias="KILN_DATABASE_URL")
+    # Celery broker; default: a broker in files under the data directory (one machine, no Redis).
+    broker_url_: str | None = Field(default=None, alias="KILN_BROKER_URL")
+    # Content-addressed artifact store; default: a directory in the data directory.
+    artifact_dir_: Path | None = Field(default=None, alias="KILN_ARTIFACT_DIR")
+    max_upload_bytes: int = 8 << 30
+    # Hard time limit of one conversion job; the soft limit is a minute earlier.
+    job_time_limit_s: int = 4 * 3600
+    # A running job whose heartbeat is older than this is taken to have lost its worker.
+    job_stale_after_s: float = 30.0
+    # A queued job not picked up for this long has its message sent again.
+    job_requeue_after_s: float = 60.0
+    # Owner of everything while authentication is off.
+    default_owner: str = "default"
     # Sandbox limits for user model code. Memory is address space (RLIMIT_AS): torch alone
     # maps a few GiB, so this is set well above what a model needs.
     sandbox_timeout_s: float = 1800.0
@@ -19,6 +35,19 @@ class Settings(BaseSettings):
     sandbox_file_size_bytes: int = 16 << 30
     # Threads for conversion benchmarks and CPU runtimes (None: the runtime's default).
     threads: int | None = None
+
+
+    @property
+    def database_url(self) -> str:
+        return self.database_url_ or f"sqlite:///{(self.data_dir / 'kiln.db').resolve()}"
+
+    @property
+    def broker_url(self) -> str:
+        return self.broker_url_ or "filesystem://"
+
+    @property
+    def artifact_dir(self) -> Path:
+        return (self.artifact_dir_ or self.data_dir / "artifacts").resolve()
 
 
 @lru_cache

@@ -49,8 +49,15 @@ def convert(
     threads: Optional[int] = typer.Option(None, help="Threads for runtimes and benchmarks (default: all cores)"),
     bench_seconds: float = typer.Option(1.0, help="Seconds of timing per benchmark point"),
     out_dir: Path = typer.Option(Path("kiln-out"), "--out", help="Directory for report.json and the artifacts"),
+    remote: Optional[str] = typer.Option(None, "--remote", help="Convert on this Kiln server instead of locally"),
+    name: Optional[str] = typer.Option(None, help="Model name on the server (--remote; default: the file's stem)"),
 ) -> None:
-    """Convert a model on this machine: capture, export, compile, validate, benchmark, select."""
+    """Convert a model: capture, export, compile, validate, benchmark, select (locally, or on a server)."""
+    if remote:
+        _convert_remote(remote, bundle, name or bundle.name.split(".")[0], entry, weights, samples,
+                        _signature_arg(signature, input, output, dim),
+                        _job_options(target, precision, policy, threads, bench_seconds), out_dir)
+        return
     from service.options import ConversionOptions
     from service.signature import Signature, parse_dim_range, parse_tensor_spec
     from workers import engine
@@ -90,6 +97,335 @@ def convert(
         console.print("[red]no candidate passed[/red]", end="")
         console.print(f": {failed.error}" if failed and failed.error else "", markup=False, highlight=False)
         raise typer.Exit(1)
+
+
+@app.command()
+def api(host: str = typer.Option("127.0.0.1", help="Address to listen on"),
+        port: int = typer.Option(8000, help="Port to listen on"),
+        data_dir: Optional[Path] = typer.Option(None, help="Data directory (default: KILN_DATA_DIR or .kiln)")) -> None:
+    """Start the API alone (for many machines)."""
+    from workers import serve
+
+    _data_dir(data_dir)
+    serve.configure_logging()
+    serve.run_api(host, port)
+
+
+@app.command()
+def worker(queues: str = typer.Option("cpu,gpu", help="Queues to take work from: cpu, gpu or both"),
+           concurrency: int = typer.Option(1, help="Jobs at once (each uses every core it is given)"),
+           name: Optional[str] = typer.Option(None, help="Celery node name"),
+           data_dir: Optional[Path] = typer.Option(None, help="Data directory (default: KILN_DATA_DIR or .kiln)")) -> None:
+    """Start a conversion worker alone (for many machines)."""
+    from service.queue import QUEUES
+    from workers import serve
+
+    chosen = _split([queues])
+    unknown = [q for q in chosen if q not in QUEUES]
+    if unknown or not chosen:
+        console.print(f"[red]error:[/red] unknown queue(s) {', '.join(unknown) or '(none)'}; use cpu, gpu or cpu,gpu")
+        raise typer.Exit(2)
+    _data_dir(data_dir)
+    serve.configure_logging()
+    serve.run_worker(chosen, concurrency, name)
+
+
+@app.command()
+def up(host: str = typer.Option("127.0.0.1", help="Address to listen on"),
+       port: int = typer.Option(8000, help="Port to listen on"),
+       data_dir: Optional[Path] = typer.Option(None, help="Data directory (default: KILN_DATA_DIR or .kiln)"),
+       concurrency: int = typer.Option(1, help="Conversion jobs at once")) -> None:
+    """Start Kiln on this machine: the API and a worker, SQLite and local artifacts, no Redis needed."""
+    from service.config import get_settings
+    from service.db import migrate
+    from workers import serve
+
+    _data_dir(data_dir)
+    serve.configure_logging()
+    settings = get_settings()
+    migrate()
+    supervisor = serve.Supervisor(["cpu", "gpu"], concurrency)
+    supervisor.start()
+    console.print(f"Kiln on http://{host}:{port}  data: {settings.data_dir.resolve()}  "
+                  f"database: {settings.database_url.split('@')[-1]}  broker: {settings.broker_url.split('@')[-1]}",
+                  highlight=False, markup=False)
+    try:
+        serve.run_api(host, port)
+    finally:
+        supervisor.stop()
+
+
+# --- client side -------------------------------------------------------------------------------
+
+job_app = typer.Typer(help="Conversion jobs on a Kiln server: create, list, show, watch, cancel, retry.",
+                      no_args_is_help=True)
+app.add_typer(job_app, name="job")
+SERVER = typer.Option(None, "--server", envvar="KILN_SERVER", help="Kiln server URL (default http://127.0.0.1:8000)")
+
+
+def _client(server: Optional[str]):
+    from service.client import KilnClient
+
+    return KilnClient(server)
+
+
+def _signature_arg(signature: Optional[Path], input: Optional[list[str]], output: Optional[list[str]],
+                   dim: Optional[list[str]]):
+    from service.signature import Signature, parse_dim_range, parse_tensor_spec
+
+    if signature and input:
+        raise BadRequest("give either --signature or --input, not both")
+    if signature:
+        return Signature.from_file(signature)
+    if input:
+        return Signature.parse({"inputs": [parse_tensor_spec(i) for i in input],
+                                "outputs": [{"name": o} for o in output or []],
+                                "dims": dict(parse_dim_range(d) for d in dim or [])})
+    return None
+
+
+@app.command()
+def push(bundle: Path = typer.Argument(..., help="The bundle file"),
+         name: str = typer.Option(..., help="Model name"),
+         entry: Optional[str] = typer.Option(None, help="Entry point, e.g. model.py:build_model"),
+         weights: Optional[Path] = typer.Option(None, help="Weights file"),
+         samples: Optional[Path] = typer.Option(None, help="Sample inputs (.npz)"),
+         signature: Optional[Path] = typer.Option(None, help="Signature file (YAML or JSON)"),
+         input: Optional[list[str]] = typer.Option(None, "--input", help="Input spec (repeatable)"),
+         output: Optional[list[str]] = typer.Option(None, "--output", help="Output name (repeatable)"),
+         dim: Optional[list[str]] = typer.Option(None, "--dim", help="Dimension range name=min:opt:max"),
+         server: Optional[str] = SERVER) -> None:
+    """Upload a model bundle to a Kiln server."""
+    try:
+        sig = _signature_arg(signature, input, output, dim)
+        with _client(server) as client:
+            v = client.push(bundle, name=name, entry=entry, weights=weights, samples=samples,
+                            signature=sig.to_json() if sig else None)
+    except KilnError as exc:
+        _fail(exc)
+        return
+    what = "already there as" if v["existing"] else "pushed"
+    out.print(f"{what} {v['name']} version {v['version']} ({v['kind']}, sha256 {v['sha256'][:12]})", highlight=False)
+
+
+def _job_options(target, precision, policy, threads, bench_seconds) -> dict:  # noqa: ANN001
+    return {"targets": _split(target) or None, "precisions": _split(precision) or None, "policy": policy,
+            "threads": threads, "bench_seconds": bench_seconds}
+
+
+@job_app.command("create")
+def job_create(model: str = typer.Option(..., help="Model name"),
+               version: Optional[int] = typer.Option(None, help="Version (default: the newest)"),
+               target: Optional[list[str]] = typer.Option(None, help="Targets, comma-separated"),
+               precision: Optional[list[str]] = typer.Option(None, help="Precisions, comma-separated"),
+               policy: Optional[str] = typer.Option(None, help="latency, throughput or accuracy"),
+               threads: Optional[int] = typer.Option(None, help="Threads for runtimes and benchmarks"),
+               bench_seconds: Optional[float] = typer.Option(None, help="Seconds of timing per benchmark point"),
+               watch: bool = typer.Option(False, "--watch", help="Follow the job until it ends"),
+               server: Optional[str] = SERVER) -> None:
+    """Start a conversion job on a pushed model."""
+    try:
+        with _client(server) as client:
+            job = client.create_job(model, version=version,
+                                    **_job_options(target, precision, policy, threads, bench_seconds))
+            out.print(f"job {job['id']} {job['status']} ({model} v{job['version']})", highlight=False)
+            if watch:
+                _watch(client, job["id"])
+    except KilnError as exc:
+        _fail(exc)
+
+
+@job_app.command("list")
+def job_list(status: Optional[str] = typer.Option(None, help="Filter by status"),
+             model: Optional[str] = typer.Option(None, help="Filter by model name"),
+             limit: int = typer.Option(20, help="How many"),
+             server: Optional[str] = SERVER) -> None:
+    """List jobs, newest first."""
+    try:
+        with _client(server) as client:
+            items = client.jobs(status=status, model=model, limit=limit)
+    except KilnError as exc:
+        _fail(exc)
+        return
+    table = Table()
+    for col in ("id", "model", "status", "progress", "step", "targets", "precisions", "created"):
+        table.add_column(col)
+    for j in items:
+        table.add_row(j["id"], f"{j['model']} v{j['version']}", j["status"], f"{j['progress']:.0%}",
+                      j["current_step"] or "", ",".join(j["targets"]), ",".join(j["precisions"]), j["created_at"][:19])
+    out.print(table)
+
+
+@job_app.command("show")
+def job_show(job_id: str, server: Optional[str] = SERVER) -> None:
+    """A job's steps, candidates and selection."""
+    try:
+        with _client(server) as client:
+            _print_job(client.job(job_id))
+    except KilnError as exc:
+        _fail(exc)
+
+
+@job_app.command("watch")
+def job_watch(job_id: str, server: Optional[str] = SERVER) -> None:
+    """Follow a job's progress live until it ends."""
+    try:
+        with _client(server) as client:
+            job = _watch(client, job_id)
+    except KilnError as exc:
+        _fail(exc)
+        return
+    if job["status"] != "succeeded":
+        raise typer.Exit(1)
+
+
+@job_app.command("cancel")
+def job_cancel(job_id: str, server: Optional[str] = SERVER) -> None:
+    """Cancel a queued or running job."""
+    try:
+        with _client(server) as client:
+            job = client.cancel(job_id)
+    except KilnError as exc:
+        _fail(exc)
+        return
+    out.print(f"job {job_id}: {'canceled' if job['status'] == 'canceled' else 'cancel requested'}", highlight=False)
+
+
+@job_app.command("retry")
+def job_retry(job_id: str, watch: bool = typer.Option(False, "--watch", help="Follow the new attempt"),
+              server: Optional[str] = SERVER) -> None:
+    """Start a new attempt of a failed or canceled job."""
+    try:
+        with _client(server) as client:
+            job = client.retry(job_id)
+            out.print(f"job {job['id']} queued (retry of {job_id})", highlight=False)
+            if watch:
+                _watch(client, job["id"])
+    except KilnError as exc:
+        _fail(exc)
+
+
+@job_app.command("report")
+def job_report(job_id: str, output_file: Optional[Path] = typer.Option(None, "--out", help="Write the JSON here"),
+               server: Optional[str] = SERVER) -> None:
+    """The job's full report (JSON)."""
+    import json
+
+    try:
+        with _client(server) as client:
+            report = client.report(job_id)
+    except KilnError as exc:
+        _fail(exc)
+        return
+    text = json.dumps(report, indent=2)
+    if output_file:
+        output_file.write_text(text)
+        out.print(f"wrote {output_file}", highlight=False)
+    else:
+        print(text)
+
+
+@job_app.command("logs")
+def job_logs(job_id: str, server: Optional[str] = SERVER) -> None:
+    """The job's log."""
+    try:
+        with _client(server) as client:
+            print(client.logs(job_id), end="")
+    except KilnError as exc:
+        _fail(exc)
+
+
+def _convert_remote(server: str, bundle: Path, name: str, entry, weights, samples, sig, options: dict,  # noqa: ANN001
+                    out_dir: Path) -> None:
+    """push + job create + watch, then the report and the selected artifact into out_dir."""
+    import json
+
+    try:
+        with _client(server) as client:
+            v = client.push(bundle, name=name, entry=entry, weights=weights, samples=samples,
+                            signature=sig.to_json() if sig else None)
+            job = client.create_job(name, version=v["version"], **options)
+            out.print(f"{name} v{v['version']}: job {job['id']}", highlight=False)
+            job = _watch(client, job["id"])
+            out_dir.mkdir(parents=True, exist_ok=True)
+            if job["status"] in ("succeeded", "failed"):
+                (out_dir / "report.json").write_text(json.dumps(client.report(job["id"]), indent=2))
+            if job.get("selected_candidate"):
+                path = client.download(job["selected_candidate"], out_dir)
+                out.print(f"report: {out_dir / 'report.json'}  artifact: {path}", highlight=False)
+    except KilnError as exc:
+        _fail(exc)
+        return
+    if job["status"] != "succeeded":
+        raise typer.Exit(1)
+
+
+def _watch(client, job_id: str) -> dict:  # noqa: ANN001
+    """A live progress display that follows the job's event stream; prints the job at the end."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                  TextColumn("{task.fields[step]}"), TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task(f"job {job_id}", total=1.0, step="")
+        seen_steps: dict[str, str] = {}
+        try:
+            for event, data in client.events(job_id):
+                if event == "job":
+                    bar.update(task, completed=data["progress"], step=f"{data['status']} {data['current_step'] or ''}")
+                    for st in data.get("steps", []):
+                        if st["status"] in ("ok", "failed", "skipped") and seen_steps.get(st["name"]) != st["status"]:
+                            seen_steps[st["name"]] = st["status"]
+                            note = f" - {st['error']}" if st.get("error") else ""
+                            bar.console.print(f"  {st['name']:<9} {MARKS_PLAIN.get(st['status'], st['status'])} "
+                                              f"({st['duration_s'] or 0:.1f}s){note}", markup=False, highlight=False)
+                elif event == "end":
+                    break
+        except KilnError:
+            pass  # the stream dropped: fall back to waiting below
+    job = client.wait(job_id)
+    _print_job(job)
+    return job
+
+
+MARKS_PLAIN = {"ok": "ok", "failed": "FAILED", "skipped": "skipped"}
+
+
+def _print_job(job: dict) -> None:
+    out.print(f"job {job['id']}: {job['status']} ({job['model']} v{job['version']}, "
+              f"{job['duration_s'] or 0:.1f}s)" + (f" - {job['error']}" if job.get("error") else ""),
+              highlight=False, markup=False)
+    for h in job.get("hazards") or []:
+        out.print(f"hazard ({h['kind']}): {h['detail']}\n  -> {h['action']}", highlight=False, markup=False)
+    if job["candidates"]:
+        table = Table()
+        for col in ("candidate", "id", "status", "max abs err", "cosine", "p50 b1 (ms)", "speed-up", "note"):
+            table.add_column(col)
+        selected = job.get("selected_candidate")
+        for c in job["candidates"]:
+            outs = list(((c.get("validation") or {}).get("outputs") or {}).values())
+            status = c["status"] if c["status"] != "built" else ("pass" if c["passed"] else "FAIL")
+            table.add_row(c["name"], c["id"], status,
+                          f"{max(o['max_abs'] for o in outs):.3g}" if outs else "",
+                          f"{min(o['cosine'] for o in outs):.6f}" if outs else "",
+                          f"{c['benchmark'][0]['p50_ms']:.3g}" if c["benchmark"] else "",
+                          f"{c['speedup']:.2f}x" if c.get("speedup") else "",
+                          "selected" if c["id"] == selected else (c.get("lost_because") or c.get("reason") or ""))
+        out.print(table)
+    if job.get("selection"):
+        out.print(f"selected {job['selection']['candidate']}: {job['selection']['reason']}", highlight=False,
+                  markup=False)
+
+
+def _data_dir(path: Optional[Path]) -> None:
+    """--data-dir wins over KILN_DATA_DIR; child processes inherit it through the environment."""
+    import os
+
+    from service.config import get_settings
+
+    if path is not None:
+        os.environ["KILN_DATA_DIR"] = str(path.resolve())
+        get_settings.cache_clear()
+    get_settings().data_dir.mkdir(parents=True, exist_ok=True)
 
 
 def print_summary(ctx) -> None:

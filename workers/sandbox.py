@@ -194,6 +194,9 @@ def _child_env(workdir: Path, limits: Limits) -> dict[str, str]:
     return env
 
 
+_PR_SET_PDEATHSIG = 1
+
+
 def _confine(limits: Limits, report_fd: int) -> Callable[[], None]:
     """The preexec_fn: runs in the forked child before exec, so the limits cover all of the child.
 
@@ -201,6 +204,8 @@ def _confine(limits: Limits, report_fd: int) -> Callable[[], None]:
     """
 
     def confine() -> None:
+        # Die with the worker: a sandbox must not outlive the process that supervises it.
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         # A fresh network namespace holds only a loopback interface that is down: no network at all.
         if os.geteuid() == 0 and _libc.unshare(_CLONE_NEWNET) != 0:
             code = ctypes.get_errno()

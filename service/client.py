@@ -1,0 +1,161 @@
+"""A small Python client for Kiln's /v1 API; the `kiln` command uses it, and apps can too.
+
+    client = KilnClient("http://127.0.0.1:8000")
+    version = client.push("model.py", name="resnet", signature={...})
+    job = client.create_job("resnet", targets=["onnxruntime"], precisions=["fp32", "int8"])
+    for event, data in client.events(job["id"]): ...
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+
+from service import errors
+
+DEFAULT_SERVER = "http://127.0.0.1:8000"
+_BY_STATUS = {400: errors.BadRequest, 404: errors.NotFound, 409: errors.Conflict, 413: errors.PayloadTooLarge,
+              422: errors.BadRequest, 503: errors.Unavailable, 507: errors.StorageFull}
+
+
+class KilnClient:
+    def __init__(self, server: str | None = None, token: str | None = None, timeout: float = 60.0) -> None:
+        self.server = (server or os.environ.get("KILN_SERVER") or DEFAULT_SERVER).rstrip("/")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.http = httpx.Client(base_url=self.server, headers=headers, timeout=timeout)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> "KilnClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check(self, r: httpx.Response) -> httpx.Response:
+        if r.is_success:
+            return r
+        try:
+            body = r.json()
+            detail = body.get("detail") or body.get("error") or r.text
+        except ValueError:
+            detail = r.text or r.reason_phrase
+        cls = _BY_STATUS.get(r.status_code, errors.KilnError)
+        raise cls(f"{detail} (HTTP {r.status_code})")
+
+    def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return self._check(self.http.request(method, url, **kwargs))
+        except httpx.TransportError as exc:
+            raise errors.Unavailable(f"cannot reach Kiln at {self.server}: {exc}") from None
+
+    # models
+    def push(self, bundle: str | Path, *, name: str, entry: str | None = None,
+             signature: dict | None = None, weights: str | Path | None = None,
+             samples: str | Path | None = None) -> dict:
+        """Upload a bundle as a new model or version; returns the version."""
+        data = {"name": name}
+        if entry:
+            data["entry"] = entry
+        if signature is not None:
+            data["signature"] = json.dumps(signature)
+        files = {}
+        handles = []
+        try:
+            for field, path in (("file", bundle), ("weights", weights), ("samples", samples)):
+                if path is not None:
+                    f = open(path, "rb")  # noqa: SIM115 - closed below
+                    handles.append(f)
+                    files[field] = (Path(path).name, f, "application/octet-stream")
+            return self._request("POST", "/v1/models", data=data, files=files, timeout=None).json()
+        finally:
+            for f in handles:
+                f.close()
+
+    def models(self) -> list[dict]:
+        return self._request("GET", "/v1/models").json()["items"]
+
+    def model(self, name: str) -> dict:
+        return self._request("GET", f"/v1/models/{name}").json()
+
+    # jobs
+    def create_job(self, model: str, *, version: int | None = None, idempotency_key: str | None = None,
+                   **options: Any) -> dict:
+        body = {"model": model, **({"version": version} if version else {}),
+                **{k: v for k, v in options.items() if v is not None}}
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return self._request("POST", "/v1/jobs", json=body, headers=headers).json()
+
+    def job(self, job_id: str) -> dict:
+        return self._request("GET", f"/v1/jobs/{job_id}").json()
+
+    def jobs(self, *, status: str | None = None, model: str | None = None, limit: int = 50) -> list[dict]:
+        params = {k: v for k, v in {"status": status, "model": model, "limit": limit}.items() if v is not None}
+        return self._request("GET", "/v1/jobs", params=params).json()["items"]
+
+    def cancel(self, job_id: str) -> dict:
+        return self._request("POST", f"/v1/jobs/{job_id}/cancel").json()
+
+    def retry(self, job_id: str) -> dict:
+        return self._request("POST", f"/v1/jobs/{job_id}/retry").json()
+
+    def report(self, job_id: str) -> dict:
+        return self._request("GET", f"/v1/jobs/{job_id}/report").json()
+
+    def logs(self, job_id: str) -> str:
+        return self._request("GET", f"/v1/jobs/{job_id}/logs").text
+
+    def events(self, job_id: str) -> Iterator[tuple[str, Any]]:
+        """Server-sent events of a job until it ends: ("job", summary), ("log", lines), ("end", {...})."""
+        try:
+            with self.http.stream("GET", f"/v1/jobs/{job_id}/events", timeout=None) as r:
+                if not r.is_success:
+                    r.read()
+                    self._check(r)
+                event, data = "message", []
+                for line in r.iter_lines():
+                    if line.startswith("event:"):
+                        event = line[6:].strip()
+                    elif line.startswith("data:"):
+                        data.append(line[5:].strip())
+                    elif not line and data:
+                        yield event, json.loads("\n".join(data))
+                        event, data = "message", []
+        except httpx.TransportError as exc:
+            raise errors.Unavailable(f"lost the event stream from {self.server}: {exc}") from None
+
+    def wait(self, job_id: str) -> dict:
+        """Follow a job's events to its end (reconnecting if the stream drops) and return the job."""
+        for _ in range(100):
+            try:
+                for event, _data in self.events(job_id):
+                    if event == "end":
+                        return self.job(job_id)
+            except errors.Unavailable:
+                import time
+
+                time.sleep(1)
+            job = self.job(job_id)
+            if job["status"] in ("succeeded", "failed", "canceled"):
+                return job
+        return self.job(job_id)
+
+    def download(self, candidate_id: str, dest: str | Path, *, zip: bool = False) -> Path:  # noqa: A002
+        dest = Path(dest)
+        params = {"format": "zip"} if zip else {}
+        with self.http.stream("GET", f"/v1/candidates/{candidate_id}/artifact", params=params, timeout=None) as r:
+            if not r.is_success:
+                r.read()
+                self._check(r)
+            if dest.is_dir():
+                name = r.headers.get("content-disposition", "").partition("filename=")[2].strip('"') or candidate_id
+                dest = dest / name
+            with open(dest, "wb") as f:
+                for chunk in r.iter_bytes():
+                    f.write(chunk)
+        return dest

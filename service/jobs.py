@@ -1,0 +1,197 @@
+"""Jobs: creation with idempotency, listing, cancel and retry (the API's side), and claiming,
+heartbeats and recording progress (the worker's side). The database is the truth about a job;
+broker messages only say "look at job X"."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service.errors import Conflict, NotFound
+from service.options import GPU_TARGETS, ConversionOptions
+from service.tables import CandidateRow, Job, JobLog, JobStep, Model, ModelVersion, new_id, now
+
+TERMINAL = ("succeeded", "failed", "canceled")
+STATUSES = ("queued", "running") + TERMINAL
+MAX_ATTEMPTS = 3
+
+
+def queue_for(options: ConversionOptions) -> str:
+    """GPU targets go to the GPU queue, everything else to the CPU queue."""
+    return "gpu" if any(t in GPU_TARGETS for t in options.targets) else "cpu"
+
+
+def request_hash(body: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def create(session: Session, *, owner: str, version: ModelVersion, options: ConversionOptions,
+           idempotency_key: str | None = None, body_hash: str | None = None, retry_of: str | None = None) -> tuple[Job, bool]:
+    """A new queued job, or the job an earlier request with the same Idempotency-Key created.
+
+    Returns (job, created). The same key with a different body is a Conflict.
+    """
+    if idempotency_key:
+        existing = session.scalar(select(Job).where(Job.owner == owner, Job.idempotency_key == idempotency_key))
+        if existing is not None:
+            if existing.request_hash != body_hash:
+                raise Conflict(f"Idempotency-Key {idempotency_key!r} was already used with a different request body")
+            return existing, False
+    job = Job(id=new_id(), owner=owner, model_version_id=version.id, options=options.model_dump(mode="json"),
+              queue=queue_for(options), idempotency_key=idempotency_key, request_hash=body_hash, retry_of=retry_of,
+              enqueued_at=now())
+    session.add(job)
+    try:
+        session.flush()
+    except IntegrityError:  # a concurrent request with the same key won the race
+        session.rollback()
+        return create(session, owner=owner, version=version, options=options, idempotency_key=idempotency_key,
+                      body_hash=body_hash)
+    return job, True
+
+
+def get(session: Session, owner: str, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None or job.owner != owner:
+        raise NotFound(f"job {job_id} does not exist")
+    return job
+
+
+def listing(session: Session, owner: str, *, status: str | None = None, model: str | None = None,
+            limit: int = 50, offset: int = 0) -> tuple[list[Job], int]:
+    q = select(Job).where(Job.owner == owner)
+    if status:
+        q = q.where(Job.status == status)
+    if model:
+        q = q.join(ModelVersion, Job.model_version_id == ModelVersion.id).join(Model).where(Model.name == model)
+    total = session.scalar(select(func.count()).select_from(q.subquery())) or 0
+    jobs = session.scalars(q.order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)).all()
+    return list(jobs), total
+
+
+def cancel(session: Session, job: Job) -> Job:
+    """A queued job is canceled at once; a running one is asked to stop (its sandbox is killed)."""
+    if job.status in TERMINAL:
+        raise Conflict(f"job {job.id} is already {job.status}")
+    job.cancel_requested = True
+    if job.status == "queued":
+        job.status, job.finished_at, job.error = "canceled", now(), "canceled before it started"
+    return job
+
+
+def retry(session: Session, job: Job) -> Job:
+    """A new attempt of a failed or canceled job, as a new job that points at the old one."""
+    if job.status not in ("failed", "canceled"):
+        raise Conflict(f"only failed or canceled jobs can be retried; job {job.id} is {job.status}")
+    new, _ = create(session, owner=job.owner, version=job.version, options=ConversionOptions(**job.options),
+                    retry_of=job.id)
+    return new
+
+
+# --- worker side ----------------------------------------------------------------------------------
+
+class ClaimRefused(Exception):
+    """The job is not ours to run now: finished, canceled, or running on a live worker."""
+
+
+def claim(session: Session, job_id: str, worker: str, *, stale_after: float) -> Job:
+    """Take a job for this worker atomically. A job 'running' with a stale heartbeat (its worker
+    died) can be taken over; one with a fresh heartbeat cannot, so a job never runs twice at once."""
+    stale_before = now() - timedelta(seconds=stale_after)
+    token = new_id()
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id,
+               or_(Job.status == "queued",
+                   and_(Job.status == "running", or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale_before))))
+        .values(status="running", worker=worker, run_token=token, heartbeat_at=now(), attempts=Job.attempts + 1,
+                started_at=func.coalesce(Job.started_at, now()))
+        .execution_options(synchronize_session=False))
+    session.commit()
+    job = session.get(Job, job_id)
+    if job is None:
+        raise ClaimRefused(f"job {job_id} does not exist")
+    session.refresh(job)
+    if result.rowcount != 1 or job.run_token != token:
+        raise ClaimRefused(f"job {job_id} is {job.status}" + (f" on {job.worker}" if job.status == "running" else ""))
+    return job
+
+
+def heartbeat(session: Session, job_id: str, token: str) -> tuple[bool, bool]:
+    """Refresh the heartbeat; returns (still ours, cancel requested)."""
+    result = session.execute(update(Job).where(Job.id == job_id, Job.run_token == token, Job.status == "running")
+                             .values(heartbeat_at=now()).execution_options(synchronize_session=False))
+    session.commit()
+    cancel = bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+    return result.rowcount == 1, cancel
+
+
+def orphaned(session: Session, *, stale_after: float, queued_after: float) -> list[Job]:
+    """Jobs that need their message sent again: running with a dead worker, or queued so long that
+    their message was probably lost (a broker restart, an API crash between commit and send)."""
+    t = now()
+    return list(session.scalars(select(Job).where(or_(
+        and_(Job.status == "running", Job.heartbeat_at < t - timedelta(seconds=stale_after)),
+        and_(Job.status == "queued", Job.cancel_requested.is_(False),
+             or_(Job.enqueued_at.is_(None), Job.enqueued_at < t - timedelta(seconds=queued_after))),
+    ))).all())
+
+
+def upsert_step(session: Session, job_id: str, position: int, record: dict[str, Any]) -> None:
+    step = session.scalar(select(JobStep).where(JobStep.job_id == job_id, JobStep.name == record["name"]))
+    if step is None:
+        step = JobStep(job_id=job_id, position=position, name=record["name"], status=record["status"])
+        session.add(step)
+    started = record.get("started_at")
+    step.status = record["status"]
+    step.started_at = datetime.fromtimestamp(started, timezone.utc) if started else None
+    step.duration_s = record.get("duration_s")
+    step.log = record.get("log") or ""
+    step.outputs = record.get("outputs") or {}
+    step.error = record.get("error")
+
+
+def upsert_candidate(session: Session, job_id: str, position: int, cand: dict[str, Any],
+                     files: dict[str, str] | None = None) -> CandidateRow:
+    row = session.scalar(select(CandidateRow).where(CandidateRow.job_id == job_id, CandidateRow.name == cand["id"]))
+    if row is None:
+        row = CandidateRow(job_id=job_id, position=position, name=cand["id"], target=cand["target"],
+                           precision=cand["precision"], variant=cand.get("variant"), status=cand["status"])
+        session.add(row)
+    validation = cand.get("validation")
+    row.status = cand["status"]
+    row.passed = bool(cand["status"] == "built" and validation and validation.get("passed"))
+    row.reason = cand.get("reason")
+    row.model_file = cand.get("file")
+    row.size_bytes = cand.get("size_bytes")
+    row.validation = validation
+    row.benchmark = cand.get("benchmark") or []
+    row.speedup = cand.get("speedup")
+    row.lost_because = cand.get("lost_because")
+    row.notes = cand.get("notes") or []
+    if files is not None:
+        row.files = files
+    return row
+
+
+def add_logs(session: Session, job_id: str, lines: list[tuple[str, str]]) -> None:
+    if not lines:
+        return
+    job = session.get(Job, job_id)
+    seq = job.log_seq if job else 0
+    for step, line in lines:
+        seq += 1
+        session.add(JobLog(job_id=job_id, seq=seq, step=step, line=line[:4000]))
+    if job:
+        job.log_seq = seq
+
+
+def logs(session: Session, job_id: str, after: int = 0, limit: int = 10_000) -> list[JobLog]:
+    return list(session.scalars(select(JobLog).where(JobLog.job_id == job_id, JobLog.seq > after)
+                                .order_by(JobLog.seq).limit(limit)).all())

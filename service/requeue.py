@@ -1,0 +1,84 @@
+"""Sends again what the database says must run but no worker is running: jobs whose worker died
+(stale heartbeat) and queued jobs whose message was lost. Runs at start-up and periodically."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+
+from sqlalchemy import select
+
+from service import jobs, queue
+from service.config import get_settings
+from service.db import session_scope
+from service.tables import Job, now
+
+logger = logging.getLogger("kiln.requeue")
+
+
+def requeue_orphans() -> list[str]:
+    """One pass; returns the ids of the jobs sent again."""
+    s = get_settings()
+    sent: list[tuple[str, str]] = []
+    with session_scope() as session:
+        orphans = jobs.orphaned(session, stale_after=s.job_stale_after_s, queued_after=s.job_requeue_after_s)
+        running = session.scalars(select(Job).where(Job.status == "running")).all()
+        orphans += [j for j in running if j not in orphans and dead_here(j.worker)]
+        for job in orphans:
+            if job.status == "running":
+                if job.attempts >= jobs.MAX_ATTEMPTS:
+                    job.status, job.finished_at = "failed", now()
+                    job.error = (f"the worker running this job died {job.attempts} times "
+                                 f"(last during step {job.current_step or 'start'}); not trying again")
+                    logger.warning("job %s: %s", job.id, job.error)
+                    continue
+                logger.warning("job %s: worker %s stopped answering; sending the job again", job.id, job.worker)
+                job.status, job.run_token = "queued", None
+            job.enqueued_at = now()
+            sent.append((job.id, job.queue))
+    for job_id, queue_name in sent:
+        try:
+            queue.enqueue(job_id, queue_name)
+        except Exception as exc:  # noqa: BLE001 - the broker is down; the next pass tries again
+            logger.warning("could not send job %s again: %s", job_id, exc)
+    return [j for j, _ in sent]
+
+
+def dead_here(worker: str | None) -> bool:
+    """Whether a worker named host:pid ran on this host and its process is gone (no need to wait
+    for its heartbeat to go stale, e.g. after `kiln up` restarted)."""
+    host, _, pid = (worker or "").rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+class RequeueLoop:
+    """A daemon thread that calls requeue_orphans every `interval` seconds."""
+
+    def __init__(self, interval: float | None = None) -> None:
+        self.interval = interval or max(get_settings().job_stale_after_s / 3, 1.0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="kiln-requeue", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                requeue_orphans()
+            except Exception:  # noqa: BLE001 - a database hiccup must not end the loop
+                logger.exception("requeue pass failed")
+            self._stop.wait(self.interval)

@@ -1,0 +1,217 @@
+"""Runs one conversion job for a worker: claim it, lay out its bundle, run the engine with events
+that write every step, candidate and log line to the database, and record how it ended.
+
+A job interrupted by a dead worker resumes from its last finished step when it lands on the same
+host again (the working directory keeps the engine's saved state)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+from service import jobs
+from service.artifacts import ArtifactStore, get_store
+from service.config import get_settings
+from service.db import session_scope
+from service.errors import KilnError
+from service.signature import Signature
+from service.tables import Job, now
+from workers import engine
+from workers.context import Context, StepRecord
+from workers.pipeline import Canceled
+
+logger = logging.getLogger("kiln.worker")
+HEARTBEAT_S = 2.0
+PROGRESS_EVERY_S = 0.5
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Lease:
+    """Heartbeats a claimed job from a thread, and notices cancel requests and lost claims."""
+
+    def __init__(self, job_id: str, token: str) -> None:
+        self.job_id, self.token = job_id, token
+        self.lost = False
+        self.cancel = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
+
+    def __enter__(self) -> "Lease":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def stop_requested(self) -> bool:
+        return self.cancel or self.lost
+
+    def _run(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                with session_scope() as s:
+                    ours, cancel = jobs.heartbeat(s, self.job_id, self.token)
+                self.lost = self.lost or not ours
+                self.cancel = self.cancel or cancel
+            except Exception:  # noqa: BLE001 - the database may blip; the next beat tries again
+                logger.warning("heartbeat for job %s failed", self.job_id, exc_info=True)
+
+
+class DbEvents:
+    """Pipeline events written to the job's rows. Candidate files go to the artifact store as
+    soon as they are built, so the database never names an artifact the store does not hold."""
+
+    def __init__(self, job_id: str, token: str, store: ArtifactStore) -> None:
+        self.job_id, self.token, self.store = job_id, token, store
+        self.files: dict[str, dict[str, str]] = {}
+        self._lines: list[tuple[str, str]] = []
+        self._last_flush = 0.0
+
+    def _job(self, s) -> Job | None:  # noqa: ANN001
+        job = s.get(Job, self.job_id)
+        return job if job is not None and job.run_token == self.token else None
+
+    def step_started(self, ctx: Context, record: StepRecord, index: int, total: int) -> None:
+        with session_scope() as s:
+            if job := self._job(s):
+                job.current_step, job.progress = record.name, index / total
+                jobs.upsert_step(s, self.job_id, index, record.model_dump())
+                self._flush(s)
+
+    def step_progress(self, ctx: Context, record: StepRecord, fraction: float, message: str) -> None:
+        if time.monotonic() - self._last_flush < PROGRESS_EVERY_S:
+            return
+        index = ctx.steps.index(record)
+        with session_scope() as s:
+            if job := self._job(s):
+                job.progress = (index + fraction) / len(ctx.steps or [1])
+                self._flush(s)
+
+    def step_finished(self, ctx: Context, record: StepRecord, index: int, total: int) -> None:
+        for c in ctx.candidates:  # built in this attempt or, after a resume, in an earlier one
+            if c.status == "built" and c.id not in self.files and (ctx.out / c.artifact_dir).is_dir():
+                self.files[c.id] = self.store.put_directory(ctx.out / c.artifact_dir)
+        with session_scope() as s:
+            if job := self._job(s):
+                job.progress = (index + 1) / total
+                jobs.upsert_step(s, self.job_id, index, record.model_dump())
+                for pos, c in enumerate(ctx.candidates):
+                    jobs.upsert_candidate(s, self.job_id, pos, c.model_dump(mode="json"), self.files.get(c.id))
+                self._flush(s)
+
+    def log_line(self, ctx: Context, step: str, line: str) -> None:
+        self._lines.append((step, line))
+        if time.monotonic() - self._last_flush >= PROGRESS_EVERY_S:
+            with session_scope() as s:
+                self._flush(s)
+
+    def _flush(self, s) -> None:  # noqa: ANN001
+        lines, self._lines = self._lines, []
+        jobs.add_logs(s, self.job_id, lines)
+        self._last_flush = time.monotonic()
+
+
+def run_job(job_id: str) -> str:
+    """Claim and run a job; returns how it ended. Never raises for a job's own failure."""
+    settings = get_settings()
+    try:
+        with session_scope() as s:
+            job = jobs.claim(s, job_id, worker_name(), stale_after=settings.job_stale_after_s)
+            token, attempt = job.run_token, job.attempts
+            if job.cancel_requested:
+                _finish(job_id, token, "canceled", "canceled before it started")
+                return "canceled"
+            version = job.version
+            bundle = {"filename": version.filename, "sha": version.bundle_sha256, "entry": version.entry,
+                      "weights": (version.weights_sha256, version.weights_filename) if version.weights_sha256 else None,
+                      "samples": version.samples_sha256, "signature": version.signature}
+            options = dict(job.options)
+    except jobs.ClaimRefused as exc:
+        logger.info("not running job %s: %s", job_id, exc)
+        return "skipped"
+    logger.info("running job %s (attempt %d)", job_id, attempt)
+    store = get_store()
+    workdir = settings.data_dir.resolve() / "work" / job_id
+    with Lease(job_id, token) as lease:
+        try:
+            ctx = _context(workdir, bundle, options, store)
+            events = DbEvents(job_id, token, store)
+            ctx = engine.run(ctx, events=events, canceled=lease.stop_requested)
+        except Canceled:
+            if lease.lost:
+                logger.warning("job %s was taken over by another worker; stopping", job_id)
+                return "lost"
+            _finish(job_id, token, "canceled", "canceled while running")
+            return "canceled"
+        except KilnError as exc:
+            _finish(job_id, token, "failed", exc.detail)
+            return "failed"
+        except Exception as exc:  # noqa: BLE001 - a bug fails the job, it never crashes the worker
+            logger.exception("job %s failed", job_id)
+            _finish(job_id, token, "failed", f"internal error: {type(exc).__name__}: {exc}")
+            return "failed"
+    from workers.report import build_report
+
+    report = build_report(ctx)
+    status = "succeeded" if report["status"] == "succeeded" else "failed"
+    _finish(job_id, token, status, report.get("error"), report=report,
+            selected=ctx.selection.candidate if ctx.selection else None)
+    shutil.rmtree(workdir, ignore_errors=True)
+    return status
+
+
+def _context(workdir: Path, bundle: dict, options: dict, store: ArtifactStore) -> Context:
+    """The saved context of an earlier attempt on this host, or a fresh one from the store."""
+    out_dir = workdir / "out"
+    if (saved := engine.resume(workdir / "engine")) is not None:
+        return saved
+    shutil.rmtree(workdir, ignore_errors=True)
+    inputs = workdir / "inputs"
+    inputs.mkdir(parents=True)
+    upload = inputs / bundle["filename"]
+    shutil.copyfile(store.path(bundle["sha"]), upload)
+    weights = samples = None
+    if bundle["weights"]:
+        weights = inputs / bundle["weights"][1]
+        shutil.copyfile(store.path(bundle["weights"][0]), weights)
+    if bundle["samples"]:
+        samples = inputs / "samples.npz"
+        shutil.copyfile(store.path(bundle["samples"]), samples)
+    return engine.prepare(upload, out_dir, entry=bundle["entry"], weights=weights, samples=samples,
+                          signature=Signature.parse(bundle["signature"]), options=options,
+                          workdir=workdir / "engine")
+
+
+def _finish(job_id: str, token: str, status: str, error: str | None, *, report: dict | None = None,
+            selected: str | None = None) -> None:
+    from sqlalchemy import select
+
+    from service.tables import CandidateRow
+
+    with session_scope() as s:
+        job = s.get(Job, job_id)
+        if job is None or job.run_token != token:
+            return
+        job.status, job.error, job.finished_at = status, error, now()
+        job.progress = 1.0 if status == "succeeded" else job.progress
+        job.current_step = None
+        if report is not None:
+            job.report = report
+            for pos, c in enumerate(report.get("candidates", [])):
+                jobs.upsert_candidate(s, job_id, pos, c)
+            # steps as the report has them (the report step's own record included)
+            for pos, st in enumerate(report.get("steps", [])):
+                jobs.upsert_step(s, job_id, pos, st)
+        if selected:
+            row = s.scalar(select(CandidateRow).where(CandidateRow.job_id == job_id, CandidateRow.name == selected))
+            job.selected_candidate_id = row.id if row else None
+        jobs.add_logs(s, job_id, [("job", f"job {status}" + (f": {error}" if error else ""))])
