@@ -66,6 +66,13 @@ class KilnClient:
             data["signature"] = json.dumps(signature)
         files = {}
         handles = []
+        tmpdir = None
+        if Path(bundle).is_dir():  # a folder travels as a zip of its files
+            import shutil
+            import tempfile
+
+            tmpdir = tempfile.mkdtemp(prefix="kiln-push-")
+            bundle = shutil.make_archive(str(Path(tmpdir) / Path(bundle).resolve().name), "zip", root_dir=bundle)
         try:
             for field, path in (("file", bundle), ("weights", weights), ("samples", samples)):
                 if path is not None:
@@ -76,6 +83,10 @@ class KilnClient:
         finally:
             for f in handles:
                 f.close()
+            if tmpdir:
+                import shutil
+
+                shutil.rmtree(tmpdir, ignore_errors=True)
 
     def models(self) -> list[dict]:
         return self._request("GET", "/v1/models").json()["items"]
