@@ -133,3 +133,23 @@ class JobLog(Base):
     step: Mapped[str] = mapped_column(String(40))
     line: Mapped[str] = mapped_column(Text)
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+
+
+class Deployment(Base):
+    """One version of a served deployment: a candidate and how to serve it. Replicas load what
+    these rows say; a deleted deployment keeps its rows with `deleted` set."""
+
+    __tablename__ = "deployments"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    owner: Mapped[str] = mapped_column(String(100), default="default")
+    name: Mapped[str] = mapped_column(String(200))
+    version: Mapped[int] = mapped_column(Integer)
+    candidate_id: Mapped[str] = mapped_column(ForeignKey("candidates.id"))
+    options: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    is_default: Mapped[bool] = mapped_column(Boolean, default=False)
+    deleted: Mapped[bool] = mapped_column(Boolean, default=False)
+    forced: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now, onupdate=now)
+    candidate: Mapped[CandidateRow] = relationship()
+    __table_args__ = (UniqueConstraint("owner", "name", "version"), Index("ix_deployments_name", "owner", "name"))

@@ -78,6 +78,8 @@ def get_version(name: str, version: int, session: SessionDep, owner: Owner) -> M
 
 @router.delete("/{name}/versions/{version}", status_code=204, summary="Delete a version no deployment uses")
 def delete_version(name: str, version: int, session: SessionDep, owner: Owner) -> Response:
+    from service.deployments import uses_version
+
     v = registry.get_version(session, owner, name, version)
-    registry.delete_version(session, v, in_use=False)
+    registry.delete_version(session, v, in_use=uses_version(session, v.id))
     return Response(status_code=204)

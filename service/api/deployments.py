@@ -1,0 +1,149 @@
+"""/v1/deployments: serve a candidate under a name; versions, default, rollback, delete."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+from service import deployments
+from service.api.deps import Owner, SessionDep
+from service.api.models import check_name
+from service.errors import InvalidOptions
+from service.serving.manager import Manager, row_dict
+from service.tables import Deployment
+
+router = APIRouter(prefix="/v1/deployments", tags=["deployments"])
+
+
+class ServingOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_batch_size: int | None = Field(None, ge=1, le=4096, description="rows joined per run (default: the "
+                                                                           "batch dimension's max)")
+    max_queue_delay_ms: float | None = Field(None, ge=0, le=10_000, description="how long to wait for more "
+                                                                                 "requests to batch (default 0)")
+    instances: int | None = Field(None, ge=1, le=64, description="runtime instances run in parallel")
+    threads: int | None = Field(None, ge=1, le=256, description="threads per runtime instance")
+
+
+class DeploymentCreate(ServingOptions):
+    name: str = Field(min_length=1, max_length=128)
+    candidate: str | None = None
+    job: str | None = None
+    force: bool = Field(False, description="deploy a candidate that failed validation")
+
+
+class DeploymentPatch(ServingOptions):
+    default_version: int | None = Field(None, ge=1)
+
+
+class VersionOut(BaseModel):
+    version: int
+    candidate: str
+    candidate_name: str
+    runtime: str
+    options: dict[str, Any]
+    default: bool
+    forced: bool
+    state: str
+    error: str | None
+    batching: bool | None
+    batching_note: str | None
+    max_batch_size: int | None
+
+
+class DeploymentOut(BaseModel):
+    name: str
+    default_version: int | None
+    state: str
+    versions: list[VersionOut]
+
+
+def _manager(request: Request) -> Manager:
+    return request.app.state.manager
+
+
+def _out(request: Request, owner: str, name: str, rows: list[Deployment]) -> DeploymentOut:
+    mgr = _manager(request)
+    items = []
+    for r in rows:
+        served = mgr.served.get((owner, name), {}).get(r.version)
+        items.append(VersionOut(version=r.version, candidate=r.candidate_id, candidate_name=r.candidate.name,
+                                runtime=r.candidate.target, options=r.options or {}, default=r.is_default,
+                                forced=r.forced, state=served.state if served else "loading",
+                                error=served.error if served else None,
+                                batching=served.batching if served else None,
+                                batching_note=served.batching_note if served else None,
+                                max_batch_size=served.max_batch if served else None))
+    default = next((v for v in items if v.default), None)
+    return DeploymentOut(name=name, default_version=default.version if default else None,
+                         state=default.state if default else "failed", versions=items)
+
+
+@router.post("", status_code=201, response_model=DeploymentOut, summary="Deploy a candidate (a new version)")
+async def create(body: DeploymentCreate, request: Request, session: SessionDep, owner: Owner,
+                 response: Response) -> DeploymentOut:
+    check_name(body.name)
+    cand = deployments.candidate_for(session, owner, body.candidate, body.job)
+    row = deployments.create(session, owner=owner, name=body.name, candidate=cand,
+                             options=body.model_dump(include=set(deployments.OPTION_KEYS)), force=body.force)
+    session.commit()
+    served = await run_in_threadpool(_manager(request).load, row_dict(row))
+    if served.state == "ready":  # a load that fails leaves the previous version serving
+        deployments.set_default(session, owner, body.name, row.version)
+        session.commit()
+        _manager(request).set_default(owner, body.name, row.version)
+    response.headers["Location"] = f"/v1/deployments/{body.name}"
+    return _out(request, owner, body.name, deployments.versions(session, owner, body.name))
+
+
+@router.get("", response_model=list[DeploymentOut], summary="List deployments")
+def list_deployments(request: Request, session: SessionDep, owner: Owner) -> list[DeploymentOut]:
+    return [_out(request, owner, name, rows) for name, rows in deployments.listing(session, owner).items()]
+
+
+@router.get("/{name}", response_model=DeploymentOut, summary="A deployment with its versions")
+def read(name: str, request: Request, session: SessionDep, owner: Owner) -> DeploymentOut:
+    return _out(request, owner, name, deployments.versions(session, owner, name))
+
+
+@router.patch("/{name}", response_model=DeploymentOut, summary="Choose the default version or change options")
+async def patch(name: str, body: DeploymentPatch, request: Request, session: SessionDep,
+                owner: Owner) -> DeploymentOut:
+    rows = deployments.versions(session, owner, name)
+    changes = body.model_dump(include=set(deployments.OPTION_KEYS), exclude_none=True)
+    if body.default_version is None and not changes:
+        raise InvalidOptions("nothing to change: give default_version or serving options")
+    mgr = _manager(request)
+    if changes:
+        target = next((r for r in rows if r.is_default), rows[-1])
+        target.options = {**(target.options or {}), **changes}
+        session.commit()
+        await run_in_threadpool(mgr.load, row_dict(target))
+    if body.default_version is not None:
+        deployments.set_default(session, owner, name, body.default_version)
+        session.commit()
+        mgr.set_default(owner, name, body.default_version)
+    return _out(request, owner, name, deployments.versions(session, owner, name))
+
+
+@router.post("/{name}/rollback", response_model=DeploymentOut, summary="Make the previous version the default")
+def rollback(name: str, request: Request, session: SessionDep, owner: Owner) -> DeploymentOut:
+    version = deployments.previous_version(session, owner, name)
+    deployments.set_default(session, owner, name, version)
+    session.commit()
+    _manager(request).set_default(owner, name, version)
+    return _out(request, owner, name, deployments.versions(session, owner, name))
+
+
+@router.delete("/{name}", status_code=204, summary="Stop serving a deployment (all versions)")
+def delete(name: str, request: Request, session: SessionDep, owner: Owner) -> Response:
+    deployments.delete(session, owner, name)
+    session.commit()
+    _manager(request).unload(owner, name)
+    return Response(status_code=204)
+
+
+

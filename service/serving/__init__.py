@@ -1,0 +1,1 @@
+"""Serving: deployments held in memory, dynamic batching, the Open Inference Protocol."""

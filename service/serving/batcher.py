@@ -1,0 +1,125 @@
+"""Dynamic batching: requests that arrive together are joined along the batch axis, run once
+off the event loop, and split back so each caller gets exactly its own rows."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from service import metrics
+
+Arrays = dict[str, np.ndarray]
+
+
+@dataclass
+class _Item:
+    inputs: Arrays
+    rows: int
+    key: tuple
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    """Per deployment version. `runners` are one callable per runtime instance, each used by one
+    thread at a time. With batching off (max_batch 1, or a model whose rows depend on each other)
+    every request runs alone, still off the event loop."""
+
+    def __init__(self, runners: list[Callable[[Arrays], Arrays]], *, max_batch: int, max_delay_s: float,
+                 batching: bool, labels: tuple[str, str]) -> None:
+        self.runners = runners
+        self.max_batch = max(1, max_batch) if batching else 1
+        self.max_delay_s = max_delay_s
+        self.batching = batching and self.max_batch > 1
+        self.labels = labels
+        self._queue: asyncio.Queue[_Item] | None = None
+        self._free: asyncio.Queue[int] | None = None
+        self._pool = ThreadPoolExecutor(max_workers=len(runners), thread_name_prefix=f"infer-{labels[0]}")
+        self._task: asyncio.Task | None = None
+        self._carry: _Item | None = None
+
+    def _start(self) -> None:
+        self._queue = asyncio.Queue()
+        self._free = asyncio.Queue()
+        for i in range(len(self.runners)):
+            self._free.put_nowait(i)
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def infer(self, inputs: Arrays) -> Arrays:
+        """Run one request (its first axis is the batch axis when batching is on)."""
+        if self._task is None:
+            self._start()
+        rows = next(iter(inputs.values())).shape[0] if self.batching else 1
+        key = tuple((n, a.shape[1:], a.dtype.str) for n, a in sorted(inputs.items())) if self.batching else ()
+        fut = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Item(inputs, rows, key, fut))
+        return await fut
+
+    async def _loop(self) -> None:
+        while True:
+            first = self._carry or await self._queue.get()
+            self._carry = None
+            batch = [first]
+            rows = first.rows
+            if self.batching:
+                deadline = first.enqueued + self.max_delay_s
+                while rows < self.max_batch:
+                    try:
+                        item = self._queue.get_nowait()
+                    except asyncio.QueueEmpty:
+                        wait = deadline - time.perf_counter()
+                        if wait <= 0:
+                            break
+                        try:
+                            item = await asyncio.wait_for(self._queue.get(), wait)
+                        except asyncio.TimeoutError:
+                            break
+                    if item.key != first.key or rows + item.rows > self.max_batch:
+                        self._carry = item  # different shapes, or too many rows: next batch
+                        break
+                    batch.append(item)
+                    rows += item.rows
+            batch = [b for b in batch if not b.future.cancelled()]  # callers that went away
+            if not batch:
+                continue
+            instance = await self._free.get()
+            asyncio.get_running_loop().create_task(self._run(instance, batch, rows))
+
+    async def _run(self, instance: int, batch: list[_Item], rows: int) -> None:
+        loop = asyncio.get_running_loop()
+        start = time.perf_counter()
+        for item in batch:
+            metrics.QUEUE.labels(*self.labels).observe(start - item.enqueued)
+        try:
+            if len(batch) == 1:
+                joined = batch[0].inputs
+            else:
+                joined = {n: np.concatenate([b.inputs[n] for b in batch]) for n in batch[0].inputs}
+            outputs = await loop.run_in_executor(self._pool, self.runners[instance], joined)
+        except Exception as exc:  # noqa: BLE001 - every caller in the batch gets the error
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+            return
+        finally:
+            self._free.put_nowait(instance)
+            metrics.COMPUTE.labels(*self.labels).observe(time.perf_counter() - start)
+            metrics.BATCH.labels(*self.labels).observe(sum(b.rows for b in batch))
+        offset = 0
+        for item in batch:
+            if not item.future.done():
+                if len(batch) == 1:
+                    item.future.set_result(outputs)
+                else:
+                    item.future.set_result({n: v[offset:offset + item.rows] for n, v in outputs.items()})
+            offset += item.rows
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self._pool.shutdown(wait=False, cancel_futures=True)

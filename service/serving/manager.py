@@ -1,0 +1,314 @@
+"""Deployments held in memory by this process: loading, warm-up, the batching check, and keeping
+in step with the database (which says what should be served)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+
+from service import metrics, runtimes
+from service import samples as sample_io
+from service.artifacts import ArtifactStore
+from service.config import get_settings
+from service.db import session_scope
+from service.errors import InvalidInput, NotFound, Unavailable
+from service.serving.batcher import Batcher
+from service.signature import Signature
+from service.tables import Deployment
+
+logger = logging.getLogger("kiln.serving")
+DEFAULT_OPTIONS = {"max_batch_size": None, "max_queue_delay_ms": 0.0, "instances": 1, "threads": None}
+
+
+@dataclass
+class Served:
+    """One deployment version in this process."""
+
+    owner: str
+    name: str
+    version: int
+    deployment_id: str
+    candidate_id: str
+    candidate_name: str
+    runtime: str
+    signature: Signature
+    options: dict[str, Any]
+    state: str = "loading"  # loading | ready | failed
+    error: str | None = None
+    batching: bool = False
+    batching_note: str = ""
+    max_batch: int = 1
+    batcher: Batcher | None = None
+    instances: list[Any] = field(default_factory=list)
+    updated: float = 0.0
+
+    @property
+    def input_dtypes(self) -> dict[str, str]:
+        return {s.name: s.dtype for s in self.signature.inputs}
+
+    @property
+    def output_dtypes(self) -> dict[str, str]:
+        return {s.name: s.dtype for s in self.signature.outputs}
+
+    def check(self, inputs: dict[str, np.ndarray]) -> None:
+        """Every input present, with the signature's rank, static sizes and dynamic ranges."""
+        missing = [s.name for s in self.signature.inputs if s.name not in inputs]
+        if missing:
+            raise InvalidInput(f"missing input(s) {', '.join(missing)}")
+        sizes: dict[str, int] = {}
+        for spec in self.signature.inputs:
+            arr, shape = inputs[spec.name], spec.shape or []
+            if arr.ndim != len(shape):
+                raise InvalidInput(f"input {spec.name!r} has shape {list(arr.shape)}; the model takes rank "
+                                   f"{len(shape)} {_show(shape)}")
+            for axis, (want, got) in enumerate(zip(shape, arr.shape)):
+                if isinstance(want, int):
+                    if want != got:
+                        raise InvalidInput(f"input {spec.name!r} axis {axis} is {got}; the model takes {want} "
+                                           f"{_show(shape)}")
+                    continue
+                r = self.signature.dims[want]
+                if not r.min <= got <= r.max:
+                    raise InvalidInput(f"input {spec.name!r} axis {axis} ({want}) is {got}, outside this "
+                                       f"deployment's range {r.min}..{r.max}")
+                if sizes.setdefault(want, got) != got:
+                    raise InvalidInput(f"dimension {want!r} is {sizes[want]} in one input and {got} in "
+                                       f"{spec.name!r}; they must agree")
+
+    def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
+        for rt in self.instances:
+            rt.close()
+        self.instances = []
+
+
+def _show(shape: list) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def batching_check(run, signature: Signature) -> tuple[bool, str]:  # noqa: ANN001
+    """Whether each row's output is independent of the other rows: rows run alone against rows
+    run together, on the validation samples. Returns (safe, why)."""
+    bd = signature.batch_dim
+    if bd is None:
+        return False, "the signature has no batch dimension first in every input"
+    if any(not o.shape or o.shape[0] != bd for o in signature.outputs):
+        return False, "not every output has the batch dimension first"
+    worst = 0.0
+    for label, sample in sample_io.generate(signature):
+        rows = next(iter(sample.values())).shape[0]
+        if rows < 2 or label not in ("opt", "max"):
+            continue
+        together = run(sample)
+        for i in range(rows):
+            alone = run({n: a[i:i + 1] for n, a in sample.items()})
+            for name, value in alone.items():
+                ref = together[name][i:i + 1].astype(np.float64)
+                diff = float(np.max(np.abs(value.astype(np.float64) - ref))) if value.size else 0.0
+                scale = float(np.max(np.abs(ref))) if ref.size else 0.0
+                worst = max(worst, diff)
+                if diff > 1e-4 + 1e-3 * scale:
+                    return False, (f"rows are not independent: output {name!r} of row {i} differs by {diff:.3g} "
+                                   "when run together with other rows; serving unbatched")
+    return True, f"rows run alone match rows run together (max diff {worst:.2g})"
+
+
+class Manager:
+    """What this process serves: {(owner, name): {version: Served}} and each name's default version."""
+
+    def __init__(self, store: ArtifactStore) -> None:
+        self.store = store
+        self.served: dict[tuple[str, str], dict[int, Served]] = {}
+        self.defaults: dict[tuple[str, str], int] = {}
+        self.lock = threading.RLock()
+        self.synced = False
+
+    # --- lookup ---------------------------------------------------------------------------------
+    def resolve(self, owner: str, name: str, version: int | None = None) -> Served:
+        with self.lock:
+            versions = self.served.get((owner, name))
+            if not versions:
+                raise NotFound(f"model {name!r} is not deployed")
+            if version is None:
+                version = self.defaults.get((owner, name))
+                if version is None or version not in versions:
+                    raise Unavailable(f"model {name!r} has no ready default version")
+            served = versions.get(version)
+            if served is None:
+                raise NotFound(f"model {name!r} has no version {version}")
+            return served
+
+    def all(self) -> list[Served]:
+        with self.lock:
+            return [s for versions in self.served.values() for s in versions.values()]
+
+    def ready(self) -> bool:
+        """Loaded what the database says, and every default version is ready."""
+        with self.lock:
+            return self.synced and all(self.served.get(k, {}).get(v) is not None
+                                       and self.served[k][v].state == "ready" for k, v in self.defaults.items())
+
+    # --- loading ----------------------------------------------------------------------------------
+    def load(self, row: dict[str, Any]) -> Served:
+        """Load one deployment version (blocking): artifact, runtime instances, warm-up, batching check."""
+        opts = {**DEFAULT_OPTIONS, **(row.get("options") or {})}
+        sig = Signature.parse(row["signature"])
+        served = Served(owner=row["owner"], name=row["name"], version=row["version"], deployment_id=row["id"],
+                        candidate_id=row["candidate_id"], candidate_name=row["candidate_name"],
+                        runtime=row["runtime"], signature=sig, options=opts, updated=row["updated"])
+        with self.lock:
+            old = self.served.setdefault((served.owner, served.name), {}).get(served.version)
+            self.served[(served.owner, served.name)][served.version] = served
+        if old is not None:
+            old.close()
+        try:
+            files = row["files"]
+            digest = hashlib.sha256(repr(sorted(files.items())).encode()).hexdigest()[:24]
+            directory = self.store.materialize(files, get_settings().data_dir.resolve() / "cache" / digest)
+            n = max(1, int(opts["instances"] or 1))
+            threads = opts["threads"] or max(1, (os.cpu_count() or 1) // n)
+            served.instances = [runtimes.load(directory, threads=threads) for _ in range(n)]
+            run = served.instances[0].run
+            sizes = sig.sizes_at("opt", **({sig.batch_dim: 1} if sig.batch_dim else {}))
+            run(sample_io.at_batch(sig, sizes.get(sig.batch_dim, 1) if sig.batch_dim else 1))  # warm-up
+            for rt in served.instances[1:]:
+                rt.run(sample_io.at_batch(sig, 1))
+            served.batching, served.batching_note = batching_check(run, sig)
+            bd_max = sig.dims[sig.batch_dim].max if sig.batch_dim else 1
+            served.max_batch = int(opts["max_batch_size"] or bd_max)
+            if served.max_batch <= 1:
+                served.batching = False
+            served.batcher = Batcher([rt.run for rt in served.instances], max_batch=served.max_batch,
+                                     max_delay_s=float(opts["max_queue_delay_ms"] or 0) / 1e3,
+                                     batching=served.batching, labels=(served.name, str(served.version)))
+            served.state = "ready"
+            logger.info("deployment %s v%d ready (%s, batching %s: %s)", served.name, served.version,
+                        served.candidate_name, "on" if served.batching else "off", served.batching_note)
+        except Exception as exc:  # noqa: BLE001 - a load that fails is reported, never raised into serving
+            served.state, served.error = "failed", f"{type(exc).__name__}: {str(exc).splitlines()[0][:400] if str(exc) else ''}"
+            served.close()
+            logger.warning("deployment %s v%d failed to load: %s", served.name, served.version, served.error)
+        self._count()
+        return served
+
+    def unload(self, owner: str, name: str, version: int | None = None) -> None:
+        with self.lock:
+            versions = self.served.get((owner, name), {})
+            targets = list(versions) if version is None else [version]
+            dropped = [versions.pop(v) for v in targets if v in versions]
+            if not versions:
+                self.served.pop((owner, name), None)
+                self.defaults.pop((owner, name), None)
+        for s in dropped:
+            s.close()
+        self._count()
+
+    def set_default(self, owner: str, name: str, version: int) -> None:
+        with self.lock:
+            self.defaults[(owner, name)] = version
+
+    def _count(self) -> None:
+        metrics.DEPLOYMENTS.set(sum(1 for s in self.all() if s.state == "ready"))
+
+    # --- keeping in step with the database ------------------------------------------------------
+    def sync(self) -> None:
+        """Load what the database has and this process lacks (or has older), drop what it deleted."""
+        rows = desired_rows()
+        want = {(r["owner"], r["name"], r["version"]): r for r in rows}
+        with self.lock:
+            have = {(s.owner, s.name, s.version): s for s in self.all()}
+        for key, served in have.items():
+            if key not in want:
+                self.unload(key[0], key[1], key[2])
+        for key, row in want.items():
+            served = have.get(key)
+            if (served is None or served.options != {**DEFAULT_OPTIONS, **row["options"]}
+                    or (served.state == "failed" and row["updated"] > served.updated)):
+                self.load(row)
+        with self.lock:
+            self.defaults = {(r["owner"], r["name"]): r["version"] for r in rows if r["is_default"]}
+        self.synced = True
+
+    def close(self) -> None:
+        for s in self.all():
+            s.close()
+
+
+def desired_rows() -> list[dict[str, Any]]:
+    """Every deployment version the database says should be served, as plain dicts."""
+    with session_scope() as s:
+        rows = s.scalars(select(Deployment).where(Deployment.deleted.is_(False))).all()
+        return [row_dict(r) for r in rows]
+
+
+def row_dict(r: Deployment) -> dict[str, Any]:
+    c = r.candidate
+    return {"id": r.id, "owner": r.owner, "name": r.name, "version": r.version, "candidate_id": r.candidate_id,
+            "candidate_name": c.name, "runtime": c.target, "files": c.files,
+            "signature": _signature_of(r), "options": r.options or {},
+            "is_default": r.is_default, "updated": r.updated_at.timestamp()}
+
+
+def _signature_of(r: Deployment) -> dict:
+    """The signature the candidate was validated with (outputs filled in by the job)."""
+    from sqlalchemy.orm import object_session
+
+    from service.tables import Job
+
+    job = object_session(r).get(Job, r.candidate.job_id)
+    return (job.report or {}).get("signature") or job.version.signature
+
+
+class SyncLoop:
+    """Checks the database every `interval` seconds so that changes made through another replica
+    take effect here too."""
+
+    def __init__(self, manager: Manager, interval: float = 5.0) -> None:
+        self.manager, self.interval = manager, interval
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="kiln-deployment-sync", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.manager.sync()
+            except Exception:  # noqa: BLE001 - the database may be down for a moment
+                logger.exception("deployment sync failed")
+            self._wake.wait(self.interval)
+            self._wake.clear()
+
+
+async def infer(served: Served, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run a checked request through the deployment's batcher."""
+    if served.state != "ready" or served.batcher is None:
+        raise Unavailable(f"model {served.name!r} version {served.version} is not ready"
+                          + (f": {served.error}" if served.error else ""))
+    start = time.perf_counter()
+    metrics.IN_FLIGHT.labels(served.name, str(served.version)).inc()
+    try:
+        return await served.batcher.infer(inputs)
+    finally:
+        metrics.IN_FLIGHT.labels(served.name, str(served.version)).dec()
+        metrics.REQUEST.labels(served.name, str(served.version)).observe(time.perf_counter() - start)
+
+
