@@ -1,0 +1,345 @@
+"""Serving: deployments and the Open Inference Protocol against real runtimes, in a real uvicorn
+server; tritonclient talks to it unchanged."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.conftest import ZOO, zoo_signature
+
+FAST = {"bench_seconds": 0.05, "threads": 1}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """The real app under uvicorn in a thread, on a free loopback port."""
+
+    def __init__(self) -> None:
+        import uvicorn
+
+        from service.app import create_app
+
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(create_app(), host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "Server":
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def convert(http: httpx.Client, name: str, zoo: str, **options) -> str:
+    """Upload a zoo model and run its conversion job with the real job runner; returns the job id."""
+    from workers.jobrunner import run_job
+
+    sig = zoo_signature(zoo)
+    r = http.post("/v1/models", data={"name": name, "signature": json.dumps(sig)},
+                  files={"file": (f"{zoo}.py", (ZOO / f"{zoo}.py").read_bytes())})
+    assert r.status_code in (200, 201), r.text
+    job = http.post("/v1/jobs", json={"model": name, "targets": ["onnxruntime"], **FAST, **options}).json()
+    assert run_job(job["id"]) == "succeeded", http.get(f"/v1/jobs/{job['id']}").json()
+    return job["id"]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """One server with the MLP, the several-inputs model, the transformer and the row-mixing model deployed."""
+    from tests.service.conftest import clear_caches
+
+    data = tmp_path_factory.mktemp("serving")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("KILN_DATA_DIR", str(data))
+    mp.delenv("KILN_DATABASE_URL", raising=False)
+    mp.delenv("KILN_BROKER_URL", raising=False)
+    clear_caches()
+    with Server() as srv, httpx.Client(base_url=srv.url, timeout=120) as http:
+        jobs = {"mlp": convert(http, "mlp", "mlp"), "multi": convert(http, "multi", "multi_io"),
+                "rowmix": convert(http, "rowmix", "rowmix")}
+        for name, job in jobs.items():
+            r = http.post("/v1/deployments", json={"name": name, "job": job, "max_queue_delay_ms": 20})
+            assert r.status_code == 201 and r.json()["state"] == "ready", r.text
+        yield srv, http, jobs, data
+    mp.undo()
+    clear_caches()
+
+
+def infer(http, name, inputs, **extra):
+    body = {"inputs": [{"name": n, "shape": list(a.shape), "datatype": dt, "data": a.ravel().tolist()}
+                       for n, (a, dt) in inputs.items()], **extra}
+    return http.post(f"/v2/models/{name}/infer", json=body)
+
+
+def local_runtime(http, data: Path, job_id: str):
+    """The selected artifact loaded directly, to compare the server's answers with."""
+    from service import runtimes
+
+    job = http.get(f"/v1/jobs/{job_id}").json()
+    r = http.get(f"/v1/candidates/{job['selected_candidate']}/artifact", params={"format": "zip"})
+    import io
+    import zipfile
+
+    target = data / f"local-{job_id}"
+    zipfile.ZipFile(io.BytesIO(r.content)).extractall(target)
+    return runtimes.load(next(target.iterdir()))
+
+
+def test_metadata_and_health(served):
+    srv, http, _, _ = served
+    assert http.get("/v2/health/live").json() == {"live": True}
+    assert http.get("/v2/health/ready").status_code == 200
+    assert http.get("/v2").json()["extensions"] == ["binary_tensor_data"]
+    meta = http.get("/v2/models/multi").json()
+    assert meta["platform"] == "onnxruntime_onnx" and meta["versions"] == ["1"]
+    assert meta["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 3, 16, 16]},
+                              {"name": "features", "datatype": "FP32", "shape": [-1, 8]}]
+    assert [o["name"] for o in meta["outputs"]] == ["scores", "embedding"] and meta["outputs"][1]["shape"] == [-1, 16]
+    assert http.get("/v2/models/multi/versions/1").json()["name"] == "multi"
+    assert http.get("/v2/models/multi/ready").json()["ready"] is True
+    assert http.get("/v2/models/multi/versions/1/ready").status_code == 200
+    assert http.get("/v2/models/nope").status_code == 404
+    assert http.get("/v2/models/nope").json() == {"error": "model 'nope' is not deployed"}
+    assert http.get("/v2/models/multi/versions/7").status_code == 404
+
+
+def test_json_inference_matches_the_runtime(served):
+    srv, http, jobs, data = served
+    rt = local_runtime(http, data, jobs["multi"])
+    rng = np.random.default_rng(0)
+    image = rng.standard_normal((3, 3, 16, 16)).astype(np.float32)
+    feats = rng.standard_normal((3, 8)).astype(np.float32)
+    want = rt.run({"image": image, "features": feats})
+    r = infer(http, "multi", {"image": (image, "FP32"), "features": (feats, "FP32")}, id="req-7")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["id"] == "req-7" and body["model_name"] == "multi" and body["model_version"] == "1"
+    out = {o["name"]: o for o in body["outputs"]}
+    assert out["scores"]["shape"] == [3, 5] and out["scores"]["datatype"] == "FP32"
+    np.testing.assert_allclose(np.array(out["scores"]["data"]).reshape(3, 5), want["scores"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.array(out["embedding"]["data"]).reshape(3, 16), want["embedding"], rtol=1e-5,
+                               atol=1e-6)
+    # nested data, and choosing one output
+    nested = {"inputs": [{"name": "image", "shape": [3, 3, 16, 16], "datatype": "FP32", "data": image.tolist()},
+                         {"name": "features", "shape": [3, 8], "datatype": "FP32", "data": feats.tolist()}],
+              "outputs": [{"name": "embedding"}]}
+    r = http.post("/v2/models/multi/versions/1/infer", json=nested)
+    assert [o["name"] for o in r.json()["outputs"]] == ["embedding"]
+
+
+def test_binary_tensor_extension(served):
+    srv, http, jobs, data = served
+    x = np.random.default_rng(1).standard_normal((4, 64)).astype(np.float32)
+    header = json.dumps({"inputs": [{"name": "x", "shape": [4, 64], "datatype": "FP32",
+                                     "parameters": {"binary_data_size": x.nbytes}}],
+                         "parameters": {"binary_data_output": True}}).encode()
+    # no Content-Type, as tritonclient's synchronous client sends it
+    r = http.post("/v2/models/mlp/infer", content=header + x.tobytes(),
+                  headers={"Inference-Header-Content-Length": str(len(header))})
+    assert r.status_code == 200, r.text
+    n = int(r.headers["inference-header-content-length"])
+    meta = json.loads(r.content[:n])
+    out = meta["outputs"][0]
+    assert out["parameters"]["binary_data_size"] == 4 * 10 * 4 and "data" not in out
+    got = np.frombuffer(r.content[n:], np.float32).reshape(4, 10)
+    want = local_runtime(http, data, jobs["mlp"]).run({"x": x})["logits"]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("body, needle", [
+    ({"inputs": [{"name": "y", "shape": [1, 64], "datatype": "FP32", "data": [0] * 64}]}, "unknown input 'y'"),
+    ({"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP64", "data": [0] * 64}]},
+     "datatype FP64, the model takes FP32"),
+    ({"inputs": [{"name": "x", "shape": [1, 63], "datatype": "FP32", "data": [0] * 63}]}, "axis 1 is 63"),
+    ({"inputs": [{"name": "x", "shape": [64, 64], "datatype": "FP32", "data": [0] * 4096}]}, "outside this deployment's range 1..32"),
+    ({"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32", "data": [0] * 10}]}, "10 values given"),
+    ({"inputs": [{"name": "x", "shape": [64], "datatype": "FP32", "data": [0] * 64}]}, "rank 2"),
+    ({"inputs": [{"name": "x", "shape": [1, 64], "datatype": "STRING", "data": [0] * 64}]}, "not supported"),
+    ({"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32", "data": ["a"] * 64}]}, "cannot be read as FP32"),
+    ({"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32", "data": [0] * 64}], "outputs": [{"name": "z"}]},
+     "unknown output(s) z"),
+    ({"inputs": []}, "at least one tensor"),
+    ({"wrong": 1}, "'inputs' list"),
+])
+def test_bad_inference_requests_are_400_with_reason(served, body, needle):
+    _, http, _, _ = served
+    r = http.post("/v2/models/mlp/infer", json=body)
+    assert r.status_code == 400, r.text
+    assert needle in r.json()["error"]
+
+
+def test_bad_bodies(served):
+    _, http, _, _ = served
+    r = http.post("/v2/models/mlp/infer", content=b"{not json")
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]
+    header = json.dumps({"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32",
+                                     "parameters": {"binary_data_size": 256}}]}).encode()
+    r = http.post("/v2/models/mlp/infer", content=header + b"\0" * 100,
+                  headers={"Inference-Header-Content-Length": str(len(header))})
+    assert r.status_code == 400 and "256" in r.json()["error"]
+    r = http.post("/v2/models/mlp/infer", content=header, headers={"Inference-Header-Content-Length": "99999"})
+    assert r.status_code == 400 and "does not fit" in r.json()["error"]
+    assert http.post("/v2/models/nope/infer", json={"inputs": []}).status_code == 404
+    deep = {"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [0],
+                        "parameters": json.loads("[" * 100 + "]" * 100)}]}
+    assert http.post("/v2/models/mlp/infer", json=deep).status_code == 400
+
+
+def test_concurrent_clients_get_their_own_rows_and_batching_joins_them(served):
+    _, http, _, _ = served
+    rng = np.random.default_rng(2)
+    xs = [rng.standard_normal((1 + i % 3, 64)).astype(np.float32) for i in range(40)]
+    alone = [np.array(infer(http, "mlp", {"x": (x, "FP32")}).json()["outputs"][0]["data"]).reshape(len(x), 10)
+             for x in xs]
+    before = _batch_stats(http, "mlp")
+
+    def call(i):
+        with httpx.Client(base_url=str(http.base_url), timeout=60) as c:
+            return i, np.array(infer(c, "mlp", {"x": (xs[i], "FP32")}).json()["outputs"][0]["data"])
+
+    with ThreadPoolExecutor(40) as pool:
+        results = list(pool.map(call, range(40)))
+    for i, got in results:
+        np.testing.assert_allclose(got.reshape(len(xs[i]), 10), alone[i], rtol=1e-5, atol=1e-6)
+    runs, rows = (a - b for a, b in zip(_batch_stats(http, "mlp"), before))
+    assert rows == sum(len(x) for x in xs)
+    assert runs < 40, f"40 concurrent requests ran in {runs} runs: batching joined none"
+
+
+def _batch_stats(http, model):
+    text = http.get("/metrics").text
+    count = total = 0.0
+    for line in text.splitlines():
+        if line.startswith("kiln_inference_batch_size_count") and f'model="{model}"' in line:
+            count = float(line.split()[-1])
+        if line.startswith("kiln_inference_batch_size_sum") and f'model="{model}"' in line:
+            total = float(line.split()[-1])
+    return count, total
+
+
+def test_model_whose_rows_depend_on_each_other_is_served_unbatched(served):
+    _, http, _, _ = served
+    dep = http.get("/v1/deployments/rowmix").json()["versions"][0]
+    assert dep["batching"] is False and "not independent" in dep["batching_note"]
+    mlp = http.get("/v1/deployments/mlp").json()["versions"][0]
+    assert mlp["batching"] is True and mlp["max_batch_size"] == 32
+
+
+def test_tritonclient_works_unchanged(served):
+    import tritonclient.http as tc
+
+    srv, _, _, _ = served
+    client = tc.InferenceServerClient(url=f"127.0.0.1:{srv.port}")
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("mlp")
+    meta = client.get_model_metadata("mlp")
+    assert meta["inputs"][0]["name"] == "x" and meta["inputs"][0]["shape"] == [-1, 64]
+    x = np.random.default_rng(3).standard_normal((2, 64)).astype(np.float32)
+    results = []
+    for binary in (True, False):
+        inp = tc.InferInput("x", [2, 64], "FP32")
+        inp.set_data_from_numpy(x, binary_data=binary)
+        out = tc.InferRequestedOutput("logits", binary_data=binary)
+        res = client.infer("mlp", [inp], outputs=[out], request_id="t1")
+        assert res.get_response()["id"] == "t1"
+        results.append(res.as_numpy("logits"))
+    assert results[0].shape == (2, 10)
+    np.testing.assert_allclose(results[0], results[1], rtol=1e-5, atol=1e-6)
+    client.close()
+
+
+def test_deployment_versions_default_rollback_force_and_delete(served):
+    srv, http, jobs, data = served
+    job = http.get(f"/v1/jobs/{jobs['mlp']}").json()
+    cand = job["selected_candidate"]
+    r = http.post("/v1/deployments", json={"name": "life", "candidate": cand})
+    assert r.status_code == 201 and r.json()["default_version"] == 1
+    r = http.post("/v1/deployments", json={"name": "life", "candidate": cand, "max_batch_size": 4})
+    assert r.json()["default_version"] == 2
+    assert infer(http, "life", {"x": (np.zeros((1, 64), np.float32), "FP32")}).json()["model_version"] == "2"
+    r = http.post("/v1/deployments/life/rollback")
+    assert r.status_code == 200 and r.json()["default_version"] == 1
+    assert infer(http, "life", {"x": (np.zeros((1, 64), np.float32), "FP32")}).json()["model_version"] == "1"
+    r = http.patch("/v1/deployments/life", json={"default_version": 2})
+    assert r.json()["default_version"] == 2
+    assert http.post("/v1/deployments/life/rollback").json()["default_version"] == 1
+    # a candidate that failed validation needs force
+    from service.db import session_scope
+    from service.tables import CandidateRow
+
+    with session_scope() as s:
+        row = s.get(CandidateRow, cand)
+        row.passed = False
+    r = http.post("/v1/deployments", json={"name": "life", "candidate": cand})
+    assert r.status_code == 409 and "force" in r.json()["detail"]
+    r = http.post("/v1/deployments", json={"name": "life", "candidate": cand, "force": True})
+    assert r.status_code == 201 and r.json()["versions"][-1]["forced"] is True
+    with session_scope() as s:
+        s.get(CandidateRow, cand).passed = True
+    # a version that cannot load leaves the default serving
+    with session_scope() as s:
+        files = dict(s.get(CandidateRow, cand).files)
+    from service.artifacts import get_store
+
+    model_file = get_store().path(files["model.onnx"])
+    saved = model_file.read_bytes()
+    shutil.rmtree(data / "cache", ignore_errors=True)
+    model_file.write_bytes(b"not an onnx model")
+    try:
+        r = http.post("/v1/deployments", json={"name": "life", "candidate": cand})
+        body = r.json()
+        assert body["versions"][-1]["state"] == "failed" and body["versions"][-1]["error"]
+        assert body["default_version"] == 3
+    finally:
+        model_file.write_bytes(saved)
+        shutil.rmtree(data / "cache", ignore_errors=True)
+    assert infer(http, "life", {"x": (np.zeros((1, 64), np.float32), "FP32")}).status_code == 200
+    assert http.delete("/v1/deployments/life").status_code == 204
+    assert http.post("/v2/models/life/infer", json={"inputs": []}).status_code == 404
+    assert http.get("/v1/deployments/life").status_code == 404
+
+
+def test_deployment_requests_that_make_no_sense(served):
+    _, http, jobs, _ = served
+    assert http.post("/v1/deployments", json={"name": "x"}).status_code == 400
+    assert http.post("/v1/deployments", json={"name": "x", "candidate": "nope"}).status_code == 404
+    assert http.post("/v1/deployments", json={"name": "x", "job": "nope"}).status_code == 404
+    assert http.post("/v1/deployments", json={"name": "x", "job": jobs["mlp"], "instances": 0}).status_code == 422
+    assert http.post("/v1/deployments/mlp/rollback").status_code == 409
+    model_version = http.get(f"/v1/jobs/{jobs['mlp']}").json()["version"]
+    r = http.delete(f"/v1/models/mlp/versions/{model_version}")
+    assert r.status_code == 409 and "used by a deployment" in r.json()["detail"]
+
+
+def test_restart_loads_every_deployment_again(served):
+    srv, http, _, _ = served
+    with Server() as second, httpx.Client(base_url=second.url, timeout=60) as h2:
+        deadline = time.time() + 60
+        while h2.get("/v2/health/ready").status_code != 200:
+            assert time.time() < deadline, h2.get("/v1/deployments").json()
+            time.sleep(0.2)
+        r = infer(h2, "mlp", {"x": (np.zeros((1, 64), np.float32), "FP32")})
+        assert r.status_code == 200
+        assert {d["name"] for d in h2.get("/v1/deployments").json()} >= {"mlp", "multi", "rowmix"}
