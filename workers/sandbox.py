@@ -6,8 +6,10 @@ namespace, waits while enforcing the wall-clock limit and polling for cancellati
 whole process group afterwards, and turns ``.sandbox/result.json`` and the exit status into a
 ``SandboxResult``. Requests and results are JSON files; nothing is ever unpickled here.
 
-Not covered: a grandchild that calls setsid() leaves the process group and survives the kill, and
-the child can read whatever the worker's user can read. Containers or cgroups are the next step.
+As root on Linux the child is also isolated (workers/isolation.py): network, mount and PID
+namespaces, a read-only filesystem in which `Limits.hide` folders (the data directory: database,
+tokens, other models) are empty except for `Limits.readable` paths, only the working directory
+writable, no capabilities, and a pids cgroup. Elsewhere each missing piece is named in `notes`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
 from service import errors
+from workers import isolation
 
 # The smallest memory limit accepted. RLIMIT_AS counts address space, not resident memory, and
 # torch reserves a lot of it: with torch 2.13 (CPU, x86-64 Linux) ``import torch`` plus a forward
@@ -54,6 +57,8 @@ class Limits:
     # enforce it for root.
     processes: int = 256
     threads: int | None = None  # OMP_NUM_THREADS / MKL_NUM_THREADS in the child; None keeps torch's default
+    hide: tuple[Path, ...] = ()  # folders that look empty to the child (secrets, other jobs)
+    readable: tuple[Path, ...] = ()  # paths inside hidden folders the child may still read
 
     def __post_init__(self) -> None:
         if self.memory_bytes < MIN_MEMORY_BYTES:
@@ -115,7 +120,13 @@ def run_op(
     (box / "result.json").unlink(missing_ok=True)  # a result left by an earlier op in this workdir
     (box / "request.json").write_text(json.dumps({"op": op, "args": args}))
     log_path = box / "output.log"
-    notes = [] if os.geteuid() == 0 else ["network isolation unavailable: not running as root"]
+    notes = [] if isolation.available() else ["isolation unavailable: not running as root"]
+    cgroup = isolation.PidsCgroup(limits.processes) if isolation.available() else None
+    if cgroup is not None and cgroup.note:
+        notes.append(cgroup.note)
+    plan = (isolation.Plan(workdir, tuple(Path(p).resolve() for p in limits.hide),
+                           tuple(Path(p).resolve() for p in limits.readable) + (workdir,),
+                           cgroup.procs_path()) if cgroup is not None else None)
 
     started = time.monotonic()
     killed_for = None
@@ -135,7 +146,7 @@ def run_op(
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,  # its own process group, so one killpg reaches the grandchildren
-                    preexec_fn=_confine(limits, report_w),
+                    preexec_fn=_confine(limits, report_w, plan),
                 )
             finally:
                 os.close(report_w)
@@ -161,6 +172,8 @@ def run_op(
             returncode = proc.wait()
             if feed:
                 feed.pump(final=True)
+            if cgroup is not None:
+                cgroup.remove()
     duration_s = time.monotonic() - started
 
     reply = _read_reply(box / "result.json")
@@ -197,19 +210,21 @@ def _child_env(workdir: Path, limits: Limits) -> dict[str, str]:
 _PR_SET_PDEATHSIG = 1
 
 
-def _confine(limits: Limits, report_fd: int) -> Callable[[], None]:
+def _confine(limits: Limits, report_fd: int, plan: "isolation.Plan | None") -> Callable[[], None]:
     """The preexec_fn: runs in the forked child before exec, so the limits cover all of the child.
 
     Keep it short: in the forked child of a threaded parent, anything that takes a lock may deadlock.
+    With isolation, this process enters new namespaces and forks twice: the process that execs the
+    sandbox is PID 2 of its own PID namespace, and the two above it only relay its exit status.
     """
+
+    def report(message: str) -> None:
+        os.write(report_fd, (message + "\n").encode())
 
     def confine() -> None:
         # Die with the worker: a sandbox must not outlive the process that supervises it.
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        # A fresh network namespace holds only a loopback interface that is down: no network at all.
-        if os.geteuid() == 0 and _libc.unshare(_CLONE_NEWNET) != 0:
-            code = ctypes.get_errno()
-            os.write(report_fd, f"network isolation unavailable: {errno.errorcode.get(code, code)}\n".encode())
+        pid_namespace = isolation.enter(plan, report) if plan is not None else False
         for rlimit, value in (
             (resource.RLIMIT_AS, limits.memory_bytes),
             (resource.RLIMIT_FSIZE, limits.file_size_bytes),
@@ -220,6 +235,16 @@ def _confine(limits: Limits, report_fd: int) -> Callable[[], None]:
             # Without privileges a hard limit can only go down; never ask for more than the worker has.
             value = value if hard == resource.RLIM_INFINITY else min(value, hard)
             resource.setrlimit(rlimit, (value, value))
+        if plan is not None:
+            if pid_namespace:
+                # The first child in a PID namespace is its init, which ignores signals it sends
+                # itself (os.kill(os.getpid(), ...) in model code): it only relays, and the sandbox
+                # runs as PID 2 like any other process.
+                for inside in (False, True):
+                    child = os.fork()
+                    if child > 0:
+                        isolation.relay(child, inside_namespace=inside)  # never returns
+            isolation.finish_in_child(pid_namespace, report)
 
     return confine
 

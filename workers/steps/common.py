@@ -23,9 +23,13 @@ def sandbox_dir(ctx: Context) -> Path:
 
 
 def limits(ctx: Context) -> Limits:
+    """The sandbox's limits. The data directory (database, tokens, other jobs, the artifact store)
+    looks empty to model code, except this conversion's own working directory."""
     s = get_settings()
+    hidden = {s.data_dir.resolve(), s.artifact_dir}
     return Limits(timeout_s=s.sandbox_timeout_s, memory_bytes=s.sandbox_memory_bytes,
-                  file_size_bytes=s.sandbox_file_size_bytes, threads=ctx.options.threads or s.threads)
+                  file_size_bytes=s.sandbox_file_size_bytes, threads=ctx.options.threads or s.threads,
+                  hide=tuple(sorted(hidden)), readable=(ctx.work,))
 
 
 def sandboxed(ctx: Context, op: str, args: dict[str, Any], log: StepLog) -> dict[str, Any]:
