@@ -6,13 +6,12 @@ import logging
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
-from fastapi import FastAPI
-
-from fastapi import Response
+from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service import db, metrics
-from service.api import candidates, deployments, errors, health, jobs, models, v2
+from service import auth, db, metrics
+from service.api import candidates, deployments, errors, health, jobs, models, tokens, v2
+from service.api.deps import principal
 from service.artifacts import get_store
 from service.config import get_settings
 from service.limits import BodyLimit
@@ -25,7 +24,14 @@ logger = logging.getLogger("kiln.api")
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     db.migrate()
-    app.state.settings = get_settings()
+    app.state.settings = settings = get_settings()
+    if settings.auth:
+        with db.session_scope() as session:
+            token = auth.bootstrap(session, settings.data_dir)
+        if token:
+            logger.warning("created the admin token %s... and saved it in %s (readable only by its owner); "
+                           "the kiln CLI on this machine reads it from there", token[:12],
+                           settings.data_dir.resolve() / auth.ADMIN_TOKEN_FILE)
     app.state.manager = Manager(get_store())
     sync = SyncLoop(app.state.manager)  # loads every deployment again after a restart
     sync.start()
@@ -44,12 +50,21 @@ def create_app() -> FastAPI:
     app = FastAPI(title="Kiln", version="0.1.0", lifespan=lifespan,
                   description="Convert PyTorch models into fast, validated inference services.")
     errors.install(app)
-    for router in (health.router, models.router, jobs.router, candidates.router, deployments.router, v2.router):
+    for router in (health.router, models.router, jobs.router, candidates.router, deployments.router,
+                   tokens.router, v2.router):
         app.include_router(router)
 
-    @app.get("/metrics", tags=["health"], summary="Prometheus metrics")
-    def prometheus() -> Response:
+    @app.get("/metrics", tags=["health"], summary="Prometheus metrics (any valid token)")
+    def prometheus(request: Request) -> Response:
+        principal(request, "infer")
         return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    if settings.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_credentials=False,
+                           allow_methods=["*"], allow_headers=["Authorization", "Content-Type",
+                                                               "Inference-Header-Content-Length"])
 
     app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes)
     return app

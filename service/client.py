@@ -18,13 +18,22 @@ import httpx
 from service import errors
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
-_BY_STATUS = {400: errors.BadRequest, 404: errors.NotFound, 409: errors.Conflict, 413: errors.PayloadTooLarge,
+_BY_STATUS = {400: errors.BadRequest, 401: errors.BadRequest, 403: errors.BadRequest, 404: errors.NotFound, 409: errors.Conflict, 413: errors.PayloadTooLarge,
               422: errors.BadRequest, 503: errors.Unavailable, 507: errors.StorageFull}
+
+
+def local_admin_token() -> str | None:
+    """The admin token `kiln up` left in the data directory, when this machine runs the server."""
+    from service.auth import read_admin_token
+    from service.config import get_settings
+
+    return read_admin_token(get_settings().data_dir)
 
 
 class KilnClient:
     def __init__(self, server: str | None = None, token: str | None = None, timeout: float = 60.0) -> None:
         self.server = (server or os.environ.get("KILN_SERVER") or DEFAULT_SERVER).rstrip("/")
+        token = token or os.environ.get("KILN_TOKEN") or local_admin_token()
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(base_url=self.server, headers=headers, timeout=timeout)
 
@@ -155,6 +164,16 @@ class KilnClient:
             if job["status"] in ("succeeded", "failed", "canceled"):
                 return job
         return self.job(job_id)
+
+    def create_token(self, name: str, scopes: list[str], owner: str | None = None) -> dict:
+        return self._request("POST", "/v1/tokens", json={"name": name, "scopes": scopes,
+                                                          **({"owner": owner} if owner else {})}).json()
+
+    def tokens(self) -> list[dict]:
+        return self._request("GET", "/v1/tokens").json()
+
+    def revoke_token(self, token_id: str) -> None:
+        self._request("DELETE", f"/v1/tokens/{token_id}")
 
     def download(self, candidate_id: str, dest: str | Path, *, zip: bool = False) -> Path:  # noqa: A002
         dest = Path(dest)

@@ -26,8 +26,12 @@ class Settings(BaseSettings):
     job_stale_after_s: float = 30.0
     # A queued job not picked up for this long has its message sent again.
     job_requeue_after_s: float = 60.0
+    # Bearer tokens on every API but health checks. Off only when asked for (`kiln up --open`).
+    auth: bool = True
     # Owner of everything while authentication is off.
     default_owner: str = "default"
+    # Allowed browser origins for CORS; none by default.
+    cors_origins: list[str] = Field(default_factory=list)
     # Sandbox limits for user model code. Memory is address space (RLIMIT_AS): torch alone
     # maps a few GiB, so this is set well above what a model needs.
     sandbox_timeout_s: float = 1800.0

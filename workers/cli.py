@@ -134,12 +134,26 @@ def worker(queues: str = typer.Option("cpu,gpu", help="Queues to take work from:
 def up(host: str = typer.Option("127.0.0.1", help="Address to listen on"),
        port: int = typer.Option(8000, help="Port to listen on"),
        data_dir: Optional[Path] = typer.Option(None, help="Data directory (default: KILN_DATA_DIR or .kiln)"),
-       concurrency: int = typer.Option(1, help="Conversion jobs at once")) -> None:
+       concurrency: int = typer.Option(1, help="Conversion jobs at once"),
+       open_: bool = typer.Option(False, "--open", help="No authentication (only on a loopback address)")) -> None:
     """Start Kiln on this machine: the API and a worker, SQLite and local artifacts, no Redis needed."""
+    import ipaddress
+    import os
+
     from service.config import get_settings
     from service.db import migrate
     from workers import serve
 
+    if open_:
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = host == "localhost"
+        if not loopback:
+            console.print("[red]error:[/red] --open runs without authentication, so only on a loopback address "
+                          f"(not {host})")
+            raise typer.Exit(2)
+        os.environ["KILN_AUTH"] = "false"
     _data_dir(data_dir)
     serve.configure_logging()
     settings = get_settings()
@@ -149,6 +163,19 @@ def up(host: str = typer.Option("127.0.0.1", help="Address to listen on"),
     console.print(f"Kiln on http://{host}:{port}  data: {settings.data_dir.resolve()}  "
                   f"database: {settings.database_url.split('@')[-1]}  broker: {settings.broker_url.split('@')[-1]}",
                   highlight=False, markup=False)
+    if settings.auth:
+        from service.auth import ADMIN_TOKEN_FILE, bootstrap
+        from service.db import session_scope
+
+        with session_scope() as session:
+            token = bootstrap(session, settings.data_dir)
+        where = settings.data_dir.resolve() / ADMIN_TOKEN_FILE
+        if token:
+            console.print(f"admin token: {token}\n  saved in {where} (only you can read it); the kiln CLI on this "
+                          "machine uses it; elsewhere pass --token or set KILN_TOKEN, or send "
+                          "'Authorization: Bearer <token>'", highlight=False, markup=False)
+        else:
+            console.print(f"authentication is on; the admin token is in {where}", highlight=False, markup=False)
     try:
         serve.run_api(host, port)
     finally:
@@ -167,6 +194,56 @@ def _client(server: Optional[str]):
     from service.client import KilnClient
 
     return KilnClient(server)
+
+
+token_app = typer.Typer(help="API tokens: create, list, revoke.", no_args_is_help=True)
+app.add_typer(token_app, name="token")
+
+
+@token_app.command("create")
+def token_create(name: str = typer.Option(..., help="What the token is for"),
+                 scope: list[str] = typer.Option(["infer"], help="infer, manage or admin (repeatable)"),
+                 owner: Optional[str] = typer.Option(None, help="Team (an admin may name another)"),
+                 server: Optional[str] = SERVER) -> None:
+    """Create a token; it is printed once and stored only as a hash."""
+    try:
+        with _client(server) as client:
+            t = client.create_token(name, _split(scope), owner)
+    except KilnError as exc:
+        _fail(exc)
+        return
+    out.print(f"token {t['id']} for {t['owner']} ({', '.join(t['scopes'])}):", highlight=False)
+    print(t["token"])
+
+
+@token_app.command("list")
+def token_list(server: Optional[str] = SERVER) -> None:
+    """List tokens (never their secrets)."""
+    try:
+        with _client(server) as client:
+            items = client.tokens()
+    except KilnError as exc:
+        _fail(exc)
+        return
+    table = Table()
+    for col in ("id", "name", "owner", "prefix", "scopes", "created", "last used", "revoked"):
+        table.add_column(col)
+    for t in items:
+        table.add_row(t["id"], t["name"], t["owner"], t["prefix"] + "...", ",".join(t["scopes"]),
+                      t["created_at"][:19], (t["last_used_at"] or "")[:19], (t["revoked_at"] or "")[:19])
+    out.print(table)
+
+
+@token_app.command("revoke")
+def token_revoke(token_id: str, server: Optional[str] = SERVER) -> None:
+    """Revoke a token (it stops working within seconds on every server)."""
+    try:
+        with _client(server) as client:
+            client.revoke_token(token_id)
+    except KilnError as exc:
+        _fail(exc)
+        return
+    out.print(f"revoked {token_id}", highlight=False)
 
 
 def _signature_arg(signature: Optional[Path], input: Optional[list[str]], output: Optional[list[str]],

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from service import metrics
+from service.api.deps import principal
 from service.errors import InvalidInput, KilnError, NotFound
 from service.serving import protocol
 from service.serving.manager import Manager, Served, infer
@@ -21,7 +22,8 @@ def manager(request: Request) -> Manager:
 
 
 def owner(request: Request) -> str:
-    return request.app.state.settings.default_owner
+    """The caller's team; /v2 needs the `infer` scope (or more)."""
+    return principal(request, "infer").owner
 
 
 @router.get("/health/live", summary="The server is alive")

@@ -35,6 +35,7 @@ def kiln_env(request, tmp_path, monkeypatch):
     else:
         monkeypatch.delenv("KILN_DATABASE_URL", raising=False)
     monkeypatch.delenv("KILN_BROKER_URL", raising=False)
+    monkeypatch.setenv("KILN_AUTH", "off")  # tests/service/test_auth.py covers authentication
     clear_caches()
     yield request.param
     from service import db

@@ -75,6 +75,7 @@ def served(tmp_path_factory):
     mp.setenv("KILN_DATA_DIR", str(data))
     mp.delenv("KILN_DATABASE_URL", raising=False)
     mp.delenv("KILN_BROKER_URL", raising=False)
+    mp.setenv("KILN_AUTH", "off")  # tests/service/test_auth.py covers authentication
     clear_caches()
     with Server() as srv, httpx.Client(base_url=srv.url, timeout=120) as http:
         jobs = {"mlp": convert(http, "mlp", "mlp"), "multi": convert(http, "multi", "multi_io"),

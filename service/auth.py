@@ -1,0 +1,166 @@
+"""API tokens: creation (shown once, stored as sha256), lookup with a short cache, revocation,
+and the admin token a fresh installation starts with.
+
+Scopes: `infer` (the /v2 inference API only), `manage` (the /v1 API for the token's own team),
+`admin` (manage, plus tokens for any team). Every model, job and deployment belongs to the team
+(owner) of the token that created it; other teams get 404 for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from service.errors import BadRequest, KilnError, NotFound
+from service.tables import ApiToken, new_id, now
+
+logger = logging.getLogger("kiln.auth")
+SCOPES = ("infer", "manage", "admin")
+PREFIX = "kiln_"
+ADMIN_TOKEN_FILE = "admin-token"
+CACHE_S = 5.0  # a revoked token stops working within this many seconds on every replica
+
+
+class Unauthorized(KilnError):
+    status = 401
+    title = "Unauthorized"
+
+
+class Forbidden(KilnError):
+    status = 403
+    title = "Forbidden"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: a team (owner) and what it may do."""
+
+    owner: str
+    scopes: frozenset[str]
+    token_id: str | None = None
+
+    def allows(self, scope: str) -> bool:
+        if "admin" in self.scopes:
+            return True
+        return scope in self.scopes or (scope == "infer" and "manage" in self.scopes)
+
+
+OPEN = Principal(owner="default", scopes=frozenset({"admin"}))
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def create(session: Session, *, owner: str, name: str, scopes: list[str]) -> tuple[ApiToken, str]:
+    """A new token; returns (row, the token text, which is not stored anywhere)."""
+    bad = [s for s in scopes if s not in SCOPES]
+    if bad or not scopes:
+        raise BadRequest(f"unknown scope(s) {', '.join(bad) or '(none)'}; use infer, manage or admin")
+    if not owner or len(owner) > 100:
+        raise BadRequest("owner (team) must be 1-100 characters")
+    token = PREFIX + secrets.token_urlsafe(32)
+    row = ApiToken(id=new_id(), owner=owner, name=name, prefix=token[:12], token_hash=hash_token(token),
+                   scopes=sorted(set(scopes)))
+    session.add(row)
+    session.flush()
+    return row, token
+
+
+def revoke(session: Session, principal: Principal, token_id: str) -> ApiToken:
+    row = session.get(ApiToken, token_id)
+    if row is None or (row.owner != principal.owner and not principal.allows("admin")):
+        raise NotFound(f"token {token_id} does not exist")
+    row.revoked_at = row.revoked_at or now()
+    _cache.clear()
+    return row
+
+
+def listing(session: Session, principal: Principal) -> list[ApiToken]:
+    q = select(ApiToken).order_by(ApiToken.created_at)
+    if "admin" not in principal.scopes:
+        q = q.where(ApiToken.owner == principal.owner)
+    return list(session.scalars(q).all())
+
+
+class _Cache:
+    def __init__(self) -> None:
+        self._items: dict[str, tuple[float, Principal | None]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> tuple[bool, Principal | None]:
+        with self._lock:
+            hit = self._items.get(key)
+        if hit and hit[0] > time.monotonic():
+            return True, hit[1]
+        return False, None
+
+    def put(self, key: str, value: Principal | None) -> None:
+        with self._lock:
+            if len(self._items) > 10_000:
+                self._items.clear()
+            self._items[key] = (time.monotonic() + CACHE_S, value)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+_cache = _Cache()
+
+
+def authenticate(session_factory, token: str) -> Principal:  # noqa: ANN001
+    """The principal for a Bearer token, or Unauthorized."""
+    if not token.startswith(PREFIX):
+        raise Unauthorized("the token is not a Kiln token")
+    key = hash_token(token)
+    hit, principal = _cache.get(key)
+    if not hit:
+        with session_factory() as session:
+            row = session.scalar(select(ApiToken).where(ApiToken.token_hash == key))
+            principal = None
+            if row is not None and row.revoked_at is None:
+                principal = Principal(owner=row.owner, scopes=frozenset(row.scopes), token_id=row.id)
+                row.last_used_at = now()
+                session.commit()
+        _cache.put(key, principal)
+    if principal is None:
+        raise Unauthorized("the token is unknown or revoked")
+    return principal
+
+
+def bootstrap(session: Session, data_dir: Path) -> str | None:
+    """At first start with authentication on: an admin token, written to DATA_DIR/admin-token
+    readable only by its owner. Returns the token when one was made."""
+    if session.scalar(select(func.count()).select_from(ApiToken)):
+        return None
+    _, token = create(session, owner="default", name="admin (created at first start)", scopes=["admin"])
+    session.commit()
+    path = Path(data_dir) / ADMIN_TOKEN_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    os.chmod(path, 0o600)
+    return token
+
+
+def read_admin_token(data_dir: Path) -> str | None:
+    try:
+        return (Path(data_dir) / ADMIN_TOKEN_FILE).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def csrf_token(session_token: str) -> str:
+    """The CSRF token that goes with a dashboard session: derived from it, never stored."""
+    return hashlib.sha256(b"kiln-csrf:" + session_token.encode()).hexdigest()[:32]

@@ -1,0 +1,142 @@
+"""Authentication: tokens, scopes, team isolation, the first-start admin token, CSRF for the
+dashboard's cookie, and no CORS unless configured."""
+
+from __future__ import annotations
+
+import json
+import stat
+
+import pytest
+
+from tests.conftest import ZOO, zoo_signature
+
+
+@pytest.fixture
+def secure(kiln_env, monkeypatch, tmp_path):
+    """The app with authentication on (the default) and its admin token."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.auth import ADMIN_TOKEN_FILE, _cache
+    from tests.service.conftest import clear_caches
+
+    monkeypatch.setenv("KILN_AUTH", "on")
+    clear_caches()
+    _cache.clear()
+    with TestClient(create_app()) as api:
+        path = tmp_path / "data" / ADMIN_TOKEN_FILE
+        yield api, path.read_text().strip(), path
+
+
+def bearer(token):
+    return {"Authorization": f"Bearer {token}"}
+
+
+def upload(api, token, name="mlp"):
+    return api.post("/v1/models", headers=bearer(token),
+                    data={"name": name, "signature": json.dumps(zoo_signature("mlp"))},
+                    files={"file": ("mlp.py", (ZOO / "mlp.py").read_bytes())})
+
+
+def test_first_start_makes_an_admin_token_only_its_owner_can_read(secure):
+    api, token, path = secure
+    assert token.startswith("kiln_") and len(token) > 40
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    listed = api.get("/v1/tokens", headers=bearer(token)).json()
+    assert len(listed) == 1 and listed[0]["scopes"] == ["admin"] and listed[0]["token"] is None
+    from service.db import session_scope
+    from service.tables import ApiToken
+
+    with session_scope() as s:  # only the hash is stored
+        row = s.get(ApiToken, listed[0]["id"])
+        assert token not in (row.token_hash, row.prefix) and len(row.token_hash) == 64
+
+
+@pytest.mark.parametrize("path", ["/v1/models", "/v1/jobs", "/v1/deployments", "/v1/tokens", "/metrics",
+                                  "/v2/models/mlp"])
+def test_everything_but_health_needs_a_token(secure, path):
+    api, _, _ = secure
+    r = api.get(path)
+    assert r.status_code == 401, r.text
+    assert r.headers["www-authenticate"].startswith("Bearer")
+    assert api.get(path, headers=bearer("kiln_not-a-real-token")).status_code == 401
+    assert api.get(path, headers={"Authorization": "Basic abc"}).status_code == 401
+    for open_path in ("/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"):
+        assert api.get(open_path).status_code in (200, 503)
+
+
+def test_scopes_and_revocation(secure):
+    api, admin, _ = secure
+    infer = api.post("/v1/tokens", headers=bearer(admin), json={"name": "app", "scopes": ["infer"]}).json()["token"]
+    manage = api.post("/v1/tokens", headers=bearer(admin), json={"name": "ci", "scopes": ["manage"]}).json()
+    r = api.get("/v1/models", headers=bearer(infer))
+    assert r.status_code == 403 and "do not allow manage" in r.json()["detail"]
+    assert api.get("/v2/models/none", headers=bearer(infer)).status_code == 404  # allowed in, model unknown
+    assert api.get("/v1/models", headers=bearer(manage["token"])).status_code == 200
+    r = api.post("/v1/tokens", headers=bearer(manage["token"]), json={"name": "x", "scopes": ["admin"]})
+    assert r.status_code == 403 and "admin" in r.json()["detail"]
+    r = api.post("/v1/tokens", headers=bearer(manage["token"]), json={"name": "x", "owner": "other"})
+    assert r.status_code == 403
+    assert api.post("/v1/tokens", headers=bearer(admin), json={"name": "x", "scopes": ["root"]}).status_code == 400
+    assert api.delete(f"/v1/tokens/{manage['id']}", headers=bearer(admin)).status_code == 204
+    r = api.get("/v1/models", headers=bearer(manage["token"]))
+    assert r.status_code == 401 and "revoked" in r.json()["detail"]
+
+
+def test_teams_cannot_see_each_others_models_jobs_or_deployments(secure):
+    api, admin, _ = secure
+    a = api.post("/v1/tokens", headers=bearer(admin), json={"name": "a", "owner": "team-a", "scopes": ["manage"]}).json()
+    b = api.post("/v1/tokens", headers=bearer(admin), json={"name": "b", "owner": "team-b", "scopes": ["manage"]}).json()
+    assert upload(api, a["token"]).status_code == 201
+    job = api.post("/v1/jobs", headers=bearer(a["token"]), json={"model": "mlp"}).json()
+    for path in ("/v1/models/mlp", "/v1/models/mlp/versions/1", f"/v1/jobs/{job['id']}",
+                 f"/v1/jobs/{job['id']}/logs"):
+        assert api.get(path, headers=bearer(a["token"])).status_code == 200, path
+        r = api.get(path, headers=bearer(b["token"]))
+        assert r.status_code == 404, path  # not 403: nothing says it exists
+    assert api.get("/v1/models", headers=bearer(b["token"])).json()["total"] == 0
+    assert api.get("/v1/jobs", headers=bearer(b["token"])).json()["total"] == 0
+    assert api.post(f"/v1/jobs/{job['id']}/cancel", headers=bearer(b["token"])).status_code == 404
+    assert api.post("/v1/jobs", headers=bearer(b["token"]), json={"model": "mlp"}).status_code == 404
+    # team b may use the same model name for its own model
+    assert upload(api, b["token"]).json()["version"] == 1
+    assert [t["owner"] for t in api.get("/v1/tokens", headers=bearer(a["token"])).json()] == ["team-a"]
+
+
+def test_dashboard_cookie_needs_csrf_for_changes(secure):
+    from service.auth import csrf_token
+
+    api, admin, _ = secure
+    api.cookies.set("kiln_session", admin)
+    try:
+        assert api.get("/v1/models").status_code == 200  # reading with the cookie is fine
+        r = api.post("/v1/tokens", json={"name": "x"})
+        assert r.status_code == 403 and "CSRF" in r.json()["detail"]
+        r = api.post("/v1/tokens", json={"name": "x"}, headers={"X-CSRF-Token": "wrong"})
+        assert r.status_code == 403
+        r = api.post("/v1/tokens", json={"name": "x"}, headers={"X-CSRF-Token": csrf_token(admin)})
+        assert r.status_code == 201
+    finally:
+        api.cookies.clear()
+
+
+def test_no_cors_unless_configured(secure):
+    api, admin, _ = secure
+    r = api.options("/v1/models", headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "GET"})
+    assert "access-control-allow-origin" not in r.headers
+    r = api.get("/v1/models", headers={"Origin": "https://evil.example", **bearer(admin)})
+    assert "access-control-allow-origin" not in r.headers
+
+
+def test_no_api_takes_a_server_path_or_url(secure):
+    """Every request body schema in the OpenAPI document: no field that names a path or a URL."""
+    api, admin, _ = secure
+    spec = api.get("/openapi.json").json()
+    suspicious = []
+    for name, schema in spec["components"]["schemas"].items():
+        if name.endswith("Out") or name.startswith(("Page", "HTTPValidation", "ValidationError")):
+            continue
+        for field in schema.get("properties", {}):
+            if any(w in field.lower() for w in ("path", "url", "uri", "file_name", "location", "dir")):
+                suspicious.append(f"{name}.{field}")
+    assert suspicious == []
