@@ -66,5 +66,5 @@ def create_app() -> FastAPI:
                            allow_methods=["*"], allow_headers=["Authorization", "Content-Type",
                                                                "Inference-Header-Content-Length"])
 
-    app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(BodyLimit, upload_bytes=settings.max_upload_bytes, infer_bytes=settings.max_infer_bytes)
     return app

@@ -20,6 +20,8 @@ class Settings(BaseSettings):
     # Content-addressed artifact store; default: a directory in the data directory.
     artifact_dir_: Path | None = Field(default=None, alias="KILN_ARTIFACT_DIR")
     max_upload_bytes: int = 8 << 30
+    # Largest /v2 inference request body.
+    max_infer_bytes: int = 256 << 20
     # Hard time limit of one conversion job; the soft limit is a minute earlier.
     job_time_limit_s: int = 4 * 3600
     # A running job whose heartbeat is older than this is taken to have lost its worker.

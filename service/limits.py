@@ -8,19 +8,22 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
 class BodyLimit:
-    """Answers 413 when a request body is larger than `max_bytes`."""
+    """Answers 413 when a request body is larger than its limit: `infer_bytes` on /v2, `upload_bytes`
+    (model uploads) everywhere else."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, upload_bytes: int, infer_bytes: int) -> None:
         self.app = app
-        self.max_bytes = max_bytes
+        self.upload_bytes = upload_bytes
+        self.infer_bytes = infer_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.infer_bytes if scope.get("path", "").startswith("/v2") else self.upload_bytes
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._reject(scope, send)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await _reject(scope, send, limit)
             return
         seen = 0
         started = False
@@ -30,7 +33,7 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
+                if seen > limit:
                     raise _TooLarge()
             return message
 
@@ -44,18 +47,19 @@ class BodyLimit:
             await self.app(scope, limited_receive, tracking_send)
         except _TooLarge:
             if not started:
-                await self._reject(scope, send)
+                await _reject(scope, send, limit)
 
-    async def _reject(self, scope: Scope, send: Send) -> None:
-        detail = f"request body is larger than the limit of {self.max_bytes} bytes"
-        v2 = scope.get("path", "").startswith("/v2")
-        body = {"error": detail} if v2 else {"type": "about:blank", "title": "Payload too large", "status": 413,
-                                              "detail": detail, "instance": scope.get("path", "")}
-        data = json.dumps(body).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json" if v2 else b"application/problem+json"),
-                                (b"content-length", str(len(data)).encode()), (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": data})
+
+async def _reject(scope: Scope, send: Send, limit: int) -> None:
+    detail = f"request body is larger than the limit of {limit} bytes"
+    v2 = scope.get("path", "").startswith("/v2")
+    body = {"error": detail} if v2 else {"type": "about:blank", "title": "Payload too large", "status": 413,
+                                          "detail": detail, "instance": scope.get("path", "")}
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json" if v2 else b"application/problem+json"),
+                            (b"content-length", str(len(data)).encode()), (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": data})
 
 
 class _TooLarge(Exception):

@@ -147,3 +147,23 @@ def test_health_and_openapi(api):
     paths = api.get("/openapi.json").json()["paths"]
     for p in ("/v1/models", "/v1/jobs", "/v1/jobs/{job_id}/events", "/v1/candidates/{candidate_id}/artifact"):
         assert p in paths
+
+
+def test_inference_bodies_have_their_own_limit(kiln_env, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from tests.service.conftest import clear_caches
+
+    monkeypatch.setenv("KILN_MAX_INFER_BYTES", "2000")
+    clear_caches()
+    with TestClient(create_app()) as api:
+        r = api.post("/v2/models/x/infer", content=b"{" + b" " * 5000 + b"}")
+        assert r.status_code == 413 and r.json() == {"error": "request body is larger than the limit of 2000 bytes"}
+        assert upload(api, content=MLP + b"#" * 5000).status_code == 201  # uploads keep the upload limit
+
+
+def test_deeply_nested_json_is_a_400_not_a_500(api):
+    body = b'{"model": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    r = api.post("/v1/jobs", content=body, headers={"content-type": "application/json"})
+    assert r.status_code in (400, 422), r.text
