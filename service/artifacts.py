@@ -1,6 +1,11 @@
-"""Content-addressed artifact store on a local directory (which a volume or network filesystem
-can hold). Files are named by their sha256 and written atomically: a reader never sees a half-
-written file under a final name."""
+"""Content-addressed artifact store. Files are named by their sha256 and written atomically: a
+reader never sees a half-written file under a final name.
+
+Two backends behind one interface: a local directory (the default; a docker volume or a network
+filesystem can hold it), and S3-compatible object storage (`KILN_ARTIFACT_URL=s3://bucket/prefix`,
+with the usual AWS_* variables and `KILN_S3_ENDPOINT_URL` for MinIO, Ceph and the like). With S3,
+each host keeps a local cache by sha256, so a replica or worker downloads an artifact once.
+"""
 
 from __future__ import annotations
 
@@ -12,28 +17,46 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from service.config import get_settings
-from service.errors import NotFound, PayloadTooLarge, StorageFull
+from service.errors import NotFound, PayloadTooLarge, StorageFull, Unavailable
 
 CHUNK = 1 << 20
 
 
+def _check(sha256: str) -> str:
+    if len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256):
+        raise NotFound(f"{sha256!r} is not an artifact address")
+    return sha256
+
+
 class ArtifactStore:
-    """put a file or stream in, get back its sha256; open or locate by sha256."""
+    """The local store; also the local cache of the S3 store. `path(sha)` is always a local file."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         (self.root / "tmp").mkdir(parents=True, exist_ok=True)
 
-    def path(self, sha256: str) -> Path:
-        if len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256):
-            raise NotFound(f"{sha256!r} is not an artifact address")
+    def local_path(self, sha256: str) -> Path:
+        sha256 = _check(sha256)
         return self.root / "sha256" / sha256[:2] / sha256
 
+    def path(self, sha256: str) -> Path:
+        """A local file with the artifact's bytes."""
+        return self.local_path(sha256)
+
     def exists(self, sha256: str) -> bool:
-        return self.path(sha256).is_file()
+        return self.local_path(sha256).is_file()
 
     def put_stream(self, stream: BinaryIO | Iterator[bytes], *, limit: int | None = None) -> tuple[str, int]:
         """Store what a stream yields; returns (sha256, size). Refuses past `limit` bytes."""
+        tmp, sha, size = self._spool(stream, limit)
+        try:
+            self._commit(tmp, sha)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return sha, size
+
+    def _spool(self, stream: BinaryIO | Iterator[bytes], limit: int | None) -> tuple[Path, str, int]:
+        """Copy a stream to a temporary file, hashing as it goes."""
         digest, size = hashlib.sha256(), 0
         fd, tmp_name = tempfile.mkstemp(dir=self.root / "tmp")
         tmp = Path(tmp_name)
@@ -48,34 +71,34 @@ class ArtifactStore:
                     out.write(chunk)
                 out.flush()
                 os.fsync(out.fileno())
-            sha = digest.hexdigest()
-            self._commit(tmp, sha)
-            return sha, size
         except OSError as exc:
-            raise StorageFull(f"the artifact store could not write: {exc.strerror or exc}") from None
-        finally:
             tmp.unlink(missing_ok=True)
+            raise StorageFull(f"the artifact store could not write: {exc.strerror or exc}") from None
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return tmp, digest.hexdigest(), size
+
+    def _commit(self, tmp: Path, sha: str) -> None:
+        final = self.local_path(sha)
+        if final.exists():  # identical content is stored once
+            return
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, final)
 
     def put_file(self, path: Path) -> str:
         with open(path, "rb") as f:
             return self.put_stream(f)[0]
 
-    def _commit(self, tmp: Path, sha: str) -> None:
-        final = self.path(sha)
-        if final.exists():  # identical content is stored once
-            return
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, final)
+    def put_directory(self, directory: Path) -> dict[str, str]:
+        """Store every file of a flat directory; returns {file name: sha256}."""
+        return {p.name: self.put_file(p) for p in sorted(Path(directory).iterdir()) if p.is_file()}
 
     def open(self, sha256: str) -> BinaryIO:
         try:
             return self.path(sha256).open("rb")
         except FileNotFoundError:
             raise NotFound(f"artifact {sha256} is not in the store") from None
-
-    def put_directory(self, directory: Path) -> dict[str, str]:
-        """Store every file of a flat directory; returns {file name: sha256}."""
-        return {p.name: self.put_file(p) for p in sorted(Path(directory).iterdir()) if p.is_file()}
 
     def materialize(self, files: dict[str, str], dest: Path) -> Path:
         """Lay out stored files as a directory (hard links where possible), e.g. for a runtime to load."""
@@ -98,5 +121,95 @@ class ArtifactStore:
         return dest
 
 
+class S3Store(ArtifactStore):
+    """Artifacts in an S3 bucket under `prefix/sha256/ab/<sha256>`; `root` is this host's cache.
+
+    Uploads stream through a local temporary file (the key is the content's hash, known only at
+    the end) and go up in parts; an object appears under its key only when complete, so readers
+    never see a partial artifact. Downloads land in the cache atomically.
+    """
+
+    def __init__(self, url: str, cache: Path, endpoint_url: str | None = None) -> None:
+        super().__init__(cache)
+        import boto3
+        from botocore.config import Config
+
+        bucket, _, prefix = url.removeprefix("s3://").partition("/")
+        if not bucket:
+            raise ValueError(f"KILN_ARTIFACT_URL {url!r} names no bucket")
+        self.bucket, self.prefix = bucket, prefix.strip("/")
+        self.s3 = boto3.client("s3", endpoint_url=endpoint_url,
+                               config=Config(retries={"max_attempts": 5, "mode": "standard"}))
+
+    def key(self, sha256: str) -> str:
+        sha256 = _check(sha256)
+        return "/".join(p for p in (self.prefix, "sha256", sha256[:2], sha256) if p)
+
+    def exists(self, sha256: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        if super().exists(sha256):
+            return True
+        try:
+            self.s3.head_object(Bucket=self.bucket, Key=self.key(sha256))
+            return True
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise Unavailable(f"object storage: {exc}") from None
+
+    def _commit(self, tmp: Path, sha: str) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        if not self.exists(sha):
+            try:
+                self.s3.upload_file(str(tmp), self.bucket, self.key(sha))
+            except (BotoCoreError, ClientError) as exc:
+                raise Unavailable(f"object storage did not take the artifact: {exc}") from None
+        super()._commit(tmp, sha)  # and keep it in this host's cache
+
+    def path(self, sha256: str) -> Path:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        local = self.local_path(sha256)
+        if local.is_file():
+            return local
+        fd, tmp_name = tempfile.mkstemp(dir=self.root / "tmp")
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            self.s3.download_file(self.bucket, self.key(sha256), str(tmp))
+            digest = hashlib.sha256()
+            with open(tmp, "rb") as f:
+                for chunk in iter(lambda: f.read(CHUNK), b""):
+                    digest.update(chunk)
+            if digest.hexdigest() != sha256:
+                raise Unavailable(f"object storage returned corrupt bytes for {sha256}")
+            local.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, local)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                raise NotFound(f"artifact {sha256} is not in the store") from None
+            raise Unavailable(f"object storage: {exc}") from None
+        except BotoCoreError as exc:
+            raise Unavailable(f"object storage: {exc}") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+        return local
+
+
 def get_store() -> ArtifactStore:
-    return ArtifactStore(get_settings().artifact_dir)
+    s = get_settings()
+    if s.artifact_url and s.artifact_url.startswith("s3://"):
+        return _s3(s.artifact_url, str(s.artifact_dir), s.s3_endpoint_url)
+    return ArtifactStore(s.artifact_dir)
+
+
+_S3: dict[tuple, S3Store] = {}
+
+
+def _s3(url: str, cache: str, endpoint: str | None) -> S3Store:
+    key = (url, cache, endpoint)
+    if key not in _S3:  # one boto3 client per process: they are thread-safe and slow to make
+        _S3[key] = S3Store(url, Path(cache), endpoint)
+    return _S3[key]

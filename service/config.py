@@ -19,6 +19,9 @@ class Settings(BaseSettings):
     broker_url_: str | None = Field(default=None, alias="KILN_BROKER_URL")
     # Content-addressed artifact store; default: a directory in the data directory.
     artifact_dir_: Path | None = Field(default=None, alias="KILN_ARTIFACT_DIR")
+    # s3://bucket/prefix for S3-compatible object storage; then artifact_dir is this host's cache.
+    artifact_url: str | None = None
+    s3_endpoint_url: str | None = None
     max_upload_bytes: int = 8 << 30
     # Largest /v2 inference request body.
     max_infer_bytes: int = 256 << 20
