@@ -25,6 +25,12 @@ class Settings(BaseSettings):
     max_upload_bytes: int = 8 << 30
     # Largest /v2 inference request body.
     max_infer_bytes: int = 256 << 20
+    # Redis URL for telling replicas about deployment changes (default: the broker, when it is Redis).
+    notify_url: str | None = None
+    # How often each replica checks the database for deployment changes (the fallback).
+    sync_interval_s: float = 5.0
+    # What this process is, for logs and metrics: api, worker or up.
+    role: str = "api"
     # Hard time limit of one conversion job; the soft limit is a minute earlier.
     job_time_limit_s: int = 4 * 3600
     # A running job whose heartbeat is older than this is taken to have lost its worker.

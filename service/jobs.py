@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from service.errors import Conflict, NotFound
 from service.options import GPU_TARGETS, ConversionOptions
-from service.tables import CandidateRow, Job, JobLog, JobStep, Model, ModelVersion, new_id, now
+from service.tables import CandidateRow, Job, JobLog, JobStep, Model, ModelVersion, WorkerRow, new_id, now
 
 TERMINAL = ("succeeded", "failed", "canceled")
 STATUSES = ("queued", "running") + TERMINAL
@@ -195,3 +195,33 @@ def add_logs(session: Session, job_id: str, lines: list[tuple[str, str]]) -> Non
 def logs(session: Session, job_id: str, after: int = 0, limit: int = 10_000) -> list[JobLog]:
     return list(session.scalars(select(JobLog).where(JobLog.job_id == job_id, JobLog.seq > after)
                                 .order_by(JobLog.seq).limit(limit)).all())
+
+
+WORKER_SEEN_S = 30.0
+
+
+def waiting_reason(session: Session, job: Job) -> str | None:
+    """Why a queued job is not running: no worker for its queue is online (a GPU job on a
+    machine without GPU workers, say). None when one is, or the job is not queued."""
+    if job.status != "queued":
+        return None
+    recent = session.scalars(select(WorkerRow).where(
+        WorkerRow.last_seen > now() - timedelta(seconds=WORKER_SEEN_S))).all()
+    if any(job.queue in (w.queues or []) for w in recent):
+        return None
+    return (f"waiting for a worker on the {job.queue} queue: none is online "
+            f"({'start one with: kiln worker --queues ' + job.queue}); the job can be canceled")
+
+
+def worker_seen(session: Session, name: str, host: str, queues: list[str]) -> None:
+    row = session.get(WorkerRow, name)
+    if row is None:
+        session.add(WorkerRow(name=name, host=host, queues=queues))
+    else:
+        row.last_seen, row.queues = now(), queues
+
+
+def worker_gone(session: Session, name: str) -> None:
+    row = session.get(WorkerRow, name)
+    if row is not None:
+        session.delete(row)

@@ -24,3 +24,11 @@ BATCH = Histogram("kiln_inference_batch_size", "Rows per run after dynamic batch
 IN_FLIGHT = Gauge("kiln_inference_in_flight", "Requests being served now", _LABELS, registry=REGISTRY)
 DEPLOYMENTS = Gauge("kiln_deployments_loaded", "Deployment versions loaded and ready in this process",
                     registry=REGISTRY)
+PROCESS = Gauge("kiln_process_info", "Who this process is", ("host", "role"), registry=REGISTRY)
+
+
+def identify(role: str) -> None:
+    """Label this process's metrics with its host and role."""
+    import socket
+
+    PROCESS.labels(socket.gethostname(), role).set(1)

@@ -134,6 +134,7 @@ class JobOut(BaseModel):
     selected_candidate: str | None
     selection: dict[str, Any] | None
     hazards: list[dict[str, Any]]
+    waiting: str | None = Field(None, description="why a queued job is not running yet")
 
     @classmethod
     def of(cls, j: Job) -> "JobOut":

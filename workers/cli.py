@@ -107,7 +107,7 @@ def api(host: str = typer.Option("127.0.0.1", help="Address to listen on"),
     from workers import serve
 
     _data_dir(data_dir)
-    serve.configure_logging()
+    serve.configure_logging("api")
     serve.run_api(host, port)
 
 
@@ -126,7 +126,7 @@ def worker(queues: str = typer.Option("cpu,gpu", help="Queues to take work from:
         console.print(f"[red]error:[/red] unknown queue(s) {', '.join(unknown) or '(none)'}; use cpu, gpu or cpu,gpu")
         raise typer.Exit(2)
     _data_dir(data_dir)
-    serve.configure_logging()
+    serve.configure_logging("worker")
     serve.run_worker(chosen, concurrency, name)
 
 
@@ -155,7 +155,7 @@ def up(host: str = typer.Option("127.0.0.1", help="Address to listen on"),
             raise typer.Exit(2)
         os.environ["KILN_AUTH"] = "false"
     _data_dir(data_dir)
-    serve.configure_logging()
+    serve.configure_logging("up")
     settings = get_settings()
     migrate()
     supervisor = serve.Supervisor(["cpu", "gpu"], concurrency)

@@ -13,8 +13,55 @@ import time
 logger = logging.getLogger("kiln")
 
 
-def configure_logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def configure_logging(role: str, level: str = "INFO") -> None:
+    """Logs that say which host and role wrote them; the same labels go on this process's metrics."""
+    import socket
+
+    from service import metrics
+
+    host = socket.gethostname()
+    logging.basicConfig(level=level, format=f"%(asctime)s {host} {role} %(levelname)s %(name)s: %(message)s")
+    os.environ["KILN_ROLE"] = role
+    metrics.identify(role)
+
+
+class Presence:
+    """Tells the database every few seconds that this worker is alive and which queues it takes,
+    so the API can say when a queued job has no worker to go to."""
+
+    def __init__(self, queues: list[str], interval: float = 10.0) -> None:
+        import socket
+
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.host, self.queues, self.interval = socket.gethostname(), queues, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="kiln-worker-presence", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        from service import jobs
+        from service.db import session_scope
+
+        self._stop.set()
+        try:
+            with session_scope() as s:
+                jobs.worker_gone(s, self.name)
+        except Exception:  # noqa: BLE001 - best effort at exit
+            pass
+
+    def _run(self) -> None:
+        from service import jobs
+        from service.db import session_scope
+
+        while not self._stop.is_set():
+            try:
+                with session_scope() as s:
+                    jobs.worker_seen(s, self.name, self.host, self.queues)
+            except Exception:  # noqa: BLE001 - the database may blip
+                logger.warning("could not record worker presence", exc_info=True)
+            self._stop.wait(self.interval)
 
 
 def run_api(host: str, port: int) -> None:
@@ -37,7 +84,12 @@ def run_worker(queues: list[str], concurrency: int, name: str | None = None) -> 
             "--loglevel", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"]
     if name:
         argv += ["--hostname", name]
-    app.worker_main(argv)
+    presence = Presence(queues)
+    presence.start()
+    try:
+        app.worker_main(argv)
+    finally:
+        presence.stop()
 
 
 class Supervisor:

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from service import deployments
+from service import deployments, notify
 from service.api.deps import Owner, SessionDep
 from service.api.models import check_name
 from service.errors import InvalidOptions
@@ -95,6 +95,7 @@ async def create(body: DeploymentCreate, request: Request, session: SessionDep, 
         deployments.set_default(session, owner, body.name, row.version)
         session.commit()
         _manager(request).set_default(owner, body.name, row.version)
+    notify.publish()
     response.headers["Location"] = f"/v1/deployments/{body.name}"
     return _out(request, owner, body.name, deployments.versions(session, owner, body.name))
 
@@ -126,6 +127,7 @@ async def patch(name: str, body: DeploymentPatch, request: Request, session: Ses
         deployments.set_default(session, owner, name, body.default_version)
         session.commit()
         mgr.set_default(owner, name, body.default_version)
+    notify.publish()
     return _out(request, owner, name, deployments.versions(session, owner, name))
 
 
@@ -135,6 +137,7 @@ def rollback(name: str, request: Request, session: SessionDep, owner: Owner) -> 
     deployments.set_default(session, owner, name, version)
     session.commit()
     _manager(request).set_default(owner, name, version)
+    notify.publish()
     return _out(request, owner, name, deployments.versions(session, owner, name))
 
 
@@ -143,6 +146,7 @@ def delete(name: str, request: Request, session: SessionDep, owner: Owner) -> Re
     deployments.delete(session, owner, name)
     session.commit()
     _manager(request).unload(owner, name)
+    notify.publish()
     return Response(status_code=204)
 
 

@@ -43,7 +43,13 @@ def create_job(body: JobCreate, session: SessionDep, owner: Owner, response: Res
     if created:
         send(job.id, job.queue)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return JobOut.of(job)
+    return _out(session, job)
+
+
+def _out(session, job) -> JobOut:  # noqa: ANN001
+    out = JobOut.of(job)
+    out.waiting = jobs.waiting_reason(session, job)
+    return out
 
 
 @router.get("", response_model=Page[JobSummary], summary="List jobs")
@@ -60,7 +66,7 @@ def list_jobs(session: SessionDep, owner: Owner,
 
 @router.get("/{job_id}", response_model=JobOut, summary="A job with its steps and candidates")
 def get_job(job_id: str, session: SessionDep, owner: Owner) -> JobOut:
-    return JobOut.of(jobs.get(session, owner, job_id))
+    return _out(session, jobs.get(session, owner, job_id))
 
 
 @router.get("/{job_id}/report", summary="The full conversion report (JSON)")

@@ -269,17 +269,21 @@ def _signature_of(r: Deployment) -> dict:
 
 
 class SyncLoop:
-    """Checks the database every `interval` seconds so that changes made through another replica
-    take effect here too."""
+    """Checks the database every `interval` seconds, and at once when another replica announces a
+    change (service/notify.py), so that changes made through any replica take effect here too."""
 
-    def __init__(self, manager: Manager, interval: float = 5.0) -> None:
-        self.manager, self.interval = manager, interval
+    def __init__(self, manager: Manager, interval: float | None = None) -> None:
+        from service.notify import Listener
+
+        self.manager, self.interval = manager, interval or get_settings().sync_interval_s
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kiln-deployment-sync", daemon=True)
+        self._listener = Listener(self.wake)
 
     def start(self) -> None:
         self._thread.start()
+        self._listener.start()
 
     def wake(self) -> None:
         self._wake.set()
@@ -287,6 +291,7 @@ class SyncLoop:
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
+        self._listener.stop()
 
     def _run(self) -> None:
         while not self._stop.is_set():

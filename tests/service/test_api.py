@@ -167,3 +167,16 @@ def test_deeply_nested_json_is_a_400_not_a_500(api):
     body = b'{"model": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     r = api.post("/v1/jobs", content=body, headers={"content-type": "application/json"})
     assert r.status_code in (400, 422), r.text
+
+
+def test_a_job_with_no_worker_for_its_queue_says_so(api):
+    from service import jobs as job_store
+    from service.db import session_scope
+
+    upload(api)
+    job = api.post("/v1/jobs", json={"model": "mlp", "targets": ["tensorrt"]}).json()
+    assert job["queue"] == "gpu" and "none is online" in job["waiting"] and "--queues gpu" in job["waiting"]
+    with session_scope() as s:
+        job_store.worker_seen(s, "gpu-host:1", "gpu-host", ["gpu"])
+    assert api.get(f"/v1/jobs/{job['id']}").json()["waiting"] is None
+    assert api.post(f"/v1/jobs/{job['id']}/cancel").json()["status"] == "canceled"
