@@ -1,0 +1,149 @@
+"""A bounded load test on loopback: many clients on /v2 while conversion jobs run and deployments
+change, against `kiln api` + `kiln worker` processes on a fresh data directory.
+
+    .venv/bin/python bench/loadtest.py [--minutes 10] [--clients 16]
+
+Prints requests served, errors (by kind: provoked ones are bad requests sent on purpose), latency
+p50/p99, and the API process's resident memory after warm-up and at the end. Every loop is bounded
+in time; everything stops by itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import random
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+
+from tests.conftest import ZOO, zoo_signature  # noqa: E402
+from tests.service.procs import KilnApi, KilnWorker, Processes, free_port, kiln_env, wait_for  # noqa: E402
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class Load:
+    def __init__(self, host: str, clients: int) -> None:
+        self.host, self.clients = host, clients
+        self.lat: list[float] = []
+        self.ok = 0
+        self.provoked = 0
+        self.errors: dict[str, int] = {}
+        self.lock = threading.Lock()
+        self.stop_at = 0.0
+
+    def run(self, seconds: float) -> None:
+        self.stop_at = time.perf_counter() + seconds
+        threads = [threading.Thread(target=self._client, args=(i,)) for i in range(self.clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    def _client(self, i: int) -> None:
+        rng = random.Random(i)
+        conn = http.client.HTTPConnection(self.host, timeout=30)
+        good = json.dumps({"inputs": [{"name": "x", "shape": [2, 64], "datatype": "FP32", "data": [0.5] * 128}]})
+        bad = json.dumps({"inputs": [{"name": "x", "shape": [2, 63], "datatype": "FP32", "data": [0.5] * 126}]})
+        while time.perf_counter() < self.stop_at:
+            provoke = rng.random() < 0.02
+            t0 = time.perf_counter()
+            try:
+                conn.request("POST", "/v2/models/mlp/infer", body=bad if provoke else good,
+                             headers={"Content-Type": "application/json"})
+                r = conn.getresponse()
+                r.read()
+                status = r.status
+            except Exception as exc:  # noqa: BLE001 - counted
+                status = type(exc).__name__
+                conn.close()
+                conn = http.client.HTTPConnection(self.host, timeout=30)
+            dt = time.perf_counter() - t0
+            with self.lock:
+                if status == 200 and not provoke:
+                    self.ok += 1
+                    self.lat.append(dt)
+                elif status == 400 and provoke:
+                    self.provoked += 1
+                else:
+                    self.errors[str(status)] = self.errors.get(str(status), 0) + 1
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--minutes", type=float, default=10.0)
+    ap.add_argument("--clients", type=int, default=16)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="kiln-load-"))
+    procs = Processes()
+    try:
+        env = kiln_env(tmp / "data", None, "filesystem://", auth="false", job_requeue_after_s=30)
+        api = procs.add(KilnApi(free_port(), env, tmp / "api.log")).start()
+        procs.add(KilnWorker(env, tmp / "worker.log")).start()
+        h = httpx.Client(base_url=api.url, timeout=120)
+        for name, zoo in (("mlp", "mlp"), ("mlp2", "mlp")):
+            h.post("/v1/models", data={"name": name, "signature": json.dumps(zoo_signature(zoo))},
+                   files={"file": (f"{zoo}.py", (ZOO / f"{zoo}.py").read_bytes() + f"\n# {name}\n".encode())})
+        job = h.post("/v1/jobs", json={"model": "mlp", "targets": ["onnxruntime", "torchscript"],
+                                       "bench_seconds": 0.1}).json()
+        wait_for(lambda: h.get(f"/v1/jobs/{job['id']}").json()["status"] == "succeeded", 600, "the first job")
+        cands = [c["id"] for c in h.get(f"/v1/jobs/{job['id']}").json()["candidates"] if c["passed"]]
+        h.post("/v1/deployments", json={"name": "mlp", "candidate": cands[0], "max_queue_delay_ms": 1}).raise_for_status()
+        load = Load(api.url.removeprefix("http://"), args.clients)
+        load.run(20)  # warm-up
+        warm = rss_mb(api.pid)
+        total = args.minutes * 60
+        stop = time.monotonic() + total
+        changes = {"jobs": 0, "deploys": 0}
+
+        def churn() -> None:  # jobs run and deployments change while the load goes on
+            i = 0
+            while time.monotonic() < stop - 30:
+                j = h.post("/v1/jobs", json={"model": "mlp2", "targets": ["onnxruntime"], "bench_seconds": 0.1,
+                                             "threads": 1}).json()
+                changes["jobs"] += 1
+                cand = cands[i % len(cands)]
+                h.post("/v1/deployments", json={"name": "mlp", "candidate": cand,
+                                                "max_queue_delay_ms": random.choice([0, 1, 2])}).raise_for_status()
+                changes["deploys"] += 1
+                if i % 3 == 2:
+                    h.post("/v1/deployments/mlp/rollback")
+                i += 1
+                wait_for(lambda: h.get(f"/v1/jobs/{j['id']}").json()["status"] in ("succeeded", "failed"), 600,
+                         "a churn job")
+
+        churner = threading.Thread(target=churn)
+        churner.start()
+        load.run(total)
+        churner.join()
+        end = rss_mb(api.pid)
+        lat = np.array(load.lat) * 1e3
+        print(f"duration {args.minutes:g} min, {args.clients} clients, {changes['jobs']} jobs and "
+              f"{changes['deploys']} deployment changes meanwhile")
+        print(f"requests served: {load.ok} ({load.ok / (total + 20):.0f}/s), provoked 400s: {load.provoked}, "
+              f"other errors: {sum(load.errors.values())} {load.errors or ''}")
+        print(f"latency p50 {np.percentile(lat, 50):.2f} ms, p99 {np.percentile(lat, 99):.2f} ms")
+        print(f"API resident memory: {warm:.1f} MB after warm-up, {end:.1f} MB at the end ({end - warm:+.1f} MB)")
+    finally:
+        procs.close(extra_needles=(str(tmp),))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
