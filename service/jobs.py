@@ -23,8 +23,9 @@ MAX_ATTEMPTS = 3
 
 
 def queue_for(options: ConversionOptions) -> str:
-    """GPU targets go to the GPU queue, everything else to the CPU queue."""
-    return "gpu" if any(t in GPU_TARGETS for t in options.targets) else "cpu"
+    """GPU targets and jobs that ask for CUDA candidates go to the GPU queue, everything else to the CPU queue."""
+    gpu = any(t in GPU_TARGETS for t in options.targets) or "cuda" in (options.devices or [])
+    return "gpu" if gpu else "cpu"
 
 
 def request_hash(body: dict[str, Any]) -> str:

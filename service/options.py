@@ -13,6 +13,10 @@ from service.errors import InvalidOptions
 
 TARGETS = ("onnxruntime", "torchscript", "tensorrt")
 GPU_TARGETS = ("tensorrt",)
+# Where candidates run. A target builds one candidate per device it supports; CUDA candidates
+# are named with a variant suffix (onnxruntime-fp16-cuda, torchscript-bf16-cuda; onnxruntime-fp16-trt
+# for ONNX Runtime's TensorRT execution provider). TensorRT engines are always on the GPU.
+DEVICES = ("cpu", "cuda")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 POLICIES = ("latency", "throughput", "accuracy")
 
@@ -34,6 +38,11 @@ DEFAULT_TOLERANCES: dict[str, Tolerance] = {
     "bf16": Tolerance(atol=5e-2, rtol=5e-2, min_cosine=0.995),
     "int8": Tolerance(atol=None, rtol=None, min_cosine=0.98, min_top1=0.99),
 }
+# Defaults that differ on a GPU, by device then precision. fp32 on CUDA is allowed TF32 (cuDNN
+# convolutions and TensorRT use it by default): 10-bit mantissas in the products.
+DEVICE_TOLERANCES: dict[str, dict[str, Tolerance]] = {
+    "cuda": {"fp32": Tolerance(atol=1e-2, rtol=1e-2, min_cosine=0.9999)},
+}
 
 
 class ConversionOptions(BaseModel):
@@ -50,6 +59,8 @@ class ConversionOptions(BaseModel):
     batch_sizes: list[int] | None = None
     threads: int | None = Field(default=None, ge=1, le=256)
     bench_seconds: float = Field(default=1.0, gt=0, le=60)
+    # Devices to build candidates for; None: the CPU, plus CUDA where the worker has a CUDA device.
+    devices: list[str] | None = None
 
     @field_validator("targets")
     @classmethod
@@ -61,6 +72,11 @@ class ConversionOptions(BaseModel):
     def _precisions(cls, v: list[str]) -> list[str]:
         return _known([{"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(p, p) for p in v],
                       PRECISIONS, "precision")
+
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, v: list[str] | None) -> list[str] | None:
+        return None if v is None else _known(v, DEVICES, "device")
 
     @field_validator("batch_sizes")
     @classmethod
@@ -78,9 +94,10 @@ class ConversionOptions(BaseModel):
             where = ".".join(str(p) for p in err.get("loc", ()))
             raise InvalidOptions(f"{where}: {err.get('msg', 'invalid').removeprefix('Value error, ')}") from None
 
-    def tolerance_for(self, precision: str, output: str) -> Tolerance:
-        """Default for the precision, overridden by a per-precision entry, then a per-output one."""
-        merged = DEFAULT_TOLERANCES[precision].model_dump()
+    def tolerance_for(self, precision: str, output: str, device: str = "cpu") -> Tolerance:
+        """Default for the precision (on the device), overridden by a per-precision entry, then a per-output one."""
+        default = DEVICE_TOLERANCES.get(device, {}).get(precision, DEFAULT_TOLERANCES[precision])
+        merged = default.model_dump()
         for key in (precision, output):
             if key in self.tolerances:
                 merged.update(self.tolerances[key].model_dump(exclude_none=True))

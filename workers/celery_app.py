@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from celery import Celery
+from celery.signals import worker_process_init
 
 from service.config import get_settings
 from service.queue import celery_config
@@ -15,3 +16,16 @@ def create_celery() -> Celery:
 
 
 app = create_celery()
+
+
+@worker_process_init.connect
+def _own_database_connections(**_: object) -> None:
+    """A pool process is forked from the worker's main process, which holds open database
+    connections (migrations, the presence heartbeat). Two processes on one PostgreSQL socket
+    corrupt each other's sessions ('prepared statement "_pg3_0" already exists'), so the pool
+    process forgets the inherited connections, without closing them under the parent, and opens
+    its own."""
+    from service import db
+
+    for url in (None, get_settings().database_url):  # sessions use get_engine(); migrate() passes the URL
+        db.get_engine(url).dispose(close=False)

@@ -135,6 +135,8 @@ class Context(BaseModel):
     export_attempts: list[dict[str, Any]] = Field(default_factory=list)
     candidates: list[Candidate] = Field(default_factory=list)
     eager_benchmark: list[BenchPoint] = Field(default_factory=list)
+    # Eager baselines on other devices, by "<device>-<precision>" (on a GPU host: cuda-fp32, cuda-fp16).
+    eager_baselines: dict[str, list[BenchPoint]] = Field(default_factory=dict)
     selection: Selection | None = None
     environment: dict[str, Any] = Field(default_factory=dict)
 

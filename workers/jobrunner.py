@@ -75,12 +75,14 @@ class DbEvents:
         self.files: dict[str, dict[str, str]] = {}
         self._lines: list[tuple[str, str]] = []
         self._last_flush = 0.0
+        self._total = 0  # steps in the pipeline, from step_started (ctx.steps only has those begun so far)
 
     def _job(self, s) -> Job | None:  # noqa: ANN001
         job = s.get(Job, self.job_id)
         return job if job is not None and job.run_token == self.token else None
 
     def step_started(self, ctx: Context, record: StepRecord, index: int, total: int) -> None:
+        self._total = total
         with session_scope() as s:
             if job := self._job(s):
                 job.current_step, job.progress = record.name, index / total
@@ -93,7 +95,7 @@ class DbEvents:
         index = ctx.steps.index(record)
         with session_scope() as s:
             if job := self._job(s):
-                job.progress = (index + fraction) / len(ctx.steps or [1])
+                job.progress = (index + fraction) / (self._total or len(ctx.steps) or 1)
                 self._flush(s)
 
     def step_finished(self, ctx: Context, record: StepRecord, index: int, total: int) -> None:

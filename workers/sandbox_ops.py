@@ -36,7 +36,7 @@ def call_entry(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
 
     fn = import_entry(Path(args["bundle_dir"]), args["entry"])
     value = fn()
-    return {"type": type(value).__name__}
+    return {"type": type(value).__name__, "value": value if isinstance(value, dict) else None}
 
 
 # --- helpers (child side) ---------------------------------------------------------------------
@@ -375,19 +375,54 @@ def export_onnx(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
 
 @op("benchmark_eager")
 def benchmark_eager(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
-    """Latency and throughput of the eager model: the baseline every candidate is compared with."""
+    """Latency and throughput of the eager model: the baseline every candidate is compared with.
+
+    `device` "cuda" measures on the GPU, at each of `precisions` (default fp32) in one run. There a
+    call copies the inputs in and the outputs back, as a runtime serving numpy arrays does, and so
+    waits for the GPU to finish; `points` holds the first precision's figures.
+    """
     from workers.benchmark import measure
 
     torch = _setup_torch(args)
     signature = Signature.parse(args["signature"])
     model = build_eager(args["bundle"])
-    points = []
-    for batch in args["batch_sizes"]:
-        inputs = _tensors(torch, signature, sample_io.at_batch(signature, batch))
+    device = args.get("device", "cpu")
+    precisions = list(args.get("precisions") or ["fp32"])
+    seconds = float(args.get("seconds", 1.0))
+    by_precision: dict[str, list[dict[str, Any]]] = {}
+    errors: dict[str, str] = {}
+    for precision in precisions:
+        points = []
+        if device == "cpu" and precision == "fp32":
+            for batch in args["batch_sizes"]:
+                inputs = _tensors(torch, signature, sample_io.at_batch(signature, batch))
 
-        def call() -> None:
-            with torch.inference_mode():
-                model(*inputs)
+                def call() -> None:
+                    with torch.inference_mode():
+                        model(*inputs)
 
-        points.append(measure(call, batch=batch, seconds=float(args.get("seconds", 1.0))))
-    return {"points": points, "threads": torch.get_num_threads()}
+                points.append(measure(call, batch=batch, seconds=seconds))
+        else:
+            dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+            try:
+                model = model.to(device=device, dtype=dtype)
+                for batch in args["batch_sizes"]:
+                    host = _tensors(torch, signature, sample_io.at_batch(signature, batch))
+
+                    def call() -> None:
+                        with torch.inference_mode():
+                            xs = [x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
+                                  for x in host]
+                            _, flat = _outputs(model(*xs))
+                            for t in flat:
+                                t.float().cpu()
+                        if device == "cuda":
+                            torch.cuda.synchronize()
+
+                    points.append(measure(call, batch=batch, seconds=seconds))
+            except Exception as exc:  # noqa: BLE001 - one precision failing leaves the others' figures
+                errors[precision] = describe(exc)
+                continue
+        by_precision[precision] = points
+    return {"points": by_precision.get(precisions[0], []), "by_precision": by_precision, "errors": errors,
+            "device": device, "threads": torch.get_num_threads()}

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
+from service import runtimes
 from service.options import Tolerance
-from workers.context import OutputMetrics
+from workers.context import Context, OutputMetrics, Validation
 
 
 def looks_like_scores(ref: np.ndarray, static_last_dim: bool) -> bool:
@@ -68,3 +71,39 @@ class OutputComparison:
             failed.append("non-finite outputs")
         return OutputMetrics(max_abs=self.max_abs, rel=self.rel, cosine=self.cosine, top1=top1,
                              passed=not failed, tolerance=tol, failed_checks=failed)
+
+
+def validate_artifact(ctx: Context, directory: Path, precision: str, samples: list, refs: list) -> Validation:
+    """Run a built artifact on every sample through its runtime and compare it with the references,
+    against the tolerances for its precision on the device it runs on."""
+    try:
+        rt = runtimes.load(directory, threads=ctx.options.threads)
+    except Exception as exc:  # noqa: BLE001 - a candidate that does not load fails validation
+        return Validation(passed=False, samples=0, reason=f"the runtime could not load it: {_line(exc)}")
+    device = runtimes.compute_device(rt.info) if rt.info else "cpu"
+    static_last = {o.name: bool(o.shape) and isinstance(o.shape[-1], int) for o in ctx.signature.outputs}
+    tols = {o.name: ctx.options.tolerance_for(precision, o.name, device) for o in ctx.signature.outputs}
+    comps = {n: OutputComparison(looks_like_scores(refs[0][n], static_last[n])) for n in tols}
+    try:
+        for label, sample, ref in zip(ctx.sample_labels, samples, refs):
+            try:
+                got = rt.run(sample)
+            except Exception as exc:  # noqa: BLE001 - e.g. a shape the artifact froze
+                return Validation(passed=False, samples=0,
+                                  reason=f"failed on sample {label}: {_line(exc)}")
+            for name, comp in comps.items():
+                try:
+                    comp.add(got[name], ref[name], tols[name])
+                except (KeyError, ValueError) as exc:
+                    return Validation(passed=False, samples=0, reason=f"output {name} on sample {label}: {exc}")
+    finally:
+        rt.close()
+    outputs = {n: c.result(tols[n]) for n, c in comps.items()}
+    failed = [f"{n}: {'; '.join(m.failed_checks)}" for n, m in outputs.items() if not m.passed]
+    return Validation(passed=not failed, samples=len(samples), outputs=outputs,
+                      reason="; ".join(failed) or None)
+
+
+def _line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300] if text else ''}"

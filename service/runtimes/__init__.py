@@ -9,6 +9,7 @@ from pathlib import Path
 from service.errors import RuntimeUnavailable
 from service.runtimes.base import ARTIFACT_META, ArtifactInfo, Runtime
 from service.runtimes.onnxruntime import OnnxRuntime
+from service.runtimes.tensorrt import TensorRTRuntime
 from service.runtimes.torchscript import TorchScriptRuntime
 
 _REGISTRY: dict[str, type[Runtime]] = {}
@@ -40,7 +41,12 @@ def load(directory: Path, *, threads: int | None = None, device: str | None = No
     return cls(Path(directory) / info.file, info=info, threads=threads, device=device or info.device)
 
 
-for _cls in (OnnxRuntime, TorchScriptRuntime):
+def compute_device(info: ArtifactInfo) -> str:
+    """Where an artifact computes: "cpu", or "cuda" (also for ONNX Runtime's TensorRT provider)."""
+    return "cpu" if info.device == "cpu" else "cuda"
+
+
+for _cls in (OnnxRuntime, TorchScriptRuntime, TensorRTRuntime):
     register(_cls)
 
-__all__ = ["ARTIFACT_META", "ArtifactInfo", "Runtime", "available", "get", "load", "register"]
+__all__ = ["ARTIFACT_META", "ArtifactInfo", "Runtime", "available", "compute_device", "get", "load", "register"]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from service.errors import RuntimeUnavailable
 from service.runtimes.base import ArtifactInfo, Runtime
 from service.signature import TensorSpec
 
@@ -17,6 +19,8 @@ ORT_DTYPES = {
     "tensor(int32)": "int32", "tensor(int64)": "int64", "tensor(uint8)": "uint8", "tensor(bool)": "bool",
 }
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+# Caches of ONNX Runtime's TensorRT provider, under the data directory (engines are per GPU and version).
+ORT_TRT_CACHE = "cache/ort-tensorrt"
 
 
 def session_options(threads: int | None, *, optimized_path: Path | None = None) -> Any:
@@ -46,10 +50,20 @@ class OnnxRuntime(Runtime):
         super().__init__(path, info=info, threads=threads, device=device)
         import onnxruntime as ort
 
-        providers = [PROVIDERS.get(device, device)]
-        if providers[0] != "CPUExecutionProvider":
-            providers.append("CPUExecutionProvider")
-        self.session = ort.InferenceSession(str(self.path), session_options(threads), providers=providers)
+        wanted = PROVIDERS.get(device, device)
+        if wanted != "CPUExecutionProvider":
+            _load_gpu_libraries(device)
+        self.session = ort.InferenceSession(str(self.path), session_options(threads),
+                                            providers=providers(device, info))
+        # ONNX Runtime falls back to the CPU, with a log line, when a provider cannot start (its CUDA
+        # libraries missing): a GPU artifact must not quietly run, validate or serve on the CPU.
+        got = self.session.get_providers()
+        if not got or got[0] != wanted:
+            self.session = None
+            available = ", ".join(ort.get_available_providers())
+            raise RuntimeUnavailable(f"{wanted} was asked for but ONNX Runtime could only start {', '.join(got)} "
+                                     f"(providers in this build: {available}); on a GPU host, onnxruntime-gpu "
+                                     "needs the CUDA and cuDNN libraries of its CUDA version")
         self._inputs = [_spec(a) for a in self.session.get_inputs()]
         self._outputs = [_spec(a) for a in self.session.get_outputs()]
 
@@ -68,6 +82,45 @@ class OnnxRuntime(Runtime):
 
     def close(self) -> None:
         self.session = None  # type: ignore[assignment]
+
+
+def providers(device: str, info: ArtifactInfo | None) -> list[Any]:
+    """The provider list for a device: the wanted provider with its options, then the ones that
+    take the nodes it has no kernels for (TensorRT -> CUDA -> CPU)."""
+    options = dict((info.extra.get("provider_options") if info else None) or {})
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device == "cuda":
+        return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
+    if device == "tensorrt":
+        from service.config import get_settings
+
+        cache = get_settings().data_dir.resolve() / ORT_TRT_CACHE
+        cache.mkdir(parents=True, exist_ok=True)
+        options = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
+                   "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache), **options}
+        return [("TensorrtExecutionProvider", options), "CUDAExecutionProvider", "CPUExecutionProvider"]
+    return [PROVIDERS.get(device, device), "CPUExecutionProvider"]
+
+
+def _load_gpu_libraries(device: str) -> None:
+    """Load the CUDA libraries ONNX Runtime's GPU providers link to before a GPU session starts.
+
+    onnxruntime-gpu finds them by name; torch's CUDA build ships and loads the same ones (cuDNN,
+    cuBLAS), so importing it first is what makes them findable. TensorRT's Python package loads
+    libnvinfer the same way."""
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.init()
+    else:
+        import onnxruntime as ort
+
+        if hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()
+    if device == "tensorrt" and importlib.util.find_spec("tensorrt") is not None:
+        import tensorrt  # noqa: F401
 
 
 def _spec(arg: Any) -> TensorSpec:

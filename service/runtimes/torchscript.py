@@ -48,11 +48,13 @@ class TorchScriptRuntime(Runtime):
         module = torch.jit.load(str(self.path), map_location=device)
         module.eval()
         # Saving an optimize_for_inference'd module breaks reloading it, so artifacts are saved
-        # frozen and optimized here, after loading.
-        try:
-            module = torch.jit.optimize_for_inference(module)
-        except Exception:  # noqa: BLE001 - an unoptimizable graph still runs as frozen
-            pass
+        # frozen and optimized here, after loading. Its passes are for the CPU (oneDNN layouts);
+        # on CUDA the frozen graph (batch norms already folded) is what runs.
+        if device == "cpu":
+            try:
+                module = torch.jit.optimize_for_inference(module)
+            except Exception:  # noqa: BLE001 - an unoptimizable graph still runs as frozen
+                pass
         self.module = module
         sig = self.signature()
         self._inputs = list(sig.inputs) if sig else []

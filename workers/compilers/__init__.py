@@ -16,8 +16,10 @@ from workers.pipeline import StepLog
 class Compiler(Protocol):
     target: str
 
-    def variants(self, precision: str) -> list[str | None]:
-        """The candidates one precision makes (int8 on ONNX Runtime: static and dynamic)."""
+    def variants(self, precision: str, devices: list[str]) -> list[str | None]:
+        """The candidates one precision makes on the given devices (int8 on ONNX Runtime's CPU: static
+        and dynamic). A CUDA candidate's variant names where it runs: "cuda", or "trt" for ONNX Runtime's
+        TensorRT execution provider."""
 
     def build(self, ctx: Context, candidate: Candidate, out_dir: Path, log: StepLog) -> None:
         """Write the artifact for `candidate` into out_dir, filling in its file and notes.

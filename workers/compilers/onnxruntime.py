@@ -1,4 +1,5 @@
-"""ONNX Runtime candidates: graph-optimized fp32, fp16, int8 static (QDQ, calibrated) and int8 dynamic."""
+"""ONNX Runtime candidates: graph-optimized fp32, fp16, int8 static (QDQ, calibrated) and int8 dynamic
+on the CPU; fp32 and fp16 on the CUDA execution provider; fp32, fp16 and int8 (QDQ) on the TensorRT one."""
 
 from __future__ import annotations
 
@@ -6,32 +7,56 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
+from service import samples as sample_io
 from service.errors import ConversionError, InvalidOptions
 from service.runtimes.base import ArtifactInfo
-from service.runtimes.onnxruntime import session_options
+from service.runtimes.onnxruntime import OnnxRuntime, session_options
+from service.runtimes.tensorrt import ort_trt_profile_options
 from service.signature import FLOAT_DTYPES
+from workers.compilers.gpu import CUDA_PROVIDER, TENSORRT_PROVIDER, require_ort_provider
 from workers.context import Candidate, Context
 from workers.pipeline import StepLog
-from workers.steps.common import load_samples
+
+# The variant of a GPU candidate -> the device its artifact records (the runtime maps it to a provider).
+GPU_VARIANTS = {"cuda": "cuda", "trt": "tensorrt"}
+# Per precision, what a CUDA host adds. int8 runs on TensorRT only: the CUDA provider has no int8
+# convolutions or matrix products, so a QDQ graph would run in float with extra casts.
+CUDA_VARIANTS: dict[str, list[str]] = {"fp32": ["cuda", "trt"], "fp16": ["cuda", "trt"], "int8": ["trt"]}
 
 
 class OnnxRuntimeCompiler:
     target = "onnxruntime"
 
-    def variants(self, precision: str) -> list[str | None]:
-        return [None, "dynamic"] if precision == "int8" else [None]
+    def variants(self, precision: str, devices: list[str]) -> list[str | None]:
+        out: list[str | None] = []
+        if "cpu" in devices:
+            out += [None, "dynamic"] if precision == "int8" else [None]
+        if "cuda" in devices:
+            out += CUDA_VARIANTS.get(precision, [])
+        return out
 
     def build(self, ctx: Context, candidate: Candidate, out_dir: Path, log: StepLog) -> None:
         if not ctx.onnx_file:
             raise ConversionError("no ONNX model to compile: the export step did not succeed")
+        device = GPU_VARIANTS.get(candidate.variant or "", "cpu")
+        if device != "cpu":
+            require_ort_provider(TENSORRT_PROVIDER if device == "tensorrt" else CUDA_PROVIDER)
         src = Path(ctx.onnx_file)
         work = ctx.work / "compile" / candidate.id
         if work.exists():
             shutil.rmtree(work)
         work.mkdir(parents=True)
         p = candidate.precision
-        if p == "fp32":
+        provider_options: dict[str, Any] = {}
+        if device == "tensorrt":
+            # TensorRT picks the precision of each layer itself; the graph stays fp32 (or QDQ for int8).
+            provider_options = {"trt_fp16_enable": p in ("fp16", "int8"), "trt_int8_enable": p == "int8",
+                                **ort_trt_profile_options(ctx.signature)}
+        if p == "fp32" or (p == "fp16" and device == "tensorrt"):
             model = src
+            if p == "fp16":
+                candidate.notes.append("TensorRT execution provider with fp16 layers enabled (fp32 where faster "
+                                       "or needed)")
         elif p == "fp16":
             model = self._fp16(src, work)
             candidate.notes.append("weights and compute in float16; inputs and outputs keep the signature's dtypes")
@@ -40,8 +65,10 @@ class OnnxRuntimeCompiler:
             candidate.notes.append("dynamic quantization: int8 weights, activations quantized per batch at run time "
                                    "(suits MatMul/Gemm-heavy models; slow on convolutions)")
         elif p == "int8":
-            model, n = self._int8_static(ctx, src, work)
-            candidate.notes.append(f"static quantization (QDQ), per-channel int8 weights, activations calibrated "
+            symmetric = device == "tensorrt"  # TensorRT takes only symmetric, signed int8 QDQ
+            model, n = self._int8_static(ctx, src, work, symmetric=symmetric)
+            candidate.notes.append(f"static quantization (QDQ), per-channel int8 weights, "
+                                   f"{'symmetric signed' if symmetric else 'asymmetric'} activations calibrated "
                                    f"on {n} sample batch(es) (suits convolutions)")
         else:
             raise InvalidOptions(f"precision {p} is not supported by ONNX Runtime on the CPU "
@@ -50,11 +77,24 @@ class OnnxRuntimeCompiler:
             raise ConversionError("nothing in this graph could be quantized to int8 (no MatMul/Gemm/Conv outside "
                                   "control-flow subgraphs); the int8 model would just be the fp32 one")
         out_dir.mkdir(parents=True, exist_ok=True)
-        optimize(model, out_dir / "model.onnx", ctx.options.threads)
+        if device == "cpu":
+            optimize(model, out_dir / "model.onnx", ctx.options.threads)
+            optimization = "ORT_ENABLE_ALL"
+        else:
+            # A graph optimized offline at ORT_ENABLE_ALL is specific to the provider it was optimized
+            # for (the CPU's layouts and fused kernels), so GPU artifacts are optimized when loaded.
+            shutil.copyfile(model, out_dir / "model.onnx")
+            optimization = "ORT_ENABLE_ALL at load, for its provider"
         candidate.file = "model.onnx"
-        ArtifactInfo(runtime="onnxruntime", file="model.onnx", precision=p, signature=ctx.signature.to_json(),
-                     extra={"variant": candidate.variant, "exporter": ctx.onnx_exporter,
-                            "graph_optimization": "ORT_ENABLE_ALL"}).save(out_dir)
+        info = ArtifactInfo(runtime="onnxruntime", file="model.onnx", precision=p, signature=ctx.signature.to_json(),
+                            device=device, extra={"variant": candidate.variant, "exporter": ctx.onnx_exporter,
+                                                  "graph_optimization": optimization,
+                                                  **({"provider_options": provider_options} if provider_options else {})})
+        info.save(out_dir)
+        if device == "cuda":
+            # Loading here tells a provider that is listed but cannot start (its CUDA libraries
+            # missing) from a model that fails validation: the first is "unavailable".
+            OnnxRuntime(out_dir / "model.onnx", info=info, threads=ctx.options.threads, device=device).close()
 
     def _fp16(self, src: Path, work: Path) -> Path:
         import onnx
@@ -82,7 +122,8 @@ class OnnxRuntimeCompiler:
         quantize_dynamic(str(self._preprocess(src, work)), str(path), weight_type=QuantType.QInt8)
         return path
 
-    def _int8_static(self, ctx: Context, src: Path, work: Path) -> tuple[Path, int]:
+    def _int8_static(self, ctx: Context, src: Path, work: Path, *, symmetric: bool = False,
+                     exclude: list[str] | None = None) -> tuple[Path, int]:
         from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                               quantize_static)
 
@@ -102,15 +143,16 @@ class OnnxRuntimeCompiler:
 
         path = work / "int8-static.onnx"
         quantize_static(str(self._preprocess(src, work)), str(path), Reader(), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax,
-                        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+                        per_channel=True, activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+                        nodes_to_exclude=exclude or None,
+                        extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True})
         return path, len(batches)
 
 
 def calibration_batches(ctx: Context) -> list[dict[str, Any]]:
     """User samples when there are any, else the generated ones (mixed-sign values only)."""
-    samples = load_samples(ctx)
+    samples = sample_io.load(Path(ctx.samples_file))
     user = [s for s, label in zip(samples, ctx.sample_labels) if label.startswith("user")]
     if user:
         return user

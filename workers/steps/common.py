@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,12 +33,15 @@ def limits(ctx: Context) -> Limits:
                   hide=tuple(sorted(hidden)), readable=(ctx.work,))
 
 
-def sandboxed(ctx: Context, op: str, args: dict[str, Any], log: StepLog) -> dict[str, Any]:
-    """Run one op in the sandbox with the context's bundle and signature; raise on failure."""
+def sandboxed(ctx: Context, op: str, args: dict[str, Any], log: StepLog, *,
+              memory_bytes: int | None = None) -> dict[str, Any]:
+    """Run one op in the sandbox with the context's bundle and signature; raise on failure.
+    `memory_bytes` replaces the configured address-space limit for this op."""
     base = {"bundle": ctx.bundle.model_dump(), "signature": ctx.signature.to_json(),
             "samples_file": ctx.samples_file, "reference_file": ctx.reference_file,
             "sample_labels": ctx.sample_labels, "threads": ctx.options.threads or get_settings().threads}
-    result = run_op(op, {**base, **args}, sandbox_dir(ctx), limits=limits(ctx), cancel=cancel_check)
+    lim = limits(ctx) if memory_bytes is None else replace(limits(ctx), memory_bytes=memory_bytes)
+    result = run_op(op, {**base, **args}, sandbox_dir(ctx), limits=lim, cancel=cancel_check)
     if result.outcome == "canceled":
         raise Canceled("the conversion was canceled")
     if not result.ok:

@@ -8,6 +8,7 @@ from typing import Any
 
 from service.errors import ConversionError, KilnError, RuntimeUnavailable
 from workers.compilers import COMPILERS, candidate_id
+from workers.compilers.gpu import resolve_devices
 from workers.context import Candidate, Context
 from workers.pipeline import StepLog
 
@@ -17,35 +18,42 @@ class Compile:
     requires = ("load",)
 
     def run(self, ctx: Context, log: StepLog) -> dict[str, Any]:
+        devices = resolve_devices(ctx.options.devices)
         plan = [(t, p, v) for t in ctx.options.targets for p in ctx.options.precisions
-                for v in COMPILERS[t].variants(p)]
+                for v in COMPILERS[t].variants(p, devices)]
         ctx.candidates = []
         for i, (target, precision, variant) in enumerate(plan):
             cand = Candidate(id=candidate_id(target, precision, variant), target=target, precision=precision,
                              variant=variant)
             ctx.candidates.append(cand)
             log.progress(i / len(plan), f"building {cand.id}")
-            out_dir = ctx.out / cand.id
-            if out_dir.exists():
-                shutil.rmtree(out_dir)
-            t0 = time.perf_counter()
-            try:
-                COMPILERS[target].build(ctx, cand, out_dir, log)
-                cand.status, cand.artifact_dir = "built", cand.id
-                cand.size_bytes = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
-            except RuntimeUnavailable as exc:
-                cand.status, cand.reason = "unavailable", exc.detail
-            except KilnError as exc:
-                cand.status, cand.reason = "failed", exc.detail
-            except Exception as exc:  # noqa: BLE001 - one candidate's failure never stops the others
-                cand.status, cand.reason = "failed", f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
-            cand.build_s = time.perf_counter() - t0
-            if cand.status != "built" and out_dir.exists():
-                shutil.rmtree(out_dir)
-            log.info(f"{cand.id}: {cand.status}{' - ' + cand.reason if cand.reason else ''} ({cand.build_s:.2f}s)")
+            build_candidate(ctx, cand, log)
             ctx.save()
         built = [c.id for c in ctx.candidates if c.status == "built"]
         if not built:
             raise ConversionError("no candidate could be built: " +
                                   "; ".join(f"{c.id}: {c.reason}" for c in ctx.candidates))
-        return {"built": built, "failed": [c.id for c in ctx.candidates if c.status != "built"]}
+        return {"built": built, "failed": [c.id for c in ctx.candidates if c.status != "built"], "devices": devices}
+
+
+def build_candidate(ctx: Context, cand: Candidate, log: StepLog) -> None:
+    """Build one candidate into `<out>/<id>/`, recording its status, reason, size and build time."""
+    out_dir = ctx.out / cand.id
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    cand.notes, cand.reason, cand.validation = [], None, None
+    t0 = time.perf_counter()
+    try:
+        COMPILERS[cand.target].build(ctx, cand, out_dir, log)
+        cand.status, cand.artifact_dir = "built", cand.id
+        cand.size_bytes = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
+    except RuntimeUnavailable as exc:
+        cand.status, cand.reason = "unavailable", exc.detail
+    except KilnError as exc:
+        cand.status, cand.reason = "failed", exc.detail
+    except Exception as exc:  # noqa: BLE001 - one candidate's failure never stops the others
+        cand.status, cand.reason = "failed", f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
+    cand.build_s = time.perf_counter() - t0
+    if cand.status != "built" and out_dir.exists():
+        shutil.rmtree(out_dir)
+    log.info(f"{cand.id}: {cand.status}{' - ' + cand.reason if cand.reason else ''} ({cand.build_s:.2f}s)")

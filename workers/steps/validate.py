@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from service import runtimes
-from service.errors import ConversionError
-from workers.context import Context, Validation
+from service.errors import ConversionError, KilnError
+from workers.compilers import COMPILERS
+from workers.context import Candidate, Context, Validation
 from workers.pipeline import StepLog
 from workers.steps.common import load_references, load_samples
-from workers.validation import OutputComparison, looks_like_scores
+from workers.steps.compile import build_candidate
+from workers.validation import validate_artifact
 
 
 class Validate:
@@ -20,6 +21,9 @@ class Validate:
     def run(self, ctx: Context, log: StepLog) -> dict[str, Any]:
         samples, refs = load_samples(ctx), load_references(ctx)
         built = [c for c in ctx.candidates if c.status == "built"]
+        for cand in built:
+            self._rebuild_if_stale(ctx, cand, log)
+        built = [c for c in built if c.status == "built"]
         for i, cand in enumerate(built):
             log.progress(i / len(built), f"validating {cand.id}")
             cand.validation = self._validate(ctx, cand, samples, refs)
@@ -34,34 +38,19 @@ class Validate:
                 f"{c.id}: {c.validation.reason if c.validation else c.reason}" for c in ctx.candidates))
         return {"passed": passed, "failed": [c.id for c in built if not c.passed]}
 
+    def _rebuild_if_stale(self, ctx: Context, cand: Candidate, log: StepLog) -> None:
+        """A TensorRT engine built on another GPU or TensorRT version (a job resumed on another
+        worker) is rebuilt here rather than loaded."""
+        stale = getattr(COMPILERS[cand.target], "stale", None)
+        try:
+            why = stale(ctx, cand) if stale else None
+        except KilnError:  # e.g. no TensorRT here: loading it will say so
+            why = None
+        if why:
+            log.info(f"{cand.id}: {why}; rebuilding")
+            build_candidate(ctx, cand, log)
+            ctx.save()
+
     def _validate(self, ctx: Context, cand, samples, refs) -> Validation:
-        try:
-            rt = runtimes.load(ctx.out / cand.artifact_dir, threads=ctx.options.threads)
-        except Exception as exc:  # noqa: BLE001 - a candidate that does not load fails validation
-            return Validation(passed=False, samples=0, reason=f"the runtime could not load it: {_line(exc)}")
-        static_last = {o.name: bool(o.shape) and isinstance(o.shape[-1], int) for o in ctx.signature.outputs}
-        tols = {o.name: ctx.options.tolerance_for(cand.precision, o.name) for o in ctx.signature.outputs}
-        comps = {n: OutputComparison(looks_like_scores(refs[0][n], static_last[n])) for n in tols}
-        try:
-            for label, sample, ref in zip(ctx.sample_labels, samples, refs):
-                try:
-                    got = rt.run(sample)
-                except Exception as exc:  # noqa: BLE001 - e.g. a shape the artifact froze
-                    return Validation(passed=False, samples=0,
-                                      reason=f"failed on sample {label}: {_line(exc)}")
-                for name, comp in comps.items():
-                    try:
-                        comp.add(got[name], ref[name], tols[name])
-                    except (KeyError, ValueError) as exc:
-                        return Validation(passed=False, samples=0, reason=f"output {name} on sample {label}: {exc}")
-        finally:
-            rt.close()
-        outputs = {n: c.result(tols[n]) for n, c in comps.items()}
-        failed = [f"{n}: {'; '.join(m.failed_checks)}" for n, m in outputs.items() if not m.passed]
-        return Validation(passed=not failed, samples=len(samples), outputs=outputs,
-                          reason="; ".join(failed) or None)
+        return validate_artifact(ctx, ctx.out / cand.artifact_dir, cand.precision, samples, refs)
 
-
-def _line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:300] if text else ''}"
