@@ -9,7 +9,7 @@ from typing import AsyncIterator
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service import auth, db, metrics
+from service import auth, dashboard, db, metrics
 from service.api import candidates, deployments, errors, health, jobs, models, tokens, v2
 from service.api.deps import principal
 from service.artifacts import get_store
@@ -53,6 +53,7 @@ def create_app() -> FastAPI:
     for router in (health.router, models.router, jobs.router, candidates.router, deployments.router,
                    tokens.router, v2.router):
         app.include_router(router)
+    app.include_router(dashboard.router)  # the HTML dashboard at / with its static files (service/dashboard)
 
     @app.get("/metrics", tags=["health"], summary="Prometheus metrics (any valid token)")
     def prometheus(request: Request) -> Response:

@@ -77,12 +77,19 @@ def listing(session: Session, owner: str, *, status: str | None = None, model: s
 
 
 def cancel(session: Session, job: Job) -> Job:
-    """A queued job is canceled at once; a running one is asked to stop (its sandbox is killed)."""
+    """A queued job is canceled at once; a running one is asked to stop (its sandbox is killed).
+
+    Conditional updates, so a worker claiming the job at the same moment is never overwritten:
+    whichever lands first wins, and a claimed job then sees the cancel request."""
     if job.status in TERMINAL:
         raise Conflict(f"job {job.id} is already {job.status}")
-    job.cancel_requested = True
-    if job.status == "queued":
-        job.status, job.finished_at, job.error = "canceled", now(), "canceled before it started"
+    session.execute(update(Job).where(Job.id == job.id).values(cancel_requested=True)
+                    .execution_options(synchronize_session=False))
+    session.execute(update(Job).where(Job.id == job.id, Job.status == "queued")
+                    .values(status="canceled", finished_at=now(), error="canceled before it started")
+                    .execution_options(synchronize_session=False))
+    session.commit()
+    session.refresh(job)
     return job
 
 

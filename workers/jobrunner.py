@@ -83,6 +83,7 @@ class DbEvents:
 
     def step_started(self, ctx: Context, record: StepRecord, index: int, total: int) -> None:
         self._total = total
+        self.ctx = ctx
         with session_scope() as s:
             if job := self._job(s):
                 job.current_step, job.progress = record.name, index / total
@@ -108,6 +109,17 @@ class DbEvents:
                 jobs.upsert_step(s, self.job_id, index, record.model_dump())
                 for pos, c in enumerate(ctx.candidates):
                     jobs.upsert_candidate(s, self.job_id, pos, c.model_dump(mode="json"), self.files.get(c.id))
+                self._flush(s)
+
+    def interrupted(self) -> None:
+        """Record the steps as they stand when the run stopped (the step that was running says why)."""
+        ctx = getattr(self, "ctx", None)
+        if ctx is None:
+            return
+        with session_scope() as s:
+            if self._job(s):
+                for pos, record in enumerate(ctx.steps):
+                    jobs.upsert_step(s, self.job_id, pos, record.model_dump())
                 self._flush(s)
 
     def log_line(self, ctx: Context, step: str, line: str) -> None:
@@ -149,6 +161,7 @@ def run_job(job_id: str) -> str:
             events = DbEvents(job_id, token, store)
             ctx = engine.run(ctx, events=events, canceled=lease.stop_requested)
         except Canceled:
+            events.interrupted()
             if lease.lost:
                 logger.warning("job %s was taken over by another worker; stopping", job_id)
                 return "lost"

@@ -66,7 +66,8 @@ def _owner(who: Annotated[auth.Principal, Depends(_manager_principal)]) -> str:
     return who.owner
 
 
-SessionDep = Annotated[Session, Depends(_session)]
+# scope="function": commit before the response is sent, so a client's next request sees the change.
+SessionDep = Annotated[Session, Depends(_session, scope="function")]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[ArtifactStore, Depends(get_store)]
 Owner = Annotated[str, Depends(_owner)]
