@@ -33,7 +33,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                            "the kiln CLI on this machine reads it from there", token[:12],
                            settings.data_dir.resolve() / auth.ADMIN_TOKEN_FILE)
     app.state.manager = Manager(get_store())
-    sync = SyncLoop(app.state.manager)  # loads every deployment again after a restart
+    app.state.sync = sync = SyncLoop(app.state.manager)  # loads every deployment again after a restart
     sync.start()
     loop = RequeueLoop()
     loop.start()

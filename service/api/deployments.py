@@ -11,8 +11,8 @@ from starlette.concurrency import run_in_threadpool
 from service import deployments, notify
 from service.api.deps import Owner, SessionDep
 from service.api.models import check_name
-from service.errors import InvalidOptions
-from service.serving.manager import Manager, row_dict
+from service.errors import Conflict, InvalidOptions
+from service.serving.manager import Manager, kept, row_dict
 from service.tables import Deployment
 
 router = APIRouter(prefix="/v1/deployments", tags=["deployments"])
@@ -65,14 +65,23 @@ def _manager(request: Request) -> Manager:
     return request.app.state.manager
 
 
+def _changed(request: Request) -> None:
+    """Tell the other replicas, and re-read here too (which also drops versions no longer kept)."""
+    notify.publish()
+    request.app.state.sync.wake()
+
+
 def _out(request: Request, owner: str, name: str, rows: list[Deployment]) -> DeploymentOut:
     mgr = _manager(request)
+    held = {r["version"] for r in kept([{"owner": owner, "name": name, "version": r.version,
+                                         "is_default": r.is_default} for r in rows])}
     items = []
     for r in rows:
         served = mgr.served.get((owner, name), {}).get(r.version)
+        state = served.state if served else ("loading" if r.version in held else "standby")
         items.append(VersionOut(version=r.version, candidate=r.candidate_id, candidate_name=r.candidate.name,
                                 runtime=r.candidate.target, options=r.options or {}, default=r.is_default,
-                                forced=r.forced, state=served.state if served else "loading",
+                                forced=r.forced, state=state,
                                 error=served.error if served else None,
                                 batching=served.batching if served else None,
                                 batching_note=served.batching_note if served else None,
@@ -95,7 +104,7 @@ async def create(body: DeploymentCreate, request: Request, session: SessionDep, 
         deployments.set_default(session, owner, body.name, row.version)
         session.commit()
         _manager(request).set_default(owner, body.name, row.version)
-    notify.publish()
+    _changed(request)
     response.headers["Location"] = f"/v1/deployments/{body.name}"
     return _out(request, owner, body.name, deployments.versions(session, owner, body.name))
 
@@ -124,20 +133,36 @@ async def patch(name: str, body: DeploymentPatch, request: Request, session: Ses
         session.commit()
         await run_in_threadpool(mgr.load, row_dict(target))
     if body.default_version is not None:
+        await _ensure_loaded(request, owner, name, rows, body.default_version)
         deployments.set_default(session, owner, name, body.default_version)
         session.commit()
         mgr.set_default(owner, name, body.default_version)
-    notify.publish()
+    _changed(request)
     return _out(request, owner, name, deployments.versions(session, owner, name))
 
 
+async def _ensure_loaded(request: Request, owner: str, name: str, rows: list[Deployment], version: int) -> None:
+    """Load a version before it becomes the default (an older one may be on standby); a version
+    that does not load is refused and the current default keeps serving."""
+    served = _manager(request).served.get((owner, name), {}).get(version)
+    if served is not None and served.state == "ready":
+        return
+    row = next((r for r in rows if r.version == version), None)
+    if row is None:
+        return  # set_default says it does not exist
+    served = await run_in_threadpool(_manager(request).load, row_dict(row))
+    if served.state != "ready":
+        raise Conflict(f"version {version} of {name!r} did not load ({served.error}); the default is unchanged")
+
+
 @router.post("/{name}/rollback", response_model=DeploymentOut, summary="Make the previous version the default")
-def rollback(name: str, request: Request, session: SessionDep, owner: Owner) -> DeploymentOut:
+async def rollback(name: str, request: Request, session: SessionDep, owner: Owner) -> DeploymentOut:
     version = deployments.previous_version(session, owner, name)
+    await _ensure_loaded(request, owner, name, deployments.versions(session, owner, name), version)
     deployments.set_default(session, owner, name, version)
     session.commit()
     _manager(request).set_default(owner, name, version)
-    notify.publish()
+    _changed(request)
     return _out(request, owner, name, deployments.versions(session, owner, name))
 
 
@@ -146,7 +171,7 @@ def delete(name: str, request: Request, session: SessionDep, owner: Owner) -> Re
     deployments.delete(session, owner, name)
     session.commit()
     _manager(request).unload(owner, name)
-    notify.publish()
+    _changed(request)
     return Response(status_code=204)
 
 

@@ -221,8 +221,9 @@ class Manager:
 
     # --- keeping in step with the database ------------------------------------------------------
     def sync(self) -> None:
-        """Load what the database has and this process lacks (or has older), drop what it deleted."""
-        rows = desired_rows()
+        """Load what the database says to serve and this process lacks (or has with other options);
+        drop what it deleted, and versions no longer worth holding in memory (see `kept`)."""
+        rows = kept(desired_rows())
         want = {(r["owner"], r["name"], r["version"]): r for r in rows}
         with self.lock:
             have = {(s.owner, s.name, s.version): s for s in self.all()}
@@ -241,6 +242,22 @@ class Manager:
     def close(self) -> None:
         for s in self.all():
             s.close()
+
+
+def kept(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The versions each replica keeps loaded: the default, the one before it (an instant
+    rollback) and the newest (being rolled out). Older versions stay in the database and are
+    loaded again when one becomes the default; memory does not grow with every deployment."""
+    by_name: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        by_name.setdefault((r["owner"], r["name"]), []).append(r)
+    keep = []
+    for versions in by_name.values():
+        numbers = sorted(r["version"] for r in versions)
+        default = next((r["version"] for r in versions if r["is_default"]), numbers[-1])
+        chosen = {default, numbers[-1]} | {max((n for n in numbers if n < default), default=default)}
+        keep += [r for r in versions if r["version"] in chosen]
+    return keep
 
 
 def desired_rows() -> list[dict[str, Any]]:

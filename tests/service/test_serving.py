@@ -344,3 +344,24 @@ def test_restart_loads_every_deployment_again(served):
         r = infer(h2, "mlp", {"x": (np.zeros((1, 64), np.float32), "FP32")})
         assert r.status_code == 200
         assert {d["name"] for d in h2.get("/v1/deployments").json()} >= {"mlp", "multi", "rowmix"}
+
+
+def test_memory_holds_only_the_versions_worth_keeping(served):
+    """Default, the one before it and the newest stay loaded; older ones wait on standby and load
+    again when they become the default."""
+    _, http, jobs, _ = served
+    cand = http.get(f"/v1/jobs/{jobs['mlp']}").json()["selected_candidate"]
+    for _ in range(5):
+        assert http.post("/v1/deployments", json={"name": "many", "candidate": cand}).status_code == 201
+
+    def states():
+        return {v["version"]: v["state"] for v in http.get("/v1/deployments/many").json()["versions"]}
+
+    deadline = time.time() + 10
+    while sum(s == "ready" for s in states().values()) > 2 and time.time() < deadline:
+        time.sleep(0.1)
+    assert states() == {1: "standby", 2: "standby", 3: "standby", 4: "ready", 5: "ready"}
+    r = http.patch("/v1/deployments/many", json={"default_version": 1})
+    assert r.status_code == 200 and r.json()["default_version"] == 1
+    assert infer(http, "many", {"x": (np.zeros((1, 64), np.float32), "FP32")}).json()["model_version"] == "1"
+    assert http.delete("/v1/deployments/many").status_code == 204
