@@ -5,10 +5,12 @@ SQLite by default (a file in the data directory), PostgreSQL when KILN_DATABASE_
 
 from __future__ import annotations
 
+import logging
+import time
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine
@@ -17,6 +19,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.config import get_settings
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+logger = logging.getLogger("kiln.db")
+T = TypeVar("T")
 
 
 @lru_cache
@@ -80,3 +84,20 @@ def migrate(url: str | None = None) -> None:
 def ping() -> None:
     with get_engine().connect() as conn:
         conn.execute(text("SELECT 1"))
+
+
+def retrying(fn: Callable[[], T], *, what: str, timeout: float = 120.0) -> T:
+    """Run a unit of database work, again and again while the database cannot be reached (a
+    restart, a failover), for up to `timeout` seconds. Only connection failures are retried."""
+    from sqlalchemy.exc import DBAPIError, OperationalError
+
+    deadline, delay = time.monotonic() + timeout, 0.2
+    while True:
+        try:
+            return fn()
+        except (OperationalError, DBAPIError) as exc:
+            if not (isinstance(exc, OperationalError) or exc.connection_invalidated) or time.monotonic() > deadline:
+                raise
+            logger.warning("database unavailable during %s (%s); retrying", what, str(exc).splitlines()[0][:200])
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)

@@ -13,11 +13,12 @@ import socket
 import threading
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 from service import jobs
 from service.artifacts import ArtifactStore, get_store
 from service.config import get_settings
-from service.db import session_scope
+from service.db import retrying, session_scope
 from service.errors import KilnError
 from service.signature import Signature
 from service.tables import Job, now
@@ -81,74 +82,84 @@ class DbEvents:
         job = s.get(Job, self.job_id)
         return job if job is not None and job.run_token == self.token else None
 
+    def _write(self, what: str, change: Callable[[Any, Job], None]) -> None:
+        """Apply `change` to the job's rows with the log lines gathered so far, in one transaction,
+        retried while the database is unreachable (a restart must not fail the job)."""
+        pending = len(self._lines)
+
+        def transaction() -> None:
+            with session_scope() as s:
+                if (job := self._job(s)) is not None:
+                    change(s, job)
+                    jobs.add_logs(s, self.job_id, self._lines[:pending])
+
+        retrying(transaction, what=what)
+        del self._lines[:pending]
+        self._last_flush = time.monotonic()
+
     def step_started(self, ctx: Context, record: StepRecord, index: int, total: int) -> None:
-        self._total = total
-        self.ctx = ctx
-        with session_scope() as s:
-            if job := self._job(s):
-                job.current_step, job.progress = record.name, index / total
-                jobs.upsert_step(s, self.job_id, index, record.model_dump())
-                self._flush(s)
+        self._total, self.ctx = total, ctx
+
+        def change(s, job: Job) -> None:  # noqa: ANN001
+            job.current_step, job.progress = record.name, index / total
+            jobs.upsert_step(s, self.job_id, index, record.model_dump())
+
+        self._write(f"step {record.name}", change)
 
     def step_progress(self, ctx: Context, record: StepRecord, fraction: float, message: str) -> None:
         if time.monotonic() - self._last_flush < PROGRESS_EVERY_S:
             return
-        index = ctx.steps.index(record)
-        with session_scope() as s:
-            if job := self._job(s):
-                job.progress = (index + fraction) / (self._total or len(ctx.steps) or 1)
-                self._flush(s)
+        progress = (ctx.steps.index(record) + fraction) / (self._total or len(ctx.steps) or 1)
+        self._write("progress", lambda s, job: setattr(job, "progress", progress))
 
     def step_finished(self, ctx: Context, record: StepRecord, index: int, total: int) -> None:
         for c in ctx.candidates:  # built in this attempt or, after a resume, in an earlier one
             if c.status == "built" and c.id not in self.files and (ctx.out / c.artifact_dir).is_dir():
                 self.files[c.id] = self.store.put_directory(ctx.out / c.artifact_dir)
-        with session_scope() as s:
-            if job := self._job(s):
-                job.progress = (index + 1) / total
-                jobs.upsert_step(s, self.job_id, index, record.model_dump())
-                for pos, c in enumerate(ctx.candidates):
-                    jobs.upsert_candidate(s, self.job_id, pos, c.model_dump(mode="json"), self.files.get(c.id))
-                self._flush(s)
+
+        def change(s, job: Job) -> None:  # noqa: ANN001
+            job.progress = (index + 1) / total
+            jobs.upsert_step(s, self.job_id, index, record.model_dump())
+            for pos, c in enumerate(ctx.candidates):
+                jobs.upsert_candidate(s, self.job_id, pos, c.model_dump(mode="json"), self.files.get(c.id))
+
+        self._write(f"step {record.name}", change)
 
     def interrupted(self) -> None:
         """Record the steps as they stand when the run stopped (the step that was running says why)."""
         ctx = getattr(self, "ctx", None)
         if ctx is None:
             return
-        with session_scope() as s:
-            if self._job(s):
-                for pos, record in enumerate(ctx.steps):
-                    jobs.upsert_step(s, self.job_id, pos, record.model_dump())
-                self._flush(s)
+
+        def change(s, job: Job) -> None:  # noqa: ANN001
+            for pos, record in enumerate(ctx.steps):
+                jobs.upsert_step(s, self.job_id, pos, record.model_dump())
+
+        self._write("steps", change)
 
     def log_line(self, ctx: Context, step: str, line: str) -> None:
         self._lines.append((step, line))
         if time.monotonic() - self._last_flush >= PROGRESS_EVERY_S:
-            with session_scope() as s:
-                self._flush(s)
-
-    def _flush(self, s) -> None:  # noqa: ANN001
-        lines, self._lines = self._lines, []
-        jobs.add_logs(s, self.job_id, lines)
-        self._last_flush = time.monotonic()
+            self._write("log", lambda s, job: None)
 
 
 def run_job(job_id: str) -> str:
     """Claim and run a job; returns how it ended. Never raises for a job's own failure."""
     settings = get_settings()
-    try:
+    def take() -> tuple:
         with session_scope() as s:
             job = jobs.claim(s, job_id, worker_name(), stale_after=settings.job_stale_after_s)
-            token, attempt = job.run_token, job.attempts
-            if job.cancel_requested:
-                _finish(job_id, token, "canceled", "canceled before it started")
-                return "canceled"
             version = job.version
             bundle = {"filename": version.filename, "sha": version.bundle_sha256, "entry": version.entry,
                       "weights": (version.weights_sha256, version.weights_filename) if version.weights_sha256 else None,
                       "samples": version.samples_sha256, "signature": version.signature}
-            options = dict(job.options)
+            return job.run_token, job.attempts, job.cancel_requested, bundle, dict(job.options)
+
+    try:
+        token, attempt, cancel_requested, bundle, options = retrying(take, what=f"claiming job {job_id}")
+        if cancel_requested:
+            _finish(job_id, token, "canceled", "canceled before it started")
+            return "canceled"
     except jobs.ClaimRefused as exc:
         logger.info("not running job %s: %s", job_id, exc)
         return "skipped"
@@ -208,6 +219,11 @@ def _context(workdir: Path, bundle: dict, options: dict, store: ArtifactStore) -
 
 def _finish(job_id: str, token: str, status: str, error: str | None, *, report: dict | None = None,
             selected: str | None = None) -> None:
+    retrying(lambda: _record_end(job_id, token, status, error, report, selected), what=f"finishing job {job_id}")
+
+
+def _record_end(job_id: str, token: str, status: str, error: str | None, report: dict | None,
+                selected: str | None) -> None:
     from sqlalchemy import select
 
     from service.tables import CandidateRow

@@ -50,6 +50,14 @@ def install(app: FastAPI) -> None:
         detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         return problem(request, exc.status_code, "Error", detail)
 
+    from sqlalchemy.exc import OperationalError
+
+    @app.exception_handler(OperationalError)
+    async def database_down(request: Request, exc: OperationalError) -> JSONResponse:
+        logger.warning("database unavailable on %s %s: %s", request.method, request.url.path,
+                       str(exc).splitlines()[0][:200])
+        return problem(request, 503, "Service unavailable", "the database cannot be reached right now; try again")
+
     @app.exception_handler(RecursionError)
     async def too_deep(request: Request, exc: RecursionError) -> JSONResponse:
         return problem(request, 400, "Invalid request", "the request body nests too deeply")

@@ -123,5 +123,14 @@ async def _infer(request: Request, name: str, version: int | None) -> Response:
         raise
     except Exception as exc:
         metrics.FAILURES.labels(*labels, "500").inc()
-        raise KilnError(f"inference failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}") from exc
+        raise KilnError(f"inference failed: {_reason(exc)}") from exc
+
+
+def _reason(exc: Exception) -> str:
+    """One line saying why a runtime failed; TorchScript puts the model's own error last."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    line = lines[-1] if "TorchScript interpreter" in lines[0] else lines[0]
+    return f"{type(exc).__name__}: {line[:300]}"
 

@@ -101,10 +101,21 @@ class Batcher:
             else:
                 joined = {n: np.concatenate([b.inputs[n] for b in batch]) for n in batch[0].inputs}
             outputs = await loop.run_in_executor(self._pool, self.runners[instance], joined)
-        except Exception as exc:  # noqa: BLE001 - every caller in the batch gets the error
+        except Exception as exc:  # noqa: BLE001 - passed on to the callers
+            if len(batch) == 1:
+                if not batch[0].future.done():
+                    batch[0].future.set_exception(exc)
+                return
+            # One bad request must not fail the others it was batched with: run each alone.
             for item in batch:
+                try:
+                    result = await loop.run_in_executor(self._pool, self.runners[instance], item.inputs)
+                except Exception as alone:  # noqa: BLE001
+                    if not item.future.done():
+                        item.future.set_exception(alone)
+                    continue
                 if not item.future.done():
-                    item.future.set_exception(exc)
+                    item.future.set_result(result)
             return
         finally:
             self._free.put_nowait(instance)
