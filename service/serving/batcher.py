@@ -48,7 +48,8 @@ class Batcher:
         self._free = asyncio.Queue()
         for i in range(len(self.runners)):
             self._free.put_nowait(i)
-        self._task = asyncio.get_running_loop().create_task(self._loop())
+        self._loop_ref = asyncio.get_running_loop()
+        self._task = self._loop_ref.create_task(self._loop())
 
     async def infer(self, inputs: Arrays) -> Arrays:
         """Run one request (its first axis is the batch axis when batching is on)."""
@@ -64,6 +65,9 @@ class Batcher:
         while True:
             first = self._carry or await self._queue.get()
             self._carry = None
+            if first is _CLOSE:
+                self._refuse_rest()
+                break
             batch = [first]
             rows = first.rows
             if self.batching:
@@ -79,7 +83,8 @@ class Batcher:
                             item = await asyncio.wait_for(self._queue.get(), wait)
                         except asyncio.TimeoutError:
                             break
-                    if item.key != first.key or rows + item.rows > self.max_batch:
+                    if item is _CLOSE or item.key != first.key or rows + item.rows > self.max_batch:
+                        # the end marker too waits for the next round, after this batch has run
                         self._carry = item  # different shapes, or too many rows: next batch
                         break
                     batch.append(item)
@@ -130,7 +135,27 @@ class Batcher:
                     item.future.set_result({n: v[offset:offset + item.rows] for n, v in outputs.items()})
             offset += item.rows
 
+    def _refuse_rest(self) -> None:
+        """Requests that arrived after close: answered 503, never left waiting."""
+        from service.errors import Unavailable
+
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if item is not _CLOSE and not item.future.done():
+                item.future.set_exception(Unavailable("this model version was just unloaded; send again"))
+
+    def wait_idle(self, timeout: float) -> None:
+        """Block (in another thread than the event loop's) until the loop has ended and runs are done."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self._task is not None and not self._task.done():
+            time.sleep(0.05)
+        self._pool.shutdown(wait=True)
+
     def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Stop taking requests once those already queued have run (callable from any thread):
+        a version being replaced answers everything it accepted."""
+        if self._task is not None and not self._loop_ref.is_closed():
+            self._loop_ref.call_soon_threadsafe(self._queue.put_nowait, _CLOSE)
+
+
+_CLOSE: _Item = object()  # type: ignore[assignment]  # the queue's end marker

@@ -84,11 +84,29 @@ class Served:
                                        f"{spec.name!r}; they must agree")
 
     def close(self) -> None:
+        """Unload: the batcher answers what it accepted; the runtimes go once that has run."""
         if self.batcher is not None:
             self.batcher.close()
-        for rt in self.instances:
-            rt.close()
-        self.instances = []
+        instances, self.instances = self.instances, []
+        threading.Thread(target=_release, args=(instances, self.batcher), daemon=True).start()
+
+
+def _release(instances: list[Any], batcher: Batcher | None) -> None:
+    """Free an unloaded version's runtimes after its last run, and hand the memory back to the
+    system (glibc keeps freed heap otherwise, and RSS would grow with every deployment change)."""
+    import ctypes
+    import gc
+
+    if batcher is not None:
+        batcher.wait_idle(timeout=60)
+    for rt in instances:
+        rt.close()
+    del instances
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc
+        pass
 
 
 def _show(shape: list) -> str:
