@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 from service import auth
 from service.artifacts import ArtifactStore, get_store
 from service.config import Settings, get_settings
-from service.db import new_session
+from service.db import new_session, session_scope
 
 SESSION_COOKIE = "kiln_session"
 CSRF_HEADER = "x-csrf-token"
@@ -18,15 +18,8 @@ SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
 
 def _session() -> Iterator[Session]:
-    session = new_session()
-    try:
+    with session_scope() as session:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 def principal(request: Request, scope: str = "manage") -> auth.Principal:
