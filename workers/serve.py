@@ -92,6 +92,14 @@ def run_worker(queues: list[str], concurrency: int, name: str | None = None) -> 
         presence.stop()
 
 
+def _die_with_parent() -> None:
+    """In the worker child: die if `kiln up` does (even by SIGKILL); a stray worker would go on
+    taking jobs with nobody supervising it."""
+    import ctypes
+
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 class Supervisor:
     """Keeps a worker subprocess alive beside the API of `kiln up`; stops it on exit."""
 
@@ -109,7 +117,7 @@ class Supervisor:
         backoff = 1.0
         while not self._stop.is_set():
             started = time.monotonic()
-            self.proc = subprocess.Popen(self.cmd, start_new_session=True)
+            self.proc = subprocess.Popen(self.cmd, start_new_session=True, preexec_fn=_die_with_parent)
             code = self.proc.wait()
             if self._stop.is_set():
                 return
