@@ -77,6 +77,9 @@ def migrate(url: str | None = None) -> None:
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     with get_engine(url).begin() as conn:
+        if conn.dialect.name == "postgresql":
+            # API replicas and workers starting together must not migrate at the same time
+            conn.execute(text("SELECT pg_advisory_xact_lock(724_165_001)"))
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
 
