@@ -79,7 +79,7 @@ def migrate(url: str | None = None) -> None:
     with get_engine(url).begin() as conn:
         if conn.dialect.name == "postgresql":
             # API replicas and workers starting together must not migrate at the same time
-            conn.execute(text("SELECT pg_advisory_xact_lock(724_165_001)"))
+            conn.execute(text("SELECT pg_advisory_xact_lock(724165001)"))
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
 
