@@ -21,6 +21,7 @@ def configure_logging(role: str, level: str = "INFO") -> None:
 
     host = socket.gethostname()
     logging.basicConfig(level=level, format=f"%(asctime)s {host} {role} %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # its plugin set-up is not news
     os.environ["KILN_ROLE"] = role
     metrics.identify(role)
 
