@@ -20,24 +20,15 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from service.errors import BadRequest, KilnError, NotFound
+from service.errors import BadRequest, Forbidden, NotFound, Unauthorized
 from service.tables import ApiToken, new_id, now
 
 logger = logging.getLogger("kiln.auth")
+__all__ = ["Forbidden", "Principal", "Unauthorized", "authenticate", "bootstrap", "create", "csrf_token"]
 SCOPES = ("infer", "manage", "admin")
 PREFIX = "kiln_"
 ADMIN_TOKEN_FILE = "admin-token"
 CACHE_S = 5.0  # a revoked token stops working within this many seconds on every replica
-
-
-class Unauthorized(KilnError):
-    status = 401
-    title = "Unauthorized"
-
-
-class Forbidden(KilnError):
-    status = 403
-    title = "Forbidden"
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,8 @@
     │   ├── InvalidEntryPoint     the entry point does not exist or does not build an nn.Module
     │   ├── InvalidOptions        unknown target, precision or policy
     │   └── InvalidInput          inference input that does not fit the signature
+    ├── Unauthorized (401)        no token, or an unknown or revoked one
+    ├── Forbidden (403)           a token without the scope, or a missing CSRF token
     ├── NotFound (404)
     ├── Conflict (409)
     ├── PayloadTooLarge (413)
@@ -60,6 +62,16 @@ class InvalidOptions(BadRequest):
 
 class InvalidInput(BadRequest):
     title = "Invalid input"
+
+
+class Unauthorized(KilnError):
+    status = 401
+    title = "Unauthorized"
+
+
+class Forbidden(KilnError):
+    status = 403
+    title = "Forbidden"
 
 
 class NotFound(KilnError):
