@@ -176,8 +176,11 @@ class Manager:
                                        and self.served[k][v].state == "ready" for k, v in self.defaults.items())
 
     # --- loading ----------------------------------------------------------------------------------
-    def load(self, row: dict[str, Any]) -> Served:
-        """Load one deployment version (blocking): artifact, runtime instances, warm-up, batching check."""
+    def load(self, row: dict[str, Any], *, replace: bool = True) -> Served:
+        """Load one deployment version (blocking): artifact, runtime instances, warm-up, batching check.
+
+        With replace=False (the sync loop) a version already loaded or loading with the same options
+        is left alone: a request that is loading it right now must not see its work thrown away."""
         opts = {**DEFAULT_OPTIONS, **(row.get("options") or {})}
         sig = Signature.parse(row["signature"])
         served = Served(owner=row["owner"], name=row["name"], version=row["version"], deployment_id=row["id"],
@@ -185,6 +188,9 @@ class Manager:
                         runtime=row["runtime"], signature=sig, options=opts, updated=row["updated"])
         with self.lock:
             old = self.served.setdefault((served.owner, served.name), {}).get(served.version)
+            if (not replace and old is not None and old.options == opts
+                    and not (old.state == "failed" and row["updated"] > old.updated)):
+                return old
             self.served[(served.owner, served.name)][served.version] = served
         if old is not None:
             old.close()
@@ -252,7 +258,7 @@ class Manager:
             served = have.get(key)
             if (served is None or served.options != {**DEFAULT_OPTIONS, **row["options"]}
                     or (served.state == "failed" and row["updated"] > served.updated)):
-                self.load(row)
+                self.load(row, replace=False)
         with self.lock:
             self.defaults = {(r["owner"], r["name"]): r["version"] for r in rows if r["is_default"]}
         self.synced = True
