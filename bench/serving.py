@@ -40,8 +40,10 @@ What limits the figures: client and server share the machine's cores (2 on the r
 loopback only. With one sequential client the server and client mostly take turns, so the
 figures are close to true per-request latency. With 32 clients wrk's thread takes CPU the server
 would otherwise use, so throughput rows are a floor for a server on its own cores; the raw
-runtime and eager rows were measured with no server running. p99 over a few seconds of a 50 ms
-CNN is close to the maximum of ~100 samples. Each row also says how many cores the server, the
+runtime and eager rows were measured with the servers idle. p99 over a few seconds of a 20-50 ms
+CNN is close to the maximum of 100-250 samples. Both the ORT runtime and torch keep their
+intra-op worker threads spinning between calls, which shows as ~2 cores of "server" CPU even for
+one sequential client. Each row also says how many cores the server, the
 client and everything else on the machine used while it ran (from /proc): on a shared machine
 "other" shows when another tenant disturbed a row. From a --noise-budget of seconds, the script
 waits before each measured run for other processes to go quiet, and measures a disturbed row
