@@ -247,10 +247,12 @@ class Manager:
     def sync(self) -> None:
         """Load what the database says to serve and this process lacks (or has with other options);
         drop what it deleted, and versions no longer worth holding in memory (see `kept`)."""
-        rows = kept(desired_rows())
-        want = {(r["owner"], r["name"], r["version"]): r for r in rows}
+        # What is loaded is noted before reading the database, so a version a request loads
+        # meanwhile is never unloaded on the strength of an older read.
         with self.lock:
             have = {(s.owner, s.name, s.version): s for s in self.all()}
+        rows = kept(desired_rows())
+        want = {(r["owner"], r["name"], r["version"]): r for r in rows}
         for key, served in have.items():
             if key not in want:
                 self.unload(key[0], key[1], key[2])
@@ -259,8 +261,10 @@ class Manager:
             if (served is None or served.options != {**DEFAULT_OPTIONS, **row["options"]}
                     or (served.state == "failed" and row["updated"] > served.updated)):
                 self.load(row, replace=False)
+        # Loads can take seconds: the defaults come from a fresh read, not the one before them.
+        fresh = desired_rows()
         with self.lock:
-            self.defaults = {(r["owner"], r["name"]): r["version"] for r in rows if r["is_default"]}
+            self.defaults = {(r["owner"], r["name"]): r["version"] for r in fresh if r["is_default"]}
         self.synced = True
 
     def close(self) -> None:
