@@ -21,6 +21,7 @@ from service.signature import Signature, load_mapping
 PYTHON, TORCHSCRIPT, EXPORTED, ONNX = "python", "torchscript", "export", "onnx"
 MANIFEST_NAMES = ("kiln.yaml", "kiln.yml", "kiln.json")
 DEFAULT_ENTRY = "model.py:build_model"
+ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,9 @@ def sniff_kind(path: Path) -> str:
         raise InvalidBundle(f"{path.name} is empty (0 bytes)")
     if name.endswith(".py"):
         return PYTHON
+    if name.endswith(ENGINE_SUFFIXES):
+        raise InvalidBundle(f"{path.name}: TensorRT engines are not accepted as uploads (an engine is native code "
+                            "for one GPU and TensorRT version); upload the model or its ONNX and Kiln builds the engine")
     if name.endswith(".onnx"):
         return ONNX
     if name.endswith(".pt2"):
@@ -191,6 +195,8 @@ def prepare_bundle(upload: Path, root: Path, *, entry: str | None = None, weight
     else:
         model_file = root / upload.name
         shutil.copyfile(upload, model_file)
+        if kind == ONNX:
+            check_onnx_upload(model_file)
 
     manifest = _read_manifest(root)
     entry = entry or manifest.get("entry")
@@ -247,6 +253,38 @@ def _resolve(root: Path, rel: Any, what: str) -> Path | None:
     if not path.is_relative_to(root.resolve()) or not path.is_file():
         raise InvalidBundle(f"{what} file {rel!r} named in the manifest is not in the bundle")
     return path
+
+
+def check_onnx_upload(path: Path) -> None:
+    """An uploaded ONNX model is one file: a tensor whose data lies in another file (its `location`
+    could name any path on the worker) is refused, as is a file that is not ONNX at all."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf raises several types
+        raise InvalidBundle(f"{path.name} is not a valid ONNX model: {str(exc)[:200]}") from None
+    for tensor in _onnx_tensors(model.graph):
+        if uses_external_data(tensor) or tensor.data_location == onnx.TensorProto.EXTERNAL:
+            where = next((e.value for e in tensor.external_data if e.key == "location"), "")
+            raise InvalidBundle(f"ONNX tensor {tensor.name!r} keeps its data in another file ({where!r}); upload a "
+                                "model with its weights inside the .onnx file (onnx.save(..., "
+                                "save_as_external_data=False), up to 2 GB)")
+
+
+def _onnx_tensors(graph: Any) -> Any:
+    """Every tensor of a graph: initializers and attribute tensors, subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _onnx_tensors(attr.g)
+            for g in attr.graphs:
+                yield from _onnx_tensors(g)
 
 
 def onnx_signature(bundle: Bundle) -> Signature:

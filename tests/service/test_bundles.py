@@ -113,6 +113,50 @@ def test_onnx_upload_kind(tmp_path):
     assert prepare_bundle(path, tmp_path / "b").kind == ONNX
 
 
+def _onnx_matmul(weight_location: str | None = None, in_constant: bool = False) -> bytes:
+    """y = x @ W, with W an initializer (or a Constant node's tensor), optionally kept in another file."""
+    from onnx import TensorProto, helper
+
+    w = helper.make_tensor("W", TensorProto.FLOAT, [4, 2], [0.5] * 8)
+    if weight_location is not None:
+        w.ClearField("float_data")
+        w.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", weight_location), ("offset", "0"), ("length", "32")):
+            w.external_data.add(key=key, value=value)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["y"])]
+    inits = [w]
+    if in_constant:
+        nodes.insert(0, helper.make_node("Constant", [], ["W"], value=w))
+        inits = []
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])], inits)
+    return helper.make_model(graph).SerializeToString()
+
+
+def test_onnx_with_weights_inside_is_accepted(tmp_path):
+    path = tmp_path / "m.onnx"
+    path.write_bytes(_onnx_matmul())
+    assert prepare_bundle(path, tmp_path / "b").kind == ONNX
+
+
+@pytest.mark.parametrize("location, in_constant", [
+    ("../../../../etc/passwd", False), ("/etc/shadow", False), ("weights.bin", False), ("/etc/passwd", True)])
+def test_onnx_external_data_is_refused_at_upload(tmp_path, location, in_constant):
+    path = tmp_path / "m.onnx"
+    path.write_bytes(_onnx_matmul(location, in_constant))
+    with pytest.raises(InvalidBundle, match=r"tensor 'W' keeps its data in another file \('"):
+        prepare_bundle(path, tmp_path / "b")
+    assert not (tmp_path / "b" / "weights.bin").exists()
+
+
+@pytest.mark.parametrize("name", ["model.engine", "model.plan", "resnet.trt"])
+def test_tensorrt_engines_are_never_accepted(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(b"ftrt" + bytes(64))
+    with pytest.raises(InvalidBundle, match="TensorRT engines are not accepted"):
+        prepare_bundle(path, tmp_path / "b")
+
+
 def test_samples_roundtrip_and_checks(tmp_path):
     sig = Signature.parse({"inputs": ["x:float32[batch,4]", "ids:int64[batch,seq]"], "dims": {"seq": [2, 4, 8]}})
     gen = sample_io.generate(sig)

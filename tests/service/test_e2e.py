@@ -432,6 +432,20 @@ def _zip(members: dict[str, bytes]) -> bytes:
     return buf.getvalue()
 
 
+def _onnx_reading(location: str) -> bytes:
+    """An ONNX model whose weight points at a file of the server's."""
+    from onnx import TensorProto, helper
+
+    w = helper.make_tensor("W", TensorProto.FLOAT, [4, 2], [0.0] * 8)
+    w.ClearField("float_data")
+    w.data_location = TensorProto.EXTERNAL
+    w.external_data.add(key="location", value=location)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], [w])
+    return helper.make_model(graph).SerializeToString()
+
+
 def test_faulty_uploads_are_400_problems(make_kiln):
     kiln = make_kiln("postgresql", worker=False, redis=False)
     mlp = (ZOO / "mlp.py").read_bytes()
@@ -441,6 +455,8 @@ def test_faulty_uploads_are_400_problems(make_kiln):
         "traversal": ("evil.zip", _zip({"model.py": mlp, "../../evil.py": b"x"}), "outside the bundle directory"),
         "bomb": ("bomb.zip", _zip({"model.py": mlp, "zeros": b"\0" * (64 << 20)}), "archive bomb"),
         "empty": ("empty.py", b"", "empty (0 bytes)"),
+        "engine": ("model.plan", b"ftrt" + bytes(64), "TensorRT engines are not accepted"),
+        "external-data": ("model.onnx", _onnx_reading("/etc/passwd"), "keeps its data in another file"),
     }
     for label, (filename, content, needle) in cases.items():
         name = f"bad-{label}"
