@@ -42,6 +42,7 @@ class Batcher:
         self._pool = ThreadPoolExecutor(max_workers=len(runners), thread_name_prefix=f"infer-{labels[0]}")
         self._task: asyncio.Task | None = None
         self._carry: _Item | None = None
+        self._running: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
 
     def _start(self) -> None:
         self._queue = asyncio.Queue()
@@ -93,7 +94,9 @@ class Batcher:
             if not batch:
                 continue
             instance = await self._free.get()
-            asyncio.get_running_loop().create_task(self._run(instance, batch, rows))
+            task = asyncio.get_running_loop().create_task(self._run(instance, batch, rows))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
 
     async def _run(self, instance: int, batch: list[_Item], rows: int) -> None:
         loop = asyncio.get_running_loop()
