@@ -3,6 +3,7 @@ tensor extension. Pure parsing and encoding: no model, no I/O."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,8 @@ V2_TO_DTYPE = {"BOOL": "bool", "UINT8": "uint8", "UINT16": "uint16", "UINT32": "
 DTYPE_TO_V2 = {v: k for k, v in V2_TO_DTYPE.items()}
 HEADER_LENGTH = "inference-header-content-length"
 MAX_JSON_DEPTH = 64
+MAX_ELEMENTS = 2**48
+MAX_RANK = 32  # numpy's own limit is 64; no model in practice takes more than a handful
 
 
 def np_dtype(dtype: str) -> np.dtype:
@@ -67,6 +70,10 @@ def parse(body: bytes, header_length: str | None, expected: dict[str, str]) -> I
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                                   for d in shape):
             raise InvalidInput(f"input {name!r}: 'shape' must be a list of non-negative integers")
+        if len(shape) > MAX_RANK:
+            raise InvalidInput(f"input {name!r}: rank {len(shape)} is more than the {MAX_RANK} dimensions accepted")
+        if math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS:  # numpy refuses such shapes even when one is 0
+            raise InvalidInput(f"input {name!r}: shape {shape} is too large (over {MAX_ELEMENTS} elements)")
         if datatype not in V2_TO_DTYPE:
             raise InvalidInput(f"input {name!r}: datatype {datatype!r} is not supported; use one of "
                                f"{', '.join(V2_TO_DTYPE)}")
@@ -74,7 +81,7 @@ def parse(body: bytes, header_length: str | None, expected: dict[str, str]) -> I
         want = expected[name]
         if dtype != want:
             raise InvalidInput(f"input {name!r} has datatype {datatype}, the model takes {DTYPE_TO_V2.get(want, want)}")
-        count = int(np.prod(shape)) if shape else 1
+        count = math.prod(shape)  # exact: numpy's product wraps around for huge shapes
         size = (item.get("parameters") or {}).get("binary_data_size")
         if size is not None:
             itemsize = np_dtype(dtype).itemsize

@@ -183,6 +183,10 @@ def test_binary_tensor_extension(served):
      "unknown output(s) z"),
     ({"inputs": []}, "at least one tensor"),
     ({"wrong": 1}, "'inputs' list"),
+    # shapes whose element count overflows 64 bits, or whose rank numpy cannot hold, are bad input, not a 500
+    ({"inputs": [{"name": "x", "shape": [2**32, 2**32], "datatype": "FP32", "data": []}]}, "is too large"),
+    ({"inputs": [{"name": "x", "shape": [0, 2**62], "datatype": "FP32", "data": []}]}, "is too large"),
+    ({"inputs": [{"name": "x", "shape": [1] * 100, "datatype": "FP32", "data": [0]}]}, "rank 100 is more than"),
 ])
 def test_bad_inference_requests_are_400_with_reason(served, body, needle):
     _, http, _, _ = served
