@@ -89,12 +89,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--no-churn", action="store_true", help="only the inference load: no jobs, no deployment changes")
+    ap.add_argument("--api-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra environment for the API process (e.g. MALLOC_ARENA_MAX=2)")
+    ap.add_argument("--sample", type=float, default=60.0, help="print the API's resident memory every this many s")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="kiln-load-"))
     procs = Processes()
     try:
         env = kiln_env(tmp / "data", None, "filesystem://", auth="false", job_requeue_after_s=30)
-        api = procs.add(KilnApi(free_port(), env, tmp / "api.log")).start()
+        api_env = dict(env, **dict(kv.split("=", 1) for kv in args.api_env))
+        api = procs.add(KilnApi(free_port(), api_env, tmp / "api.log")).start()
         procs.add(KilnWorker(env, tmp / "worker.log")).start()
         h = httpx.Client(base_url=api.url, timeout=120)
         for name, zoo in (("mlp", "mlp"), ("mlp2", "mlp")):
@@ -106,15 +111,12 @@ def main() -> None:
         cands = [c["id"] for c in h.get(f"/v1/jobs/{job['id']}").json()["candidates"] if c["passed"]]
         h.post("/v1/deployments", json={"name": "mlp", "candidate": cands[0], "max_queue_delay_ms": 1}).raise_for_status()
         load = Load(api.url.removeprefix("http://"), args.clients)
-        load.run(20)  # warm-up
-        warm = rss_mb(api.pid)
-        total = args.minutes * 60
-        stop = time.monotonic() + total
         changes = {"jobs": 0, "deploys": 0}
 
-        def churn() -> None:  # jobs run and deployments change while the load goes on
+        def churn(until: float, rounds: int | None = None) -> None:
+            """Jobs run and deployments change while the load goes on."""
             i = 0
-            while time.monotonic() < stop - 30:
+            while time.monotonic() < until and (rounds is None or i < rounds):
                 j = h.post("/v1/jobs", json={"model": "mlp2", "targets": ["onnxruntime"], "bench_seconds": 0.1,
                                              "threads": 1}).json()
                 changes["jobs"] += 1
@@ -128,15 +130,44 @@ def main() -> None:
                 wait_for(lambda: h.get(f"/v1/jobs/{j['id']}").json()["status"] in ("succeeded", "failed"), 600,
                          "a churn job")
 
-        churner = threading.Thread(target=churn)
-        churner.start()
+        # Warm-up: the load, plus (unless --no-churn) one round of the churn that serves every candidate
+        # once, so that each runtime the run will use has been loaded (TorchScript brings torch into the
+        # API process: a one-time cost of ~250 MB that is not growth); then 20 s of load alone.
+        if not args.no_churn:
+            warming = threading.Thread(target=churn, args=(time.monotonic() + 600, len(cands)))
+            warming.start()
+            while warming.is_alive():
+                load.run(5)
+            warming.join()
+        load.run(20)
+        warm = rss_mb(api.pid)
+        warm_served, warm_changes = load.ok, dict(changes)
+        print(f"warm-up done: {warm_served} requests, {changes['deploys']} deployment changes; API {warm:.1f} MB",
+              flush=True)
+        total = args.minutes * 60
+        stop = time.monotonic() + total
+
+        def sample() -> None:
+            t0 = time.monotonic()
+            while time.monotonic() < stop - args.sample / 2:
+                time.sleep(min(args.sample, max(0.0, stop - time.monotonic())))
+                print(f"  {time.monotonic() - t0:5.0f} s: API {rss_mb(api.pid):.1f} MB, {load.ok} served", flush=True)
+
+        side = [threading.Thread(target=sample, daemon=True)]
+        if not args.no_churn:
+            side.append(threading.Thread(target=churn, args=(stop - 30,)))
+        for t in side:
+            t.start()
         load.run(total)
-        churner.join()
+        for t in side[1:]:
+            t.join()
         end = rss_mb(api.pid)
         lat = np.array(load.lat) * 1e3
-        print(f"duration {args.minutes:g} min, {args.clients} clients, {changes['jobs']} jobs and "
-              f"{changes['deploys']} deployment changes meanwhile")
-        print(f"requests served: {load.ok} ({load.ok / (total + 20):.0f}/s), provoked 400s: {load.provoked}, "
+        served = load.ok - warm_served
+        print(f"after warm-up: {args.minutes:g} min, {args.clients} clients, "
+              f"{changes['jobs'] - warm_changes['jobs']} jobs and "
+              f"{changes['deploys'] - warm_changes['deploys']} deployment changes meanwhile")
+        print(f"requests served: {served} ({served / total:.0f}/s), provoked 400s: {load.provoked}, "
               f"other errors: {sum(load.errors.values())} {load.errors or ''}")
         print(f"latency p50 {np.percentile(lat, 50):.2f} ms, p99 {np.percentile(lat, 99):.2f} ms")
         print(f"API resident memory: {warm:.1f} MB after warm-up, {end:.1f} MB at the end ({end - warm:+.1f} MB)")
