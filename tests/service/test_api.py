@@ -180,3 +180,13 @@ def test_a_job_with_no_worker_for_its_queue_says_so(api):
         job_store.worker_seen(s, "gpu-host:1", "gpu-host", ["gpu"])
     assert api.get(f"/v1/jobs/{job['id']}").json()["waiting"] is None
     assert api.post(f"/v1/jobs/{job['id']}/cancel").json()["status"] == "canceled"
+
+
+def test_too_many_multipart_fields_or_files_is_a_400(api):
+    fields = [("name", "mlp"), ("signature", SIG)] + [(f"f{i}", "x") for i in range(1500)]
+    r = api.post("/v1/models", data=dict(fields), files={"file": ("mlp.py", MLP)})
+    assert_problem(r, 400, "Too many fields")
+    files = [("file", ("mlp.py", MLP))] + [(f"extra{i}", (f"e{i}.bin", b"x")) for i in range(1500)]
+    r = api.post("/v1/models", data={"name": "mlp", "signature": SIG}, files=files)
+    assert_problem(r, 400, "Too many files")
+    assert api.get("/v1/models/mlp").status_code == 404  # nothing was stored
