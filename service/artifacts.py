@@ -9,6 +9,7 @@ each host keeps a local cache by sha256, so a replica or worker downloads an art
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -101,22 +102,32 @@ class ArtifactStore:
             raise NotFound(f"artifact {sha256} is not in the store") from None
 
     def materialize(self, files: dict[str, str], dest: Path) -> Path:
-        """Lay out stored files as a directory (hard links where possible), e.g. for a runtime to load."""
+        """Lay out stored files as a directory (hard links where possible), e.g. for a runtime to load.
+        The folder is built beside `dest` (which may be on another filesystem than the store) and
+        renamed into place whole."""
         if dest.is_dir() and all((dest / n).is_file() for n in files):
             return dest
-        tmp = Path(tempfile.mkdtemp(dir=self.root / "tmp"))
-        for name, sha in files.items():
-            src = self.path(sha)
-            if not src.is_file():
-                raise NotFound(f"artifact file {name} ({sha}) is missing from the store")
-            try:
-                os.link(src, tmp / name)
-            except OSError:
-                shutil.copyfile(src, tmp / name)
         dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
         try:
-            os.replace(tmp, dest)
-        except OSError:  # someone else materialized it first
+            for name, sha in files.items():
+                src = self.path(sha)
+                if not src.is_file():
+                    raise NotFound(f"artifact file {name} ({sha}) is missing from the store")
+                try:
+                    os.link(src, tmp / name)
+                except OSError:  # another filesystem, or links not allowed
+                    shutil.copyfile(src, tmp / name)
+            try:
+                os.replace(tmp, dest)
+            except OSError:  # someone else materialized it first (a non-empty dest is not replaced)
+                if not (dest.is_dir() and all((dest / n).is_file() for n in files)):
+                    raise
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise StorageFull(f"cannot lay out the artifact in {dest.parent}: {exc.strerror}") from None
+            raise
+        finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return dest
 

@@ -55,6 +55,24 @@ def test_a_full_disk_is_a_clear_error_and_leaves_nothing_behind(tmp_path):
         subprocess.run(["umount", str(small)], check=True)
 
 
+def test_materialize_onto_another_filesystem_than_the_store(tmp_path):
+    """Artifacts on their own volume, the serving cache in the data directory: the folder appears whole."""
+    mounted = tmp_path / "volume"
+    mounted.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mounted)], check=True)
+    try:
+        store = ArtifactStore(mounted)
+        files = {"model.onnx": store.put_stream(io.BytesIO(b"graph"))[0],
+                 "kiln-artifact.json": store.put_stream(io.BytesIO(b"{}"))[0]}
+        dest = store.materialize(files, tmp_path / "cache" / "abc")
+        assert sorted(p.name for p in dest.iterdir()) == ["kiln-artifact.json", "model.onnx"]
+        assert (dest / "model.onnx").read_bytes() == b"graph"
+        assert store.materialize(files, dest) == dest  # already there: reused
+        assert [p.name for p in (tmp_path / "cache").iterdir()] == ["abc"]  # no temporary folder left
+    finally:
+        subprocess.run(["umount", str(mounted)], check=True)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
