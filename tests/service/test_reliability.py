@@ -1,5 +1,5 @@
 """Faults the service must ride out: a runtime that raises, a shutdown with requests in flight,
-and the database restarting in the middle of a job."""
+the artifact store's disk full during a job, and the database restarting in the middle of a job."""
 
 from __future__ import annotations
 
@@ -56,6 +56,60 @@ def test_a_runtime_that_raises_fails_that_request_and_serves_the_next(local):
         assert http.post("/v2/models/picky/infer", json=body(np.ones((2, 4), np.float32))).status_code == 200
         metrics = http.get("/metrics").text
         assert 'kiln_inference_failures_total{code="500",model="picky",version="1"} 2.0' in metrics
+
+
+def _fill(folder: Path) -> Path:
+    """Write a file until the filesystem has no space left; returns it."""
+    filler = folder / "filler"
+    with filler.open("wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * (4 << 10))
+        except OSError:
+            pass
+    return filler
+
+
+def test_a_full_artifact_store_fails_the_job_with_that_reason_and_serves_nothing(local, tmp_path, monkeypatch):
+    from tests.service.conftest import clear_caches
+    from workers.jobrunner import run_job
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    store = tmp_path / "store"
+    store.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(store)], check=True)
+    try:
+        monkeypatch.setenv("KILN_ARTIFACT_DIR", str(store))
+        clear_caches()
+        with Server() as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
+            r = http.post("/v1/models", data={"name": "mlp", "signature": json.dumps(zoo_signature("mlp"))},
+                          files={"file": ("mlp.py", (ZOO / "mlp.py").read_bytes())})
+            assert r.status_code == 201, r.text
+            job = http.post("/v1/jobs", json={"model": "mlp", "targets": ["onnxruntime"], "precisions": ["fp32"],
+                                              "bench_seconds": 0.05, "threads": 1}).json()
+            filler = _fill(store)  # the bundle is stored; the built artifacts will not fit
+
+            assert run_job(job["id"]) == "failed"
+            failed = http.get(f"/v1/jobs/{job['id']}").json()
+            assert failed["status"] == "failed"
+            assert "artifact store could not write" in failed["error"] and "No space left" in failed["error"], failed
+            for c in failed["candidates"]:  # nothing half-written is offered for download or serving
+                assert http.get(f"/v1/candidates/{c['id']}/artifact").status_code == 404
+                d = http.post("/v1/deployments", json={"name": "mlp", "candidate": c["id"], "force": True})
+                assert d.status_code == 409 and "no artifact" in d.json()["detail"], d.text
+            assert list((store / "tmp").iterdir()) == []  # no partial files left behind
+
+            filler.unlink()  # space again: a retry builds, stores and serves
+            retry = http.post(f"/v1/jobs/{job['id']}/retry").json()
+            assert run_job(retry["id"]) == "succeeded", http.get(f"/v1/jobs/{retry['id']}").json()
+            d = http.post("/v1/deployments", json={"name": "mlp", "job": retry["id"]})
+            assert d.status_code == 201 and d.json()["state"] == "ready", d.text
+            x = np.ones((1, 64), np.float32)
+            assert http.post("/v2/models/mlp/infer", json=body(x)).status_code == 200
+    finally:
+        clear_caches()
+        subprocess.run(["umount", "-l", str(store)], check=False)
 
 
 @pytest.mark.slow
