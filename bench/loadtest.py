@@ -31,6 +31,9 @@ from tests.conftest import ZOO, zoo_signature  # noqa: E402
 from tests.service.procs import KilnApi, KilnWorker, Processes, free_port, kiln_env, wait_for  # noqa: E402
 
 
+GROWTH_MB = 50
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -171,6 +174,11 @@ def main() -> None:
               f"other errors: {sum(load.errors.values())} {load.errors or ''}")
         print(f"latency p50 {np.percentile(lat, 50):.2f} ms, p99 {np.percentile(lat, 99):.2f} ms")
         print(f"API resident memory: {warm:.1f} MB after warm-up, {end:.1f} MB at the end ({end - warm:+.1f} MB)")
+        errors = sum(load.errors.values())
+        ok = errors == 0 and end - warm <= GROWTH_MB
+        print(f"goals (no unprovoked errors, memory within {GROWTH_MB} MB of warm-up): {'met' if ok else 'MISSED'}")
+        if not ok:
+            sys.exit(1)
     finally:
         procs.close(extra_needles=(str(tmp),))
 
