@@ -37,8 +37,11 @@ class Settings(BaseSettings):
     job_stale_after_s: float = 30.0
     # A queued job not picked up for this long has its message sent again.
     job_requeue_after_s: float = 60.0
-    # Bearer tokens on every API but health checks. Off only when asked for (`kiln up --open`).
+    # Bearer tokens on every API but health checks. Off only when asked for (`kiln up --open`),
+    # and then only on a loopback address unless open_network says the network is guarded otherwise
+    # (an authenticating proxy in front of Kiln, say).
     auth: bool = True
+    open_network: bool = False
     # Owner of everything while authentication is off.
     default_owner: str = "default"
     # Allowed browser origins for CORS; none by default.

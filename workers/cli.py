@@ -108,6 +108,10 @@ def api(host: str = typer.Option("127.0.0.1", help="Address to listen on"),
 
     _data_dir(data_dir)
     serve.configure_logging("api")
+    try:
+        serve.check_exposure(host)
+    except KilnError as exc:
+        _fail(exc)
     serve.run_api(host, port)
 
 
@@ -137,7 +141,6 @@ def up(host: str = typer.Option("127.0.0.1", help="Address to listen on"),
        concurrency: int = typer.Option(1, help="Conversion jobs at once"),
        open_: bool = typer.Option(False, "--open", help="No authentication (only on a loopback address)")) -> None:
     """Start Kiln on this machine: the API and a worker, SQLite and local artifacts, no Redis needed."""
-    import ipaddress
     import os
 
     from service.config import get_settings
@@ -145,16 +148,16 @@ def up(host: str = typer.Option("127.0.0.1", help="Address to listen on"),
     from workers import serve
 
     if open_:
-        try:
-            loopback = ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            loopback = host == "localhost"
-        if not loopback:
+        if not serve.is_loopback(host):
             console.print("[red]error:[/red] --open runs without authentication, so only on a loopback address "
                           f"(not {host})")
             raise typer.Exit(2)
         os.environ["KILN_AUTH"] = "false"
     _data_dir(data_dir)
+    try:
+        serve.check_exposure(host)
+    except KilnError as exc:
+        _fail(exc)
     serve.configure_logging("up")
     settings = get_settings()
     migrate()

@@ -65,11 +65,34 @@ class Presence:
             self._stop.wait(self.interval)
 
 
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def check_exposure(host: str) -> None:
+    """Without authentication Kiln listens only on loopback, unless KILN_OPEN_NETWORK says so."""
+    from service.config import get_settings
+    from service.errors import InvalidOptions
+
+    settings = get_settings()
+    if not settings.auth and not settings.open_network and not is_loopback(host):
+        raise InvalidOptions(f"authentication is off, so Kiln listens only on a loopback address, not {host}; "
+                             "turn authentication on, or set KILN_OPEN_NETWORK=true if something in front of "
+                             "Kiln authenticates every request")
+
+
 def run_api(host: str, port: int) -> None:
     """The FastAPI service under uvicorn (blocks)."""
     import uvicorn
 
     from service.app import create_app
+
+    check_exposure(host)
 
     uvicorn.run(create_app(), host=host, port=port, log_level="info", access_log=False,
                 timeout_graceful_shutdown=10)

@@ -140,3 +140,43 @@ def test_no_api_takes_a_server_path_or_url(secure):
             if any(w in field.lower() for w in ("path", "url", "uri", "file_name", "location", "dir")):
                 suspicious.append(f"{name}.{field}")
     assert suspicious == []
+
+
+@pytest.mark.parametrize("argv, env", [
+    (["up", "--open", "--host", "0.0.0.0"], {}),
+    (["up", "--host", "0.0.0.0"], {"KILN_AUTH": "false"}),
+    (["api", "--host", "10.1.2.3"], {"KILN_AUTH": "false"}),
+])
+def test_without_authentication_kiln_listens_only_on_loopback(argv, env, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    full = {k: v for k, v in os.environ.items() if not k.startswith("KILN_")}
+    full.update(env, KILN_DATA_DIR=str(tmp_path / "data"))
+    r = subprocess.run([sys.executable, "-m", "workers.cli", *argv, "--port", "1"], env=full, capture_output=True,
+                       text=True, timeout=60)
+    said = " ".join((r.stdout + r.stderr).split())
+    assert r.returncode == 2, (r.returncode, said)
+    assert "only on a loopback address" in said and argv[argv.index("--host") + 1] in said, said
+
+
+def test_open_network_is_an_explicit_choice(monkeypatch):
+    from service.errors import InvalidOptions
+    from tests.service.conftest import clear_caches
+    from workers.serve import check_exposure
+
+    monkeypatch.setenv("KILN_AUTH", "false")
+    clear_caches()
+    with pytest.raises(InvalidOptions, match="KILN_OPEN_NETWORK"):
+        check_exposure("0.0.0.0")
+    check_exposure("127.0.0.1")
+    check_exposure("::1")
+    monkeypatch.setenv("KILN_OPEN_NETWORK", "true")
+    clear_caches()
+    check_exposure("0.0.0.0")
+    monkeypatch.setenv("KILN_AUTH", "true")
+    monkeypatch.delenv("KILN_OPEN_NETWORK")
+    clear_caches()
+    check_exposure("0.0.0.0")
+    clear_caches()
