@@ -208,7 +208,10 @@ class Manager:
                 rt.run(sample_io.at_batch(sig, 1))
             served.batching, served.batching_note = batching_check(run, sig)
             bd_max = sig.dims[sig.batch_dim].max if sig.batch_dim else 1
-            served.max_batch = int(opts["max_batch_size"] or bd_max)
+            served.max_batch = min(int(opts["max_batch_size"] or bd_max), bd_max)
+            if opts["max_batch_size"] and int(opts["max_batch_size"]) > bd_max:
+                served.batching_note += (f"; max_batch_size {opts['max_batch_size']} is above the signature's "
+                                         f"{sig.batch_dim} max, so batches stop at {bd_max}")
             if served.max_batch <= 1:
                 served.batching = False
             served.batcher = Batcher([rt.run for rt in served.instances], max_batch=served.max_batch,

@@ -282,7 +282,11 @@ def test_deployment_versions_default_rollback_force_and_delete(served):
     r = http.post("/v1/deployments", json={"name": "life", "candidate": cand})
     assert r.status_code == 201 and r.json()["default_version"] == 1
     r = http.post("/v1/deployments", json={"name": "life", "candidate": cand, "max_batch_size": 4})
-    assert r.json()["default_version"] == 2
+    assert r.json()["default_version"] == 2 and r.json()["versions"][1]["max_batch_size"] == 4
+    # joined batches never go past what the model accepts (the signature's batch range, 1..32 here)
+    big = http.post("/v1/deployments", json={"name": "wide", "candidate": cand, "max_batch_size": 4096}).json()
+    assert big["versions"][0]["max_batch_size"] == 32 and "batches stop at 32" in big["versions"][0]["batching_note"]
+    assert http.delete("/v1/deployments/wide").status_code in (200, 204)
     assert infer(http, "life", {"x": (np.zeros((1, 64), np.float32), "FP32")}).json()["model_version"] == "2"
     r = http.post("/v1/deployments/life/rollback")
     assert r.status_code == 200 and r.json()["default_version"] == 1
