@@ -109,6 +109,17 @@ class _Cache:
 _cache = _Cache()
 
 
+def cached(token: str) -> Principal | None:
+    """The principal for a token seen lately, without asking the database; None if not known
+    (a token known to be bad raises Unauthorized)."""
+    if not token.startswith(PREFIX):
+        raise Unauthorized("the token is not a Kiln token")
+    hit, principal = _cache.get(hash_token(token))
+    if hit and principal is None:
+        raise Unauthorized("the token is unknown or revoked")
+    return principal
+
+
 def authenticate(session_factory, token: str) -> Principal:  # noqa: ANN001
     """The principal for a Bearer token, or Unauthorized."""
     if not token.startswith(PREFIX):

@@ -6,6 +6,7 @@ from typing import Annotated, Iterator
 
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from service import auth
 from service.artifacts import ArtifactStore, get_store
@@ -25,23 +26,47 @@ def _session() -> Iterator[Session]:
 def principal(request: Request, scope: str = "manage") -> auth.Principal:
     """Who calls, from a Bearer token or the dashboard's session cookie (which needs the CSRF
     header on anything that changes state); Forbidden without `scope`."""
-    settings = get_settings()
-    if not settings.auth:
-        return auth.Principal(owner=settings.default_owner, scopes=frozenset({"admin"}))
+    token = _token(request)
+    if token is None:
+        return _open()
+    return _allowed(auth.authenticate(new_session, token), scope)
+
+
+async def principal_async(request: Request, scope: str = "manage") -> auth.Principal:
+    """principal() for async routes: a token seen lately is answered from the cache, and the
+    database is asked in a thread, never on the event loop that serves every other request."""
+    token = _token(request)
+    if token is None:
+        return _open()
+    who = auth.cached(token)
+    if who is None:
+        who = await run_in_threadpool(auth.authenticate, new_session, token)
+    return _allowed(who, scope)
+
+
+def _open() -> auth.Principal:
+    return auth.Principal(owner=get_settings().default_owner, scopes=frozenset({"admin"}))
+
+
+def _token(request: Request) -> str | None:
+    """The caller's token (None while authentication is off)."""
+    if not get_settings().auth:
+        return None
     header = request.headers.get("authorization")
     if header:
         kind, _, token = header.partition(" ")
         if kind.lower() != "bearer" or not token.strip():
             raise auth.Unauthorized("use 'Authorization: Bearer <token>'")
-        token = token.strip()
-    elif cookie := request.cookies.get(SESSION_COOKIE):
-        token = cookie
+        return token.strip()
+    if cookie := request.cookies.get(SESSION_COOKIE):
         if request.method not in SAFE_METHODS and request.headers.get(CSRF_HEADER) != auth.csrf_token(cookie):
             raise auth.Forbidden("missing or wrong CSRF token (send the X-CSRF-Token header the dashboard gives)")
-    else:
-        raise auth.Unauthorized("authentication required: send 'Authorization: Bearer <token>' "
-                                "(kiln up prints the admin token and keeps it in DATA_DIR/admin-token)")
-    who = auth.authenticate(new_session, token)
+        return cookie
+    raise auth.Unauthorized("authentication required: send 'Authorization: Bearer <token>' "
+                            "(kiln up prints the admin token and keeps it in DATA_DIR/admin-token)")
+
+
+def _allowed(who: auth.Principal, scope: str) -> auth.Principal:
     if not who.allows(scope):
         raise auth.Forbidden(f"this token's scopes ({', '.join(sorted(who.scopes))}) do not allow {scope}")
     return who

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from service import metrics
-from service.api.deps import principal
+from service.api.deps import principal, principal_async
 from service.errors import InvalidInput, KilnError, NotFound
 from service.serving import protocol
 from service.serving.manager import Manager, Served, infer
@@ -101,7 +101,8 @@ async def infer_version(name: str, version: str, request: Request) -> Response:
 
 
 async def _infer(request: Request, name: str, version: int | None) -> Response:
-    served = manager(request).resolve(owner(request), name, version)
+    who = await principal_async(request, "infer")
+    served = manager(request).resolve(who.owner, name, version)
     labels = (served.name, str(served.version))
     metrics.REQUESTS.labels(*labels).inc()
     try:

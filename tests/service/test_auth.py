@@ -81,6 +81,15 @@ def test_scopes_and_revocation(secure):
     assert api.delete(f"/v1/tokens/{manage['id']}", headers=bearer(admin)).status_code == 204
     r = api.get("/v1/models", headers=bearer(manage["token"]))
     assert r.status_code == 401 and "revoked" in r.json()["detail"]
+    # /v2 inference (an async route: tokens are looked up off the event loop) checks the same way
+    body = {"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32", "data": [0.0] * 64}]}
+    for _ in range(2):  # the first asks the database, the second the cache
+        assert api.post("/v2/models/none/infer", headers=bearer(infer), json=body).status_code == 404
+        r = api.post("/v2/models/none/infer", headers=bearer(manage["token"]), json=body)
+        assert r.status_code == 401 and "revoked" in r.json()["error"], r.text
+        assert api.post("/v2/models/none/infer", json=body).status_code == 401
+        r = api.post("/v2/models/none/infer", headers=bearer("kiln_" + "x" * 40), json=body)
+        assert r.status_code == 401 and "unknown or revoked" in r.json()["error"], r.text
 
 
 def test_teams_cannot_see_each_others_models_jobs_or_deployments(secure):
