@@ -27,6 +27,10 @@ class Settings(BaseSettings):
     max_infer_bytes: int = 256 << 20
     # Redis URL for telling replicas about deployment changes (default: the broker, when it is Redis).
     notify_url: str | None = None
+    # Whether a served model's idle intra-op threads busy-wait for the next run (ONNX Runtime's
+    # allow_spinning). Off: under concurrent load the spinning threads take the cores that the
+    # event loop and other requests need.
+    serving_spin_wait: bool = False
     # How often each replica checks the database for deployment changes (the fallback).
     sync_interval_s: float = 5.0
     # What this process is, for logs and metrics: api, worker or up.

@@ -34,11 +34,11 @@ def get(name: str) -> type[Runtime]:
                                  f"(available: {', '.join(available()) or 'none'})") from None
 
 
-def load(directory: Path, *, threads: int | None = None, device: str | None = None) -> Runtime:
+def load(directory: Path, *, threads: int | None = None, device: str | None = None, spin: bool = True) -> Runtime:
     """Load a built artifact directory (model file + kiln-artifact.json) with its runtime."""
     info = ArtifactInfo.load(Path(directory))
     cls = get(info.runtime)
-    return cls(Path(directory) / info.file, info=info, threads=threads, device=device or info.device)
+    return cls(Path(directory) / info.file, info=info, threads=threads, device=device or info.device, spin=spin)
 
 
 def compute_device(info: ArtifactInfo) -> str:

@@ -55,11 +55,14 @@ class Runtime(ABC):
     library: ClassVar[str]
 
     def __init__(self, path: Path, *, info: ArtifactInfo | None = None, threads: int | None = None,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", spin: bool = True) -> None:
+        """`spin`: let idle intra-op threads busy-wait for the next run (lowest latency for one caller;
+        a server with many requests in flight gives those cores to other work instead)."""
         self.path = Path(path)
         self.info = info
         self.threads = threads
         self.device = device
+        self.spin = spin
 
     @property
     @abstractmethod

@@ -23,7 +23,7 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "te
 ORT_TRT_CACHE = "cache/ort-tensorrt"
 
 
-def session_options(threads: int | None, *, optimized_path: Path | None = None) -> Any:
+def session_options(threads: int | None, *, optimized_path: Path | None = None, spin: bool = True) -> Any:
     """Session options shared by compiling (which saves the optimized graph) and serving."""
     import onnxruntime as ort
 
@@ -34,6 +34,8 @@ def session_options(threads: int | None, *, optimized_path: Path | None = None) 
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
+    if not spin:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if optimized_path is not None:
         so.optimized_model_filepath = str(optimized_path)
     return so
@@ -46,14 +48,14 @@ class OnnxRuntime(Runtime):
     library = "onnxruntime"
 
     def __init__(self, path: Path, *, info: ArtifactInfo | None = None, threads: int | None = None,
-                 device: str = "cpu") -> None:
-        super().__init__(path, info=info, threads=threads, device=device)
+                 spin: bool = True, device: str = "cpu") -> None:
+        super().__init__(path, info=info, threads=threads, device=device, spin=spin)
         import onnxruntime as ort
 
         wanted = PROVIDERS.get(device, device)
         if wanted != "CPUExecutionProvider":
             _load_gpu_libraries(device)
-        self.session = ort.InferenceSession(str(self.path), session_options(threads),
+        self.session = ort.InferenceSession(str(self.path), session_options(threads, spin=spin),
                                             providers=providers(device, info))
         # ONNX Runtime falls back to the CPU, with a log line, when a provider cannot start (its CUDA
         # libraries missing): a GPU artifact must not quietly run, validate or serve on the CPU.

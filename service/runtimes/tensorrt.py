@@ -151,8 +151,8 @@ class TensorRTRuntime(Runtime):
     library = "tensorrt"
 
     def __init__(self, path: Path, *, info: ArtifactInfo | None = None, threads: int | None = None,
-                 device: str = "cuda") -> None:
-        super().__init__(path, info=info, threads=threads, device=device)
+                 spin: bool = True, device: str = "cuda") -> None:
+        super().__init__(path, info=info, threads=threads, device=device, spin=spin)
         import tensorrt as trt
         import torch
 

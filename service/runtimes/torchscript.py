@@ -39,8 +39,8 @@ class TorchScriptRuntime(Runtime):
     library = "torch"
 
     def __init__(self, path: Path, *, info: ArtifactInfo | None = None, threads: int | None = None,
-                 device: str = "cpu") -> None:
-        super().__init__(path, info=info, threads=threads, device=device)
+                 spin: bool = True, device: str = "cpu") -> None:
+        super().__init__(path, info=info, threads=threads, device=device, spin=spin)
         import torch
 
         if threads:

@@ -200,7 +200,8 @@ class Manager:
             directory = self.store.materialize(files, get_settings().data_dir.resolve() / "cache" / digest)
             n = max(1, int(opts["instances"] or 1))
             threads = opts["threads"] or max(1, (os.cpu_count() or 1) // n)
-            served.instances = [runtimes.load(directory, threads=threads) for _ in range(n)]
+            spin = get_settings().serving_spin_wait
+            served.instances = [runtimes.load(directory, threads=threads, spin=spin) for _ in range(n)]
             run = served.instances[0].run
             sizes = sig.sizes_at("opt", **({sig.batch_dim: 1} if sig.batch_dim else {}))
             run(sample_io.at_batch(sig, sizes.get(sig.batch_dim, 1) if sig.batch_dim else 1))  # warm-up
