@@ -129,6 +129,13 @@ def test_small_cnn_int8_static_and_dynamic(tmp_path):
     qops = {n.op_type for n in onnx.load(str(tmp_path / "out" / "onnxruntime-int8" / "model.onnx")).graph.node}
     assert qops & {"QLinearConv", "QuantizeLinear", "DequantizeLinear"}, qops
     assert ctx.candidate("onnxruntime-int8-dynamic").status == "built"
+    # both paths quantize weights to 7 bits, which CPUs without VNNI need to avoid saturating
+    for variant in ("onnxruntime-int8", "onnxruntime-int8-dynamic"):
+        weights = [onnx.numpy_helper.to_array(t) for t in
+                   onnx.load(str(tmp_path / "out" / variant / "model.onnx")).graph.initializer
+                   if t.data_type == onnx.TensorProto.INT8 and t.dims and np.prod(t.dims) > 8]
+        assert weights, variant
+        assert all(-64 <= w.min() and w.max() <= 64 for w in weights), (variant, [(w.min(), w.max()) for w in weights])
 
 
 def test_weights_from_safetensors_and_mismatch(tmp_path):
