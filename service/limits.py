@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
@@ -34,7 +35,7 @@ class BodyLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    raise _TooLarge()
+                    raise BodyTooLarge(limit)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -45,13 +46,17 @@ class BodyLimit:
 
         try:
             await self.app(scope, limited_receive, tracking_send)
-        except _TooLarge:
+        except BodyTooLarge:  # raised by a route that read the body itself, outside the app's handlers
             if not started:
                 await _reject(scope, send, limit)
 
 
+def _detail(limit: int) -> str:
+    return f"request body is larger than the limit of {limit} bytes"
+
+
 async def _reject(scope: Scope, send: Send, limit: int) -> None:
-    detail = f"request body is larger than the limit of {limit} bytes"
+    detail = _detail(limit)
     v2 = scope.get("path", "").startswith("/v2")
     body = {"error": detail} if v2 else {"type": "about:blank", "title": "Payload too large", "status": 413,
                                           "detail": detail, "instance": scope.get("path", "")}
@@ -62,5 +67,12 @@ async def _reject(scope: Scope, send: Send, limit: int) -> None:
     await send({"type": "http.response.body", "body": data})
 
 
-class _TooLarge(Exception):
-    pass
+class BodyTooLarge(HTTPException):
+    """Raised from `receive` once a streamed body crosses its limit. An HTTPException, because
+    FastAPI re-raises those from its body parser (any other error there becomes a 400 "error
+    parsing the body"), so the app's handlers answer it as a 413."""
+
+    title = "Payload too large"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, _detail(limit))

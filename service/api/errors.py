@@ -48,7 +48,7 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-        return problem(request, exc.status_code, "Error", detail)
+        return problem(request, exc.status_code, getattr(exc, "title", "Error"), detail)
 
     from sqlalchemy.exc import OperationalError
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from service import metrics
 from service.api.deps import principal, principal_async
@@ -121,6 +122,9 @@ async def _infer(request: Request, name: str, version: int | None) -> Response:
         return Response(content, headers=headers)
     except KilnError as exc:
         metrics.FAILURES.labels(*labels, str(exc.status)).inc()
+        raise
+    except HTTPException as exc:  # the body limit, crossed while the body streamed in (413)
+        metrics.FAILURES.labels(*labels, str(exc.status_code)).inc()
         raise
     except Exception as exc:
         metrics.FAILURES.labels(*labels, "500").inc()
