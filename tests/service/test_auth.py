@@ -112,6 +112,41 @@ def test_teams_cannot_see_each_others_models_jobs_or_deployments(secure):
     assert [t["owner"] for t in api.get("/v1/tokens", headers=bearer(a["token"])).json()] == ["team-a"]
 
 
+def test_teams_cannot_see_or_touch_each_others_candidates_or_deployments(secure):
+    from workers.jobrunner import run_job
+
+    api, admin, _ = secure
+    a = api.post("/v1/tokens", headers=bearer(admin), json={"name": "a", "owner": "team-a", "scopes": ["manage"]}).json()
+    b = api.post("/v1/tokens", headers=bearer(admin), json={"name": "b", "owner": "team-b", "scopes": ["manage"]}).json()
+    b_app = api.post("/v1/tokens", headers=bearer(b["token"]), json={"name": "b-app", "scopes": ["infer"]}).json()
+    assert upload(api, a["token"]).status_code == 201
+    job = api.post("/v1/jobs", headers=bearer(a["token"]),
+                   json={"model": "mlp", "targets": ["onnxruntime"], "bench_seconds": 0.05, "threads": 1}).json()
+    assert run_job(job["id"]) == "succeeded"
+    cand = api.get(f"/v1/jobs/{job['id']}", headers=bearer(a["token"])).json()["selected_candidate"]
+    r = api.post("/v1/deployments", headers=bearer(a["token"]), json={"name": "mlp", "job": job["id"]})
+    assert r.status_code == 201 and r.json()["state"] == "ready", r.text
+    x = {"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32", "data": [0.5] * 64}]}
+    assert api.post("/v2/models/mlp/infer", headers=bearer(a["token"]), json=x).status_code == 200
+    for token in (b["token"], b_app["token"]):  # b's management and b's application token alike
+        assert api.get("/v2/models/mlp", headers=bearer(token)).status_code == 404
+        assert api.get("/v2/models/mlp/ready", headers=bearer(token)).status_code == 404
+        assert api.post("/v2/models/mlp/infer", headers=bearer(token), json=x).status_code == 404
+        assert api.post("/v2/models/mlp/versions/1/infer", headers=bearer(token), json=x).status_code == 404
+    theirs = bearer(b["token"])
+    assert api.get("/v1/deployments", headers=theirs).json() == []
+    for method, path, body in (("GET", "/v1/deployments/mlp", None), ("PATCH", "/v1/deployments/mlp", {"default_version": 1}),
+                               ("POST", "/v1/deployments/mlp/rollback", None), ("DELETE", "/v1/deployments/mlp", None),
+                               ("GET", f"/v1/candidates/{cand}", None), ("GET", f"/v1/candidates/{cand}/artifact", None),
+                               ("POST", "/v1/deployments", {"name": "stolen", "job": job["id"]}),
+                               ("POST", "/v1/deployments", {"name": "stolen", "candidate": cand})):
+        r = api.request(method, path, headers=theirs, json=body)
+        assert r.status_code == 404, (method, path, r.status_code, r.text)  # not 403: nothing says it exists
+    # and team a's deployment is untouched
+    assert api.get("/v1/deployments/mlp", headers=bearer(a["token"])).json()["state"] == "ready"
+    assert api.post("/v2/models/mlp/infer", headers=bearer(a["token"]), json=x).status_code == 200
+
+
 def test_dashboard_cookie_needs_csrf_for_changes(secure):
     from service.auth import csrf_token
 
