@@ -94,6 +94,10 @@ class Unavailable(KilnError):
     title = "Service unavailable"
 
 
+class Unloaded(Unavailable):
+    """The model version a request was routed to was unloaded before it ran (a deployment change)."""
+
+
 class StorageFull(KilnError):
     status = 507
     title = "Insufficient storage"

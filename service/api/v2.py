@@ -10,7 +10,7 @@ from starlette.exceptions import HTTPException
 
 from service import metrics
 from service.api.deps import principal, principal_async
-from service.errors import InvalidInput, KilnError, NotFound
+from service.errors import InvalidInput, KilnError, NotFound, Unloaded
 from service.serving import protocol
 from service.serving.manager import Manager, Served, infer
 
@@ -108,14 +108,16 @@ async def _infer(request: Request, name: str, version: int | None) -> Response:
     metrics.REQUESTS.labels(*labels).inc()
     try:
         body = await request.body()
-        req = protocol.parse(body, request.headers.get(protocol.HEADER_LENGTH), served.input_dtypes)
-        served.check(req.inputs)
-        if req.outputs is not None:
-            unknown = [o for o in req.outputs if o not in served.output_dtypes]
-            if unknown:
-                raise InvalidInput(f"unknown output(s) {', '.join(unknown)}; the model has "
-                                   f"{', '.join(served.output_dtypes)}")
-        outputs = await infer(served, req.inputs)
+        req = _request(served, body, request)
+        try:
+            outputs = await infer(served, req.inputs)
+        except Unloaded:
+            if version is not None:
+                raise
+            # the default this request was routed to was replaced meanwhile: run it on the new one
+            served = manager(request).resolve(who.owner, name, None)
+            req = _request(served, body, request)
+            outputs = await infer(served, req.inputs)
         if req.outputs is not None:
             outputs = {n: outputs[n] for n in req.outputs}
         content, headers = protocol.encode(served.name, str(served.version), req, outputs, served.output_dtypes)
@@ -129,6 +131,18 @@ async def _infer(request: Request, name: str, version: int | None) -> Response:
     except Exception as exc:
         metrics.FAILURES.labels(*labels, "500").inc()
         raise KilnError(f"inference failed: {_reason(exc)}") from exc
+
+
+def _request(served: Served, body: bytes, request: Request) -> protocol.InferRequest:
+    """The body parsed for this version, its inputs and asked-for outputs checked against it."""
+    req = protocol.parse(body, request.headers.get(protocol.HEADER_LENGTH), served.input_dtypes)
+    served.check(req.inputs)
+    if req.outputs is not None:
+        unknown = [o for o in req.outputs if o not in served.output_dtypes]
+        if unknown:
+            raise InvalidInput(f"unknown output(s) {', '.join(unknown)}; the model has "
+                               f"{', '.join(served.output_dtypes)}")
+    return req
 
 
 def _reason(exc: Exception) -> str:

@@ -4,6 +4,7 @@ off the event loop, and split back so each caller gets exactly its own rows."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from typing import Callable
 import numpy as np
 
 from service import metrics
+from service.errors import Unloaded
 
 Arrays = dict[str, np.ndarray]
 
@@ -43,6 +45,10 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self._carry: _Item | None = None
         self._running: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
+        # `close` may come from another thread: under this lock a request either starts the loop and
+        # queues ahead of the end marker, or sees the batcher closed; never a loop on a shut-down pool
+        self._lock = threading.Lock()
+        self._closed = False
 
     def _start(self) -> None:
         self._queue = asyncio.Queue()
@@ -54,12 +60,15 @@ class Batcher:
 
     async def infer(self, inputs: Arrays) -> Arrays:
         """Run one request (its first axis is the batch axis when batching is on)."""
-        if self._task is None:
-            self._start()
         rows = next(iter(inputs.values())).shape[0] if self.batching else 1
         key = tuple((n, a.shape[1:], a.dtype.str) for n, a in sorted(inputs.items())) if self.batching else ()
         fut = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Item(inputs, rows, key, fut))
+        with self._lock:
+            if self._closed:
+                raise Unloaded(f"model {self.labels[0]!r} version {self.labels[1]} was just unloaded; send again")
+            if self._task is None:
+                self._start()
+            self._queue.put_nowait(_Item(inputs, rows, key, fut))
         return await fut
 
     async def _loop(self) -> None:
@@ -68,6 +77,8 @@ class Batcher:
             self._carry = None
             if first is _CLOSE:
                 self._refuse_rest()
+                # runs still going finish before the loop ends, so that wait_idle covers them
+                await asyncio.gather(*self._running, return_exceptions=True)
                 break
             batch = [first]
             rows = first.rows
@@ -139,13 +150,12 @@ class Batcher:
             offset += item.rows
 
     def _refuse_rest(self) -> None:
-        """Requests that arrived after close: answered 503, never left waiting."""
-        from service.errors import Unavailable
-
+        """Requests queued behind the end marker: answered 503, never left waiting."""
         while not self._queue.empty():
             item = self._queue.get_nowait()
             if item is not _CLOSE and not item.future.done():
-                item.future.set_exception(Unavailable("this model version was just unloaded; send again"))
+                item.future.set_exception(Unloaded(f"model {self.labels[0]!r} version {self.labels[1]} was "
+                                                   "just unloaded; send again"))
 
     def wait_idle(self, timeout: float) -> None:
         """Block (in another thread than the event loop's) until the loop has ended and runs are done."""
@@ -155,9 +165,12 @@ class Batcher:
         self._pool.shutdown(wait=True)
 
     def close(self) -> None:
-        """Stop taking requests once those already queued have run (callable from any thread):
-        a version being replaced answers everything it accepted."""
-        if self._task is not None and not self._loop_ref.is_closed():
+        """Stop taking requests; those already queued run first (callable from any thread): a
+        version being replaced answers everything it accepted, and refuses the rest with Unloaded."""
+        with self._lock:
+            self._closed = True
+            started = self._task is not None
+        if started and not self._loop_ref.is_closed():
             self._loop_ref.call_soon_threadsafe(self._queue.put_nowait, _CLOSE)
 
 

@@ -58,6 +58,82 @@ def test_a_runtime_that_raises_fails_that_request_and_serves_the_next(local):
         assert 'kiln_inference_failures_total{code="500",model="picky",version="1"} 2.0' in metrics
 
 
+def test_deployment_changes_under_load_fail_no_request(local):
+    """Clients on the default version while versions are deployed, rolled back and unloaded: a
+    request routed to a version that is unloaded before it runs goes to the new default instead."""
+    with Server() as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
+        job = convert(http, "mlp", "mlp", targets=["onnxruntime", "torchscript"])
+        cands = [c["id"] for c in http.get(f"/v1/jobs/{job}").json()["candidates"] if c["passed"]]
+        assert len(cands) == 2
+        assert http.post("/v1/deployments", json={"name": "mlp", "candidate": cands[0]}).status_code == 201
+        stop = threading.Event()
+        codes: dict[str, int] = {}
+        x = {"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32", "data": [0.25] * 64}]}
+
+        def client() -> None:
+            with httpx.Client(base_url=srv.url, timeout=60) as c:
+                while not stop.is_set():
+                    r = c.post("/v2/models/mlp/infer", json=x)
+                    key = str(r.status_code) if r.status_code == 200 else f"{r.status_code} {r.text[:120]}"
+                    codes[key] = codes.get(key, 0) + 1
+
+        threads = [threading.Thread(target=client) for _ in range(6)]
+        for t in threads:
+            t.start()
+        try:
+            for i in range(12):
+                r = http.post("/v1/deployments", json={"name": "mlp", "candidate": cands[i % 2],
+                                                        "max_queue_delay_ms": [0, 1, 2][i % 3]})
+                assert r.status_code == 201, r.text
+                if i % 3 == 2:
+                    assert http.post("/v1/deployments/mlp/rollback").status_code == 200
+                time.sleep(0.2)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(30)
+        assert codes.get("200", 0) > 100 and set(codes) == {"200"}, codes
+        versions = http.get("/v1/deployments/mlp").json()["versions"]
+        assert len(versions) == 13 and sum(v["state"] == "ready" for v in versions) <= 3  # old ones unloaded
+
+
+@pytest.mark.parametrize("warm", [True, False], ids=["version-had-requests", "version-never-ran"])
+def test_a_request_whose_version_is_unloaded_before_it_runs_goes_to_the_new_default(local, warm):
+    """Routed to v1, its body still arriving, while v2..v4 are deployed and v1 unloaded: the request
+    runs on v4. (It once waited forever when v1 had run before, and was a 500 "cannot schedule new
+    futures after shutdown" when it had not.)"""
+    import socket
+
+    with Server() as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
+        job = convert(http, "mlp", "mlp")
+        deploy = {"name": "mlp", "job": job}
+        assert http.post("/v1/deployments", json=deploy).json()["default_version"] == 1
+        body = json.dumps(body_of := {"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32",
+                                                  "data": [0.25] * 64}]}).encode()
+        if warm:
+            assert http.post("/v2/models/mlp/infer", json=body_of).status_code == 200
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as sock:
+            sock.sendall(f"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:10])
+            time.sleep(0.5)  # routed to v1 (the default), now waiting for the rest of its body
+            for version in (2, 3, 4):
+                assert http.post("/v1/deployments", json=deploy).json()["default_version"] == version
+
+            def v1_unloaded() -> bool:
+                states = {v["version"]: v["state"] for v in http.get("/v1/deployments/mlp").json()["versions"]}
+                return states[4] == "ready" and states[1] != "ready"
+            wait_for(v1_unloaded, 30, "v1 to be unloaded (only the default, the one before and the newest stay)")
+            sock.sendall(body[10:])
+            answer = b""
+            while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+                part = sock.recv(65536)
+                assert part, answer
+                answer += part
+        head, _, payload = answer.partition(b"\r\n\r\n")
+        assert head.split()[1] == b"200", answer
+        assert json.loads(payload)["model_version"] == "4"
+
+
 def _fill(folder: Path) -> Path:
     """Write a file until the filesystem has no space left; returns it."""
     filler = folder / "filler"
