@@ -16,7 +16,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, TypeVar
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import httpx
 
@@ -25,6 +26,18 @@ T = TypeVar("T")
 
 
 # --- small helpers ----------------------------------------------------------------------------------
+
+@contextmanager
+def tmpfs(folder: Path, size: str) -> Iterator[Path]:
+    """A small filesystem of its own mounted on `folder` (made if missing), for full-disk and
+    cross-filesystem cases; the caller skips the test unless it runs as root."""
+    folder.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], check=True)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
 
 def free_port() -> int:
     """A TCP port nothing listens on right now."""

@@ -16,6 +16,7 @@ import pytest
 
 from service.artifacts import ArtifactStore, S3Store
 from service.errors import NotFound, PayloadTooLarge, StorageFull
+from tests.service.procs import tmpfs
 
 
 def test_local_store_is_content_addressed_and_atomic(tmp_path):
@@ -40,27 +41,23 @@ def test_local_store_is_content_addressed_and_atomic(tmp_path):
     assert (out / "model.onnx").read_bytes() == b"onnx"
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+
+
+@ROOT_ONLY
 def test_a_full_disk_is_a_clear_error_and_leaves_nothing_behind(tmp_path):
-    small = tmp_path / "small"
-    small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
-    try:
+    with tmpfs(tmp_path / "small", "1m") as small:
         store = ArtifactStore(small)
         with pytest.raises(StorageFull, match="No space left on device"):
             store.put_stream(io.BytesIO(os.urandom(2 << 20)))
         assert list((small / "tmp").iterdir()) == []
         assert not (small / "sha256").exists() or not any((small / "sha256").rglob("*"))
-    finally:
-        subprocess.run(["umount", str(small)], check=True)
 
 
+@ROOT_ONLY
 def test_materialize_onto_another_filesystem_than_the_store(tmp_path):
     """Artifacts on their own volume, the serving cache in the data directory: the folder appears whole."""
-    mounted = tmp_path / "volume"
-    mounted.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mounted)], check=True)
-    try:
+    with tmpfs(tmp_path / "volume", "4m") as mounted:
         store = ArtifactStore(mounted)
         files = {"model.onnx": store.put_stream(io.BytesIO(b"graph"))[0],
                  "kiln-artifact.json": store.put_stream(io.BytesIO(b"{}"))[0]}
@@ -69,8 +66,6 @@ def test_materialize_onto_another_filesystem_than_the_store(tmp_path):
         assert (dest / "model.onnx").read_bytes() == b"graph"
         assert store.materialize(files, dest) == dest  # already there: reused
         assert [p.name for p in (tmp_path / "cache").iterdir()] == ["abc"]  # no temporary folder left
-    finally:
-        subprocess.run(["umount", str(mounted)], check=True)
 
 
 def _free_port() -> int:

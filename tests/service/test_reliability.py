@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import ZOO, zoo_signature
-from tests.service.procs import KilnApi, KilnWorker, Processes, free_port, kiln_env, wait_for
+from tests.service.procs import KilnApi, KilnWorker, Processes, free_port, kiln_env, tmpfs, wait_for
 from tests.service.test_serving import Server, convert
 
 
@@ -152,10 +152,7 @@ def test_a_full_artifact_store_fails_the_job_with_that_reason_and_serves_nothing
 
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root")
-    store = tmp_path / "store"
-    store.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(store)], check=True)
-    try:
+    with tmpfs(tmp_path / "store", "8m") as store:
         monkeypatch.setenv("KILN_ARTIFACT_DIR", str(store))
         clear_caches()
         with Server() as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
@@ -183,9 +180,7 @@ def test_a_full_artifact_store_fails_the_job_with_that_reason_and_serves_nothing
             assert d.status_code == 201 and d.json()["state"] == "ready", d.text
             x = np.ones((1, 64), np.float32)
             assert http.post("/v2/models/mlp/infer", json=body(x)).status_code == 200
-    finally:
-        clear_caches()
-        subprocess.run(["umount", "-l", str(store)], check=False)
+    clear_caches()
 
 
 @pytest.mark.slow
