@@ -57,12 +57,12 @@ class Runtime(ABC):
     def __init__(self, path: Path, *, info: ArtifactInfo | None = None, threads: int | None = None,
                  device: str = "cpu", spin: bool = True) -> None:
         """`spin`: let idle intra-op threads busy-wait for the next run (lowest latency for one caller;
-        a server with many requests in flight gives those cores to other work instead)."""
+        a server with many requests in flight gives those cores to other work instead). Runtimes
+        whose library has no such switch ignore it."""
         self.path = Path(path)
         self.info = info
         self.threads = threads
         self.device = device
-        self.spin = spin
 
     @property
     @abstractmethod

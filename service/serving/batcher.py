@@ -76,8 +76,9 @@ class Batcher:
             first = self._carry or await self._queue.get()
             self._carry = None
             if first is _CLOSE:
-                self._refuse_rest()
-                # runs still going finish before the loop ends, so that wait_idle covers them
+                # Nothing is queued behind the marker: `close` sets _closed (under the lock that
+                # queueing takes) before it sends the marker. Runs still going finish before the
+                # loop ends, so that wait_idle covers them.
                 await asyncio.gather(*self._running, return_exceptions=True)
                 break
             batch = [first]
@@ -148,14 +149,6 @@ class Batcher:
                 else:
                     item.future.set_result({n: v[offset:offset + item.rows] for n, v in outputs.items()})
             offset += item.rows
-
-    def _refuse_rest(self) -> None:
-        """Requests queued behind the end marker: answered 503, never left waiting."""
-        while not self._queue.empty():
-            item = self._queue.get_nowait()
-            if item is not _CLOSE and not item.future.done():
-                item.future.set_exception(Unloaded(f"model {self.labels[0]!r} version {self.labels[1]} was "
-                                                   "just unloaded; send again"))
 
     def wait_idle(self, timeout: float) -> None:
         """Block (in another thread than the event loop's) until the loop has ended and runs are done."""

@@ -15,8 +15,8 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import httpx
@@ -26,6 +26,28 @@ T = TypeVar("T")
 
 
 # --- small helpers ----------------------------------------------------------------------------------
+
+def read_response(sock: socket.socket) -> tuple[int, bytes]:
+    """Status and body of one HTTP/1.1 response with a Content-Length, read from a raw socket
+    (for tests that need to control exactly when each byte of a request is sent)."""
+    data = b""
+    while True:
+        head, sep, body = data.partition(b"\r\n\r\n")
+        if sep:
+            fields = dict(line.split(b":", 1) for line in head.split(b"\r\n")[1:] if b":" in line)
+            length = int(next((v for k, v in fields.items() if k.strip().lower() == b"content-length"), b"0"))
+            if len(body) >= length:
+                return int(head.split()[1]), body[:length]
+        part = sock.recv(65536)
+        if not part:
+            raise ConnectionError(f"the server closed the connection mid-response: {data[:300]!r}")
+        data += part
+
+
+def metric(text: str, series: str) -> float:
+    """The value of one exact series (name with its labels) in a /metrics page; 0 when absent."""
+    return next((float(line[len(series) + 1:]) for line in text.splitlines() if line.startswith(series + " ")), 0.0)
+
 
 @contextmanager
 def tmpfs(folder: Path, size: str) -> Iterator[Path]:

@@ -9,6 +9,7 @@ import socket
 
 import pytest
 
+from tests.service.procs import metric, read_response
 from tests.service.test_serving import Server
 
 LIMIT = 1 << 20
@@ -32,22 +33,8 @@ def server(tmp_path, monkeypatch):
 
 
 def _response(sock: socket.socket) -> tuple[int, dict]:
-    data = b""
-    while b"\r\n\r\n" not in data or len(data) < data.index(b"\r\n\r\n") + 4 + _length(data):
-        part = sock.recv(65536)
-        if not part:
-            break
-        data += part
-    head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split()[1]), json.loads(body)
-
-
-def _length(data: bytes) -> int:
-    for line in data.split(b"\r\n\r\n")[0].split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            return int(value)
-    return 0
+    status, body = read_response(sock)
+    return status, json.loads(body)
 
 
 def _head(path: str, port: int, length: str, content_type: str = "application/octet-stream") -> bytes:
@@ -100,9 +87,7 @@ def _failures_413(url: str) -> float:
     """This version's 413 count (the metrics registry is the process's, shared by every test)."""
     import httpx
 
-    series = 'kiln_inference_failures_total{code="413",model="mlp",version="1"} '
-    return next((float(line[len(series):]) for line in httpx.get(f"{url}/metrics").text.splitlines()
-                 if line.startswith(series)), 0.0)
+    return metric(httpx.get(f"{url}/metrics").text, 'kiln_inference_failures_total{code="413",model="mlp",version="1"}')
 
 
 def test_a_chunked_inference_body_is_cut_off_while_it_streams(server):

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import ZOO, zoo_signature
-from tests.service.procs import KilnApi, KilnWorker, Processes, free_port, kiln_env, tmpfs, wait_for
+from tests.service.procs import (KilnApi, KilnWorker, Processes, free_port, kiln_env, read_response, tmpfs,
+                                 wait_for)
 from tests.service.test_serving import Server, convert
 
 
@@ -124,13 +125,8 @@ def test_a_request_whose_version_is_unloaded_before_it_runs_goes_to_the_new_defa
                 return states[4] == "ready" and states[1] != "ready"
             wait_for(v1_unloaded, 30, "v1 to be unloaded (only the default, the one before and the newest stay)")
             sock.sendall(body[10:])
-            answer = b""
-            while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
-                part = sock.recv(65536)
-                assert part, answer
-                answer += part
-        head, _, payload = answer.partition(b"\r\n\r\n")
-        assert head.split()[1] == b"200", answer
+            status, payload = read_response(sock)
+        assert status == 200, payload
         assert json.loads(payload)["model_version"] == "4"
 
 

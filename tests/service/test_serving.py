@@ -236,15 +236,11 @@ def test_concurrent_clients_get_their_own_rows_and_batching_joins_them(served):
 def _batch_stats(http, model, version=1):
     """Runs and rows so far. The metrics registry is the process's: other tests in this pytest run
     leave series for other versions of a model of the same name, so the version is part of the key."""
+    from tests.service.procs import metric
+
     text = http.get("/metrics").text
     labels = f'{{model="{model}",version="{version}"}}'
-    count = total = 0.0
-    for line in text.splitlines():
-        if line.startswith(f"kiln_inference_batch_size_count{labels} "):
-            count = float(line.split()[-1])
-        if line.startswith(f"kiln_inference_batch_size_sum{labels} "):
-            total = float(line.split()[-1])
-    return count, total
+    return metric(text, f"kiln_inference_batch_size_count{labels}"), metric(text, f"kiln_inference_batch_size_sum{labels}")
 
 
 def test_model_whose_rows_depend_on_each_other_is_served_unbatched(served):
