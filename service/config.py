@@ -50,11 +50,19 @@ class Settings(BaseSettings):
     default_owner: str = "default"
     # Allowed browser origins for CORS; none by default.
     cors_origins: list[str] = Field(default_factory=list)
-    # Sandbox limits for user model code. Memory is address space (RLIMIT_AS): torch alone
-    # maps a few GiB, so this is set well above what a model needs.
+    # Limits of the isolation boundary (service/boundary.py) for user model code and code-bearing
+    # artifacts. None: fitted to this machine (memory: half of RAM; disk: half of the free space
+    # where the job works; CPU: every core). Memory is the box's cgroup limit (resident memory).
     sandbox_timeout_s: float = 1800.0
-    sandbox_memory_bytes: int = 24 << 30
-    sandbox_file_size_bytes: int = 16 << 30
+    sandbox_memory_bytes: int | None = None
+    sandbox_disk_bytes: int | None = None
+    sandbox_cpus: float | None = None
+    sandbox_processes: int = 256
+    # The host user boxes run as when Kiln runs as root (65534: nobody).
+    sandbox_uid: int = 65534
+    # Run untrusted code WITHOUT the isolation boundary where bubblewrap is missing. Only for a
+    # single-user machine: model code can then read and write whatever Kiln can.
+    insecure_no_sandbox: bool = False
     # Threads for conversion benchmarks and CPU runtimes (None: the runtime's default).
     threads: int | None = None
 

@@ -13,6 +13,7 @@
     ├── Conflict (409)
     ├── PayloadTooLarge (413)
     ├── Unavailable (503)
+    │   └── SandboxUnavailable    the isolation boundary cannot be built here, so untrusted code won't run
     ├── StorageFull (507)         the artifact store or a disk is full
     └── ConversionError (500)     a step failed for a reason the user cannot fix by changing the request
         ├── SandboxError          user code crashed, hung or exceeded a limit in the sandbox
@@ -92,6 +93,12 @@ class PayloadTooLarge(KilnError):
 class Unavailable(KilnError):
     status = 503
     title = "Service unavailable"
+
+
+class SandboxUnavailable(Unavailable):
+    """Untrusted code (model source, TorchScript) cannot run: the isolation boundary is missing here."""
+
+    title = "Sandbox unavailable"
 
 
 class Unloaded(Unavailable):

@@ -16,7 +16,8 @@ from service.signature import Signature
 from workers import report
 from workers.context import STATE_FILE, BundleInfo, Context
 from workers.pipeline import Canceled, Events, Pipeline
-from workers.steps import common, default_steps
+from workers import sandboxed as common
+from workers.steps import default_steps
 
 
 def prepare(bundle_path: Path, out_dir: Path, *, entry: str | None = None, weights: Path | None = None,

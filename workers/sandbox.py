@@ -1,24 +1,18 @@
-"""Run untrusted model code in a separate, limited child process.
+"""Run untrusted model code in a separate, limited child process inside the isolation boundary.
 
 ``run_op`` writes ``WORKDIR/.sandbox/request.json``, starts ``python -m workers.sandbox_child WORKDIR``
-in its own session with resource limits, a scrubbed environment and (as root) its own network
-namespace, waits while enforcing the wall-clock limit and polling for cancellation, kills the
-whole process group afterwards, and turns ``.sandbox/result.json`` and the exit status into a
-``SandboxResult``. Requests and results are JSON files; nothing is ever unpickled here.
-
-As root on Linux the child is also isolated (workers/isolation.py): network, mount and PID
-namespaces, a read-only filesystem in which `Limits.hide` folders (the data directory: database,
-tokens, other models) are empty except for `Limits.readable` paths, only the working directory
-writable, no capabilities, and a pids cgroup. Elsewhere each missing piece is named in `notes`.
+in a box (service/boundary.py: bubblewrap, an unprivileged user, no network, nothing of the host but
+the Python environment, `Limits.readable` paths read-only and WORKDIR writable, a cgroup for memory,
+processes and CPU), waits while enforcing the wall-clock limit and the disk quota and polling for
+cancellation, kills the whole box afterwards, and turns ``.sandbox/result.json`` and the exit status
+into a ``SandboxResult``. Requests and results are JSON files; nothing is ever unpickled here.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import json
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -27,41 +21,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
-from service import errors
-from workers import isolation
+from service import boundary, errors
 
-# The smallest memory limit accepted. RLIMIT_AS counts address space, not resident memory, and
-# torch reserves a lot of it: with torch 2.13 (CPU, x86-64 Linux) ``import torch`` plus a forward
-# pass of nn.Linear(4, 4) needs about 640 MiB, whatever OMP_NUM_THREADS is (1 to 64 measured).
-# 1 GiB leaves room for a small model; anything lower would fail every model as "memory".
+# The smallest memory limit accepted: ``import torch`` plus a forward pass of a small model.
 MIN_MEMORY_BYTES = 1 << 30
 LOG_TAIL_BYTES = 64 << 10
 _POLL_S = 0.2
-_CLONE_NEWNET = 0x40000000
+_DISK_POLL_S = 1.0
 # How torch's CPU allocator words an allocation it could not make (it raises a plain RuntimeError).
 _ALLOC_FAILURES = ("can't allocate memory", "not enough memory")
-# The directory holding the `workers` package, so the child can import it even when kiln is not installed.
-_IMPORT_ROOT = Path(__file__).resolve().parent.parent
-# Loaded here, not in the forked child, where loading a library is not safe.
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Limits for one sandboxed op."""
+    """Limits for one sandboxed op. None: fitted to this machine (service/boundary.py)."""
 
     timeout_s: float = 900.0  # wall clock, enforced by the parent
-    memory_bytes: int = 8 << 30  # RLIMIT_AS of the child, at least MIN_MEMORY_BYTES
-    file_size_bytes: int = 8 << 30  # RLIMIT_FSIZE: the largest file the child may write, its log included
-    # RLIMIT_NPROC counts every process and thread of the child's user, and the kernel does not
-    # enforce it for root.
-    processes: int = 256
+    memory_bytes: int | None = None  # the box's cgroup memory limit; default half of RAM
+    file_size_bytes: int | None = None  # RLIMIT_FSIZE: the largest file; default the disk quota
+    disk_bytes: int | None = None  # what the working directory may grow to; default half the free space
+    processes: int = 256  # processes and threads in the box
+    cpus: float | None = None  # CPU time in cores; None: no limit
     threads: int | None = None  # OMP_NUM_THREADS / MKL_NUM_THREADS in the child; None keeps torch's default
-    hide: tuple[Path, ...] = ()  # folders that look empty to the child (secrets, other jobs)
-    readable: tuple[Path, ...] = ()  # paths inside hidden folders the child may still read
+    readable: tuple[Path, ...] = ()  # paths the child may read (the bundle, samples), besides its workdir
 
     def __post_init__(self) -> None:
-        if self.memory_bytes < MIN_MEMORY_BYTES:
+        if self.memory_bytes is not None and self.memory_bytes < MIN_MEMORY_BYTES:
             raise ValueError(
                 f"memory_bytes must be at least {_size(MIN_MEMORY_BYTES)} (importing torch needs about 640 MiB), "
                 f"got {_size(self.memory_bytes)}"
@@ -72,14 +57,15 @@ class Limits:
 class SandboxResult:
     """What happened to one sandboxed op."""
 
-    outcome: str  # "ok" | "error" | "timeout" | "memory" | "file_size" | "crashed" | "canceled"
+    outcome: str  # "ok" | "error" | "timeout" | "memory" | "file_size" | "disk" | "crashed" | "canceled"
     reason: str  # one human-readable line
     result: dict | None  # what the op returned, when ok
     error: dict | None  # {"type", "message", "traceback", "errno", "kiln_error"} when the op raised
     returncode: int | None
     log: str  # the last LOG_TAIL_BYTES of the child's combined stdout and stderr
     duration_s: float
-    notes: list[str] = field(default_factory=list)  # e.g. a missing network isolation
+    notes: list[str] = field(default_factory=list)  # e.g. that it ran unisolated
+    isolated: bool = True
 
     @property
     def ok(self) -> bool:
@@ -93,7 +79,7 @@ class SandboxResult:
         name = (self.error or {}).get("kiln_error")
         kiln_error = getattr(errors, name, None) if isinstance(name, str) else None
         if isinstance(kiln_error, type) and issubclass(kiln_error, errors.KilnError):
-            raise kiln_error(str(self.error.get("message", "")))
+            raise kiln_error(str((self.error or {}).get("message", "")))
         raise errors.SandboxError(self.reason, outcome=self.outcome)
 
 
@@ -106,78 +92,78 @@ def run_op(
     cancel: Callable[[], bool] | None = None,
     on_output: Callable[[str], None] | None = None,
 ) -> SandboxResult:
-    """Run ``workers.sandbox_ops.OPS[op](args, workdir)`` in a limited child process.
+    """Run ``workers.sandbox_ops.OPS[op](args, workdir)`` in a limited, isolated child process.
 
-    ``workdir`` becomes the child's cwd, HOME and (under ``tmp/``) TMPDIR; the child's output goes
-    to ``workdir/.sandbox/output.log``. ``cancel`` is polled about every 0.2 s and kills the child
-    when it returns True. ``on_output`` receives the child's output line by line as it is written.
-    Never raises for anything the child does: the outcome says what happened.
+    ``workdir`` becomes the child's cwd and HOME, and (under ``tmp/``) its TMPDIR: the only place it
+    may write. The child's output goes to ``workdir/.sandbox/output.log``. ``cancel`` is polled about
+    every 0.2 s and kills the child when it returns True. ``on_output`` receives the child's output
+    line by line as it is written. Raises SandboxUnavailable when the boundary cannot be built (and
+    running unisolated was not asked for); never raises for anything the child does.
     """
     workdir = Path(workdir).resolve()
-    box = workdir / ".sandbox"
-    box.mkdir(parents=True, exist_ok=True)
+    box_dir = workdir / ".sandbox"
+    box_dir.mkdir(parents=True, exist_ok=True)
     (workdir / "tmp").mkdir(exist_ok=True)
-    (box / "result.json").unlink(missing_ok=True)  # a result left by an earlier op in this workdir
-    (box / "request.json").write_text(json.dumps({"op": op, "args": args}))
-    log_path = box / "output.log"
-    notes = [] if isolation.available() else ["isolation unavailable: not running as root"]
-    cgroup = isolation.PidsCgroup(limits.processes) if isolation.available() else None
-    if cgroup is not None and cgroup.note:
-        notes.append(cgroup.note)
-    plan = (isolation.Plan(workdir, tuple(Path(p).resolve() for p in limits.hide),
-                           tuple(Path(p).resolve() for p in limits.readable) + (workdir,),
-                           cgroup.procs_path()) if cgroup is not None else None)
+    (box_dir / "result.json").unlink(missing_ok=True)  # a result left by an earlier op in this workdir
+    (box_dir / "request.json").write_text(json.dumps({"op": op, "args": args}))
+    log_path = box_dir / "output.log"
+    log_path.unlink(missing_ok=True)
+    disk_bytes = limits.disk_bytes or boundary.default_disk_bytes(workdir)
+    _give_to_sandbox(workdir)
+    env = boundary.python_env(home=str(workdir))
+    env["TMPDIR"] = str(workdir / "tmp")
+    if limits.threads is not None:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(limits.threads)
+    box = boundary.Box(
+        name=f"op:{workdir}", read_only=tuple(Path(p).resolve() for p in limits.readable), writable=workdir,
+        chdir=workdir, env=env, memory_bytes=limits.memory_bytes, processes=limits.processes, cpus=limits.cpus,
+        file_size_bytes=limits.file_size_bytes or disk_bytes, gpu=Path("/dev/nvidiactl").exists())
 
     started = time.monotonic()
     killed_for = None
     # The child's output goes straight into the log file, so RLIMIT_FSIZE bounds the log too.
     with open(log_path, "wb") as log:
-        # The child reports a failed unshare() through this pipe; exec closes the child's end.
-        report_r, report_w = os.pipe()
-        with os.fdopen(report_r, "rb") as report:
-            try:
-                proc = subprocess.Popen(
-                    # -P: the workdir (which holds the upload) must not shadow the modules the child imports
-                    [sys.executable, "-P", "-m", "workers.sandbox_child", str(workdir)],
-                    cwd=workdir,
-                    env=_child_env(workdir, limits),
-                    # /dev/null rather than a closed fd 0, which the next file the child opens would take
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,  # its own process group, so one killpg reaches the grandchildren
-                    preexec_fn=_confine(limits, report_w, plan),
-                )
-            finally:
-                os.close(report_w)
-            notes += [line for line in report.read().decode().splitlines() if line]
-
-        feed = _LineFeed(log_path, on_output) if on_output else None
-        try:
-            delay = 0.01
-            while not _exited(proc.pid):
-                if feed:
-                    feed.pump()
-                if cancel is not None and cancel():
-                    killed_for = "canceled"
-                    break
-                if time.monotonic() - started >= limits.timeout_s:
-                    killed_for = "timeout"
-                    break
-                time.sleep(delay)
-                delay = min(delay * 2, _POLL_S)  # quick ops return quickly, long ones cost little
-        finally:
-            # Also after a normal exit: background processes left by model code must not outlive it.
-            _kill_group(proc.pid)
-            returncode = proc.wait()
+        # -P: the workdir (which holds the upload) must not shadow the modules the child imports
+        boxed = boundary.start([sys.executable, "-P", "-m", "workers.sandbox_child", str(workdir)], box,
+                               stdout=log, stderr=subprocess.STDOUT)
+    proc = boxed.proc
+    feed = _LineFeed(log_path, on_output) if on_output else None
+    try:
+        delay, next_disk_check = 0.01, started + _DISK_POLL_S
+        while not _exited(proc.pid):
             if feed:
-                feed.pump(final=True)
-            if cgroup is not None:
-                cgroup.remove()
+                feed.pump()
+            now = time.monotonic()
+            if cancel is not None and cancel():
+                killed_for = "canceled"
+                break
+            if now - started >= limits.timeout_s:
+                killed_for = "timeout"
+                break
+            if now >= next_disk_check:
+                next_disk_check = now + _DISK_POLL_S
+                if _usage(workdir) > disk_bytes:
+                    killed_for = "disk"
+                    break
+            time.sleep(delay)
+            delay = min(delay * 2, _POLL_S)  # quick ops return quickly, long ones cost little
+    finally:
+        # Also after a normal exit: background processes left by model code must not outlive it.
+        boxed.kill()
+        returncode = proc.wait()
+        oom = boxed.oom_killed()
+        boxed.release()
+        if feed:
+            feed.pump(final=True)
     duration_s = time.monotonic() - started
+    if killed_for == "disk":
+        _reclaim(workdir, keep=box_dir)
 
-    reply = _read_reply(box / "result.json")
-    outcome, reason = _classify(killed_for, reply, returncode, limits)
+    reply = _read_reply(box_dir / "result.json")
+    if boxed.isolated and returncode > 128:  # bwrap ends with 128+N when the boxed process died of signal N
+        returncode = -(returncode - 128)
+    outcome, reason = _classify(killed_for, reply, returncode, limits, oom=oom, disk_bytes=disk_bytes,
+                                file_size_bytes=box.file_size_bytes)
     return SandboxResult(
         outcome=outcome,
         reason=reason,
@@ -186,67 +172,56 @@ def run_op(
         returncode=returncode,
         log=_tail(log_path),
         duration_s=duration_s,
-        notes=notes,
+        notes=boxed.notes,
+        isolated=boxed.isolated,
     )
 
 
-def _child_env(workdir: Path, limits: Limits) -> dict[str, str]:
-    """Only what the child needs: nothing else from os.environ (no KILN_* secrets, no database URLs)."""
-    env = {
-        "PATH": os.environ.get("PATH", os.defpath),
-        "HOME": str(workdir),
-        "TMPDIR": str(workdir / "tmp"),
-        "PYTHONPATH": str(_IMPORT_ROOT),
-        "PYTHONNOUSERSITE": "1",
-        "PYTHONDONTWRITEBYTECODE": "1",
-        "PYTHONUNBUFFERED": "1",
-    }
-    env.update({name: os.environ[name] for name in ("LANG", "LC_ALL") if name in os.environ})
-    if limits.threads is not None:
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(limits.threads)
-    return env
+def _give_to_sandbox(workdir: Path) -> None:
+    """Make the working directory the sandbox user's (it runs as an unprivileged user of the host)."""
+    if os.geteuid() != 0:
+        return
+    uid = boundary.sandbox_uid()
+    for root, dirs, files in os.walk(workdir):
+        for name in (root, *(os.path.join(root, d) for d in dirs), *(os.path.join(root, f) for f in files)):
+            try:
+                os.lchown(name, uid, uid)
+            except OSError:
+                pass
 
 
-_PR_SET_PDEATHSIG = 1
+def _usage(path: Path) -> int:
+    """Bytes the files under `path` take on disk."""
+    total = 0
+    stack = [str(path)]
+    while stack:
+        try:
+            with os.scandir(stack.pop()) as it:
+                for entry in it:
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            stack.append(entry.path)
+                        else:
+                            total += entry.stat(follow_symlinks=False).st_blocks * 512
+                    except OSError:
+                        pass
+        except OSError:
+            pass
+    return total
 
 
-def _confine(limits: Limits, report_fd: int, plan: "isolation.Plan | None") -> Callable[[], None]:
-    """The preexec_fn: runs in the forked child before exec, so the limits cover all of the child.
+def _reclaim(workdir: Path, keep: Path) -> None:
+    """After the disk quota was hit: remove what the box wrote, so the disk is not left full."""
+    import shutil
 
-    Keep it short: in the forked child of a threaded parent, anything that takes a lock may deadlock.
-    With isolation, this process enters new namespaces and forks twice: the process that execs the
-    sandbox is PID 2 of its own PID namespace, and the two above it only relay its exit status.
-    """
-
-    def report(message: str) -> None:
-        os.write(report_fd, (message + "\n").encode())
-
-    def confine() -> None:
-        # Die with the worker: a sandbox must not outlive the process that supervises it.
-        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        pid_namespace = isolation.enter(plan, report) if plan is not None else False
-        for rlimit, value in (
-            (resource.RLIMIT_AS, limits.memory_bytes),
-            (resource.RLIMIT_FSIZE, limits.file_size_bytes),
-            (resource.RLIMIT_NPROC, limits.processes),
-            (resource.RLIMIT_CORE, 0),
-        ):
-            hard = resource.getrlimit(rlimit)[1]
-            # Without privileges a hard limit can only go down; never ask for more than the worker has.
-            value = value if hard == resource.RLIM_INFINITY else min(value, hard)
-            resource.setrlimit(rlimit, (value, value))
-        if plan is not None:
-            if pid_namespace:
-                # The first child in a PID namespace is its init, which ignores signals it sends
-                # itself (os.kill(os.getpid(), ...) in model code): it only relays, and the sandbox
-                # runs as PID 2 like any other process.
-                for inside in (False, True):
-                    child = os.fork()
-                    if child > 0:
-                        isolation.relay(child, inside_namespace=inside)  # never returns
-            isolation.finish_in_child(pid_namespace, report)
-
-    return confine
+    for entry in workdir.iterdir():
+        if entry == keep:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    (workdir / "tmp").mkdir(exist_ok=True)
 
 
 def _exited(pid: int) -> bool:
@@ -296,14 +271,19 @@ def _read_reply(path: Path) -> dict[str, Any] | None:
     return reply if isinstance(reply.get(expected), dict) else None
 
 
-def _classify(killed_for: str | None, reply: dict | None, returncode: int, limits: Limits) -> tuple[str, str]:
+def _classify(killed_for: str | None, reply: dict | None, returncode: int, limits: Limits, *, oom: bool = False,
+              disk_bytes: int = 0, file_size_bytes: int | None = None) -> tuple[str, str]:
     """The outcome and its one-line reason."""
+    if killed_for == "disk":
+        return "disk", f"model code wrote more than the {_size(disk_bytes)} disk quota and was killed"
     if killed_for == "timeout":
         return "timeout", f"model code ran longer than {limits.timeout_s:g} s and was killed"
     if killed_for == "canceled":
         return "canceled", "the job was canceled while model code was running"
-    memory = f"model code exceeded the {_size(limits.memory_bytes)} memory limit"
-    file_size = f"model code tried to write a file larger than the {_size(limits.file_size_bytes)} limit"
+    memory = f"model code exceeded the {_size(limits.memory_bytes or boundary.default_memory_bytes())} memory limit"
+    file_size = f"model code tried to write a file larger than the {_size(file_size_bytes or 0)} limit"
+    if oom:
+        return "memory", f"{memory} (killed by the kernel)"
     if reply is not None:
         if reply.get("ok") is True:
             return "ok", "the op finished"

@@ -284,6 +284,48 @@ def capture(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
     return {"captures": records}
 
 
+# --- TorchScript candidates ---------------------------------------------------------------------
+
+def retarget_device_constants(graph: Any, device: str) -> int:
+    """Point the graph's constant CPU devices at `device`; return how many there were.
+
+    torch.jit.trace records `ids.device` as a constant (here: `torch.arange(..., device=ids.device)`
+    became device="cpu"), so a trace made on the CPU would create tensors on the CPU beside CUDA
+    weights."""
+    count = 0
+    for node in graph.findAllNodes("prim::Constant", True):
+        if (node.output().type().kind() == "DeviceObjType" and node.hasAttribute("value")
+                and node.s("value") == "cpu"):
+            node.s_("value", device)
+            count += 1
+    return count
+
+
+@op("build_torchscript")
+def build_torchscript(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    """Load a TorchScript capture, cast it to the compute dtype, freeze it for `device`, save it."""
+    torch = _setup_torch(args)
+    device, compute = args["device"], args.get("compute")
+    notes: list[str] = []
+    module = torch.jit.load(args["capture_file"], map_location=device).eval()
+    if compute:
+        module = module.to(getattr(torch, compute))
+        notes.append(f"weights and compute in {compute}; inputs cast in, outputs cast back")
+    if compute == "bfloat16" and device == "cpu" and not torch.backends.mkldnn.is_available():
+        notes.append("this CPU has no oneDNN bf16 support; expect it to be slow")
+    frozen = torch.jit.freeze(module)
+    if device != "cpu":
+        moved = retarget_device_constants(frozen.graph, device)
+        if moved:
+            notes.append(f"{moved} device constant(s) recorded on the CPU by the capture now say {device}")
+    out = Path(args["out_file"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Saved frozen: optimize_for_inference is applied after loading (a saved optimized module
+    # failed to load again).
+    frozen.save(str(out))
+    return {"file": str(out), "notes": notes}
+
+
 # --- export to ONNX -----------------------------------------------------------------------------
 
 @op("export_onnx")

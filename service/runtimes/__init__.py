@@ -35,9 +35,15 @@ def get(name: str) -> type[Runtime]:
 
 
 def load(directory: Path, *, threads: int | None = None, device: str | None = None, spin: bool = True) -> Runtime:
-    """Load a built artifact directory (model file + kiln-artifact.json) with its runtime."""
+    """Load a built artifact directory (model file + kiln-artifact.json) with its runtime. An artifact
+    that can run code (TorchScript) runs in an isolated runner process (service/runner.py)."""
     info = ArtifactInfo.load(Path(directory))
     cls = get(info.runtime)
+    if cls.runs_code:
+        from service.runner import IsolatedRuntime
+
+        return IsolatedRuntime(Path(directory) / info.file, info=info, threads=threads,
+                               device=device or info.device, spin=spin)
     return cls(Path(directory) / info.file, info=info, threads=threads, device=device or info.device, spin=spin)
 
 

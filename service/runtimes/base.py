@@ -53,6 +53,9 @@ class Runtime(ABC):
 
     name: ClassVar[str]
     library: ClassVar[str]
+    # Whether an artifact can carry code or arbitrary operators: then it is loaded only in a runner
+    # inside the isolation boundary (service/runner.py), never in the API or worker process.
+    runs_code: ClassVar[bool] = False
 
     def __init__(self, path: Path, *, info: ArtifactInfo | None = None, threads: int | None = None,
                  device: str = "cpu", spin: bool = True) -> None:

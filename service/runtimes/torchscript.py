@@ -37,6 +37,7 @@ class TorchScriptRuntime(Runtime):
 
     name = "torchscript"
     library = "torch"
+    runs_code = True  # TorchScript is code: torch.from_file is scriptable
 
     def __init__(self, path: Path, *, info: ArtifactInfo | None = None, threads: int | None = None,
                  spin: bool = True, device: str = "cpu") -> None:

@@ -74,7 +74,7 @@ def test_traced_cpu_device_constants_are_retargeted():
     import torch
 
     from tests.conftest import ZOO
-    from workers.compilers.torchscript import retarget_device_constants
+    from workers.sandbox_ops import retarget_device_constants
 
     import importlib.util
     spec = importlib.util.spec_from_file_location("zoo_transformer", ZOO / "transformer.py")

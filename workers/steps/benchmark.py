@@ -20,7 +20,7 @@ from service.runtimes.base import ArtifactInfo
 from workers.benchmark import measure
 from workers.context import BenchPoint, Candidate, Context
 from workers.pipeline import StepLog
-from workers.steps.common import sandboxed
+from workers.sandboxed import sandboxed
 
 # Eager precisions measured on a GPU host, the first being the baseline of CUDA candidates.
 CUDA_EAGER_PRECISIONS = ("fp32", "fp16")

@@ -12,7 +12,7 @@ from typing import Any
 from service.errors import ConversionError
 from workers.context import CaptureRecord, Context, Hazard
 from workers.pipeline import SkipStep, StepLog
-from workers.steps.common import sandboxed
+from workers.sandboxed import sandboxed
 
 
 class Capture:

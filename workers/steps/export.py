@@ -9,7 +9,7 @@ from typing import Any
 from service.errors import ConversionError
 from workers.context import Context
 from workers.pipeline import SkipStep, StepLog
-from workers.steps.common import sandboxed
+from workers.sandboxed import sandboxed
 
 
 class Export:

@@ -13,7 +13,7 @@ from service.errors import InvalidSignature
 from service.signature import Signature, TensorSpec, canonical_dtype
 from workers.context import Context
 from workers.pipeline import StepLog
-from workers.steps.common import sandboxed
+from workers.sandboxed import sandboxed
 
 
 class Load:

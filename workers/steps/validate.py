@@ -9,7 +9,7 @@ from service.errors import ConversionError, KilnError
 from workers.compilers import COMPILERS
 from workers.context import Candidate, Context, Validation
 from workers.pipeline import StepLog
-from workers.steps.common import load_references, load_samples
+from workers.sandboxed import load_references, load_samples
 from workers.steps.compile import build_candidate
 from workers.validation import validate_artifact
 

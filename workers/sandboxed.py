@@ -1,4 +1,4 @@
-"""Helpers the steps share: running a sandbox op for a context, loading samples and references."""
+"""Running sandbox ops for one conversion: its limits, its working directory, cancellation, samples."""
 
 from __future__ import annotations
 
@@ -24,13 +24,13 @@ def sandbox_dir(ctx: Context) -> Path:
 
 
 def limits(ctx: Context) -> Limits:
-    """The sandbox's limits. The data directory (database, tokens, other jobs, the artifact store)
-    looks empty to model code, except this conversion's own working directory."""
+    """The sandbox's limits. Model code sees this conversion's own working directory (read-only but
+    for its sandbox directory) and nothing else of the host: not the data directory (database,
+    tokens, other jobs), not the artifact store."""
     s = get_settings()
-    hidden = {s.data_dir.resolve(), s.artifact_dir}
-    return Limits(timeout_s=s.sandbox_timeout_s, memory_bytes=s.sandbox_memory_bytes,
-                  file_size_bytes=s.sandbox_file_size_bytes, threads=ctx.options.threads or s.threads,
-                  hide=tuple(sorted(hidden)), readable=(ctx.work,))
+    return Limits(timeout_s=s.sandbox_timeout_s, memory_bytes=s.sandbox_memory_bytes, disk_bytes=s.sandbox_disk_bytes,
+                  processes=s.sandbox_processes, cpus=s.sandbox_cpus, threads=ctx.options.threads or s.threads,
+                  readable=(ctx.work,))
 
 
 def sandboxed(ctx: Context, op: str, args: dict[str, Any], log: StepLog, *,
@@ -42,6 +42,10 @@ def sandboxed(ctx: Context, op: str, args: dict[str, Any], log: StepLog, *,
             "sample_labels": ctx.sample_labels, "threads": ctx.options.threads or get_settings().threads}
     lim = limits(ctx) if memory_bytes is None else replace(limits(ctx), memory_bytes=memory_bytes)
     result = run_op(op, {**base, **args}, sandbox_dir(ctx), limits=lim, cancel=cancel_check)
+    # the report says how model code was contained, loudly when it was not
+    ctx.environment["isolation"] = "bubblewrap" if result.isolated else "NONE (KILN_INSECURE_NO_SANDBOX)"
+    for note in result.notes:
+        log.info(note)
     if result.outcome == "canceled":
         raise Canceled("the conversion was canceled")
     if not result.ok:
