@@ -15,6 +15,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from service.errors import InvalidBundle
+from service.onnx_policy import check_onnx
 from service.signature import Signature, load_mapping
 
 # Kinds of bundle: Python source to build, or an already captured graph.
@@ -256,35 +257,8 @@ def _resolve(root: Path, rel: Any, what: str) -> Path | None:
 
 
 def check_onnx_upload(path: Path) -> None:
-    """An uploaded ONNX model is one file: a tensor whose data lies in another file (its `location`
-    could name any path on the worker) is refused, as is a file that is not ONNX at all."""
-    import onnx
-    from onnx.external_data_helper import uses_external_data
-
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # noqa: BLE001 - protobuf raises several types
-        raise InvalidBundle(f"{path.name} is not a valid ONNX model: {str(exc)[:200]}") from None
-    for tensor in _onnx_tensors(model.graph):
-        if uses_external_data(tensor) or tensor.data_location == onnx.TensorProto.EXTERNAL:
-            where = next((e.value for e in tensor.external_data if e.key == "location"), "")
-            raise InvalidBundle(f"ONNX tensor {tensor.name!r} keeps its data in another file ({where!r}); upload a "
-                                "model with its weights inside the .onnx file (onnx.save(..., "
-                                "save_as_external_data=False), up to 2 GB)")
-
-
-def _onnx_tensors(graph: Any) -> Any:
-    """Every tensor of a graph: initializers and attribute tensors, subgraphs included."""
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            if attr.HasField("g"):
-                yield from _onnx_tensors(attr.g)
-            for g in attr.graphs:
-                yield from _onnx_tensors(g)
+    """An uploaded ONNX model is one file of standard operators (service/onnx_policy.py)."""
+    check_onnx(path)
 
 
 def onnx_signature(bundle: Bundle) -> Signature:

@@ -8,7 +8,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from service.errors import RuntimeUnavailable
+from service.errors import InvalidBundle, RuntimeUnavailable
+from service.onnx_policy import check_onnx
 from service.runtimes.base import ArtifactInfo, Runtime
 from service.signature import TensorSpec
 
@@ -52,6 +53,7 @@ class OnnxRuntime(Runtime):
         super().__init__(path, info=info, threads=threads, device=device, spin=spin)
         import onnxruntime as ort
 
+        check_onnx(self.path, error=InvalidBundle, external_in_folder=True)
         wanted = PROVIDERS.get(device, device)
         if wanted != "CPUExecutionProvider":
             _load_gpu_libraries(device)

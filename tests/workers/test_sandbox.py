@@ -6,6 +6,7 @@ import json
 import signal
 import textwrap
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,7 @@ def run_model(
     source = header + textwrap.indent(textwrap.dedent(body), "    ")
     (bundle / "model.py").write_text(source)
     args = {"bundle_dir": str(bundle), "entry": entry}
-    return run_op("call_entry", args, tmp_path / "work", limits=limits, **kw)
+    return run_op("call_entry", args, tmp_path / "work", limits=replace(limits, readable=(bundle,)), **kw)
 
 
 def alive(pid: int) -> bool:
@@ -193,7 +194,7 @@ def test_environment_is_scrubbed(tmp_path, monkeypatch):
     env = json.loads((tmp_path / "work" / "env.json").read_text())
     work = tmp_path / "work"
     assert "hunter2" not in json.dumps(env) and "pw@db" not in json.dumps(env)
-    allowed = {"PATH", "LANG", "LC_ALL", "HOME", "TMPDIR", "PYTHONPATH", "PYTHONNOUSERSITE",
+    allowed = {"PATH", "LANG", "LC_ALL", "HOME", "TMPDIR", "PYTHONPATH", "PYTHONNOUSERSITE", "USER", "LOGNAME", "PWD",
                "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED", "OMP_NUM_THREADS", "MKL_NUM_THREADS"}
     # the interpreter itself may add LC_CTYPE when it coerces the C locale
     assert set(env) - {"LC_CTYPE"} <= allowed

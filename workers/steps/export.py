@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from service.errors import ConversionError
+from service.onnx_policy import check_onnx as check_onnx_policy
 from workers.context import Context
 from workers.pipeline import SkipStep, StepLog
 from workers.sandboxed import sandboxed
@@ -49,20 +50,11 @@ class Export:
 
 
 def check_onnx(path: Path, *, external_ok: bool = True) -> dict[str, Any]:
-    """onnx.checker and shape inference; refuses external data that points outside the model's folder."""
+    """The ONNX policy (service/onnx_policy.py), onnx.checker and shape inference."""
     import onnx
-    from onnx.external_data_helper import uses_external_data
 
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # noqa: BLE001 - a corrupt protobuf
-        raise ConversionError(f"{path.name} is not a valid ONNX model: {str(exc)[:300]}") from None
-    for t in model.graph.initializer:
-        if uses_external_data(t):
-            loc = next((e.value for e in t.external_data if e.key == "location"), "")
-            resolved = (path.parent / loc).resolve()
-            if not external_ok or not resolved.is_relative_to(path.parent.resolve()):
-                raise ConversionError(f"ONNX initializer {t.name!r} points at external data {loc!r}, which is refused")
+    # made in the sandbox, so as untrusted as an upload: standard operators, no data from elsewhere
+    check_onnx_policy(path, error=ConversionError, external_in_folder=external_ok)
     try:
         onnx.checker.check_model(str(path))
         inferred = onnx.shape_inference.infer_shapes(onnx.load(str(path)), strict_mode=False)

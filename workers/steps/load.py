@@ -10,6 +10,7 @@ import numpy as np
 
 from service import samples as sample_io
 from service.errors import InvalidSignature
+from service.onnx_policy import check_onnx
 from service.signature import Signature, TensorSpec, canonical_dtype
 from workers.context import Context
 from workers.pipeline import StepLog
@@ -50,6 +51,7 @@ class Load:
         """An uploaded ONNX model is its own reference, run by ONNX Runtime at fp32 without optimizations."""
         import onnxruntime as ort
 
+        check_onnx(Path(ctx.bundle.model_file))
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         sess = ort.InferenceSession(ctx.bundle.model_file, so, providers=["CPUExecutionProvider"])
