@@ -47,14 +47,21 @@ class ArtifactStore:
     def exists(self, sha256: str) -> bool:
         return self.local_path(sha256).is_file()
 
-    def put_stream(self, stream: BinaryIO | Iterator[bytes], *, limit: int | None = None) -> tuple[str, int]:
-        """Store what a stream yields; returns (sha256, size). Refuses past `limit` bytes."""
+    def put_stream(self, stream: BinaryIO | Iterator[bytes], *, limit: int | None = None,
+                   created: list[str] | None = None) -> tuple[str, int]:
+        """Store what a stream yields; returns (sha256, size). Refuses past `limit` bytes. Appends the
+        sha256 to `created` when the content was not in the store before."""
         tmp, sha, size = self._spool(stream, limit)
         try:
-            self._commit(tmp, sha)
+            if self._commit(tmp, sha) and created is not None:
+                created.append(sha)
         finally:
             tmp.unlink(missing_ok=True)
         return sha, size
+
+    def discard(self, sha256: str) -> None:
+        """Remove a stored file (one that nothing refers to: a refused upload's)."""
+        self.local_path(sha256).unlink(missing_ok=True)
 
     def _spool(self, stream: BinaryIO | Iterator[bytes], limit: int | None) -> tuple[Path, str, int]:
         """Copy a stream to a temporary file, hashing as it goes."""
@@ -80,12 +87,14 @@ class ArtifactStore:
             raise
         return tmp, digest.hexdigest(), size
 
-    def _commit(self, tmp: Path, sha: str) -> None:
+    def _commit(self, tmp: Path, sha: str) -> bool:
+        """Move a spooled file into place; False when identical content was stored already."""
         final = self.local_path(sha)
         if final.exists():  # identical content is stored once
-            return
+            return False
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, final)
+        return True
 
     def put_file(self, path: Path) -> str:
         with open(path, "rb") as f:

@@ -193,6 +193,9 @@ def start(argv: Sequence[str], box: Box, *, stdin: int | IO[Any] | None = subpro
     isolated = _probe() is None
     notes: list[str] = [] if isolated else [UNISOLATED_NOTE]
     cgroups = _Cgroups.create(box, notes)
+    if isolated and os.geteuid() == 0:
+        for path in box.read_only:
+            _grant_read(Path(path))
     try:
         command = _bwrap_command(argv, box) if isolated else list(argv)
         preexec = _preexec(box, cgroups.procs_files() if cgroups else [])
@@ -206,6 +209,25 @@ def start(argv: Sequence[str], box: Box, *, stdin: int | IO[Any] | None = subpro
             cgroups.remove()
         raise
     return Boxed(proc, cgroups, notes, isolated)
+
+
+def _grant_read(path: Path) -> None:
+    """Let the sandbox user's group read `path` (files the service wrote 0600, an artifact in a
+    private data directory): only boxes that bind it see it, and only read-only."""
+    gid = sandbox_uid()
+    for root, dirs, files in os.walk(path):
+        for name, extra in ((root, 0o050), *((os.path.join(root, d), 0o050) for d in dirs),
+                            *((os.path.join(root, f), 0o040) for f in files)):
+            try:
+                st = os.lstat(name)
+                if (st.st_mode & 0o170000) == 0o120000:  # a link: its target is not ours to open up
+                    continue
+                if st.st_gid != gid:
+                    os.chown(name, -1, gid)
+                if st.st_mode & extra != extra:
+                    os.chmod(name, (st.st_mode & 0o7777) | extra)
+            except OSError:
+                pass
 
 
 def _environment(box: Box, isolated: bool) -> dict[str, str]:

@@ -7,7 +7,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from service.artifacts import ArtifactStore
@@ -115,3 +115,10 @@ def delete_version(session: Session, version: ModelVersion, in_use: bool) -> Non
     session.flush()
     if not model.versions:
         session.delete(model)
+
+
+def blob_in_use(session: Session, sha256: str) -> bool:
+    """Whether a model version refers to this stored file (as its bundle, weights or samples)."""
+    query = select(ModelVersion.id).where(or_(ModelVersion.bundle_sha256 == sha256, ModelVersion.weights_sha256 == sha256,
+                                              ModelVersion.samples_sha256 == sha256)).limit(1)
+    return session.scalar(query) is not None

@@ -112,6 +112,8 @@ def describe(exc: BaseException) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     telling = next((line for line in lines if re.search(r"not supported|[Uu]nsupported|no decomposition", line)),
                    lines[0] if lines else "")
+    if telling.startswith("The following operation failed in the TorchScript interpreter") and len(lines) > 1:
+        telling = lines[-1]  # the TorchScript traceback ends with the error itself
     cause = exc.__cause__ or exc.__context__
     tail = f" (caused by {describe(cause)})" if cause is not None and cause is not exc else ""
     return f"{type(exc).__name__}: {telling[:400]}{tail}"[:1200]
@@ -184,8 +186,7 @@ def load(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
                 value = model(*_tensors(torch, signature, sample))
         except Exception as exc:
             shapes = ", ".join(f"{k}{list(v.shape)}:{v.dtype}" for k, v in sample.items())
-            raise InvalidSignature(f"the model failed on sample #{i} ({shapes}): "
-                                   f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from None
+            raise InvalidSignature(f"the model failed on sample #{i} ({shapes}): {describe(exc)[:400]}") from None
         dict_names, flat = _outputs(value)
         arrays = [t.detach().cpu().float().numpy() if t.dtype == torch.bfloat16 else t.detach().cpu().numpy()
                   for t in flat]

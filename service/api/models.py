@@ -39,20 +39,28 @@ async def upload(
     if not file.filename:
         raise BadRequest("the 'file' field needs a file name (it tells the kind of bundle)")
     limit = settings.max_upload_bytes
-    bundle_sha, size = await run_in_threadpool(store.put_stream, file.file, limit=limit)
-    weights_ref = None
-    if weights is not None and weights.filename:
-        w_sha, w_size = await run_in_threadpool(store.put_stream, weights.file, limit=limit)
-        weights_ref, size = (w_sha, weights.filename), size + w_size
-    samples_sha = None
-    if samples is not None and samples.filename:
-        samples_sha, s_size = await run_in_threadpool(store.put_stream, samples.file, limit=limit)
-        size += s_size
-    info = await run_in_threadpool(registry.inspect_upload, store, filename=file.filename, bundle_sha=bundle_sha,
-                                   entry=entry, signature=signature, weights=weights_ref, samples_sha=samples_sha)
-    version, created = registry.add_version(session, owner=owner, name=name, filename=file.filename,
-                                            bundle_sha=bundle_sha, size=size, info=info, weights=weights_ref,
-                                            samples_sha=samples_sha)
+    stored: list[str] = []  # what this upload added to the store: removed again if it is refused
+    try:
+        bundle_sha, size = await run_in_threadpool(store.put_stream, file.file, limit=limit, created=stored)
+        weights_ref = None
+        if weights is not None and weights.filename:
+            w_sha, w_size = await run_in_threadpool(store.put_stream, weights.file, limit=limit, created=stored)
+            weights_ref, size = (w_sha, weights.filename), size + w_size
+        samples_sha = None
+        if samples is not None and samples.filename:
+            samples_sha, s_size = await run_in_threadpool(store.put_stream, samples.file, limit=limit, created=stored)
+            size += s_size
+        info = await run_in_threadpool(registry.inspect_upload, store, filename=file.filename, bundle_sha=bundle_sha,
+                                       entry=entry, signature=signature, weights=weights_ref, samples_sha=samples_sha)
+        version, created = registry.add_version(session, owner=owner, name=name, filename=file.filename,
+                                                bundle_sha=bundle_sha, size=size, info=info, weights=weights_ref,
+                                                samples_sha=samples_sha)
+    except BaseException:
+        session.rollback()
+        for sha in stored:
+            if not registry.blob_in_use(session, sha):
+                store.discard(sha)
+        raise
     if not created:
         response.status_code = 200
     response.headers["Location"] = f"/v1/models/{name}/versions/{version.version}"
