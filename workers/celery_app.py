@@ -19,6 +19,20 @@ app = create_celery()
 
 
 @worker_process_init.connect
+def _die_with_the_worker(**_: object) -> None:
+    """A pool process dies with the worker's main process, whatever kills it (even SIGKILL): a pool
+    process left behind would go on running a job's sandbox that nobody supervises. Its boxes die
+    with it in turn (service/boundary.py)."""
+    import ctypes
+    import os
+    import signal
+
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the worker died before the line above
+        os._exit(1)
+
+
+@worker_process_init.connect
 def _own_database_connections(**_: object) -> None:
     """A pool process is forked from the worker's main process, which holds open database
     connections (migrations, the presence heartbeat). Two processes on one PostgreSQL socket

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import signal
+import sys
 import time
 import uuid
 import zipfile
@@ -26,8 +27,8 @@ from sqlalchemy import create_engine, text
 
 from tests.conftest import ZOO, zoo_signature
 from tests.service.conftest import PG_ADMIN
-from tests.service.procs import (KilnApi, KilnWorker, Processes, RedisServer, alive, free_port, kiln_env,
-                                 sandboxes, tcp_sockets, wait_for)
+from tests.service.procs import (KilnApi, KilnWorker, Proc, Processes, RedisServer, alive, descendants, free_port,
+                                 kiln_env, processes_matching, sandboxes, tcp_sockets, wait_for)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -313,6 +314,55 @@ def test_worker_killed_mid_job_is_taken_over_by_a_new_worker(make_kiln):
     log = second.log.read_text()
     assert f"running job {job_id} (attempt 2)" in log
     assert "[load]" not in log and "[benchmark]" in log
+
+
+def test_kill_9_of_the_worker_alone_leaves_no_sandbox_alive(make_kiln):
+    """Only the worker's main process gets SIGKILL (no cleanup runs, nothing signals the group): its
+    pool process, and the box running the model's code, are gone within 5 s all the same."""
+    kiln = make_kiln("sqlite")
+    worker = kiln.workers[0]
+    job_id = kiln.create_job(kiln.push_cnn(), **QUICK)["id"]
+    kiln.wait_sandboxed_step(job_id)
+    doomed = [*worker.pool_children(), *sandboxes(job_id), *processes_matching("bwrap", job_id)]
+    assert sandboxes(job_id) and worker.pool_children()
+    os.kill(worker.pid, signal.SIGKILL)
+    wait_for(lambda: not [p for p in doomed if alive(p)] and not sandboxes(job_id), 5,
+             "the pool process and the sandbox to die with the worker")
+
+
+def test_kill_9_of_kiln_up_leaves_no_sandbox_alive(tmp_path):
+    """`kiln up` (API and worker in one command) killed with SIGKILL mid-job: every process it started,
+    the box of the running job included, is gone within 5 s."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KILN_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    up = Proc("up", [sys.executable, "-m", "workers.cli", "up", "--port", str(port), "--open",
+                     "--data-dir", str(tmp_path / "data")], env, tmp_path / "up.log")
+    procs = Processes()
+    procs.add(up)
+    try:
+        up.start()
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: _answers(url), 120, "kiln up to answer", diagnose=up.tail)
+        r = httpx.post(f"{url}/v1/models", data={"name": "cnn-small", "entry": "cnn.py:build_small",
+                                                  "signature": json.dumps(CNN_SIGNATURE)},
+                       files={"file": (CNN.name, CNN.read_bytes())}, timeout=60)
+        assert r.status_code == 201, r.text
+        job_id = httpx.post(f"{url}/v1/jobs", json={"model": "cnn-small", **QUICK}, timeout=30).json()["id"]
+        wait_for(lambda: sandboxes(job_id), 120, "the job's sandbox", diagnose=up.tail)
+        tree = descendants(up.pid)
+        assert sandboxes(job_id)[0] in tree
+        os.kill(up.pid, signal.SIGKILL)
+        wait_for(lambda: not [p for p in tree if alive(p)], 5, "everything kiln up started to die with it")
+    finally:
+        procs.close()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 # --- 3. Redis restarted during a job --------------------------------------------------------------------
