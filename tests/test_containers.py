@@ -248,3 +248,17 @@ def test_runtime_images_serve_the_api_with_a_healthcheck(stage):
     assert "/healthz" in instructions.get("HEALTHCHECK", "")
     assert "8000" in instructions.get("EXPOSE", "").split()
     assert yaml.safe_load(instructions["CMD"]) == ["kiln", "api", "--host", "0.0.0.0", "--port", "8000"]
+
+
+def test_kiln_containers_can_build_the_isolation_boundary():
+    """bubblewrap is installed in both runtime images, and the Kiln services may create namespaces."""
+    services = compose_config(*GPU_PROFILE)["services"]
+    for name in ("api", "worker", "worker-gpu"):
+        opts = set(services[name].get("security_opt", []))
+        assert {"seccomp=unconfined", "apparmor=unconfined", "systempaths=unconfined"} <= opts, (name, opts)
+        assert not services[name].get("privileged") and not services[name].get("cap_add"), name
+    assert "security_opt" not in services["postgres"] and "security_opt" not in services["redis"]
+    text = DOCKERFILE.read_text()
+    for stage in ("gpu-base", "cpu"):
+        body = text.split(f" AS {stage}\n", 1)[1].split("\nFROM ", 1)[0]
+        assert "bubblewrap" in body, stage

@@ -222,3 +222,27 @@ def test_a_torch_model_fits_in_the_minimum_memory_limit(tmp_path):
 def test_memory_below_what_torch_needs_is_refused():
     with pytest.raises(ValueError, match="at least 1.0 GiB"):
         Limits(memory_bytes=512 << 20)
+
+
+def test_without_bubblewrap_model_code_is_refused_unless_asked_for_loudly(tmp_path, monkeypatch):
+    from service import boundary
+    from service.config import get_settings
+    from service.errors import SandboxUnavailable
+
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))  # no bwrap to be found
+    boundary._probe.cache_clear()
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(SandboxUnavailable, match="bubblewrap .*not installed.*apt-get install bubblewrap"):
+            run_model(tmp_path, "return {}")
+        monkeypatch.setenv("KILN_INSECURE_NO_SANDBOX", "true")
+        get_settings.cache_clear()
+        res = run_model(tmp_path, "return {'uid': os.getuid()}")
+        assert res.outcome == "ok", res.log
+        assert not res.isolated and any("UNISOLATED" in n for n in res.notes)
+    finally:
+        monkeypatch.undo()
+        boundary._probe.cache_clear()
+        get_settings.cache_clear()
