@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Callable, Sequence
 
+from service.config import Settings, get_settings
 from service.errors import SandboxUnavailable
 
 INSECURE_SETTING = "KILN_INSECURE_NO_SANDBOX"
@@ -53,9 +54,7 @@ _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _settings() -> Any:
-    from service.config import get_settings
-
+def _settings() -> Settings:
     return get_settings()
 
 
@@ -182,6 +181,15 @@ def available() -> bool:
 # Boxes are started from this one long-lived thread: PR_SET_PDEATHSIG fires when the *thread* that
 # forked a process ends, and a box must live as long as its owner process, not as a request thread.
 _spawner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-box-spawner")
+
+
+def _new_spawner() -> None:
+    """In a forked child (a Celery pool process) the parent's spawner thread does not exist."""
+    global _spawner
+    _spawner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-box-spawner")
+
+
+os.register_at_fork(after_in_child=_new_spawner)
 
 
 def start(argv: Sequence[str], box: Box, *, stdin: int | IO[Any] | None = subprocess.DEVNULL,

@@ -21,6 +21,7 @@ import os
 import socket
 import struct
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -118,19 +119,26 @@ class IsolatedRuntime(Runtime):
         # the runner's end of the channel keeps its descriptor number in the box
         argv = [sys.executable, "-P", "-m", "service.runner", str(self.directory), str(theirs.fileno()),
                 str(self.threads or 0), self.device]
+        # model code's output would flood the API's log: the runner's goes to a bounded file, whose
+        # tail explains a runner that did not start
+        errors = tempfile.TemporaryFile()
         try:
-            boxed = boundary.start(argv, box, pass_fds=(theirs.fileno(),))
+            boxed = boundary.start(argv, box, stdout=errors, stderr=errors, pass_fds=(theirs.fileno(),))
         finally:
             theirs.close()
         self._boxed, self._sock, self.notes = boxed, ours, boxed.notes
         try:
             header, _ = recv(ours)
         except (EOFError, OSError) as exc:
-            self.close()
-            raise SandboxError(f"the isolated runner for {self.path.name} did not start ({exc})",
+            self._stop()
+            errors.seek(max(0, errors.seek(0, os.SEEK_END) - 2000))
+            tail = errors.read().decode(errors="replace").strip().splitlines()[-1:] or [str(exc)]
+            raise SandboxError(f"the isolated runner for {self.path.name} did not start: {tail[0][:500]}",
                                outcome="crashed") from None
+        finally:
+            errors.close()
         if not header.get("ok"):
-            self.close()
+            self._stop()
             raise _error(header)
         return header
 
