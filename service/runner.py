@@ -16,7 +16,7 @@ The runner's first message says what it loaded: ``{"ok": true, "inputs": [...], 
 
 from __future__ import annotations
 
-import json
+import math
 import os
 import socket
 import struct
@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+import orjson
 
 from service import boundary
 from service.errors import InvalidInput, KilnError, SandboxError
@@ -39,43 +40,76 @@ _MAX_HEADER = 16 << 20
 
 # --- framing (both sides) ------------------------------------------------------------------------
 
-def send(sock: socket.socket, header: dict[str, Any], arrays: Sequence[np.ndarray] = ()) -> None:
-    """One message: header, then each array's bytes (C order); small messages in one write."""
-    body = json.dumps(header).encode()
-    views = [memoryview(np.ascontiguousarray(a)).cast("B") for a in arrays]
-    if sum(len(v) for v in views) <= 1 << 16:
-        sock.sendall(b"".join([_HEADER.pack(len(body)), body, *views]))
-        return
-    sock.sendall(_HEADER.pack(len(body)) + body)
-    for v in views:
-        if len(v):
-            sock.sendall(v)
+class Channel:
+    """One end of the socket pair: messages out, and messages in through a buffer, so that a small
+    message costs one recv however many parts it has."""
 
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._buf = bytearray(1 << 16)
+        self._start = self._end = 0
 
-def _recv_exact(sock: socket.socket, n: int) -> bytearray:
-    buf = bytearray(n)
-    view, got = memoryview(buf), 0
-    while got < n:
-        k = sock.recv_into(view[got:], n - got)
-        if k == 0:
-            raise EOFError("the runner's channel closed")
-        got += k
-    return buf
+    def send(self, header: dict[str, Any], arrays: Sequence[np.ndarray] = ()) -> None:
+        """One message: header, then each array's bytes (C order); small messages in one write."""
+        body = orjson.dumps(header)
+        views = [memoryview(np.ascontiguousarray(a)).cast("B") for a in arrays]
+        if sum(len(v) for v in views) <= 1 << 16:
+            self.sock.sendall(b"".join([_HEADER.pack(len(body)), body, *views]))
+            return
+        self.sock.sendall(_HEADER.pack(len(body)) + body)
+        for v in views:
+            if len(v):
+                self.sock.sendall(v)
 
+    def _fill(self, n: int) -> None:
+        """Have at least n unread bytes in the buffer."""
+        if self._end - self._start >= n:
+            return
+        if self._start:
+            self._buf[: self._end - self._start] = self._buf[self._start:self._end]
+            self._end -= self._start
+            self._start = 0
+        if n > len(self._buf):
+            self._buf.extend(bytes(n - len(self._buf)))
+        view = memoryview(self._buf)
+        while self._end < n:
+            k = self.sock.recv_into(view[self._end:])
+            if k == 0:
+                raise EOFError("the runner's channel closed")
+            self._end += k
 
-def recv(sock: socket.socket) -> tuple[dict[str, Any], list[tuple[str, np.ndarray]]]:
-    """One message: its header, and the arrays its `tensors` list describes."""
-    (size,) = _HEADER.unpack(_recv_exact(sock, _HEADER.size))
-    if size > _MAX_HEADER:
-        raise EOFError(f"a message header of {size} bytes")
-    header = json.loads(_recv_exact(sock, size))
-    arrays = []
-    for name, dtype, shape in header.get("tensors") or []:
-        dt = np.dtype(dtype)
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-        data = _recv_exact(sock, count * dt.itemsize)
-        arrays.append((name, np.frombuffer(data, dtype=dt).reshape(shape)))
-    return header, arrays
+    def _take(self, n: int) -> memoryview:
+        self._fill(n)
+        out = memoryview(self._buf)[self._start:self._start + n]
+        self._start += n
+        return out
+
+    def _take_copy(self, n: int) -> bytearray:
+        """n bytes in a buffer of their own (an array's data must outlive the channel's buffer)."""
+        out = bytearray(n)
+        have = min(n, self._end - self._start)
+        out[:have] = self._buf[self._start:self._start + have]
+        self._start += have
+        view, got = memoryview(out), have
+        while got < n:
+            k = self.sock.recv_into(view[got:])
+            if k == 0:
+                raise EOFError("the runner's channel closed")
+            got += k
+        return out
+
+    def recv(self) -> tuple[dict[str, Any], list[tuple[str, np.ndarray]]]:
+        """One message: its header, and the arrays its `tensors` list describes."""
+        (size,) = _HEADER.unpack(self._take(_HEADER.size))
+        if size > _MAX_HEADER:
+            raise EOFError(f"a message header of {size} bytes")
+        header = orjson.loads(self._take(size))
+        arrays = []
+        for name, dtype, shape in header.get("tensors") or []:
+            dt = np.dtype(dtype)
+            data = self._take_copy(math.prod(shape) * dt.itemsize)
+            arrays.append((name, np.frombuffer(data, dtype=dt).reshape(shape)))
+        return header, arrays
 
 
 def _describe(arrays: Mapping[str, np.ndarray]) -> list[list[Any]]:
@@ -97,10 +131,11 @@ class IsolatedRuntime(Runtime):
     def __init__(self, path: Path, *, info: ArtifactInfo, threads: int | None = None, device: str = "cpu",
                  spin: bool = True) -> None:
         super().__init__(path, info=info, threads=threads, device=device, spin=spin)
+        self.spin = spin
         self.directory = self.path.parent
         self._lock = threading.Lock()
         self._boxed: boundary.Boxed | None = None
-        self._sock: socket.socket | None = None
+        self._channel: Channel | None = None
         self.notes: list[str] = []
         hello = self._start()
         self._inputs = [TensorSpec.model_validate(s) for s in hello["inputs"]]
@@ -112,6 +147,8 @@ class IsolatedRuntime(Runtime):
         env = boundary.python_env(home="/tmp")
         if self.threads:
             env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(self.threads)
+        if not self.spin:  # idle intra-op threads sleep rather than take the cores the server needs
+            env["OMP_WAIT_POLICY"] = "PASSIVE"
         box = boundary.Box(
             name=f"runner:{self.directory}:{id(self)}:{os.getpid()}", read_only=(self.directory,), env=env,
             memory_bytes=settings.sandbox_memory_bytes, processes=settings.sandbox_processes,
@@ -126,9 +163,9 @@ class IsolatedRuntime(Runtime):
             boxed = boundary.start(argv, box, stdout=errors, stderr=errors, pass_fds=(theirs.fileno(),))
         finally:
             theirs.close()
-        self._boxed, self._sock, self.notes = boxed, ours, boxed.notes
+        self._boxed, self._channel, self.notes = boxed, Channel(ours), boxed.notes
         try:
-            header, _ = recv(ours)
+            header, _ = self._channel.recv()
         except (EOFError, OSError) as exc:
             self._stop()
             errors.seek(max(0, errors.seek(0, os.SEEK_END) - 2000))
@@ -153,14 +190,14 @@ class IsolatedRuntime(Runtime):
     def run(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         arrays = {k: np.asarray(v) for k, v in inputs.items()}
         with self._lock:
-            if self._sock is None:  # the runner died on an earlier batch: start a fresh one
+            if self._channel is None:  # the runner died on an earlier batch: start a fresh one
                 self._start()
-            sock = self._sock
-            assert sock is not None
+            channel = self._channel
+            assert channel is not None
             try:
-                send(sock, {"outputs": list(outputs) if outputs else None, "tensors": _describe(arrays)},
-                     list(arrays.values()))
-                header, got = recv(sock)
+                channel.send({"outputs": list(outputs) if outputs else None, "tensors": _describe(arrays)},
+                             list(arrays.values()))
+                header, got = channel.recv()
             except (EOFError, OSError) as exc:
                 self._stop()
                 why = "ran out of memory" if self._boxed is None else "died"
@@ -171,9 +208,9 @@ class IsolatedRuntime(Runtime):
         return dict(got)
 
     def _stop(self) -> None:
-        sock, boxed, self._sock, self._boxed = self._sock, self._boxed, None, None
-        if sock is not None:
-            sock.close()
+        channel, boxed, self._channel, self._boxed = self._channel, self._boxed, None, None
+        if channel is not None:
+            channel.sock.close()
         if boxed is not None:
             boxed.kill()
             boxed.proc.wait()
@@ -197,27 +234,27 @@ def main(directory: Path, fd: int, threads: int, device: str) -> None:
     """Load the artifact with its real runtime class and answer batches until the channel closes."""
     from service.runtimes import get
 
-    sock = socket.socket(fileno=fd)
+    channel = Channel(socket.socket(fileno=fd))
     try:
         info = ArtifactInfo.load(directory)
         cls = get(info.runtime)
         rt = cls(directory / info.file, info=info, threads=threads or None, device=device)
     except BaseException as exc:  # noqa: BLE001 - every failure goes back over the channel
-        send(sock, {"ok": False, "type": type(exc).__name__, "message": _message(exc)})
+        channel.send({"ok": False, "type": type(exc).__name__, "message": _message(exc)})
         return
-    send(sock, {"ok": True, "inputs": [_spec_json(s) for s in rt.inputs],
-                "outputs": [_spec_json(s) for s in rt.outputs]})
+    channel.send({"ok": True, "inputs": [_spec_json(s) for s in rt.inputs],
+                  "outputs": [_spec_json(s) for s in rt.outputs]})
     while True:
         try:
-            header, arrays = recv(sock)
+            header, arrays = channel.recv()
         except EOFError:
             return
         try:
             result = rt.run(dict(arrays), header.get("outputs"))
             out = {k: np.asarray(v) for k, v in result.items()}
-            send(sock, {"ok": True, "tensors": _describe(out)}, list(out.values()))
+            channel.send({"ok": True, "tensors": _describe(out)}, list(out.values()))
         except Exception as exc:  # noqa: BLE001 - a failing batch is answered, the runner goes on
-            send(sock, {"ok": False, "type": type(exc).__name__, "message": _message(exc)})
+            channel.send({"ok": False, "type": type(exc).__name__, "message": _message(exc)})
 
 
 def _message(exc: BaseException) -> str:
