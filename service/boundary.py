@@ -368,8 +368,10 @@ def _preexec(box: Box, procs_files: list[bytes]) -> Callable[[], None]:
     if box.file_size_bytes is not None:
         limits.append((resource.RLIMIT_FSIZE, box.file_size_bytes))
     if not procs_files:
-        # without a cgroup, the rlimits are what bounds the box
-        limits.append((resource.RLIMIT_AS, max(box.memory_bytes or default_memory_bytes(), 1 << 30)))
+        # without a cgroup, the rlimits are what bounds the box; an address-space limit cannot bound a
+        # CUDA process (its driver reserves ranges the size of host plus device memory)
+        if not box.gpu:
+            limits.append((resource.RLIMIT_AS, max(box.memory_bytes or default_memory_bytes(), 1 << 30)))
         limits.append((resource.RLIMIT_NPROC, box.processes))
 
     def preexec() -> None:

@@ -59,6 +59,8 @@ class ConversionOptions(BaseModel):
     batch_sizes: list[int] | None = None
     threads: int | None = Field(default=None, ge=1, le=256)
     bench_seconds: float = Field(default=1.0, gt=0, le=60)
+    # The sandbox's memory limit for this job (None: KILN_SANDBOX_MEMORY_BYTES, else half of RAM).
+    memory_limit_bytes: int | None = Field(default=None, ge=1 << 30)
     # Devices to build candidates for; None: the CPU, plus CUDA where the worker has a CUDA device.
     devices: list[str] | None = None
 

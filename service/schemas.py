@@ -66,6 +66,8 @@ class JobCreate(BaseModel):
     batch_sizes: list[int] | None = Field(None, max_length=16)
     threads: int | None = Field(None, ge=1, le=256)
     bench_seconds: float | None = Field(None, gt=0, le=60)
+    memory_limit_bytes: int | None = Field(None, ge=1 << 30, description="the sandbox's memory limit for this "
+                                           "job's model code (default: KILN_SANDBOX_MEMORY_BYTES, half of RAM)")
 
 
 class StepOut(BaseModel):

@@ -229,13 +229,6 @@ def _exited(pid: int) -> bool:
     return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
 
 
-def _kill_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:  # the child exited and left nothing behind
-        pass
-
-
 class _LineFeed:
     """Hands the lines the child appends to its log file to a callback."""
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,20 +27,19 @@ def limits(ctx: Context) -> Limits:
     for its sandbox directory) and nothing else of the host: not the data directory (database,
     tokens, other jobs), not the artifact store."""
     s = get_settings()
-    return Limits(timeout_s=s.sandbox_timeout_s, memory_bytes=s.sandbox_memory_bytes, disk_bytes=s.sandbox_disk_bytes,
+    memory = ctx.options.memory_limit_bytes or s.sandbox_memory_bytes
+    return Limits(timeout_s=s.sandbox_timeout_s, memory_bytes=memory, disk_bytes=s.sandbox_disk_bytes,
                   processes=s.sandbox_processes, cpus=s.sandbox_cpus, threads=ctx.options.threads or s.threads,
                   readable=(ctx.work,))
 
 
-def sandboxed(ctx: Context, op: str, args: dict[str, Any], log: StepLog, *,
-              memory_bytes: int | None = None) -> dict[str, Any]:
+def sandboxed(ctx: Context, op: str, args: dict[str, Any], log: StepLog) -> dict[str, Any]:
     """Run one op in the sandbox with the context's bundle and signature; raise on failure.
     `memory_bytes` replaces the configured address-space limit for this op."""
     base = {"bundle": ctx.bundle.model_dump(), "signature": ctx.signature.to_json(),
             "samples_file": ctx.samples_file, "reference_file": ctx.reference_file,
             "sample_labels": ctx.sample_labels, "threads": ctx.options.threads or get_settings().threads}
-    lim = limits(ctx) if memory_bytes is None else replace(limits(ctx), memory_bytes=memory_bytes)
-    result = run_op(op, {**base, **args}, sandbox_dir(ctx), limits=lim, cancel=cancel_check)
+    result = run_op(op, {**base, **args}, sandbox_dir(ctx), limits=limits(ctx), cancel=cancel_check)
     # the report says how model code was contained, loudly when it was not
     ctx.environment["isolation"] = "bubblewrap" if result.isolated else "NONE (KILN_INSECURE_NO_SANDBOX)"
     for note in result.notes:

@@ -228,3 +228,22 @@ def test_a_leftover_box_of_an_earlier_attempt_is_killed_before_the_next_runs(tmp
         if stray.poll() is None:
             stray.kill()
         leftover.remove()
+
+
+def test_a_job_may_set_its_own_memory_limit(tmp_path):
+    from service.errors import KilnError
+    from workers.engine import convert
+
+    bundle = tmp_path / "hungry.py"
+    bundle.write_text("import numpy as np, torch\n"
+                      "def build_model():\n"
+                      "    build_model.keep = np.ones(3 << 27)  # 3 GiB, touched\n"
+                      "    return torch.nn.Linear(4, 4)\n")
+    signature = {"inputs": [{"name": "x", "dtype": "float32", "shape": ["batch", 4]}]}
+    try:
+        ctx = convert(bundle, tmp_path / "out", signature=signature,
+                      options={"targets": ["onnxruntime"], "memory_limit_bytes": 2 << 30, "bench_seconds": 0.05})
+        load = ctx.step("load")
+        assert load.status == "failed" and "2.0 GiB memory limit" in (load.error or ""), load
+    except KilnError as exc:  # the pipeline may raise the step's error instead
+        assert "2.0 GiB memory limit" in str(exc)

@@ -24,9 +24,6 @@ from workers.sandboxed import sandboxed
 
 # Eager precisions measured on a GPU host, the first being the baseline of CUDA candidates.
 CUDA_EAGER_PRECISIONS = ("fp32", "fp16")
-# RLIMIT_AS of the sandbox for CUDA: an address-space limit cannot bound a CUDA process (the driver
-# reserves address ranges the size of host plus device memory), and the GPU bounds device memory.
-CUDA_ADDRESS_SPACE = 1 << 62
 
 
 def bench_threads(ctx: Context) -> int:
@@ -91,8 +88,7 @@ class Benchmark:
         measured is logged, and the candidates are still benchmarked."""
         try:
             result = sandboxed(ctx, "benchmark_eager", {"batch_sizes": batches, "seconds": seconds, "threads": threads,
-                                                        "device": "cuda", "precisions": list(CUDA_EAGER_PRECISIONS)},
-                               log, memory_bytes=CUDA_ADDRESS_SPACE)
+                                                        "device": "cuda", "precisions": list(CUDA_EAGER_PRECISIONS)}, log)
         except KilnError as exc:
             log.info(f"eager PyTorch on CUDA could not be measured: {exc}")
             return {}
