@@ -32,6 +32,7 @@ import orjson
 from service import boundary
 from service.errors import InvalidInput, KilnError, SandboxError
 from service.runtimes.base import ArtifactInfo, Runtime
+from service.runtimes.torchscript import telling_line
 from service.signature import TensorSpec
 
 _HEADER = struct.Struct("<I")
@@ -263,7 +264,7 @@ def main(directory: Path, fd: int, threads: int, device: str) -> None:
 
 def _message(exc: BaseException) -> str:
     try:
-        return str(exc).strip().splitlines()[0][:500] if str(exc).strip() else type(exc).__name__
+        return telling_line(str(exc))[:500] or type(exc).__name__
     except Exception:  # noqa: BLE001 - model code controls __str__
         return type(exc).__name__
 

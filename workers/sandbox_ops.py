@@ -15,6 +15,7 @@ import numpy as np
 
 from service import samples as sample_io
 from service.errors import InvalidBundle, InvalidEntryPoint, InvalidSignature
+from service.runtimes.torchscript import telling_line
 from service.signature import Signature
 
 Op = Callable[[dict[str, Any], Path], dict[str, Any]]
@@ -111,9 +112,7 @@ def describe(exc: BaseException) -> str:
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     telling = next((line for line in lines if re.search(r"not supported|[Uu]nsupported|no decomposition", line)),
-                   lines[0] if lines else "")
-    if telling.startswith("The following operation failed in the TorchScript interpreter") and len(lines) > 1:
-        telling = lines[-1]  # the TorchScript traceback ends with the error itself
+                   telling_line(text))
     cause = exc.__cause__ or exc.__context__
     tail = f" (caused by {describe(cause)})" if cause is not None and cause is not exc else ""
     return f"{type(exc).__name__}: {telling[:400]}{tail}"[:1200]

@@ -11,6 +11,7 @@ from starlette.exceptions import HTTPException
 from service import metrics
 from service.api.deps import principal, principal_async
 from service.errors import InvalidInput, KilnError, NotFound, Unloaded
+from service.runtimes.torchscript import telling_line
 from service.serving import protocol
 from service.serving.manager import Manager, Served, infer
 
@@ -146,10 +147,7 @@ def _request(served: Served, body: bytes, request: Request) -> protocol.InferReq
 
 
 def _reason(exc: Exception) -> str:
-    """One line saying why a runtime failed; TorchScript puts the model's own error last."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    if not lines:
-        return type(exc).__name__
-    line = lines[-1] if "TorchScript interpreter" in lines[0] else lines[0]
-    return f"{type(exc).__name__}: {line[:300]}"
+    """One line saying why a runtime failed."""
+    line = telling_line(str(exc))
+    return f"{type(exc).__name__}: {line[:300]}" if line else type(exc).__name__
 

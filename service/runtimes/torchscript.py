@@ -19,6 +19,15 @@ def torch_dtype(name: str) -> Any:
             "int64": torch.int64, "uint8": torch.uint8, "bool": torch.bool}[name]
 
 
+def telling_line(text: str) -> str:
+    """The line of an error message that says what went wrong: TorchScript puts its traceback first
+    and the model's own error last."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return ""
+    return lines[-1] if "TorchScript interpreter" in lines[0] else lines[0]
+
+
 def flatten_outputs(value: Any) -> list[Any]:
     """A model's return value as a flat list of tensors (tensor, tuple/list, or dict in order)."""
     if isinstance(value, dict):
