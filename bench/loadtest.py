@@ -6,6 +6,11 @@ change, against `kiln api` + `kiln worker` processes on a fresh data directory.
 Prints requests served, errors (by kind: provoked ones are bad requests sent on purpose), latency
 p50/p99, and the API process's resident memory after warm-up and at the end. Every loop is bounded
 in time; everything stops by itself.
+
+Authentication is on, as installed. Unless --no-abuse, an abuser runs beside the clients all along:
+64 MiB bodies without a token and with one, an unknown token, offsets past 2**63, non-ASCII bytes in
+the binary-extension header, /metrics with a team's token, and slow clients trickling their headers
+a byte at a time. Each must get its expected 4xx (counted apart) and cost no memory.
 """
 
 from __future__ import annotations
@@ -42,8 +47,8 @@ def rss_mb(pid: int) -> float:
 
 
 class Load:
-    def __init__(self, host: str, clients: int) -> None:
-        self.host, self.clients = host, clients
+    def __init__(self, host: str, clients: int, auth: dict[str, str]) -> None:
+        self.host, self.clients, self.auth = host, clients, auth
         self.lat: list[float] = []
         self.ok = 0
         self.provoked = 0
@@ -69,7 +74,7 @@ class Load:
             t0 = time.perf_counter()
             try:
                 conn.request("POST", "/v2/models/mlp/infer", body=bad if provoke else good,
-                             headers={"Content-Type": "application/json"})
+                             headers={"Content-Type": "application/json", **self.auth})
                 r = conn.getresponse()
                 r.read()
                 status = r.status
@@ -88,6 +93,91 @@ class Load:
                     self.errors[str(status)] = self.errors.get(str(status), 0) + 1
 
 
+class Abuser:
+    """Abusive requests, one after another until `stop_at`, each expecting its 4xx."""
+
+    BIG = 64 << 20
+
+    def __init__(self, port: int, admin: dict[str, str], team_infer: dict[str, str]) -> None:
+        self.port, self.admin, self.team_infer = port, admin, team_infer
+        self.expected = 0
+        self.unexpected: dict[str, int] = {}
+
+    def _raw(self, head: bytes, body: bytes = b"") -> int:
+        import socket
+
+        from tests.service.procs import read_response
+
+        with socket.create_connection(("127.0.0.1", self.port), timeout=30) as sock:
+            sock.sendall(head + body)
+            return read_response(sock)[0]
+
+    def _check(self, what: str, got: int, want: int) -> None:
+        if got == want:
+            self.expected += 1
+        else:
+            key = f"{what}: {got}"
+            self.unexpected[key] = self.unexpected.get(key, 0) + 1
+
+    def _slow(self, n: int) -> None:
+        """n connections that trickle their headers; the server must close each."""
+        import socket
+
+        socks = [socket.create_connection(("127.0.0.1", self.port), timeout=1) for _ in range(n)]
+        closed, deadline = 0, time.monotonic() + 30
+        for sock in socks:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        while socks and time.monotonic() < deadline:
+            for sock in list(socks):
+                try:
+                    sock.sendall(b"X")
+                    sock.settimeout(0.05)
+                    if sock.recv(1) == b"":
+                        raise ConnectionResetError
+                except socket.timeout:
+                    continue
+                except OSError:
+                    socks.remove(sock)
+                    sock.close()
+                    closed += 1
+            time.sleep(1)
+        for sock in socks:
+            sock.close()
+        self._check("slow client closed", closed, n)
+
+    def run(self, stop_at: float) -> None:
+        big = b'{"model": "' + b"x" * self.BIG + b'"}'
+        json_head = "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {n}\r\n{extra}\r\n"
+        i = 0
+        while time.monotonic() < stop_at:
+            kind = i % 7
+            if kind == 0:
+                self._check("big body, no token", self._raw(json_head.format(path="/v1/jobs", n=len(big), extra="").encode(),
+                                                             big[:1 << 16]), 401)
+            elif kind == 1:
+                auth = f"Authorization: {self.admin['Authorization']}\r\n"
+                self._check("big body, token", self._raw(json_head.format(path="/v1/deployments", n=len(big),
+                                                                           extra=auth).encode()), 413)
+            elif kind == 2:
+                self._check("unknown token", self._raw(json_head.format(path="/v1/jobs", n=2,
+                                                                         extra="Authorization: Bearer kiln_x\r\n").encode(),
+                                                        b"{}"), 401)
+            elif kind == 3:
+                r = httpx.get(f"http://127.0.0.1:{self.port}/v1/jobs", params={"offset": str(2 ** 63)}, headers=self.admin)
+                self._check("offset 2**63", r.status_code, 422)
+            elif kind == 4:
+                head = (f"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nAuthorization: {self.admin['Authorization']}"
+                        "\r\nContent-Length: 2\r\nInference-Header-Content-Length: ").encode() + b"\xb2\r\n\r\n"
+                self._check("header bytes", self._raw(head, b"{}"), 400)
+            elif kind == 5:
+                r = httpx.get(f"http://127.0.0.1:{self.port}/metrics", headers=self.team_infer)
+                self._check("metrics, team token", r.status_code, 403)
+            else:
+                self._slow(20)
+            i += 1
+            time.sleep(0.2)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--minutes", type=float, default=10.0)
@@ -96,15 +186,19 @@ def main() -> None:
     ap.add_argument("--api-env", action="append", default=[], metavar="KEY=VALUE",
                     help="extra environment for the API process (e.g. MALLOC_ARENA_MAX=2)")
     ap.add_argument("--sample", type=float, default=60.0, help="print the API's resident memory every this many s")
+    ap.add_argument("--no-abuse", action="store_true", help="no abusive requests beside the load")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="kiln-load-"))
     procs = Processes()
     try:
-        env = kiln_env(tmp / "data", None, "filesystem://", auth="false", job_requeue_after_s=30)
+        env = kiln_env(tmp / "data", None, "filesystem://", job_requeue_after_s=30, header_timeout_s=5)
         api_env = dict(env, **dict(kv.split("=", 1) for kv in args.api_env))
         api = procs.add(KilnApi(free_port(), api_env, tmp / "api.log")).start()
         procs.add(KilnWorker(env, tmp / "worker.log")).start()
-        h = httpx.Client(base_url=api.url, timeout=120)
+        admin = {"Authorization": f"Bearer {(tmp / 'data' / 'admin-token').read_text().strip()}"}
+        h = httpx.Client(base_url=api.url, timeout=120, headers=admin)
+        team = h.post("/v1/tokens", json={"name": "team-app", "owner": "team-b", "scopes": ["infer"]}).json()
+        abuser = Abuser(api.port, admin, {"Authorization": f"Bearer {team['token']}"})
         for name, zoo in (("mlp", "mlp"), ("mlp2", "mlp")):
             h.post("/v1/models", data={"name": name, "signature": json.dumps(zoo_signature(zoo))},
                    files={"file": (f"{zoo}.py", (ZOO / f"{zoo}.py").read_bytes() + f"\n# {name}\n".encode())})
@@ -113,7 +207,7 @@ def main() -> None:
         wait_for(lambda: h.get(f"/v1/jobs/{job['id']}").json()["status"] == "succeeded", 600, "the first job")
         cands = [c["id"] for c in h.get(f"/v1/jobs/{job['id']}").json()["candidates"] if c["passed"]]
         h.post("/v1/deployments", json={"name": "mlp", "candidate": cands[0], "max_queue_delay_ms": 1}).raise_for_status()
-        load = Load(api.url.removeprefix("http://"), args.clients)
+        load = Load(api.url.removeprefix("http://"), args.clients, admin)
         changes = {"jobs": 0, "deploys": 0}
 
         def churn(until: float, rounds: int | None = None) -> None:
@@ -157,6 +251,8 @@ def main() -> None:
                 print(f"  {time.monotonic() - t0:5.0f} s: API {rss_mb(api.pid):.1f} MB, {load.ok} served", flush=True)
 
         side = [threading.Thread(target=sample, daemon=True)]
+        if not args.no_abuse:
+            side.append(threading.Thread(target=abuser.run, args=(stop - 10,)))
         if not args.no_churn:
             side.append(threading.Thread(target=churn, args=(stop - 30,)))
         for t in side:
@@ -174,9 +270,13 @@ def main() -> None:
               f"other errors: {sum(load.errors.values())} {load.errors or ''}")
         print(f"latency p50 {np.percentile(lat, 50):.2f} ms, p99 {np.percentile(lat, 99):.2f} ms")
         print(f"API resident memory: {warm:.1f} MB after warm-up, {end:.1f} MB at the end ({end - warm:+.1f} MB)")
-        errors = sum(load.errors.values())
+        if not args.no_abuse:
+            print(f"abusive requests answered as expected: {abuser.expected}, "
+                  f"otherwise: {sum(abuser.unexpected.values())} {abuser.unexpected or ''}")
+        errors = sum(load.errors.values()) + sum(abuser.unexpected.values())
         ok = errors == 0 and end - warm <= GROWTH_MB
-        print(f"goals (no unprovoked errors, memory within {GROWTH_MB} MB of warm-up): {'met' if ok else 'MISSED'}")
+        print(f"goals (no unprovoked errors, abuse answered as expected, memory within {GROWTH_MB} MB of warm-up): "
+              f"{'met' if ok else 'MISSED'}")
         if not ok:
             sys.exit(1)
     finally:

@@ -14,7 +14,7 @@ from service.api import candidates, deployments, errors, health, jobs, models, t
 from service.api.deps import principal
 from service.artifacts import get_store
 from service.config import get_settings
-from service.limits import BodyLimit
+from service.limits import RequestGate
 from service.requeue import RequeueLoop
 from service.serving.manager import Manager, SyncLoop
 
@@ -29,8 +29,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         with db.session_scope() as session:
             token = auth.bootstrap(session, settings.data_dir)
         if token:
-            logger.warning("created the admin token %s... and saved it in %s (readable only by its owner); "
-                           "the kiln CLI on this machine reads it from there", token[:12],
+            logger.warning("created the admin token and saved it in %s (readable only by its owner); "
+                           "the kiln CLI on this machine reads it from there",
                            settings.data_dir.resolve() / auth.ADMIN_TOKEN_FILE)
     app.state.manager = Manager(get_store())
     app.state.sync = sync = SyncLoop(app.state.manager)  # loads every deployment again after a restart
@@ -55,9 +55,9 @@ def create_app() -> FastAPI:
         app.include_router(router)
     app.include_router(dashboard.router)  # the HTML dashboard at / with its static files (service/dashboard)
 
-    @app.get("/metrics", tags=["health"], summary="Prometheus metrics (any valid token)")
+    @app.get("/metrics", tags=["health"], summary="Prometheus metrics (an admin or metrics token: every team's series)")
     def prometheus(request: Request) -> Response:
-        principal(request, "infer")
+        principal(request, "metrics")
         return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     if settings.cors_origins:
@@ -67,5 +67,5 @@ def create_app() -> FastAPI:
                            allow_methods=["*"], allow_headers=["Authorization", "Content-Type",
                                                                "Inference-Header-Content-Length"])
 
-    app.add_middleware(BodyLimit, upload_bytes=settings.max_upload_bytes, infer_bytes=settings.max_infer_bytes)
+    app.add_middleware(RequestGate, settings=settings)
     return app

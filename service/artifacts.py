@@ -14,6 +14,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
@@ -58,6 +59,21 @@ class ArtifactStore:
         finally:
             tmp.unlink(missing_ok=True)
         return sha, size
+
+    def sweep(self, referenced: set[str], older_than_s: float) -> list[str]:
+        """Remove stored files that nothing refers to and that are older than `older_than_s` (an upload
+        or a build still on its way to its row is younger); also spool files left by a crash. Returns
+        what it removed."""
+        cutoff = time.time() - older_than_s
+        removed = []
+        for path in list((self.root / "sha256").glob("*/*")) + list((self.root / "tmp").glob("*")):
+            try:
+                if path.name not in referenced and path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed.append(path.name)
+            except OSError:
+                continue
+        return removed
 
     def discard(self, sha256: str) -> None:
         """Remove a stored file (one that nothing refers to: a refused upload's)."""

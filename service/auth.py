@@ -2,7 +2,8 @@
 and the admin token a fresh installation starts with.
 
 Scopes: `infer` (the /v2 inference API only), `manage` (the /v1 API for the token's own team),
-`admin` (manage, plus tokens for any team). Every model, job and deployment belongs to the team
+`admin` (manage, plus tokens for any team), `metrics` (only /metrics, which shows every team's
+series, so team tokens cannot read it: a scraper's token). Every model, job and deployment belongs to the team
 (owner) of the token that created it; other teams get 404 for it.
 """
 
@@ -25,7 +26,7 @@ from service.tables import ApiToken, new_id, now
 
 logger = logging.getLogger("kiln.auth")
 __all__ = ["Forbidden", "Principal", "Unauthorized", "authenticate", "bootstrap", "create", "csrf_token"]
-SCOPES = ("infer", "manage", "admin")
+SCOPES = ("infer", "manage", "admin", "metrics")
 PREFIX = "kiln_"
 ADMIN_TOKEN_FILE = "admin-token"
 CACHE_S = 5.0  # a revoked token stops working within this many seconds on every replica
@@ -56,7 +57,7 @@ def create(session: Session, *, owner: str, name: str, scopes: list[str]) -> tup
     """A new token; returns (row, the token text, which is not stored anywhere)."""
     bad = [s for s in scopes if s not in SCOPES]
     if bad or not scopes:
-        raise BadRequest(f"unknown scope(s) {', '.join(bad) or '(none)'}; use infer, manage or admin")
+        raise BadRequest(f"unknown scope(s) {', '.join(bad) or '(none)'}; use infer, manage, admin or metrics")
     if not owner or len(owner) > 100:
         raise BadRequest("owner (team) must be 1-100 characters")
     token = PREFIX + secrets.token_urlsafe(32)

@@ -21,6 +21,7 @@ from service.signature import Signature, load_mapping
 # Kinds of bundle: Python source to build, or an already captured graph.
 PYTHON, TORCHSCRIPT, EXPORTED, ONNX = "python", "torchscript", "export", "onnx"
 MANIFEST_NAMES = ("kiln.yaml", "kiln.yml", "kiln.json")
+MAX_MANIFEST_BYTES = 1 << 20  # a manifest is a few lines; a larger one is refused before it is parsed
 DEFAULT_ENTRY = "model.py:build_model"
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 
@@ -240,6 +241,9 @@ def _read_manifest(root: Path) -> dict[str, Any]:
     for name in MANIFEST_NAMES:
         path = root / name
         if path.is_file():
+            if path.stat().st_size > MAX_MANIFEST_BYTES:
+                raise InvalidBundle(f"{name} is {path.stat().st_size} bytes; a manifest may have at most "
+                                    f"{MAX_MANIFEST_BYTES} bytes")
             try:
                 return load_mapping(path.read_text(), source=name)
             except Exception as exc:  # noqa: BLE001 - reported as a bundle problem

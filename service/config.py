@@ -25,6 +25,18 @@ class Settings(BaseSettings):
     max_upload_bytes: int = 8 << 30
     # Largest /v2 inference request body.
     max_infer_bytes: int = 256 << 20
+    # Largest body of every other route: JSON of the /v1 API, dashboard forms.
+    max_json_bytes: int = 1 << 20
+    # Slow and many clients: a request's headers must arrive within header_timeout_s, its body may not
+    # stall longer than body_timeout_s between chunks, an idle keep-alive connection is closed after
+    # keep_alive_timeout_s, and past max_connections concurrent connections requests get a 503.
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    keep_alive_timeout_s: float = 5.0
+    max_connections: int = 1000
+    # Stored files no row refers to are removed once older than the grace period, checked this often.
+    store_sweep_grace_s: float = 24 * 3600.0
+    store_sweep_interval_s: float = 3600.0
     # Redis URL for telling replicas about deployment changes (default: the broker, when it is Redis).
     notify_url: str | None = None
     # Whether a served model's idle intra-op threads busy-wait for the next run (ONNX Runtime's

@@ -14,7 +14,7 @@ from service.artifacts import ArtifactStore
 from service.bundles import ONNX, onnx_signature, prepare_bundle
 from service.errors import Conflict, InvalidSignature, NotFound
 from service.signature import Signature
-from service.tables import Job, Model, ModelVersion, new_id
+from service.tables import CandidateRow, Job, Model, ModelVersion, new_id
 
 
 def inspect_upload(store: ArtifactStore, *, filename: str, bundle_sha: str, entry: str | None,
@@ -122,3 +122,15 @@ def blob_in_use(session: Session, sha256: str) -> bool:
     query = select(ModelVersion.id).where(or_(ModelVersion.bundle_sha256 == sha256, ModelVersion.weights_sha256 == sha256,
                                               ModelVersion.samples_sha256 == sha256)).limit(1)
     return session.scalar(query) is not None
+
+
+def referenced_blobs(session: Session) -> set[str]:
+    """Every stored file a row refers to: bundles, weights and samples of model versions, the files
+    of built candidates."""
+    found: set[str] = set()
+    for row in session.execute(select(ModelVersion.bundle_sha256, ModelVersion.weights_sha256,
+                                      ModelVersion.samples_sha256)):
+        found.update(v for v in row if v)
+    for (files,) in session.execute(select(CandidateRow.files)):
+        found.update(v for v in (files or {}).values() if isinstance(v, str))
+    return found

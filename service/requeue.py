@@ -7,10 +7,12 @@ import logging
 import os
 import socket
 import threading
+import time
 
 from sqlalchemy import select
 
-from service import jobs, queue
+from service import jobs, queue, registry
+from service.artifacts import ArtifactStore
 from service.config import get_settings
 from service.db import session_scope
 from service.tables import Job, now
@@ -76,9 +78,30 @@ class RequeueLoop:
         self._stop.set()
 
     def _run(self) -> None:
+        next_sweep = time.monotonic() + 60  # not while the service starts
         while not self._stop.is_set():
             try:
                 requeue_orphans()
             except Exception:  # noqa: BLE001 - a database hiccup must not end the loop
                 logger.exception("requeue pass failed")
+            if time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + get_settings().store_sweep_interval_s
+                try:
+                    sweep_store()
+                except Exception:  # noqa: BLE001 - nor a full disk or a missing store
+                    logger.exception("artifact store sweep failed")
             self._stop.wait(self.interval)
+
+
+def sweep_store() -> list[str]:
+    """Remove files of the local artifact store that no row refers to, once they are older than the
+    grace period (KILN_STORE_SWEEP_GRACE_S): what a refused upload or a crashed build left."""
+    settings = get_settings()
+    if settings.artifact_url:  # object storage: its own lifecycle rules do this
+        return []
+    with session_scope() as session:
+        referenced = registry.referenced_blobs(session)
+    removed = ArtifactStore(settings.artifact_dir).sweep(referenced, settings.store_sweep_grace_s)
+    if removed:
+        logger.info("artifact store sweep removed %d unreferenced file(s)", len(removed))
+    return removed

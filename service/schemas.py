@@ -13,6 +13,10 @@ from service.tables import CandidateRow, Job, JobStep, Model, ModelVersion
 T = TypeVar("T")
 
 
+# The largest offset a list takes (the databases' integers end at 2**63; no list is that long).
+MAX_OFFSET = (1 << 31) - 1
+
+
 class Page(BaseModel, Generic[T]):
     items: list[T]
     total: int

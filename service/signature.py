@@ -8,7 +8,9 @@ out get defaults. Only numpy is needed here, so the API can check a signature ch
 from __future__ import annotations
 
 import json
+import math
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,14 @@ FLOAT_DTYPES = {"float32", "float16", "bfloat16", "float64"}
 DEFAULT_BATCH_RANGE = (1, 4, 16)
 DEFAULT_DIM_RANGE = (1, 32, 128)
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:/-]*$")
+# Bounds a signature must keep, checked in time linear in its size before anything else runs.
+MAX_TENSORS = 256  # inputs, and outputs
+MAX_RANK = 32
+MAX_NAME = 128  # characters of a tensor or dimension name
+MAX_DIM = (1 << 31) - 1  # largest size of a dimension
+MAX_SAMPLE_BYTES = 1 << 30  # one sample with every dynamic dimension at its max, all inputs together
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 1, "int16": 2, "int32": 4,
+            "int64": 8, "uint8": 1, "bool": 1}
 
 
 def canonical_dtype(name: str) -> str:
@@ -54,9 +64,9 @@ class DimRange(BaseModel):
     """The range a dynamic dimension takes: smallest, the size to optimise for, largest."""
 
     model_config = ConfigDict(extra="forbid")
-    min: int = Field(ge=0)
-    opt: int = Field(ge=0)
-    max: int = Field(ge=1)
+    min: int = Field(ge=0, le=MAX_DIM)
+    opt: int = Field(ge=0, le=MAX_DIM)
+    max: int = Field(ge=1, le=MAX_DIM)
 
     @model_validator(mode="after")
     def _ordered(self) -> "DimRange":
@@ -79,6 +89,8 @@ class TensorSpec(BaseModel):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
+        if len(v) > MAX_NAME:
+            raise ValueError(f"a tensor name may have at most {MAX_NAME} characters, not {len(v)}")
         if not _NAME.match(v):
             raise ValueError(f"{v!r} is not a valid tensor name (letters, digits, _ . : / -)")
         return v
@@ -93,7 +105,13 @@ class TensorSpec(BaseModel):
     def _shape(cls, v: list[int | str] | None) -> list[int | str] | None:
         if v is None:
             return v
+        if len(v) > MAX_RANK:
+            raise ValueError(f"a tensor may have at most {MAX_RANK} dimensions, not {len(v)}")
         for d in v:
+            if isinstance(d, int) and d > MAX_DIM:
+                raise ValueError(f"dimension {d} is larger than {MAX_DIM}")
+            if isinstance(d, str) and len(d) > MAX_NAME:
+                raise ValueError(f"a dimension name may have at most {MAX_NAME} characters")
             if isinstance(d, int) and d < 0:
                 raise ValueError(f"dimension {d} is negative; name a dynamic dimension instead of -1")
             if isinstance(d, str) and not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", d):
@@ -120,8 +138,8 @@ class Signature(BaseModel):
         for spec in self.inputs:
             if spec.dtype is None or spec.shape is None:
                 raise ValueError(f"input {spec.name!r} needs a dtype and a shape")
-        names = [t.name for t in self.inputs + self.outputs]
-        dupes = sorted({n for n in names if names.count(n) > 1})
+        names = Counter(t.name for t in self.inputs + self.outputs)
+        dupes = sorted(n for n, k in names.items() if k > 1)
         if dupes:
             raise ValueError(f"tensor names must be unique: {', '.join(dupes)}")
         used = {d for t in self.inputs + self.outputs for d in t.dynamic_dims}
@@ -131,6 +149,11 @@ class Signature(BaseModel):
         for name in sorted(used - set(self.dims)):
             lo, opt, hi = DEFAULT_BATCH_RANGE if name == self.batch_dim_name(used) else DEFAULT_DIM_RANGE
             self.dims[name] = DimRange(min=lo, opt=opt, max=hi)
+        largest = sum(ITEMSIZE.get(t.dtype or "", 8) * math.prod(self.concrete_shape(t, self.sizes_at("max")))
+                      for t in self.inputs)
+        if largest > MAX_SAMPLE_BYTES:
+            raise ValueError(f"one sample at the dimensions' max sizes would take {largest / (1 << 30):.1f} GiB "
+                             f"(more than {MAX_SAMPLE_BYTES >> 30} GiB); lower the max of the dynamic dimensions")
         return self
 
     def batch_dim_name(self, used: set[str] | None = None) -> str | None:
@@ -177,9 +200,13 @@ class Signature(BaseModel):
         data = dict(data)
         for key in ("inputs", "outputs"):
             items = data.get(key)
+            if isinstance(items, list) and len(items) > MAX_TENSORS:
+                raise InvalidSignature(f"a signature may have at most {MAX_TENSORS} {key}, not {len(items)}")
             if isinstance(items, list):
                 data[key] = [parse_tensor_spec(i) if isinstance(i, str) else i for i in items]
         dims = data.get("dims")
+        if isinstance(dims, dict) and len(dims) > MAX_TENSORS * MAX_RANK:
+            raise InvalidSignature(f"a signature may name at most {MAX_TENSORS * MAX_RANK} dimensions")
         if isinstance(dims, dict):
             data["dims"] = {k: _parse_range(k, v) for k, v in dims.items()}
         try:

@@ -173,10 +173,13 @@ def up(host: str = typer.Option("127.0.0.1", help="Address to listen on"),
         with session_scope() as session:
             token = bootstrap(session, settings.data_dir)
         where = settings.data_dir.resolve() / ADMIN_TOKEN_FILE
-        if token:
+        if token and sys.stdout.isatty():
             console.print(f"admin token: {token}\n  saved in {where} (only you can read it); the kiln CLI on this "
                           "machine uses it; elsewhere pass --token or set KILN_TOKEN, or send "
                           "'Authorization: Bearer <token>'", highlight=False, markup=False)
+        elif token:  # output that is not a terminal may be a log file others can read: no token in it
+            console.print(f"created the admin token and saved it in {where} (only you can read it); the kiln "
+                          "CLI on this machine uses it", highlight=False, markup=False)
         else:
             console.print(f"authentication is on; the admin token is in {where}", highlight=False, markup=False)
     try:
@@ -205,7 +208,7 @@ app.add_typer(token_app, name="token")
 
 @token_app.command("create")
 def token_create(name: str = typer.Option(..., help="What the token is for"),
-                 scope: list[str] = typer.Option(["infer"], help="infer, manage or admin (repeatable)"),
+                 scope: list[str] = typer.Option(["infer"], help="infer, manage, admin or metrics (repeatable)"),
                  owner: Optional[str] = typer.Option(None, help="Team (an admin may name another)"),
                  server: Optional[str] = SERVER) -> None:
     """Create a token; it is printed once and stored only as a hash."""
@@ -505,7 +508,13 @@ def _data_dir(path: Optional[Path]) -> None:
     if path is not None:
         os.environ["KILN_DATA_DIR"] = str(path.resolve())
         get_settings.cache_clear()
-    get_settings().data_dir.mkdir(parents=True, exist_ok=True)
+    # Everything the service writes (database, uploads, work directories, artifacts) is its user's
+    # alone; boxes are given read access to what they bind (service/boundary.py).
+    os.umask(0o077)
+    data = get_settings().data_dir
+    data.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if data.stat().st_uid == os.geteuid():
+        data.chmod(0o700)
 
 
 def print_summary(ctx) -> None:

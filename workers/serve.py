@@ -87,15 +87,62 @@ def check_exposure(host: str) -> None:
 
 
 def run_api(host: str, port: int) -> None:
-    """The FastAPI service under uvicorn (blocks)."""
+    """The FastAPI service under uvicorn (blocks), with bounds for slow and many clients: a request's
+    headers must arrive within KILN_HEADER_TIMEOUT_S, an idle keep-alive connection closes after
+    KILN_KEEP_ALIVE_TIMEOUT_S, and past KILN_MAX_CONNECTIONS connections new requests get a 503."""
     import uvicorn
 
     from service.app import create_app
+    from service.config import get_settings
 
     check_exposure(host)
-
+    settings = get_settings()
     uvicorn.run(create_app(), host=host, port=port, log_level="info", access_log=False,
-                timeout_graceful_shutdown=10)
+                timeout_graceful_shutdown=10, http=header_timeout_protocol(settings.header_timeout_s),
+                timeout_keep_alive=int(max(1, settings.keep_alive_timeout_s)),
+                limit_concurrency=settings.max_connections)
+
+
+def header_timeout_protocol(seconds: float) -> type:
+    """uvicorn's HTTP protocol, closing a connection whose request headers take longer than `seconds`
+    to arrive (uvicorn times out idle keep-alive connections, but not a client that trickles its
+    headers a byte at a time)."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    class HeaderTimeout(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
+        _header_timer = None
+
+        def connection_made(self, transport) -> None:  # noqa: ANN001
+            super().connection_made(transport)
+            self._arm()
+
+        def _arm(self) -> None:
+            if self._header_timer is None:
+                self._header_timer = self.loop.call_later(seconds, self._too_slow)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _too_slow(self) -> None:
+            self._header_timer = None
+            if self.cycle is None or self.cycle.response_complete:  # still waiting for a request's headers
+                self.transport.close()
+
+        def data_received(self, data: bytes) -> None:
+            before = self.cycle
+            if before is None or before.response_complete:
+                self._arm()  # bytes of a new request: its headers must complete in time
+            super().data_received(data)
+            if self.cycle is not before:  # the headers are in: a new request started
+                self._disarm()
+
+        def connection_lost(self, exc) -> None:  # noqa: ANN001
+            self._disarm()
+            super().connection_lost(exc)
+
+    return HeaderTimeout
 
 
 def run_worker(queues: list[str], concurrency: int, name: str | None = None) -> None:

@@ -16,12 +16,17 @@ logger = logging.getLogger("kiln.api")
 PROBLEM = "application/problem+json"
 
 
+MAX_DETAIL = 500  # characters: a detail that quotes the input (a 1 MB id, say) quotes only its start
+
+
 def problem(request: Request, status: int, title: str, detail: str, **extra: object) -> JSONResponse:
+    if len(detail) > MAX_DETAIL:
+        detail = detail[:MAX_DETAIL] + f"... ({len(detail) - MAX_DETAIL} more characters)"
     headers = {"WWW-Authenticate": 'Bearer realm="kiln"'} if status == 401 else None
     if request.url.path.startswith("/v2"):
         return JSONResponse({"error": detail}, status_code=status, headers=headers)
     body = {"type": "about:blank", "title": title, "status": status, "detail": detail,
-            "instance": request.url.path, **extra}
+            "instance": request.url.path[:200], **extra}
     return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
 
 

@@ -16,7 +16,7 @@ from service.api.deps import Owner, SessionDep
 from service.db import session_scope
 from service.errors import BadRequest, NotFound
 from service.options import ConversionOptions
-from service.schemas import JobCreate, JobOut, JobSummary, Page
+from service.schemas import MAX_OFFSET, JobCreate, JobOut, JobSummary, Page
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 logger = logging.getLogger("kiln.api")
@@ -57,7 +57,7 @@ def list_jobs(session: SessionDep, owner: Owner,
               status: Annotated[str | None, Query(description="queued, running, succeeded, failed, canceled")] = None,
               model: Annotated[str | None, Query(max_length=200)] = None,
               limit: Annotated[int, Query(ge=1, le=500)] = 50,
-              offset: Annotated[int, Query(ge=0)] = 0) -> Page[JobSummary]:
+              offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0) -> Page[JobSummary]:
     if status is not None and status not in jobs.STATUSES:
         raise BadRequest(f"unknown status {status!r}; use one of {', '.join(jobs.STATUSES)}")
     items, total = jobs.listing(session, owner, status=status, model=model, limit=limit, offset=offset)
@@ -79,7 +79,7 @@ def get_report(job_id: str, session: SessionDep, owner: Owner) -> dict:
 
 @router.get("/{job_id}/logs", response_class=PlainTextResponse, summary="The job's log lines")
 def get_logs(job_id: str, session: SessionDep, owner: Owner,
-             after: Annotated[int, Query(ge=0)] = 0) -> str:
+             after: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0) -> str:
     jobs.get(session, owner, job_id)
     return "".join(f"[{line.step}] {line.line}\n" for line in jobs.logs(session, job_id, after))
 

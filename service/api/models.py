@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from service import registry
 from service.api.deps import Owner, SessionDep, SettingsDep, StoreDep
 from service.errors import BadRequest
-from service.schemas import ModelOut, ModelVersionOut, Page
+from service.schemas import MAX_OFFSET, ModelOut, ModelVersionOut, Page
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -69,7 +69,7 @@ async def upload(
 
 @router.get("", response_model=Page[ModelOut], summary="List models")
 def list_models(session: SessionDep, owner: Owner, limit: Annotated[int, Query(ge=1, le=500)] = 50,
-                offset: Annotated[int, Query(ge=0)] = 0) -> Page[ModelOut]:
+                offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0) -> Page[ModelOut]:
     models, total = registry.list_models(session, owner, limit, offset)
     return Page(items=[ModelOut.of(m) for m in models], total=total, limit=limit, offset=offset)
 

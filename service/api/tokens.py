@@ -17,8 +17,9 @@ router = APIRouter(prefix="/v1/tokens", tags=["tokens"])
 class TokenCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=200)
-    scopes: list[str] = Field(default_factory=lambda: ["infer"], max_length=3,
-                              description="infer (the /v2 API only), manage (the /v1 API), admin")
+    scopes: list[str] = Field(default_factory=lambda: ["infer"], max_length=4,
+                              description="infer (the /v2 API only), manage (the /v1 API), admin, metrics "
+                                          "(only /metrics: a Prometheus scraper's token)")
     owner: str | None = Field(None, max_length=100, description="team; only an admin may name another")
 
 
@@ -44,8 +45,9 @@ def create(body: TokenCreate, session: SessionDep, who: Caller) -> TokenOut:
     owner = body.owner or who.owner
     if owner != who.owner and not who.allows("admin"):
         raise auth.Forbidden("only an admin token can create tokens for another team")
-    if "admin" in body.scopes and not who.allows("admin"):
-        raise auth.Forbidden("only an admin token can create admin tokens")
+    for wide in ("admin", "metrics"):  # metrics shows every team's series
+        if wide in body.scopes and not who.allows("admin"):
+            raise auth.Forbidden(f"only an admin token can create {wide} tokens")
     row, token = auth.create(session, owner=owner, name=body.name, scopes=body.scopes)
     return TokenOut.of(row, token)
 

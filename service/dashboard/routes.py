@@ -20,7 +20,7 @@ from service.dashboard import assets, formatting, session, tryit, views
 from service.dashboard.session import Viewer, ViewerDep
 from service.errors import KilnError
 from service.options import GPU_TARGETS, POLICIES, PRECISIONS, TARGETS
-from service.schemas import JobOut, ModelOut
+from service.schemas import MAX_OFFSET, JobOut, ModelOut
 from service.serving.manager import row_dict
 from service.tables import CandidateRow
 
@@ -66,7 +66,7 @@ def static_file(name: str) -> Response:
 
 @router.get("/", response_class=HTMLResponse)
 def jobs_page(request: Request, session: SessionDep, viewer: ViewerDep, status: str = "", model: str = "",
-              offset: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=200)] = PAGE_SIZE,
+              offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0, limit: Annotated[int, Query(ge=1, le=200)] = PAGE_SIZE,
               highlight: str = "") -> HTMLResponse:
     if viewer.refused:
         return sign_in_page(request, viewer)

@@ -41,8 +41,8 @@ class InferRequest:
 def parse(body: bytes, header_length: str | None, expected: dict[str, str]) -> InferRequest:
     """Parse an /infer body. `expected` maps input names to the dtypes the model takes."""
     if header_length is not None:
-        if not header_length.isdigit() or int(header_length) > len(body):
-            raise InvalidInput(f"Inference-Header-Content-Length {header_length!r} does not fit a body of "
+        if not (header_length.isascii() and header_length.isdigit()) or int(header_length) > len(body):
+            raise InvalidInput(f"Inference-Header-Content-Length {header_length[:40]!r} does not fit a body of "
                                f"{len(body)} bytes")
         n = int(header_length)
         header, binary = body[:n], memoryview(body)[n:]
