@@ -117,8 +117,9 @@ class ArtifactStore:
             return self.put_stream(f)[0]
 
     def put_directory(self, directory: Path) -> dict[str, str]:
-        """Store every file of a flat directory; returns {file name: sha256}."""
-        return {p.name: self.put_file(p) for p in sorted(Path(directory).iterdir()) if p.is_file()}
+        """Store every plain file of a flat directory (never what a link points at); returns {file name: sha256}."""
+        return {p.name: self.put_file(p) for p in sorted(Path(directory).iterdir())
+                if p.is_file() and not p.is_symlink()}
 
     def open(self, sha256: str) -> BinaryIO:
         try:

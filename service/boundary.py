@@ -131,9 +131,10 @@ class Boxed:
             pass
 
     def release(self) -> None:
-        """After the process was waited for: kill leftovers and remove the cgroup."""
-        self.kill()
+        """After the process was waited for: kill leftovers (by cgroup: its process group id may be
+        another process's by now) and remove the cgroup."""
         if self.cgroups is not None:
+            self.cgroups.kill()
             self.cgroups.remove()
 
 
@@ -321,7 +322,10 @@ def _bwrap_command(argv: Sequence[str], box: Box) -> list[str]:
             binds.append(("--ro-bind", path, str(path)))
     if box.writable is not None:
         binds.append(("--bind", box.writable, str(box.writable)))
-    args = ["bwrap", *_base_args(), *_system_binds(), "--size", str(box.tmp_bytes), "--tmpfs", "/tmp"]
+    # Every place the box may write is bounded: /tmp and /dev/shm are sized tmpfs, the root (a tmpfs
+    # bwrap makes, which the box would own) goes read-only at the end.
+    args = ["bwrap", *_base_args(), *_system_binds(), "--size", str(box.tmp_bytes), "--tmpfs", "/tmp",
+            "--size", str(box.tmp_bytes), "--tmpfs", "/dev/shm"]
     stage_lines: list[str] = []
     if os.geteuid() == 0:
         stage = _stage_dir([src for _, src, _ in binds])
@@ -337,6 +341,7 @@ def _bwrap_command(argv: Sequence[str], box: Box) -> list[str]:
             args += ["--dev-bind-try", str(dev), str(dev)]
     if box.chdir is not None:
         args += ["--chdir", str(box.chdir)]
+    args += ["--remount-ro", "/dev", "--remount-ro", "/"]
     command = [*args, "--", *argv]
     if os.geteuid() != 0:
         return command
@@ -372,7 +377,8 @@ def _preexec(box: Box, procs_files: list[bytes]) -> Callable[[], None]:
         # CUDA process (its driver reserves ranges the size of host plus device memory)
         if not box.gpu:
             limits.append((resource.RLIMIT_AS, max(box.memory_bytes or default_memory_bytes(), 1 << 30)))
-        limits.append((resource.RLIMIT_NPROC, box.processes))
+        if os.geteuid() == 0:  # else the box shares the service's user, whose own threads it would count
+            limits.append((resource.RLIMIT_NPROC, box.processes))
 
     def preexec() -> None:
         for path in procs_files:  # join the cgroup while still allowed to
@@ -454,15 +460,15 @@ class _Cgroups:
                 (d / "memory.max").write_text(str(memory))
                 _write_if(d / "memory.swap.max", "0")
                 (d / "pids.max").write_text(str(box.processes))
-                if box.cpus:
-                    (d / "cpu.max").write_text(f"{int(box.cpus * cpu_period)} {cpu_period}")
+                if box.cpus and not _write_if(d / "cpu.max", f"{int(box.cpus * cpu_period)} {cpu_period}"):
+                    notes.append("no cpu controller: the CPU limit is not applied")
             else:
                 (dirs["memory"] / "memory.limit_in_bytes").write_text(str(memory))
                 _write_if(dirs["memory"] / "memory.memsw.limit_in_bytes", str(memory))
                 (dirs["pids"] / "pids.max").write_text(str(box.processes))
-                if box.cpus and "cpu" in dirs:
-                    (dirs["cpu"] / "cpu.cfs_period_us").write_text(str(cpu_period))
-                    (dirs["cpu"] / "cpu.cfs_quota_us").write_text(str(int(box.cpus * cpu_period)))
+                if box.cpus and not ("cpu" in dirs and _write_if(dirs["cpu"] / "cpu.cfs_period_us", str(cpu_period))
+                                     and _write_if(dirs["cpu"] / "cpu.cfs_quota_us", str(int(box.cpus * cpu_period)))):
+                    notes.append("no cpu controller: the CPU limit is not applied")
         except OSError as exc:
             cg.remove()
             notes.append(f"could not set up the box's cgroup ({exc.strerror}): bounded by rlimits only")
@@ -471,12 +477,33 @@ class _Cgroups:
 
     @classmethod
     def _v2_parent(cls) -> Path | None:
-        """A v2 cgroup we may create children in, with the memory and pids controllers enabled."""
+        """A v2 cgroup we may create children in, with the memory and pids controllers enabled.
+
+        A v2 cgroup with processes in it cannot enable controllers for its children ("no internal
+        processes"), which is where a service started by a container runtime or a login shell sits.
+        Where this process may, it moves into a leaf of its own cgroup first ("kiln-service"), then
+        enables memory, pids (and cpu) in the parent; if another process shares the cgroup, that fails
+        and the boxes fall back to rlimits, with a note."""
         own = [p for p in cls.own_dirs(()) if (p / "cgroup.controllers").exists()]
         for parent in own[:1]:
-            if {"memory", "pids"} <= set(_read(parent / "cgroup.subtree_control").split()) \
-                    and os.access(parent, os.W_OK):
+            if parent.name == "kiln-service":  # moved there before (or forked from a process that was)
+                parent = parent.parent
+            wanted = {"memory", "pids"}
+            if wanted <= set(_read(parent / "cgroup.subtree_control").split()) and os.access(parent, os.W_OK):
                 return parent
+            if not wanted <= set(_read(parent / "cgroup.controllers").split()) or not os.access(parent, os.W_OK):
+                return None
+            leaf = parent / "kiln-service"
+            try:
+                leaf.mkdir(exist_ok=True)
+                (leaf / "cgroup.procs").write_text(str(os.getpid()))
+                enable = " ".join(f"+{c}" for c in ("memory", "pids", "cpu")
+                                  if c in _read(parent / "cgroup.controllers").split())
+                (parent / "cgroup.subtree_control").write_text(enable)
+            except OSError:
+                return None
+            # boxes go beside the service's leaf, under the same parent
+            return parent
         return None
 
     def procs_files(self) -> list[bytes]:
@@ -531,8 +558,9 @@ def _read(path: Path) -> str:
         return ""
 
 
-def _write_if(path: Path, text: str) -> None:
+def _write_if(path: Path, text: str) -> bool:
     try:
         path.write_text(text)
+        return True
     except OSError:
-        pass
+        return False

@@ -66,8 +66,12 @@ class RequestGate:
         started = False
         timeout = self.settings.body_timeout_s
 
+        body_done = False
+
         async def limited_receive() -> Message:
-            nonlocal seen
+            nonlocal seen, body_done
+            if body_done:  # after the body, receive() waits for a disconnect (a streamed response): untimed
+                return await receive()
             try:
                 message = await asyncio.wait_for(receive(), timeout)
             except asyncio.TimeoutError:
@@ -76,6 +80,7 @@ class RequestGate:
                 seen += len(message.get("body", b""))
                 if seen > limit:
                     raise BodyTooLarge(limit)
+                body_done = not message.get("more_body", False)
             return message
 
         async def tracking_send(message: Message) -> None:

@@ -76,8 +76,12 @@ def _tensors(model: Any) -> Iterator[Any]:
         for sparse in graph.sparse_initializer:
             yield sparse.values
             yield sparse.indices
-    for node in _nodes(model):
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
+    attributes = [a for node in _nodes(model) for a in node.attribute]
+    attributes += [a for f in model.functions for a in f.attribute_proto]  # defaults of function attributes
+    for attr in attributes:
+        if attr.HasField("t"):
+            yield attr.t
+        yield from attr.tensors
+        for sparse in ([attr.sparse_tensor] if attr.HasField("sparse_tensor") else []) + list(attr.sparse_tensors):
+            yield sparse.values
+            yield sparse.indices

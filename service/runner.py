@@ -45,8 +45,9 @@ class Channel:
     """One end of the socket pair: messages out, and messages in through a buffer, so that a small
     message costs one recv however many parts it has."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, max_bytes: int = 1 << 40) -> None:
         self.sock = sock
+        self.max_bytes = max_bytes  # the most tensor bytes one message may announce
         self._buf = bytearray(1 << 16)
         self._start = self._end = 0
 
@@ -105,12 +106,30 @@ class Channel:
         if size > _MAX_HEADER:
             raise EOFError(f"a message header of {size} bytes")
         header = orjson.loads(self._take(size))
-        arrays = []
-        for name, dtype, shape in header.get("tensors") or []:
-            dt = np.dtype(dtype)
-            data = self._take_copy(math.prod(shape) * dt.itemsize)
+        if not isinstance(header, dict):
+            raise ChannelError("a message header that is not an object")
+        arrays, total = [], 0
+        for item in header.get("tensors") or []:
+            try:
+                name, dtype, shape = item
+                dt = np.dtype(dtype)
+                ok = (isinstance(name, str) and dt.kind in "biufc" and isinstance(shape, list)
+                      and all(isinstance(d, int) and d >= 0 for d in shape) and len(shape) <= 64)
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise ChannelError(f"a tensor that is not a plain numeric array: {str(item)[:200]}")
+            nbytes = math.prod(shape) * dt.itemsize
+            total += nbytes
+            if total > self.max_bytes:
+                raise ChannelError(f"a message of more than {self.max_bytes} bytes of tensors")
+            data = self._take_copy(nbytes)
             arrays.append((name, np.frombuffer(data, dtype=dt).reshape(shape)))
         return header, arrays
+
+
+class ChannelError(EOFError):
+    """The other end sent something that is not a message of this protocol: the channel is done."""
 
 
 def _describe(arrays: Mapping[str, np.ndarray]) -> list[list[Any]]:
@@ -168,10 +187,12 @@ class IsolatedRuntime(Runtime):
             boxed = boundary.start(argv, box, stdout=errors, stderr=errors, pass_fds=(theirs.fileno(),))
         finally:
             theirs.close()
-        self._boxed, self._channel, self.notes = boxed, Channel(ours), boxed.notes
+        # A runner answers with no more than a batch's worth of outputs, and within the sandbox timeout.
+        ours.settimeout(settings.sandbox_timeout_s)
+        self._boxed, self._channel, self.notes = boxed, Channel(ours, settings.max_infer_bytes * 16), boxed.notes
         try:
             header, _ = self._channel.recv()
-        except (EOFError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever the runner did, it is stopped
             self._stop()
             errors.seek(max(0, errors.seek(0, os.SEEK_END) - 2000))
             tail = errors.read().decode(errors="replace").strip().splitlines()[-1:] or [str(exc)]
@@ -182,6 +203,11 @@ class IsolatedRuntime(Runtime):
         if not header.get("ok"):
             self._stop()
             raise _error(header)
+        try:
+            [TensorSpec.model_validate(x) for x in header["inputs"] + header["outputs"]]
+        except Exception:  # noqa: BLE001 - a hello that is not one
+            self._stop()
+            raise SandboxError("the isolated runner did not say what it loaded", outcome="crashed") from None
         return header
 
     @property
@@ -203,11 +229,15 @@ class IsolatedRuntime(Runtime):
                 channel.send({"outputs": list(outputs) if outputs else None, "tensors": _describe(arrays)},
                              list(arrays.values()))
                 header, got = channel.recv()
-            except (EOFError, OSError) as exc:
+            except Exception as exc:  # noqa: BLE001 - a runner that died, hung or spoke nonsense is stopped
                 self._stop()
-                why = "ran out of memory" if self._boxed is None else "died"
-                raise SandboxError(f"the isolated runner {why} while running a batch ({exc})",
-                                   outcome="crashed") from None
+                why = "did not answer in time" if isinstance(exc, TimeoutError) else "failed"
+                raise SandboxError(f"the isolated runner {why} while running a batch "
+                                   f"({type(exc).__name__}: {str(exc)[:200]})", outcome="crashed") from None
+            if not isinstance(header.get("ok"), bool) or (header["ok"] and not _answers(got, outputs)):
+                self._stop()
+                raise SandboxError("the isolated runner answered with something else than the outputs asked for",
+                                   outcome="crashed")
         if not header.get("ok"):
             raise _error(header)
         return dict(got)
@@ -222,8 +252,16 @@ class IsolatedRuntime(Runtime):
             boxed.release()
 
     def close(self) -> None:
+        boxed = self._boxed
+        if boxed is not None:  # a batch in flight (a runner that hangs, say) ends with an error now
+            boxed.kill()
         with self._lock:
             self._stop()
+
+
+def _answers(got: list[tuple[str, np.ndarray]], outputs: Sequence[str] | None) -> bool:
+    names = [n for n, _ in got]
+    return len(set(names)) == len(names) and (not outputs or set(outputs) <= set(names))
 
 
 def _error(header: dict[str, Any]) -> KilnError:

@@ -1,10 +1,10 @@
 """Run untrusted model code in a separate, limited child process inside the isolation boundary.
 
-``run_op`` writes ``WORKDIR/.sandbox/request.json``, starts ``python -m workers.sandbox_child WORKDIR``
+``run_op`` writes the request beside WORKDIR (``control_dir``), starts ``python -m workers.sandbox_child WORKDIR``
 in a box (service/boundary.py: bubblewrap, an unprivileged user, no network, nothing of the host but
 the Python environment, `Limits.readable` paths read-only and WORKDIR writable, a cgroup for memory,
 processes and CPU), waits while enforcing the wall-clock limit and the disk quota and polling for
-cancellation, kills the whole box afterwards, and turns ``.sandbox/result.json`` and the exit status
+cancellation, kills the whole box afterwards, and turns the result it wrote and the exit status
 into a ``SandboxResult``. Requests and results are JSON files; nothing is ever unpickled here.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -95,19 +96,20 @@ def run_op(
     """Run ``workers.sandbox_ops.OPS[op](args, workdir)`` in a limited, isolated child process.
 
     ``workdir`` becomes the child's cwd and HOME, and (under ``tmp/``) its TMPDIR: the only place it
-    may write. The child's output goes to ``workdir/.sandbox/output.log``. ``cancel`` is polled about
+    may write. The child's output goes to ``control_dir(workdir)/output.log``. ``cancel`` is polled about
     every 0.2 s and kills the child when it returns True. ``on_output`` receives the child's output
     line by line as it is written. Raises SandboxUnavailable when the boundary cannot be built (and
     running unisolated was not asked for); never raises for anything the child does.
     """
     workdir = Path(workdir).resolve()
-    box_dir = workdir / ".sandbox"
-    box_dir.mkdir(parents=True, exist_ok=True)
+    # The request, the result and the log live beside the working directory, out of the box's reach:
+    # the box could otherwise leave a link where the worker (root) writes or reads them next time.
+    control = control_dir(workdir)
+    control.mkdir(mode=0o700, parents=True, exist_ok=True)
+    workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "tmp").mkdir(exist_ok=True)
-    (box_dir / "result.json").unlink(missing_ok=True)  # a result left by an earlier op in this workdir
-    (box_dir / "request.json").write_text(json.dumps({"op": op, "args": args}))
-    log_path = box_dir / "output.log"
-    log_path.unlink(missing_ok=True)
+    (control / "request.json").write_text(json.dumps({"op": op, "args": args}))
+    log_path = control / "output.log"
     disk_bytes = limits.disk_bytes or boundary.default_disk_bytes(workdir)
     _give_to_sandbox(workdir)
     env = boundary.python_env(home=str(workdir))
@@ -121,11 +123,14 @@ def run_op(
 
     started = time.monotonic()
     killed_for = None
-    # The child's output goes straight into the log file, so RLIMIT_FSIZE bounds the log too.
-    with open(log_path, "wb") as log:
+    floor = _free(workdir) - disk_bytes  # deleted files still open take space that a walk does not see
+    # The child's output goes straight into the log file, so RLIMIT_FSIZE bounds the log too. The
+    # request comes in on stdin, the result goes out through an inherited descriptor.
+    with open(log_path, "wb") as log, open(control / "request.json", "rb") as request, \
+            open(control / "result.json", "wb") as result:
         # -P: the workdir (which holds the upload) must not shadow the modules the child imports
-        boxed = boundary.start([sys.executable, "-P", "-m", "workers.sandbox_child", str(workdir)], box,
-                               stdout=log, stderr=subprocess.STDOUT)
+        boxed = boundary.start([sys.executable, "-P", "-m", "workers.sandbox_child", str(workdir), str(result.fileno())],
+                               box, stdin=request, stdout=log, stderr=subprocess.STDOUT, pass_fds=(result.fileno(),))
     proc = boxed.proc
     feed = _LineFeed(log_path, on_output) if on_output else None
     try:
@@ -142,7 +147,7 @@ def run_op(
                 break
             if now >= next_disk_check:
                 next_disk_check = now + _DISK_POLL_S
-                if _usage(workdir) > disk_bytes:
+                if _usage(workdir) > disk_bytes or _free(workdir) < floor:
                     killed_for = "disk"
                     break
             time.sleep(delay)
@@ -157,9 +162,9 @@ def run_op(
             feed.pump(final=True)
     duration_s = time.monotonic() - started
     if killed_for == "disk":
-        _reclaim(workdir, keep=box_dir)
+        _reclaim(workdir)
 
-    reply = _read_reply(box_dir / "result.json")
+    reply = _read_reply(control / "result.json")
     if boxed.isolated and returncode > 128:  # bwrap ends with 128+N when the boxed process died of signal N
         returncode = -(returncode - 128)
     outcome, reason = _classify(killed_for, reply, returncode, limits, oom=oom, disk_bytes=disk_bytes,
@@ -210,13 +215,18 @@ def _usage(path: Path) -> int:
     return total
 
 
-def _reclaim(workdir: Path, keep: Path) -> None:
-    """After the disk quota was hit: remove what the box wrote, so the disk is not left full."""
-    import shutil
+def control_dir(workdir: Path) -> Path:
+    """Where an op's request, result and log are kept: beside its working directory, not in it."""
+    return workdir.parent / f".{workdir.name}.box"
 
+
+def _free(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
+def _reclaim(workdir: Path) -> None:
+    """After the disk quota was hit: remove what the box wrote, so the disk is not left full."""
     for entry in workdir.iterdir():
-        if entry == keep:
-            continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
         else:
@@ -242,6 +252,9 @@ class _LineFeed:
         # A bounded read per pump, so a child that floods its output cannot stall the wait loop.
         while chunk := self._file.read(1 << 20):
             *lines, self._partial = (self._partial + chunk).split(b"\n")
+            if len(self._partial) > 1 << 20:  # a line without end: pass it on in pieces
+                lines.append(self._partial)
+                self._partial = b""
             for line in lines:
                 self._callback(line.decode("utf-8", "replace"))
             if not final:
@@ -252,9 +265,14 @@ class _LineFeed:
             self._file.close()
 
 
+_MAX_REPLY = 64 << 20
+
+
 def _read_reply(path: Path) -> dict[str, Any] | None:
-    """The child's result file, or None when it is missing or not what the child writes."""
+    """The child's result file, or None when it is missing, too large or not what the child writes."""
     try:
+        if path.stat().st_size > _MAX_REPLY:
+            return None
         reply = json.loads(path.read_text())
     except (OSError, ValueError):
         return None

@@ -1,9 +1,10 @@
-"""The sandbox child: ``python -m workers.sandbox_child WORKDIR``, started by ``workers.sandbox.run_op``.
+"""The sandbox child: ``python -m workers.sandbox_child WORKDIR RESULT_FD``, started by
+``workers.sandbox.run_op``.
 
-Reads ``WORKDIR/.sandbox/request.json`` (``{"op", "args"}``), calls ``OPS[op](args, workdir)`` and
-writes ``WORKDIR/.sandbox/result.json`` atomically: ``{"ok": true, "result": {...}}``, or
-``{"ok": false, "error": {"type", "message", "traceback", "errno", "kiln_error"}}`` for any exception.
-The limits are already in place when this runs; it only has to report faithfully.
+Reads the request (``{"op", "args"}``) from stdin, calls ``OPS[op](args, workdir)`` and writes to
+descriptor RESULT_FD ``{"ok": true, "result": {...}}``, or ``{"ok": false, "error": {"type",
+"message", "traceback", "errno", "kiln_error"}}`` for any exception. The limits are already in
+place when this runs; it only has to report faithfully.
 """
 
 from __future__ import annotations
@@ -18,11 +19,10 @@ from typing import Any
 from service.errors import KilnError
 
 
-def main(workdir: Path) -> None:
-    """Run the requested op and write its result, or the error it raised, next to the request."""
-    box = workdir / ".sandbox"
+def main(workdir: Path, result_fd: int) -> None:
+    """Run the requested op and write its result, or the error it raised, to `result_fd`."""
     try:
-        request = json.loads((box / "request.json").read_text())
+        request = json.loads(sys.stdin.buffer.read())
         from workers.sandbox_ops import OPS
 
         fn = OPS.get(request["op"])
@@ -35,9 +35,10 @@ def main(workdir: Path) -> None:
     # BaseException: model code may call sys.exit() or raise KeyboardInterrupt; that is an error too.
     except BaseException as exc:
         reply = json.dumps({"ok": False, "error": _describe(exc)})
-    tmp = box / "result.json.tmp"
-    tmp.write_text(reply)
-    os.replace(tmp, box / "result.json")
+    data = reply.encode()
+    while data:
+        data = data[os.write(result_fd, data):]
+    os.close(result_fd)
 
 
 def _describe(exc: BaseException) -> dict[str, Any]:
@@ -59,7 +60,7 @@ def _describe(exc: BaseException) -> dict[str, Any]:
 if __name__ == "__main__":
     status = 1
     try:
-        main(Path(sys.argv[1]))
+        main(Path(sys.argv[1]), int(sys.argv[2]))
         sys.stdout.flush()
         sys.stderr.flush()
         status = 0

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 from typing import Any, Callable
 
 from service import samples as sample_io
+from service.errors import ConversionError
 from service.config import get_settings
 from workers.context import Context
 from workers.pipeline import Canceled, StepLog
@@ -20,6 +23,21 @@ def sandbox_dir(ctx: Context) -> Path:
     path = ctx.work / "sandbox"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def produced(ctx: Context, path: str) -> Path:
+    """A file an op says it wrote, checked before the worker touches it: a plain file inside this
+    conversion's sandbox directory, reached through no link. Op results come from the box and are as
+    untrusted as the model (model code can write them), and the worker runs as root."""
+    root = sandbox_dir(ctx).resolve()
+    p = Path(str(path))
+    try:
+        plain = p.is_absolute() and p.resolve() == Path(os.path.normpath(p)) and stat.S_ISREG(os.lstat(p).st_mode)
+    except OSError:
+        plain = False
+    if not plain or not p.resolve().is_relative_to(root):
+        raise ConversionError(f"the sandbox reported a file that is not a plain file in its directory: {str(path)[:200]!r}")
+    return p
 
 
 def limits(ctx: Context) -> Limits:

@@ -199,3 +199,60 @@ def test_an_onnx_artifact_with_a_custom_domain_is_refused_before_loading(tmp_pat
     ArtifactInfo(runtime="onnxruntime", file="model.onnx").save(tmp_path)
     with pytest.raises(InvalidBundle, match="custom"):
         runtimes.load(tmp_path)
+
+
+def test_a_file_an_op_reports_must_be_a_plain_file_in_its_sandbox(tmp_path):
+    from service.errors import ConversionError
+    from workers.context import BundleInfo, Context
+    from workers.sandboxed import produced, sandbox_dir
+
+    ctx = Context(workdir=str(tmp_path / "work"), out_dir=str(tmp_path / "out"),
+                  bundle=BundleInfo(kind="python", root=str(tmp_path)), signature={"inputs": [
+                      {"name": "x", "dtype": "float32", "shape": [1]}]})
+    box = sandbox_dir(ctx)
+    (box / "ok.onnx").write_bytes(b"x")
+    (box / "sub").mkdir()
+    (box / "link.onnx").symlink_to("/etc/passwd")
+    (box / "dirlink").symlink_to("/etc")
+    assert produced(ctx, str(box / "ok.onnx")) == box / "ok.onnx"
+    for bad in ("/etc/passwd", str(box / "link.onnx"), str(box / "dirlink" / "passwd"), str(box / "sub"),
+                str(box / ".." / "work" / "sandbox" / "ok.onnx") + "/..", "relative.onnx"):
+        with pytest.raises(ConversionError):
+            produced(ctx, bad)
+
+
+def test_a_runner_that_speaks_nonsense_is_cut_off(tmp_path):
+    import socket
+
+    import orjson
+
+    from service.runner import Channel, ChannelError, _HEADER
+
+    for header in ({"tensors": [["y", "<f4", [1 << 50]]]}, {"tensors": [["y", "<f4", [-1]]]},
+                   {"tensors": [["y", "|O", [1]]]}, [1, 2], {"tensors": [["y", "<f4"]]}):
+        a, b = socket.socketpair()
+        body = orjson.dumps(header)
+        a.sendall(_HEADER.pack(len(body)) + body)
+        with pytest.raises(ChannelError):
+            Channel(b, max_bytes=1 << 30).recv()
+        a.close()
+        b.close()
+
+
+def test_onnx_sparse_attribute_tensors_with_external_data_are_refused(tmp_path):
+    from onnx import TensorProto, helper
+
+    from service.errors import InvalidBundle
+    from service.onnx_policy import check_onnx
+
+    values = helper.make_tensor("v", TensorProto.FLOAT, [1], [0.0])
+    values.data_location = TensorProto.EXTERNAL
+    values.ClearField("float_data")
+    values.external_data.add(key="location", value="/etc/shadow")
+    sparse = helper.make_sparse_tensor(values, helper.make_tensor("i", TensorProto.INT64, [1], [0]), [4])
+    node = helper.make_node("Constant", [], ["y"], sparse_value=sparse)
+    graph = helper.make_graph([node], "g", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])])
+    path = tmp_path / "m.onnx"
+    path.write_bytes(helper.make_model(graph).SerializeToString())
+    with pytest.raises(InvalidBundle, match="another file"):
+        check_onnx(path)

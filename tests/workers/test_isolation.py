@@ -247,3 +247,60 @@ def test_a_job_may_set_its_own_memory_limit(tmp_path):
         assert load.status == "failed" and "2.0 GiB memory limit" in (load.error or ""), load
     except KilnError as exc:  # the pipeline may raise the step's error instead
         assert "2.0 GiB memory limit" in str(exc)
+
+
+def test_links_left_in_the_working_directory_do_not_steer_the_worker(tmp_path):
+    """The box's working directory survives from op to op; the worker (root) must never follow what
+    the box left there: the request, result and log live beside it, out of the box's reach."""
+    from workers.sandbox import control_dir
+
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    work = tmp_path / "work"
+    body = ("for name in ('request.json', 'result.json', 'output.log', '.sandbox'):\n"
+            f"    os.symlink({str(victim)!r}, name)\n"
+            f"open({str(control_dir(work) / 'result.json')!r}, 'w').write('{{}}')\n")
+    res = attack(tmp_path, body, work=work)
+    assert res.outcome == "error"  # the control directory is not there to write in
+    res = attack(tmp_path, "return {'again': True}", work=work)
+    assert res.outcome == "ok" and res.result["value"] == {"again": True}
+    assert victim.read_text() == "precious"
+
+
+def test_deleted_files_still_open_count_against_the_disk_quota(tmp_path):
+    with tmpfs(tmp_path / "small", "96m") as small:
+        res = attack(tmp_path, textwrap.dedent("""\
+            keep = []
+            for i in range(8):
+                f = open(f'f{i}', 'wb')
+                for _ in range(10):
+                    f.write(b'x' * (1 << 20))
+                    f.flush()
+                os.unlink(f'f{i}')  # gone from every listing, still taking space
+                keep.append(f)
+                time.sleep(0.3)
+            return {}"""), limits=Limits(timeout_s=60), work=small / "work")
+        assert res.outcome == "disk", (res.outcome, res.reason)
+
+
+def test_the_root_and_dev_shm_are_bounded_too(tmp_path):
+    res = attack(tmp_path, textwrap.dedent("""\
+        found = {}
+        for path in ('/evil', '/dev/evil', '/usr/evil'):
+            try:
+                open(path, 'w').write('x')
+                found[path] = 'written'
+            except OSError as exc:
+                found[path] = exc.strerror
+        try:
+            with open('/dev/shm/big', 'wb') as f:
+                for _ in range(400):
+                    f.write(b'x' * (1 << 20))
+            found['shm'] = 'written'
+        except OSError as exc:
+            found['shm'] = exc.strerror
+        return found"""))
+    assert res.outcome == "ok", res.log
+    found = res.result["value"]
+    assert all(v != "written" for v in found.values()), found
+    assert found["shm"] == "No space left on device"

@@ -57,7 +57,9 @@ def test_ok_returns_the_result_and_streams_output(tmp_path):
     assert res.raise_for_outcome() == {"type": "dict", "value": {}}
     assert "hello from the model" in res.log and "bye" in res.log
     assert lines == ["hello from the model", "bye"]
-    assert (tmp_path / "work" / ".sandbox" / "output.log").read_text() == res.log
+    from workers.sandbox import control_dir
+
+    assert (control_dir(tmp_path / "work") / "output.log").read_text() == res.log
 
 
 def test_exception_is_an_error_with_its_traceback(tmp_path):

@@ -11,7 +11,7 @@ from service.runtimes.base import ArtifactInfo
 from workers.compilers.gpu import require_cuda
 from workers.context import Candidate, Context
 from workers.pipeline import StepLog
-from workers.sandboxed import sandbox_dir, sandboxed
+from workers.sandboxed import produced, sandbox_dir, sandboxed
 
 COMPUTE = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
 
@@ -44,7 +44,7 @@ class TorchScriptCompiler:
             "out_file": str(sandbox_dir(ctx) / "torchscript" / f"{candidate.id}.pt")}, log)
         candidate.notes.extend(built["notes"])
         out_dir.mkdir(parents=True, exist_ok=True)
-        shutil.move(built["file"], out_dir / "model.pt")
+        shutil.move(produced(ctx, built["file"]), out_dir / "model.pt")
         candidate.file = "model.pt"
         candidate.notes.append(f"from torch.jit.{method}" + (f", on {device}" if device != "cpu" else ""))
         ArtifactInfo(runtime="torchscript", file="model.pt", precision=p, signature=ctx.signature.to_json(),

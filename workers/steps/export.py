@@ -10,7 +10,7 @@ from service.errors import ConversionError
 from service.onnx_policy import check_onnx as check_onnx_policy
 from workers.context import Context
 from workers.pipeline import SkipStep, StepLog
-from workers.sandboxed import sandboxed
+from workers.sandboxed import produced, sandboxed
 
 
 class Export:
@@ -42,7 +42,7 @@ class Export:
         if not chosen:
             reasons = "; ".join(f"{a['exporter']}: {a.get('error') or 'disagrees with eager'}" for a in ctx.export_attempts)
             raise ConversionError(f"ONNX export failed: {reasons or 'no capture agrees with eager to export from'}")
-        shutil.copyfile(chosen["file"], target)
+        shutil.copyfile(produced(ctx, chosen["file"]), target, follow_symlinks=False)
         info = check_onnx(target)
         ctx.onnx_file, ctx.onnx_exporter = str(target), f"{chosen['exporter']}:{chosen['source']}"
         log.info(f"ONNX: {info['nodes']} nodes, opset {info['opset']}, exported by {ctx.onnx_exporter}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from service.onnx_policy import check_onnx
 from service.signature import Signature, TensorSpec, canonical_dtype
 from workers.context import Context
 from workers.pipeline import StepLog
-from workers.sandboxed import sandboxed
+from workers.sandboxed import produced, sandbox_dir, sandboxed
 
 
 class Load:
@@ -35,11 +36,15 @@ class Load:
         ctx.samples_file = str(ctx.work / "samples.npz")
         ctx.sample_labels = [label for label, _ in samples]
         sample_io.save(Path(ctx.samples_file), [s for _, s in samples])
-        ctx.reference_file = str(ctx.work / "sandbox" / "reference.npz")
+        # The sandbox writes the references in its own directory; they are moved out of its reach before
+        # anything reads them (a later op could otherwise swap the file for a link to a host file).
+        ctx.reference_file = str(ctx.work / "reference.npz")
 
         if ctx.bundle.kind == "onnx":
             return self._onnx_reference(ctx, log, [s for _, s in samples])
-        result = sandboxed(ctx, "load", {}, log)
+        written = sandbox_dir(ctx) / "reference.npz"
+        result = sandboxed(ctx, "load", {"reference_file": str(written)}, log)
+        os.replace(produced(ctx, str(written)), ctx.reference_file)
         refs = sample_io.load(Path(ctx.reference_file))
         ctx.signature = with_outputs(ctx.signature, result["output_names"], refs, [s for _, s in samples])
         log.info(f"model built in {result['build_s']:.2f}s; {result.get('parameters') or 0:,} parameters; "
@@ -62,7 +67,6 @@ class Load:
                 refs.append(dict(zip(names, sess.run(names, s))))
             except Exception as exc:  # noqa: BLE001 - the signature does not fit the model
                 raise InvalidSignature(f"the ONNX model failed on sample #{i}: {str(exc).splitlines()[0][:300]}") from None
-        (ctx.work / "sandbox").mkdir(exist_ok=True)
         sample_io.save(Path(ctx.reference_file), refs)
         ctx.signature = with_outputs(ctx.signature, names, refs, samples)
         log.info(f"reference outputs from the uploaded ONNX model: {', '.join(names)}")
