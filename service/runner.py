@@ -210,14 +210,6 @@ class IsolatedRuntime(Runtime):
             raise SandboxError("the isolated runner did not say what it loaded", outcome="crashed") from None
         return header
 
-    @property
-    def inputs(self) -> list[TensorSpec]:
-        return self._inputs
-
-    @property
-    def outputs(self) -> list[TensorSpec]:
-        return self._outputs
-
     def run(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         arrays = {k: np.asarray(v) for k, v in inputs.items()}
         with self._lock:

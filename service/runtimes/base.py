@@ -66,16 +66,19 @@ class Runtime(ABC):
         self.info = info
         self.threads = threads
         self.device = device
+        # what a subclass learns from its library or the artifact's signature when it loads
+        self._inputs: list[TensorSpec] = []
+        self._outputs: list[TensorSpec] = []
 
     @property
-    @abstractmethod
     def inputs(self) -> list[TensorSpec]:
         """Input names, dtypes and shapes (named or -1-free ints) in the order the model takes them."""
+        return self._inputs
 
     @property
-    @abstractmethod
     def outputs(self) -> list[TensorSpec]:
         """Output names (dtypes and shapes where the runtime knows them)."""
+        return self._outputs
 
     @abstractmethod
     def run(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:

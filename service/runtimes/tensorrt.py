@@ -185,14 +185,6 @@ class TensorRTRuntime(Runtime):
         self._outputs = list(sig.outputs) if sig else [TensorSpec(name=n, dtype=self._dtypes[n])
                                                        for n in self._output_names]
 
-    @property
-    def inputs(self) -> list[TensorSpec]:
-        return self._inputs
-
-    @property
-    def outputs(self) -> list[TensorSpec]:
-        return self._outputs
-
     def _torch_dtype(self, name: str) -> Any:
         from service.runtimes.torchscript import torch_dtype
 

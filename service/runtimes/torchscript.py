@@ -8,7 +8,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from service.runtimes.base import ArtifactInfo, Runtime
-from service.signature import TensorSpec, numpy_dtype
+from service.signature import numpy_dtype
 
 
 def torch_dtype(name: str) -> Any:
@@ -70,14 +70,6 @@ class TorchScriptRuntime(Runtime):
         self._inputs = list(sig.inputs) if sig else []
         self._outputs = list(sig.outputs) if sig else []
         self._compute = torch_dtype(info.compute_dtype) if info and info.compute_dtype else None
-
-    @property
-    def inputs(self) -> list[TensorSpec]:
-        return self._inputs
-
-    @property
-    def outputs(self) -> list[TensorSpec]:
-        return self._outputs
 
     def run(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         import torch

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from tests.conftest import ZOO, zoo_signature
-from tests.service.procs import KilnApi, Proc, Processes, free_port, kiln_env, read_response, wait_for
+from tests.service.procs import KilnApi, Proc, Processes, answers, free_port, kiln_env, read_response, wait_for
 
 HEADER_TIMEOUT_S = 2
 
@@ -229,7 +229,7 @@ def test_kiln_up_keeps_its_files_private_and_its_token_out_of_a_log(tmp_path):
     procs.add(up)
     try:
         up.start()
-        wait_for(lambda: (data / "admin-token").exists() and _answers(port), 120, "kiln up", diagnose=up.tail)
+        wait_for(lambda: (data / "admin-token").exists() and answers(f"http://127.0.0.1:{port}"), 120, "kiln up", diagnose=up.tail)
         token = (data / "admin-token").read_text().strip()
         wait_for(lambda: "admin-token" in up.log.read_text(), 20, "the line saying where the token is")
         assert token not in up.log.read_text() and token[:12] not in up.log.read_text()
@@ -241,13 +241,6 @@ def test_kiln_up_keeps_its_files_private_and_its_token_out_of_a_log(tmp_path):
         assert (data / "kiln.db").exists()
     finally:
         procs.close()
-
-
-def _answers(port: int) -> bool:
-    try:
-        return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def test_the_store_sweep_removes_only_old_unreferenced_files(tmp_path, monkeypatch):

@@ -27,7 +27,7 @@ from sqlalchemy import create_engine, text
 
 from tests.conftest import ZOO, zoo_signature
 from tests.service.conftest import PG_ADMIN
-from tests.service.procs import (KilnApi, KilnWorker, Proc, Processes, RedisServer, alive, descendants, free_port,
+from tests.service.procs import (KilnApi, KilnWorker, Proc, Processes, RedisServer, alive, answers, descendants, free_port,
                                  kiln_env, processes_matching, sandboxes, tcp_sockets, wait_for)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -343,7 +343,7 @@ def test_kill_9_of_kiln_up_leaves_no_sandbox_alive(tmp_path):
     try:
         up.start()
         url = f"http://127.0.0.1:{port}"
-        wait_for(lambda: _answers(url), 120, "kiln up to answer", diagnose=up.tail)
+        wait_for(lambda: answers(url), 120, "kiln up to answer", diagnose=up.tail)
         r = httpx.post(f"{url}/v1/models", data={"name": "cnn-small", "entry": "cnn.py:build_small",
                                                   "signature": json.dumps(CNN_SIGNATURE)},
                        files={"file": (CNN.name, CNN.read_bytes())}, timeout=60)
@@ -356,13 +356,6 @@ def test_kill_9_of_kiln_up_leaves_no_sandbox_alive(tmp_path):
         wait_for(lambda: not [p for p in tree if alive(p)], 5, "everything kiln up started to die with it")
     finally:
         procs.close()
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 # --- 3. Redis restarted during a job --------------------------------------------------------------------
