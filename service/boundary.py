@@ -276,7 +276,9 @@ def _system_binds() -> list[str]:
 
 def python_paths() -> list[Path]:
     """The Python environment the box needs: the interpreter's installation and the virtual environment."""
-    paths = {Path(sys.base_prefix).resolve(), Path(sys.prefix).resolve(), Path(sys.executable).resolve().parent}
+    named = [Path(sys.base_prefix), Path(sys.prefix), Path(sys.executable).parent]
+    # as named (the interpreter is started by that path, and a venv is found from it) and as resolved
+    paths = {p.absolute() for p in named} | {p.resolve() for p in named} | {Path(sys.executable).resolve().parent}
     return sorted(p for p in paths if p.exists() and not _under_system(p))
 
 
