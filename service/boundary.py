@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Callable, Sequence
 
-from service.config import Settings, get_settings
+from service.config import get_settings
 from service.errors import SandboxUnavailable
 
 INSECURE_SETTING = "KILN_INSECURE_NO_SANDBOX"
@@ -52,10 +52,6 @@ KILN_ROOT_INSIDE = "/opt/kiln"
 _PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _settings() -> Settings:
-    return get_settings()
 
 
 # --- the machine ---------------------------------------------------------------------------------
@@ -140,7 +136,7 @@ class Boxed:
 
 def insecure() -> bool:
     """Whether running untrusted code without the boundary was asked for, loudly."""
-    return bool(_settings().insecure_no_sandbox)
+    return bool(get_settings().insecure_no_sandbox)
 
 
 @functools.lru_cache(maxsize=1)
@@ -365,7 +361,7 @@ def _stage_dir(sources: Sequence[Path]) -> str:
 
 def sandbox_uid() -> int:
     """The host user that boxes run as when the service runs as root; otherwise the service's own."""
-    return int(_settings().sandbox_uid) if os.geteuid() == 0 else os.geteuid()
+    return int(get_settings().sandbox_uid) if os.geteuid() == 0 else os.geteuid()
 
 
 def _preexec(box: Box, procs_files: list[bytes]) -> Callable[[], None]:

@@ -30,6 +30,7 @@ import numpy as np
 import orjson
 
 from service import boundary
+from service.config import get_settings
 from service.errors import InvalidInput, KilnError, SandboxError
 from service.runtimes.base import ArtifactInfo, Runtime
 from service.runtimes.torchscript import telling_line
@@ -162,7 +163,7 @@ class IsolatedRuntime(Runtime):
         self._outputs = [TensorSpec.model_validate(s) for s in hello["outputs"]]
 
     def _start(self) -> dict[str, Any]:
-        settings = boundary._settings()
+        settings = get_settings()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         env = boundary.python_env(home="/tmp")
         if self.threads:
