@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import tempfile
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterator
 
 from service.errors import ConversionError, KilnError, RuntimeUnavailable
 from workers.compilers import COMPILERS, candidate_id
@@ -36,6 +40,27 @@ class Compile:
         return {"built": built, "failed": [c.id for c in ctx.candidates if c.status != "built"], "devices": devices}
 
 
+@contextlib.contextmanager
+def scratch(path: Path) -> Iterator[Path]:
+    """A directory under the job's working directory that is both the current directory and the
+    temporary directory while a candidate builds, removed afterwards: exporters, shape inference and
+    quantizers write temporary files into either (ONNX Runtime's symbolic shape inference leaves
+    `sym_shape_infer_temp.onnx` and `<uuid>.data` files in the current directory when it gives up)."""
+    path.mkdir(parents=True, exist_ok=True)
+    saved_tmp, saved_env = tempfile.tempdir, os.environ.get("TMPDIR")
+    tempfile.tempdir = os.environ["TMPDIR"] = str(path)
+    try:
+        with contextlib.chdir(path):
+            yield path
+    finally:
+        tempfile.tempdir = saved_tmp
+        if saved_env is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = saved_env
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def build_candidate(ctx: Context, cand: Candidate, log: StepLog) -> None:
     """Build one candidate into `<out>/<id>/`, recording its status, reason, size and build time."""
     out_dir = ctx.out / cand.id
@@ -44,7 +69,8 @@ def build_candidate(ctx: Context, cand: Candidate, log: StepLog) -> None:
     cand.notes, cand.reason, cand.validation = [], None, None
     t0 = time.perf_counter()
     try:
-        COMPILERS[cand.target].build(ctx, cand, out_dir, log)
+        with scratch(ctx.work / "scratch" / cand.id):
+            COMPILERS[cand.target].build(ctx, cand, out_dir, log)
         cand.status, cand.artifact_dir = "built", cand.id
         cand.size_bytes = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
     except RuntimeUnavailable as exc:
