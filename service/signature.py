@@ -18,6 +18,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from service.errors import InvalidSignature
+from service.options import KIND_ALIASES, OUTPUT_KINDS
 
 # Canonical dtype names, with the aliases people type.
 DTYPE_ALIASES: dict[str, str] = {
@@ -85,6 +86,19 @@ class TensorSpec(BaseModel):
     # For integer inputs: the half-open range generated sample values are drawn from
     # (token ids must stay below the vocabulary size).
     value_range: tuple[float, float] | None = None
+    # For outputs: what the output is, which decides how candidates are compared with it
+    # (service.options.OUTPUT_KINDS: scores, embedding, regression, ids, mask, or an alias).
+    kind: str | None = None
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        k = KIND_ALIASES.get(v.strip().lower(), v.strip().lower())
+        if k not in OUTPUT_KINDS:
+            raise ValueError(f"unknown output kind {v!r}; known: {', '.join(OUTPUT_KINDS + tuple(KIND_ALIASES))}")
+        return k
 
     @field_validator("name")
     @classmethod

@@ -29,10 +29,12 @@ class Load:
             sample_io.check_against(ctx.signature, user, source="user sample")
             samples += [(f"user{i}", s) for i, s in enumerate(user)]
             log.info(f"{len(user)} user sample(s)")
-        generated = sample_io.generate(ctx.signature)
+        have = sum(sample_io.rows(ctx.signature, s) for _, s in samples)
+        generated = sample_io.generate(ctx.signature, min_rows=sample_io.MIN_ROWS - have)
         samples += generated
         log.info(f"{len(generated)} generated sample(s) covering min/opt/max of "
-                 f"{', '.join(ctx.signature.dims) or 'static shapes'}, values of both signs")
+                 f"{', '.join(ctx.signature.dims) or 'static shapes'}, values of both signs; "
+                 f"{have + sum(sample_io.rows(ctx.signature, s) for _, s in generated)} rows in all")
         ctx.samples_file = str(ctx.work / "samples.npz")
         ctx.sample_labels = [label for label, _ in samples]
         sample_io.save(Path(ctx.samples_file), [s for _, s in samples])
@@ -87,7 +89,7 @@ def with_outputs(sig: Signature, names: list[str], refs: list[dict[str, np.ndarr
                                    f"the model returns rank {arrays[0].ndim}")
         dtype = spec.dtype or canonical_dtype(str(arrays[0].dtype))
         shape = spec.shape or _infer_shape(sig, name, arrays, sizes)
-        outputs.append(TensorSpec(name=name, dtype=dtype, shape=shape))
+        outputs.append(TensorSpec(name=name, dtype=dtype, shape=shape, kind=spec.kind))
     data = sig.to_json()
     data["outputs"] = [o.model_dump(exclude_none=True) for o in outputs]
     return Signature.parse(data)
