@@ -181,6 +181,9 @@ def upsert_candidate(session: Session, job_id: str, position: int, cand: dict[st
     row.validation = validation
     row.benchmark = cand.get("benchmark") or []
     row.speedup = cand.get("speedup")
+    row.speedup_low = cand.get("speedup_low")
+    row.speedup_high = cand.get("speedup_high")
+    row.noisy = bool(cand.get("noisy"))
     row.lost_because = cand.get("lost_because")
     row.notes = cand.get("notes") or []
     if files is not None:

@@ -104,6 +104,9 @@ class CandidateOut(BaseModel):
     validation: dict[str, Any] | None
     benchmark: list[Any]
     speedup: float | None
+    speedup_low: float | None = None
+    speedup_high: float | None = None
+    noisy: bool = False
     lost_because: str | None
     notes: list[Any]
     artifact_url: str | None
@@ -113,6 +116,7 @@ class CandidateOut(BaseModel):
         return cls(id=c.id, job_id=c.job_id, name=c.name, target=c.target, precision=c.precision, variant=c.variant,
                    status=c.status, passed=c.passed, reason=c.reason, model_file=c.model_file, size_bytes=c.size_bytes,
                    validation=c.validation, benchmark=c.benchmark or [], speedup=c.speedup,
+                   speedup_low=c.speedup_low, speedup_high=c.speedup_high, noisy=bool(c.noisy),
                    lost_because=c.lost_because, notes=c.notes or [],
                    artifact_url=f"/v1/candidates/{c.id}/artifact" if c.files else None)
 
@@ -140,6 +144,11 @@ class JobOut(BaseModel):
     selected_candidate: str | None
     selection: dict[str, Any] | None
     hazards: list[dict[str, Any]]
+    degenerate: dict[str, str] = Field(default_factory=dict, description=(
+        "outputs whose eager reference cannot discriminate (one class for every input, near-constant "
+        "outputs), with why: validation against it proves little"))
+    benchmark_conditions: dict[str, Any] = Field(default_factory=dict, description=(
+        "how the figures were timed: interleaved rounds, threads, the machine's load, noisy candidates"))
     waiting: str | None = Field(None, description="why a queued job is not running yet")
 
     @classmethod
@@ -153,7 +162,8 @@ class JobOut(BaseModel):
                    created_at=j.created_at, started_at=j.started_at, finished_at=j.finished_at, duration_s=duration,
                    steps=[StepOut.of(s) for s in j.steps], candidates=[CandidateOut.of(c) for c in j.candidates],
                    selected_candidate=j.selected_candidate_id, selection=report.get("selection"),
-                   hazards=report.get("hazards") or [])
+                   hazards=report.get("hazards") or [], degenerate=report.get("degenerate") or {},
+                   benchmark_conditions=report.get("benchmark_conditions") or {})
 
 
 class JobSummary(BaseModel):

@@ -120,6 +120,9 @@ class CandidateRow(Base):
     validation: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     benchmark: Mapped[list[Any]] = mapped_column(JSON, default=list)
     speedup: Mapped[float | None] = mapped_column(Float, nullable=True)
+    speedup_low: Mapped[float | None] = mapped_column(Float, nullable=True)  # ~95% interval
+    speedup_high: Mapped[float | None] = mapped_column(Float, nullable=True)
+    noisy: Mapped[bool] = mapped_column(Boolean, default=False)  # too wide an interval to rank on
     lost_because: Mapped[str | None] = mapped_column(Text, nullable=True)
     notes: Mapped[list[Any]] = mapped_column(JSON, default=list)
     __table_args__ = (UniqueConstraint("job_id", "name"),)

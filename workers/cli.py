@@ -474,6 +474,9 @@ MARKS_PLAIN = {"ok": "ok", "failed": "FAILED", "skipped": "skipped"}
 
 
 def _print_job(job: dict) -> None:
+    from workers.benchmark import speedup_text
+    from workers.report import DEGENERATE, conditions_line
+
     out.print(f"job {job['id']}: {job['status']} ({job['model']} v{job['version']}, "
               f"{job['duration_s'] or 0:.1f}s)" + (f" - {job['error']}" if job.get("error") else ""),
               highlight=False, markup=False)
@@ -491,9 +494,14 @@ def _print_job(job: dict) -> None:
                           f"{max(o['max_abs'] for o in outs):.3g}" if outs else "",
                           f"{min(o['cosine'] for o in outs):.6f}" if outs else "",
                           f"{c['benchmark'][0]['p50_ms']:.3g}" if c["benchmark"] else "",
-                          f"{c['speedup']:.2f}x" if c.get("speedup") else "",
+                          speedup_text(c.get("speedup"), c.get("speedup_low"), c.get("speedup_high"),
+                                       c.get("noisy", False)),
                           "selected" if c["id"] == selected else (c.get("lost_because") or c.get("reason") or ""))
         out.print(table)
+    for name, why in (job.get("degenerate") or {}).items():
+        out.print(f"warning ({name}): {why}: {DEGENERATE}", highlight=False, markup=False)
+    if job.get("benchmark_conditions"):
+        out.print(conditions_line(job["benchmark_conditions"]), highlight=False, markup=False)
     if job.get("selection"):
         out.print(f"selected {job['selection']['candidate']}: {job['selection']['reason']}", highlight=False,
                   markup=False)
@@ -519,6 +527,9 @@ def _data_dir(path: Optional[Path]) -> None:
 
 def print_summary(ctx) -> None:
     """The candidates table and the selection, on stdout."""
+    from workers.benchmark import speedup_text
+    from workers.report import conditions_line, degenerate_lines
+
     for h in ctx.hazards:
         out.print(f"[yellow]hazard ({h.kind}):[/yellow] {h.detail}\n  -> {h.action}", highlight=False)
     table = Table(title=f"Candidates ({ctx.out})")
@@ -537,9 +548,13 @@ def print_summary(ctx) -> None:
                       f"{min(o.cosine for o in outs):.6f}" if outs else "",
                       f"{min(top1):.3f}" if top1 else "",
                       f"{c.benchmark[0].p50_ms:.3g}" if c.benchmark else "",
-                      f"{c.speedup:.2f}x" if c.speedup else "",
+                      speedup_text(c.speedup, c.speedup_low, c.speedup_high, c.noisy),
                       "[bold]selected[/bold]" if selected else (c.lost_because or c.reason or ""))
     out.print(table)
+    for name, line in degenerate_lines(ctx.model_dump()):
+        out.print(f"warning ({name}): {line}", highlight=False, markup=False)
+    if ctx.benchmark_conditions:
+        out.print(conditions_line(ctx.benchmark_conditions), highlight=False, markup=False)
     if ctx.selection and ctx.selection.candidate:
         out.print(f"selected [bold]{ctx.selection.candidate}[/bold]: {ctx.selection.reason}", highlight=False)
     out.print(f"report: {ctx.out / 'report.json'}", highlight=False)

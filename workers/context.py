@@ -50,6 +50,10 @@ class OutputMetrics(BaseModel):
     rel: float  # normwise: ||a-b|| / ||ref||, finite when ref is zero
     cosine: float
     top1: float | None = None
+    topk: float | None = None  # the reference's class among the candidate's top 5
+    exact: float | None = None  # share of equal elements (ids, masks)
+    rows: int | None = None  # rows the top-1/top-k figures are over
+    kind: str | None = None  # what the output was compared as (service.options.OUTPUT_KINDS)
     passed: bool
     tolerance: Tolerance
     failed_checks: list[str] = Field(default_factory=list)
@@ -70,6 +74,10 @@ class BenchPoint(BaseModel):
     mean_ms: float
     throughput: float  # items per second
     iterations: int
+    rounds: int | None = None  # interleaved rounds (workers/benchmark.py)
+    p50_low_ms: float | None = None  # ~95% interval of the median of the per-round medians
+    p50_high_ms: float | None = None
+    round_p50_ms: list[float] = Field(default_factory=list)  # per round, paired with the other contenders'
 
 
 class Candidate(BaseModel):
@@ -86,7 +94,10 @@ class Candidate(BaseModel):
     notes: list[str] = Field(default_factory=list)
     validation: Validation | None = None
     benchmark: list[BenchPoint] = Field(default_factory=list)
-    speedup: float | None = None  # eager p50 / candidate p50 at batch 1
+    speedup: float | None = None  # median over rounds of eager / candidate at the first batch size
+    speedup_low: float | None = None  # ~95% interval of that median
+    speedup_high: float | None = None
+    noisy: bool = False  # the interval is too wide to rank on (workers.benchmark.NOISY_RATIO)
     lost_because: str | None = None
 
     @property
@@ -98,6 +109,10 @@ class Selection(BaseModel):
     policy: str
     candidate: str | None
     reason: str
+    # Whether the selected candidate is faster than eager PyTorch by its whole interval
+    # (None: no eager baseline, e.g. an uploaded ONNX model).
+    beats_eager: bool | None = None
+    noisy: bool = False  # the figures it was chosen on are too noisy to rank on
 
 
 class BundleInfo(BaseModel):
@@ -134,9 +149,13 @@ class Context(BaseModel):
     onnx_exporter: str | None = None
     export_attempts: list[dict[str, Any]] = Field(default_factory=list)
     candidates: list[Candidate] = Field(default_factory=list)
+    # Outputs whose reference cannot discriminate, with why (workers/validation.degenerate_reference).
+    degenerate: dict[str, str] = Field(default_factory=dict)
     eager_benchmark: list[BenchPoint] = Field(default_factory=list)
     # Eager baselines on other devices, by "<device>-<precision>" (on a GPU host: cuda-fp32, cuda-fp16).
     eager_baselines: dict[str, list[BenchPoint]] = Field(default_factory=dict)
+    # How the figures were taken: load before and after, thread settings, rounds, verdict.
+    benchmark_conditions: dict[str, Any] = Field(default_factory=dict)
     selection: Selection | None = None
     environment: dict[str, Any] = Field(default_factory=dict)
 

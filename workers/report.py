@@ -9,6 +9,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from workers.benchmark import speedup_text
 from workers.context import Context
 
 REPORT_FILE = "report.json"
@@ -69,6 +70,9 @@ def summary(report: dict[str, Any]) -> str:
     if report["hazards"]:
         lines += ["", "## Hazards", ""]
         lines += [f"- **{h['kind']}**: {h['detail']}. {h['action']}." for h in report["hazards"]]
+    if report.get("degenerate"):
+        lines += ["", "## Validation", ""]
+        lines += [f"- **{name}**: {line}" for name, line in degenerate_lines(report)]
     eager = report.get("eager_benchmark") or []
     lines += ["", "## Candidates", "",
               "| candidate | status | max abs | cosine | top-1 | p50 b1 (ms) | speed-up | note |",
@@ -84,10 +88,34 @@ def summary(report: dict[str, Any]) -> str:
         top1s = [o["top1"] for o in outs if o.get("top1") is not None]
         top1 = f"{min(top1s):.3f}" if top1s else ""
         p50 = f"{c['benchmark'][0]['p50_ms']:.3g}" if c.get("benchmark") else ""
-        sp = f"{c['speedup']:.2f}x" if c.get("speedup") else ""
+        sp = speedup_text(c.get("speedup"), c.get("speedup_low"), c.get("speedup_high"), c.get("noisy", False))
         note = (c.get("lost_because") or c.get("reason") or "selected" if c["id"] == (report.get("selection") or {}).get("candidate") else c.get("lost_because") or c.get("reason") or "")
         lines.append(f"| {c['id']} | {status} | {max_abs} | {cos} | {top1} | {p50} | {sp} | {str(note).replace('|', '/')[:160]} |")
+    cond = report.get("benchmark_conditions") or {}
+    if cond:
+        lines += ["", conditions_line(cond)]
     sel = report.get("selection")
     if sel:
         lines += ["", f"**Selected:** {sel['candidate'] or 'none'} ({sel['policy']} policy): {sel['reason']}"]
     return "\n".join(lines) + "\n"
+
+
+def conditions_line(cond: dict[str, Any]) -> str:
+    """How the figures were taken, in one line: rounds, threads, the machine's load, the verdict."""
+    threads = cond.get("threads") or {}
+    before, after = cond.get("load_before") or {}, cond.get("load_after") or {}
+    load = (f"load {before.get('load_1m', 0):.2f} -> {after.get('load_1m', 0):.2f} on {before.get('cpus')} CPUs"
+            if before.get("load_1m") is not None else "load unknown")
+    noisy = cond.get("noisy") or []
+    verdict = (f"NOISY: {', '.join(noisy)} (interval wider than {cond.get('noisy_ratio')}x); rerun on a quieter machine"
+               if noisy else "figures settled")
+    return (f"Timed in {cond.get('rounds')} interleaved rounds, {threads.get('runtimes', '?')} thread(s), "
+            f"{load}; speed-ups are medians of per-round ratios with a ~95% interval; {verdict}.")
+
+
+DEGENERATE = "the reference is degenerate; this validation proves little - give real samples (or real weights)"
+
+
+def degenerate_lines(report: dict[str, Any]) -> list[tuple[str, str]]:
+    """(output, warning) for every output whose reference cannot discriminate."""
+    return [(name, f"{why}: {DEGENERATE}") for name, why in (report.get("degenerate") or {}).items()]

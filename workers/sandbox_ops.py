@@ -6,6 +6,7 @@ These are the only places where user code (model source, weights, captured graph
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from pathlib import Path
@@ -415,56 +416,113 @@ def export_onnx(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
 
 # --- eager benchmark ----------------------------------------------------------------------------
 
-@op("benchmark_eager")
-def benchmark_eager(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
-    """Latency and throughput of the eager model: the baseline every candidate is compared with.
+@op("benchmark")
+def benchmark(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    """Eager PyTorch and every built candidate timed in one process, in interleaved rounds
+    (workers/benchmark.py), with the same thread settings: the figures every speed-up comes from.
 
-    `device` "cuda" measures on the GPU, at each of `precisions` (default fp32) in one run. There a
-    call copies the inputs in and the outputs back, as a runtime serving numpy arrays does, and so
-    waits for the GPU to finish; `points` holds the first precision's figures.
+    `eager` lists the eager baselines to time ({"id", "device", "precision"}; on a GPU host also
+    on CUDA at fp32 and fp16, where a call copies the inputs in and the outputs back, as a runtime
+    serving numpy arrays does); `artifacts` the candidates ({"id", "dir"}), loaded in this process
+    through their runtimes (this process is the boundary, so code-bearing artifacts run here too);
+    `pairs` the (baseline, candidate) ratios whose spread decides when the rounds may stop. A
+    contender that cannot load or run is left out with its reason in `errors`.
     """
-    from workers.benchmark import measure
+    import copy
+    import sys
 
+    from service import runtimes
+    from workers.benchmark import interleaved, machine_load
+
+    # No contender busy-waits: on a machine shared with other work, OpenMP threads that spin at their
+    # barriers (GNU OpenMP's default) lose their time slices to the spinning and eager PyTorch slows
+    # down 10-50x while ONNX Runtime barely moves; measured passive, both keep their speed. The
+    # variable must be set before torch loads libgomp (a fresh sandbox child has not imported it).
+    passive = "torch" not in sys.modules
+    if passive:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     torch = _setup_torch(args)
     signature = Signature.parse(args["signature"])
-    model = build_eager(args["bundle"])
-    device = args.get("device", "cpu")
-    precisions = list(args.get("precisions") or ["fp32"])
-    seconds = float(args.get("seconds", 1.0))
-    by_precision: dict[str, list[dict[str, Any]]] = {}
+    threads = int(args.get("threads") or torch.get_num_threads())
+    load_before = machine_load()
     errors: dict[str, str] = {}
-    for precision in precisions:
-        points = []
-        if device == "cpu" and precision == "fp32":
-            for batch in args["batch_sizes"]:
-                inputs = _tensors(torch, signature, sample_io.at_batch(signature, batch))
+    makers: dict[str, Callable[[dict[str, np.ndarray]], Callable[[], None]]] = {}
+    closers: list[Callable[[], None]] = []
+    eager = list(args.get("eager") or [])
+    base_model = build_eager(args["bundle"]) if eager else None
+    for spec in eager:
+        device, precision = spec.get("device", "cpu"), spec.get("precision", "fp32")
+        try:
+            makers[spec["id"]] = _eager_call(torch, signature, base_model if (device, precision) == ("cpu", "fp32")
+                                             else copy.deepcopy(base_model), device, precision)
+        except Exception as exc:  # noqa: BLE001 - one baseline failing leaves the others' figures
+            errors[spec["id"]] = describe(exc)
+    for spec in args.get("artifacts") or []:
+        try:
+            rt = runtimes.load(Path(spec["dir"]), threads=threads, spin=False, isolated=False)
+        except Exception as exc:  # noqa: BLE001 - a candidate that cannot load here is left out
+            errors[spec["id"]] = describe(exc)
+            continue
+        closers.append(rt.close)
+        makers[spec["id"]] = lambda inputs, rt=rt: (lambda: rt.run(inputs))
+    points: dict[str, list[dict[str, Any]]] = {name: [] for name in makers}
+    try:
+        for batch in args["batch_sizes"]:
+            inputs = sample_io.at_batch(signature, int(batch))
+            calls = {}
+            for name, make in makers.items():
+                if name in errors:
+                    continue
+                try:
+                    call = make(inputs)
+                    call()
+                    calls[name] = call
+                except Exception as exc:  # noqa: BLE001 - e.g. a batch size an artifact froze
+                    errors[name] = describe(exc)
+            pairs = [(b, o) for b, o in args.get("pairs") or [] if b in calls and o in calls]
+            timed = interleaved(calls, batch=int(batch), budget_s=float(args["budget_s"]), pairs=pairs)
+            for name, t in timed.items():
+                points[name].append(t.point())
+    finally:
+        for close in closers:
+            close()
+    return {"points": {n: p for n, p in points.items() if n not in errors}, "errors": errors,
+            "threads": {"torch": torch.get_num_threads(), "torch_interop": torch.get_num_interop_threads(),
+                        "runtimes": threads, "busy_wait": False if passive else "unknown",
+                        "env": {k: v for k, v in os.environ.items()
+                                if k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}},
+            "load_before": load_before, "load_after": machine_load()}
 
-                def call() -> None:
-                    with torch.inference_mode():
-                        model(*inputs)
 
-                points.append(measure(call, batch=batch, seconds=seconds))
-        else:
-            dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-            try:
-                model = model.to(device=device, dtype=dtype)
-                for batch in args["batch_sizes"]:
-                    host = _tensors(torch, signature, sample_io.at_batch(signature, batch))
+def _eager_call(torch: Any, signature: Signature, model: Any, device: str,
+                precision: str) -> Callable[[dict[str, np.ndarray]], Callable[[], None]]:
+    """A maker of timed calls of the eager model on `device` at `precision`."""
+    if (device, precision) == ("cpu", "fp32"):
+        def make_cpu(sample: dict[str, np.ndarray]) -> Callable[[], None]:
+            inputs = _tensors(torch, signature, sample)
 
-                    def call() -> None:
-                        with torch.inference_mode():
-                            xs = [x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
-                                  for x in host]
-                            _, flat = _outputs(model(*xs))
-                            for t in flat:
-                                t.float().cpu()
-                        if device == "cuda":
-                            torch.cuda.synchronize()
+            def call() -> None:
+                with torch.inference_mode():
+                    model(*inputs)
 
-                    points.append(measure(call, batch=batch, seconds=seconds))
-            except Exception as exc:  # noqa: BLE001 - one precision failing leaves the others' figures
-                errors[precision] = describe(exc)
-                continue
-        by_precision[precision] = points
-    return {"points": by_precision.get(precisions[0], []), "by_precision": by_precision, "errors": errors,
-            "device": device, "threads": torch.get_num_threads()}
+            return call
+
+        return make_cpu
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    model = model.to(device=device, dtype=dtype)
+
+    def make(sample: dict[str, np.ndarray]) -> Callable[[], None]:
+        host = _tensors(torch, signature, sample)
+
+        def call() -> None:
+            with torch.inference_mode():
+                xs = [x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype) for x in host]
+                _, flat = _outputs(model(*xs))
+                for t in flat:
+                    t.float().cpu()
+            if device == "cuda":
+                torch.cuda.synchronize()
+
+        return call
+
+    return make

@@ -40,24 +40,25 @@ def produced(ctx: Context, path: str) -> Path:
     return p
 
 
-def limits(ctx: Context) -> Limits:
+def limits(ctx: Context, readable: list[Path] | tuple[Path, ...] = ()) -> Limits:
     """The sandbox's limits. Model code sees this conversion's own working directory (read-only but
     for its sandbox directory) and nothing else of the host: not the data directory (database,
-    tokens, other jobs), not the artifact store."""
+    tokens, other jobs), not the artifact store; `readable` adds paths it may read (built candidates)."""
     s = get_settings()
     memory = ctx.options.memory_limit_bytes or s.sandbox_memory_bytes
     return Limits(timeout_s=s.sandbox_timeout_s, memory_bytes=memory, disk_bytes=s.sandbox_disk_bytes,
                   processes=s.sandbox_processes, cpus=s.sandbox_cpus, threads=ctx.options.threads or s.threads,
-                  readable=(ctx.work,))
+                  readable=(ctx.work, *readable))
 
 
-def sandboxed(ctx: Context, op: str, args: dict[str, Any], log: StepLog) -> dict[str, Any]:
+def sandboxed(ctx: Context, op: str, args: dict[str, Any], log: StepLog,
+              readable: list[Path] | tuple[Path, ...] = ()) -> dict[str, Any]:
     """Run one op in the sandbox with the context's bundle and signature; raise on failure.
-    `memory_bytes` replaces the configured address-space limit for this op."""
+    `readable` are further paths the op may read."""
     base = {"bundle": ctx.bundle.model_dump(), "signature": ctx.signature.to_json(),
             "samples_file": ctx.samples_file, "reference_file": ctx.reference_file,
             "sample_labels": ctx.sample_labels, "threads": ctx.options.threads or get_settings().threads}
-    result = run_op(op, {**base, **args}, sandbox_dir(ctx), limits=limits(ctx), cancel=cancel_check)
+    result = run_op(op, {**base, **args}, sandbox_dir(ctx), limits=limits(ctx, readable), cancel=cancel_check)
     # the report says how model code was contained, loudly when it was not
     ctx.environment["isolation"] = "bubblewrap" if result.isolated else "NONE (KILN_INSECURE_NO_SANDBOX)"
     for note in result.notes:

@@ -35,12 +35,23 @@ class CandidateView:
     top1: float | None = None
     latency: dict[int, dict[str, float]] = field(default_factory=dict)  # batch -> bench point
     speedup: float | None = None
+    speedup_low: float | None = None  # ~95% interval of the speed-up
+    speedup_high: float | None = None
+    noisy: bool = False  # too wide an interval to rank on
     size_bytes: int | None = None
     artifact_url: str | None = None
     selected: bool = False
     lost_because: str | None = None
     notes: list[str] = field(default_factory=list)
     color: str = charts.EAGER_COLOR
+
+    @property
+    def pace(self) -> str:
+        """faster or slower than eager PyTorch by the whole interval, else "" (within the noise)."""
+        if not self.speedup or self.noisy or self.result == "baseline":
+            return ""
+        low, high = self.speedup_low or self.speedup, self.speedup_high or self.speedup
+        return "faster" if low > 1 else "slower" if high < 1 else ""
 
     @property
     def deployable(self) -> bool:
@@ -74,8 +85,8 @@ def candidate_view(c: CandidateOut, index: int, selected_id: str | None) -> Cand
         reason=reason, tolerance=worst.get("tolerance"), failed_checks=worst.get("failed_checks", []),
         outputs=worst.get("outputs", 0), max_abs=worst.get("max_abs"), rel=worst.get("rel"),
         cosine=worst.get("cosine"), top1=worst.get("top1"),
-        latency={int(p["batch"]): p for p in c.benchmark}, speedup=c.speedup, size_bytes=c.size_bytes,
-        artifact_url=c.artifact_url, selected=c.id == selected_id, lost_because=c.lost_because,
+        latency={int(p["batch"]): p for p in c.benchmark}, speedup=c.speedup, speedup_low=c.speedup_low,
+        speedup_high=c.speedup_high, noisy=c.noisy, size_bytes=c.size_bytes, artifact_url=c.artifact_url, selected=c.id == selected_id, lost_because=c.lost_because,
         notes=[str(n) for n in c.notes], color=charts.color(index))
 
 

@@ -34,12 +34,14 @@ def get(name: str) -> type[Runtime]:
                                  f"(available: {', '.join(available()) or 'none'})") from None
 
 
-def load(directory: Path, *, threads: int | None = None, device: str | None = None, spin: bool = True) -> Runtime:
+def load(directory: Path, *, threads: int | None = None, device: str | None = None, spin: bool = True,
+         isolated: bool = True) -> Runtime:
     """Load a built artifact directory (model file + kiln-artifact.json) with its runtime. An artifact
-    that can run code (TorchScript) runs in an isolated runner process (service/runner.py)."""
+    that can run code (TorchScript) runs in an isolated runner process (service/runner.py), unless
+    `isolated` is False: only for a caller that is itself inside the boundary (a sandbox op)."""
     info = ArtifactInfo.load(Path(directory))
     cls = get(info.runtime)
-    if cls.runs_code:
+    if cls.runs_code and isolated:
         from service.runner import IsolatedRuntime
 
         return IsolatedRuntime(Path(directory) / info.file, info=info, threads=threads,

@@ -4,6 +4,8 @@ reported unavailable while its CPU candidates complete."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -108,14 +110,20 @@ def test_gpu_candidates_are_unavailable_here_and_the_cpu_ones_complete(tmp_path)
     assert "not built: no CUDA device" in by_id["torchscript-fp32-cuda"].lost_because
 
 
-def test_eager_benchmark_op_measures_several_precisions_in_one_run(tmp_path):
+def test_benchmark_op_times_eager_at_several_precisions_and_a_candidate_in_one_run(tmp_path):
     from service.signature import Signature
     from workers import sandbox_ops
 
     bundle = {"kind": "python", "root": str(tmp_path), "entry": "mlp.py:build_model"}
     zoo_bundle(tmp_path, "mlp")
-    result = sandbox_ops.benchmark_eager({"bundle": bundle, "signature": Signature.parse(zoo_signature("mlp")).to_json(),
-                                          "batch_sizes": [1, 2], "seconds": 0.01, "threads": 1,
-                                          "precisions": ["fp32", "bf16"]}, tmp_path)
-    assert set(result["by_precision"]) == {"fp32", "bf16"} and result["device"] == "cpu"
-    assert [p["batch"] for p in result["points"]] == [1, 2] and result["points"] == result["by_precision"]["fp32"]
+    result = sandbox_ops.benchmark({"bundle": bundle, "signature": Signature.parse(zoo_signature("mlp")).to_json(),
+                                    "batch_sizes": [1, 2], "budget_s": 0.05, "threads": 1,
+                                    "eager": [{"id": "eager", "device": "cpu", "precision": "fp32"},
+                                              {"id": "eager-bf16", "device": "cpu", "precision": "bf16"}],
+                                    "artifacts": [{"id": "missing", "dir": str(tmp_path / "nothing")}],
+                                    "pairs": [["eager", "eager-bf16"]]}, tmp_path)
+    assert set(result["points"]) == {"eager", "eager-bf16"} and "missing" in result["errors"]
+    for points in result["points"].values():
+        assert [p["batch"] for p in points] == [1, 2]
+        assert all(p["rounds"] >= 7 and len(p["round_p50_ms"]) == p["rounds"] for p in points)
+    assert result["threads"]["torch"] == 1 and result["load_before"]["cpus"] == os.cpu_count()

@@ -1,12 +1,17 @@
-"""select: the fastest passing candidate under a policy, and why every other one lost."""
+"""select: the fastest passing candidate under a policy, and why every other one lost — said
+plainly when no candidate beats eager PyTorch or when the figures are too noisy to rank on."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from service.errors import ConversionError
+from workers.benchmark import ratio
 from workers.context import Candidate, Context, Selection
 from workers.pipeline import StepLog
+from workers.steps.benchmark import speedup_text
 
 
 def _latency(c: Candidate) -> float:
@@ -19,6 +24,28 @@ def _throughput(c: Candidate) -> float:
 
 def _worst_rel(c: Candidate) -> float:
     return max((m.rel for m in c.validation.outputs.values()), default=0.0) if c.validation else float("inf")
+
+
+def _versus(slower: Candidate, best: Candidate, last: bool = False) -> tuple[float, float, float]:
+    """How many times faster `best` is than `slower`, from their paired rounds (first or last batch)."""
+    i = -1 if last else 0
+    a, b = slower.benchmark[i].round_p50_ms, best.benchmark[i].round_p50_ms
+    if a and b and len(a) == len(b):
+        return ratio(a, b)
+    x = slower.benchmark[i].p50_ms / best.benchmark[i].p50_ms
+    return x, x, x
+
+
+def _relative(eligible: list[Candidate], last: bool = False) -> dict[str, float]:
+    """Each candidate's latency relative to the fastest of its round, median over the rounds: all
+    were timed in the same interleaved rounds, so this ranks them under the same load round by
+    round. Falls back to the plain p50 when their rounds do not pair up."""
+    i = -1 if last else 0
+    rounds = [c.benchmark[i].round_p50_ms for c in eligible]
+    if not all(rounds) or len({len(r) for r in rounds}) != 1:
+        return {c.id: c.benchmark[i].p50_ms for c in eligible}
+    fastest = np.min(np.array(rounds), axis=0)
+    return {c.id: float(np.median(np.array(r) / fastest)) for c, r in zip(eligible, rounds)}
 
 
 class Select:
@@ -42,28 +69,53 @@ class Select:
         if not eligible:
             ctx.selection = Selection(policy=policy, candidate=None, reason="no candidate passed and was benchmarked")
             raise ConversionError(ctx.selection.reason)
-        if policy == "throughput":
-            best = max(eligible, key=_throughput)
-            for c in eligible:
-                if c is not best:
-                    c.lost_because = (f"lower throughput at batch {c.benchmark[-1].batch}: {_throughput(c):.0f}/s "
-                                      f"vs {_throughput(best):.0f}/s")
+        throughput = policy == "throughput"
+        score = _relative(eligible, last=throughput)
+        best = min(eligible, key=lambda c: score[c.id])
+        ties = []
+        for c in eligible:
+            if c is best:
+                continue
+            mid, lo, _ = _versus(c, best, last=throughput)
+            tied = not lo > 1.0
+            if tied:
+                ties.append(c.id)
+            if throughput:
+                c.lost_because = (f"lower throughput at batch {c.benchmark[-1].batch}: {_throughput(c):.0f}/s "
+                                  f"vs {_throughput(best):.0f}/s")
+            else:
+                c.lost_because = (f"slower at batch {c.benchmark[0].batch}: p50 {_latency(c):.3g} ms vs "
+                                  f"{_latency(best):.3g} ms ({mid:.2f}x)")
+            if tied:
+                c.lost_because += "; within the noise of the selected one"
+        if throughput:
             why = f"highest throughput at batch {best.benchmark[-1].batch}: {_throughput(best):.0f} items/s"
         else:
-            best = min(eligible, key=_latency)
-            for c in eligible:
-                if c is not best:
-                    c.lost_because = (f"slower at batch {c.benchmark[0].batch}: p50 {_latency(c):.3g} ms vs "
-                                      f"{_latency(best):.3g} ms ({_latency(c) / _latency(best):.2f}x)")
             why = f"lowest p50 latency at batch {best.benchmark[0].batch}: {_latency(best):.3g} ms"
             if policy == "accuracy":
                 why += f" within the accuracy budget {ctx.options.accuracy_budget:g}"
         best.lost_because = None
+        beats: bool | None = None
         if best.speedup:
-            why += f", {best.speedup:.2f}x eager PyTorch"
-        ctx.selection = Selection(policy=policy, candidate=best.id, reason=why)
+            low, high = best.speedup_low or best.speedup, best.speedup_high or best.speedup
+            beats = low > 1.0
+            if best.noisy:
+                why += (f"; {speedup_text(best)} eager PyTorch, but the figures are too noisy to rank on "
+                        "(the machine was busy): rerun on a quieter machine before trusting them")
+            elif high < 1.0:
+                why = (f"no candidate is faster than eager PyTorch: the fastest, {best.id}, runs at "
+                       f"{speedup_text(best)} eager speed; it is still the best artifact to serve (" + why + ")")
+            elif low <= 1.0:
+                why += f"; no measurable speed-up over eager PyTorch ({speedup_text(best)})"
+            else:
+                why += f", {speedup_text(best)} eager PyTorch"
+        elif best.noisy:
+            why += "; the figures are too noisy to rank on: rerun on a quieter machine"
+        if ties and not best.noisy:
+            why += f"; {', '.join(ties)} {'is' if len(ties) == 1 else 'are'} within the noise of it"
+        ctx.selection = Selection(policy=policy, candidate=best.id, reason=why, beats_eager=beats, noisy=best.noisy)
         log.info(f"selected {best.id}: {why}")
         for c in ctx.candidates:
             if c.lost_because:
                 log.info(f"  {c.id}: {c.lost_because}")
-        return {"selected": best.id}
+        return {"selected": best.id, "beats_eager": beats, "noisy": best.noisy}
