@@ -21,6 +21,10 @@ import numpy as np
 
 # An interval wider than this (high / low) cannot rank contenders: the figure is reported as noisy.
 NOISY_RATIO = 1.3
+# Share of the time that other work waited for a CPU (the kernel's pressure stall information) above
+# which the machine counts as busy: contenders then differ in how they suffer from it (eager PyTorch's
+# thread team far more than ONNX Runtime's), so even a narrow interval is reported as noisy.
+BUSY_SHARE = 0.2
 MIN_ROUNDS = 7
 MAX_ROUNDS = 200
 
@@ -151,12 +155,33 @@ def _agree(out: dict[str, Timings], pairs: list[tuple[str, str]]) -> bool:
 
 
 def machine_load() -> dict[str, float | int | None]:
-    """The load averages and CPU count now (recorded before and after benchmarking)."""
+    """The load averages, CPU count and the kernel's CPU stall counter now (recorded before and after
+    benchmarking)."""
     try:
         one, five, _ = os.getloadavg()
     except OSError:
         one = five = None
-    return {"load_1m": one, "load_5m": five, "cpus": os.cpu_count()}
+    return {"load_1m": one, "load_5m": five, "cpus": os.cpu_count(), "stall_us": cpu_stall_us(),
+            "at": time.monotonic()}
+
+
+def cpu_stall_us() -> int | None:
+    """Microseconds during which some runnable task waited for a CPU, since boot (/proc/pressure/cpu),
+    or None where the kernel does not report it."""
+    try:
+        with open("/proc/pressure/cpu") as f:
+            line = f.readline()
+        return int(line.rsplit("total=", 1)[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def busy_share(before: dict, after: dict) -> float | None:
+    """The share of the time between two machine_load() readings that some task waited for a CPU."""
+    if before.get("stall_us") is None or after.get("stall_us") is None:
+        return None
+    wall = (after["at"] - before["at"]) * 1e6
+    return max(0.0, (after["stall_us"] - before["stall_us"]) / wall) if wall > 0 else None
 
 
 def speedup_text(speedup: float | None, low: float | None, high: float | None, is_noisy: bool) -> str:

@@ -107,8 +107,11 @@ def conditions_line(cond: dict[str, Any]) -> str:
     load = (f"load {before.get('load_1m', 0):.2f} -> {after.get('load_1m', 0):.2f} on {before.get('cpus')} CPUs"
             if before.get("load_1m") is not None else "load unknown")
     noisy = cond.get("noisy") or []
-    verdict = (f"NOISY: {', '.join(noisy)} (interval wider than {cond.get('noisy_ratio')}x); rerun on a quieter machine"
-               if noisy else "figures settled")
+    busy = cond.get("cpu_busy_share")
+    why = (f"the machine was busy: other work waited for a CPU {busy:.0%} of the time"
+           if busy is not None and busy > (cond.get("busy_share_limit") or 1) else
+           f"interval wider than {cond.get('noisy_ratio')}x")
+    verdict = f"NOISY: {', '.join(noisy)} ({why}); rerun on a quieter machine" if noisy else "figures settled"
     return (f"Timed in {cond.get('rounds')} interleaved rounds, {threads.get('runtimes', '?')} thread(s), "
             f"{load}; speed-ups are medians of per-round ratios with a ~95% interval; {verdict}.")
 

@@ -17,7 +17,7 @@ from service import runtimes
 from service import samples as sample_io
 from service.config import get_settings
 from service.runtimes.base import ArtifactInfo
-from workers.benchmark import NOISY_RATIO, noisy, ratio
+from workers.benchmark import BUSY_SHARE, NOISY_RATIO, busy_share, noisy, ratio
 from workers.benchmark import speedup_text as benchmark_text
 from workers.context import BenchPoint, Candidate, Context
 from workers.pipeline import StepLog
@@ -76,6 +76,7 @@ class Benchmark:
             log.info("eager: " + _fmt(ctx.eager_benchmark))
         for key, pts in ctx.eager_baselines.items():
             log.info(f"eager {key}: {_fmt(pts)}")
+        busy = busy_share(result.get("load_before") or {}, result.get("load_after") or {})
         noisy_ids = []
         for cand in passing:
             cand.benchmark = points.get(cand.id, [])
@@ -90,6 +91,8 @@ class Benchmark:
                 cand.noisy = noisy(lo, hi)
             elif cand.benchmark and cand.benchmark[0].p50_low_ms:
                 cand.noisy = noisy(cand.benchmark[0].p50_low_ms, cand.benchmark[0].p50_high_ms or 0.0)
+            if busy is not None and busy > BUSY_SHARE and cand.benchmark:
+                cand.noisy = True
             if cand.noisy:
                 noisy_ids.append(cand.id)
             log.info(f"{cand.id}: {_fmt(cand.benchmark)}"
@@ -100,8 +103,12 @@ class Benchmark:
             "method": "interleaved rounds", "rounds": rounds, "budget_s_per_batch": budget,
             "threads": result.get("threads"), "load_before": result.get("load_before"),
             "load_after": result.get("load_after"), "noisy": noisy_ids, "noisy_ratio": NOISY_RATIO,
+            "cpu_busy_share": busy, "busy_share_limit": BUSY_SHARE,
         }
-        if noisy_ids:
+        if busy is not None and busy > BUSY_SHARE:
+            log.info(f"the machine was busy: other work waited for a CPU {busy:.0%} of the time; every figure is "
+                     "marked noisy (rerun on a quieter machine for precise figures)")
+        elif noisy_ids:
             log.info(f"noisy: the spread of {', '.join(noisy_ids)} is too wide to rank on "
                      f"(interval wider than {NOISY_RATIO:g}x); rerun on a quieter machine for precise figures")
         ctx.save()
