@@ -79,8 +79,8 @@ def test_small_cnn_on_every_gpu_candidate_with_eager_cuda_baselines(tmp_path, cu
     assert set(ctx.eager_baselines) == {"cuda-fp32", "cuda-fp16"}, ctx.step("benchmark").log
     assert not ctx.eager_benchmark  # no CPU candidate, so no CPU baseline
     ts = by_id["torchscript-fp16-cuda"]
-    assert ts.benchmark and ts.speedup == pytest.approx(ctx.eager_baselines["cuda-fp32"][0].p50_ms
-                                                        / ts.benchmark[0].p50_ms)
+    assert ts.benchmark and ts.speedup_low <= ts.speedup <= ts.speedup_high  # paired with eager fp32 on CUDA
+    assert len(ts.benchmark[0].round_p50_ms) == len(ctx.eager_baselines["cuda-fp32"][0].round_p50_ms)
     info = runtimes.ArtifactInfo.load(tmp_path / "out" / "torchscript-fp16-cuda")
     assert info.device == "cuda" and info.compute_dtype == "float16"
     assert by_id[ctx.selection.candidate].passed
