@@ -207,7 +207,10 @@ def test_job_page_shows_the_reports_numbers(cnn_job, kiln, page, shots):
                 assert cell.inner_text() == formatting.ms(point[f"{q}_ms"])
         speed = row.locator("[data-metric=speedup]")
         assert float(speed.get_attribute("data-value")) == cand["speedup"]
-        assert speed.inner_text().strip() == formatting.speedup(cand["speedup"])
+        text = speed.inner_text().strip()
+        assert text.startswith(formatting.speedup(cand["speedup"]))
+        interval = f"({formatting.speedup(cand['speedup_low'])}–{formatting.speedup(cand['speedup_high'])})"
+        assert interval in text and text.endswith("noisy") == cand["noisy"], text
 
     eager = table.locator("tr[data-candidate=eager]")
     for point in report["eager_benchmark"]:
