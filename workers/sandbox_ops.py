@@ -124,11 +124,55 @@ def _tensors(torch: Any, signature: Signature, sample: dict[str, np.ndarray]) ->
 
 
 def _outputs(value: Any) -> tuple[list[str] | None, list[Any]]:
-    """Flatten a model's return value; dict outputs also give their names."""
-    from service.runtimes.torchscript import flatten_outputs
+    """Flatten a model's return value (tensors, tuples, lists, dicts and dict-like outputs such as
+    Hugging Face's ModelOutput, nested; None left out). Names come with it when there is a dict
+    anywhere: its keys, with the path through nested tuples (`past_key_values.0.1`)."""
+    named = _named(value, "")
+    has_dict = _has_dict(value)
+    return ([n for n, _ in named] if has_dict else None), [t for _, t in named]
 
-    names = list(value.keys()) if isinstance(value, dict) else None
-    return names, flatten_outputs(value)
+
+def _named(value: Any, path: str) -> list[tuple[str, Any]]:
+    if value is None:
+        return []
+    if isinstance(value, dict):
+        items = [(_name_part(str(k)), v) for k, v in value.items()]
+    elif isinstance(value, (tuple, list)):
+        items = [(str(i) if path else f"output_{i}", v) for i, v in enumerate(value)]
+    else:
+        return [(path or "output", value)]
+    out: list[tuple[str, Any]] = []
+    for key, v in items:
+        out += _named(v, f"{path}.{key}" if path else key)
+    return out
+
+
+def _has_dict(value: Any) -> bool:
+    if isinstance(value, dict):
+        return True
+    return isinstance(value, (tuple, list)) and any(_has_dict(v) for v in value)
+
+
+def _name_part(key: str) -> str:
+    import re
+
+    key = re.sub(r"[^A-Za-z0-9_.:/-]", "_", key)[:100]
+    return key if re.match(r"[A-Za-z_]", key) else f"_{key}"
+
+
+def flat_module(torch: Any, model: Any) -> Any:
+    """`model` returning a flat tuple of its output tensors in the order _outputs gives: what trace,
+    torch.export and the ONNX exporters take whatever the model returns (dicts, ModelOutput, nesting)."""
+
+    class FlatOutputs(torch.nn.Module):
+        def __init__(self, inner: Any) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *inputs: Any) -> tuple[Any, ...]:
+            return tuple(_outputs(self.inner(*inputs))[1])
+
+    return FlatOutputs(model).eval() if isinstance(model, torch.nn.Module) else model
 
 
 def _run(torch: Any, model: Any, signature: Signature, sample: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -264,11 +308,12 @@ def capture(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
 
     kind = args["bundle"]["kind"]
     if kind == "python":
-        attempt("trace", lambda: torch.jit.trace(model, _tensors(torch, signature, example), check_trace=False),
+        flat = flat_module(torch, model)
+        attempt("trace", lambda: torch.jit.trace(flat, _tensors(torch, signature, example), check_trace=False),
                 lambda m, p: m.save(str(p)), "traced.pt")
         attempt("script", lambda: torch.jit.script(model), lambda m, p: m.save(str(p)), "scripted.pt")
         attempt("export", lambda: torch.export.export(
-                    model, _tensors(torch, signature, example),
+                    flat, _tensors(torch, signature, example),
                     dynamic_shapes=tuple(export_dynamic_shapes(torch, signature).values())),
                 lambda ep, p: torch.export.save(ep, str(p)), "exported.pt2")
         # an ExportedProgram is checked through its module
@@ -390,7 +435,7 @@ def export_onnx(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
             args["bundle"]["model_file"])
 
         def dynamo(path: Path) -> None:
-            torch.onnx.export(model, example, str(path), dynamo=True, external_data=False,
+            torch.onnx.export(flat_module(torch, model), example, str(path), dynamo=True, external_data=False,
                               input_names=in_names, output_names=out_names,
                               dynamic_shapes=tuple(export_dynamic_shapes(torch, signature).values()),
                               verbose=False)
@@ -410,6 +455,17 @@ def export_onnx(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
                               output_names=out_names, dynamic_axes=dynamic_axes, opset_version=17)
 
         if attempt("torchscript", method, legacy):
+            return {"attempts": attempts, "chosen": attempts[-1]}
+    if kind == "python":
+        # last: the TorchScript-based exporter straight from the eager model (it traces it itself),
+        # what a user tries by hand when both captures failed
+        eager = flat_module(torch, build_eager(args["bundle"]))
+
+        def legacy_eager(path: Path) -> None:
+            torch.onnx.export(eager, example, str(path), dynamo=False, input_names=in_names,
+                              output_names=out_names, dynamic_axes=dynamic_axes, opset_version=17)
+
+        if attempt("torchscript", "eager", legacy_eager):
             return {"attempts": attempts, "chosen": attempts[-1]}
     return {"attempts": attempts, "chosen": None}
 

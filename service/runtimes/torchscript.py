@@ -29,7 +29,10 @@ def telling_line(text: str) -> str:
 
 
 def flatten_outputs(value: Any) -> list[Any]:
-    """A model's return value as a flat list of tensors (tensor, tuple/list, or dict in order)."""
+    """A model's return value as a flat list of tensors (tensor, tuple/list, or dict in order;
+    None left out)."""
+    if value is None:
+        return []
     if isinstance(value, dict):
         value = list(value.values())
     if isinstance(value, (tuple, list)):

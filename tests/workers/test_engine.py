@@ -199,3 +199,23 @@ def test_bad_input_is_refused_before_running_anything(tmp_path):
     with pytest.raises(InvalidEntryPoint, match="must look like"):
         from workers.modelcode import import_entry
         import_entry(tmp_path, "model.py")
+
+
+def test_dict_outputs_of_a_hugging_face_style_model_become_named_outputs_of_every_candidate(tmp_path):
+    ctx = convert(tmp_path, "hf_like")
+    names = [o.name for o in ctx.signature.outputs]
+    assert names == ["last_hidden_state", "pooler_output", "hidden_states.0", "hidden_states.1"]
+    assert ctx.capture("trace").ok and ctx.capture("trace").agrees  # trace refused the dict before
+    assert not ctx.capture("script").ok  # the ModelOutput class is not scriptable, as in transformers
+    by_id = {c.id: c for c in ctx.candidates}
+    for cid in ("onnxruntime-fp32", "torchscript-fp32"):
+        assert by_id[cid].passed, (cid, by_id[cid].reason, by_id[cid].validation)
+        assert set(by_id[cid].validation.outputs) == set(names)
+        # hidden states are compared as embeddings, never by an argmax over hidden units
+        assert by_id[cid].validation.outputs["last_hidden_state"].kind == "embedding"
+    rt = runtimes.load(tmp_path / "out" / "torchscript-fp32")
+    try:
+        got = rt.run(sample_io.at_batch(ctx.signature, 2))
+        assert list(got) == names and got["pooler_output"].shape == (2, 32)
+    finally:
+        rt.close()
