@@ -32,6 +32,7 @@ class CaptureRecord(BaseModel):
     ok: bool
     file: str | None = None
     error: str | None = None
+    hint: str | None = None  # what would make a failed capture work (e.g. torch.cond for a value branch)
     warnings: list[str] = Field(default_factory=list)
     agrees: bool | None = None  # matches eager on every sample
     max_abs: float | None = None

@@ -119,6 +119,22 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {telling[:400]}{tail}"[:1200]
 
 
+def export_hint(exc: BaseException) -> str | None:
+    """For torch.export failing on a branch over tensor values: the model's line, and what to do."""
+    import re
+
+    text = str(exc)
+    if "GuardOnDataDependentSymNode" not in type(exc).__name__ and "data-dependent" not in text:
+        return None
+    calls = re.findall(r'File "([^"]+)", line (\d+), in (\w+)\n\s+(.+)', text.split("raised this error", 1)[-1])
+    where = ""
+    if calls:
+        path, line, fn, code = calls[-1]
+        where = f" at {Path(path).name}:{line} in {fn} (`{code.strip()[:120]}`)"
+    return (f"the model branches on tensor values{where}; torch.export needs that branch written with "
+            "torch.cond (or both sides computed and picked with torch.where)")
+
+
 def _tensors(torch: Any, signature: Signature, sample: dict[str, np.ndarray]) -> tuple[Any, ...]:
     return tuple(torch.from_numpy(np.ascontiguousarray(sample[s.name])) for s in signature.inputs)
 
@@ -158,6 +174,11 @@ def _name_part(key: str) -> str:
 
     key = re.sub(r"[^A-Za-z0-9_.:/-]", "_", key)[:100]
     return key if re.match(r"[A-Za-z_]", key) else f"_{key}"
+
+
+def flat_dynamic_shapes(torch: Any, signature: Signature) -> dict[str, tuple[Any, ...]]:
+    """torch.export's dynamic shapes for flat_module, whose inputs arrive as one `*inputs` tuple."""
+    return {"inputs": tuple(export_dynamic_shapes(torch, signature).values())}
 
 
 def flat_module(torch: Any, model: Any) -> Any:
@@ -294,8 +315,9 @@ def capture(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
             try:
                 captured = fn()
             except Exception as exc:  # noqa: BLE001 - a failed capture is recorded, not raised
+                hint = export_hint(exc) if method == "export" else None
                 records.append({"method": method, "ok": False, "seconds": time.perf_counter() - t0,
-                                "error": describe(exc)})
+                                "error": describe(exc), **({"hint": hint} if hint else {})})
                 return
             caught = [f"{w.category.__name__}: {str(w.message).splitlines()[0][:300]}" for w in seen
                       if "Tracer" in w.category.__name__]
@@ -314,7 +336,7 @@ def capture(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
         attempt("script", lambda: torch.jit.script(model), lambda m, p: m.save(str(p)), "scripted.pt")
         attempt("export", lambda: torch.export.export(
                     flat, _tensors(torch, signature, example),
-                    dynamic_shapes=tuple(export_dynamic_shapes(torch, signature).values())),
+                    dynamic_shapes=flat_dynamic_shapes(torch, signature)),
                 lambda ep, p: torch.export.save(ep, str(p)), "exported.pt2")
         # an ExportedProgram is checked through its module
         for r in records:
@@ -435,10 +457,12 @@ def export_onnx(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
             args["bundle"]["model_file"])
 
         def dynamo(path: Path) -> None:
-            torch.onnx.export(flat_module(torch, model), example, str(path), dynamo=True, external_data=False,
-                              input_names=in_names, output_names=out_names,
-                              dynamic_shapes=tuple(export_dynamic_shapes(torch, signature).values()),
-                              verbose=False)
+            if kind == "python":
+                target, shapes = flat_module(torch, model), flat_dynamic_shapes(torch, signature)
+            else:  # an uploaded ExportedProgram: its own inputs and outputs
+                target, shapes = model, tuple(export_dynamic_shapes(torch, signature).values())
+            torch.onnx.export(target, example, str(path), dynamo=True, external_data=False,
+                              input_names=in_names, output_names=out_names, dynamic_shapes=shapes, verbose=False)
 
         if attempt("dynamo", "eager" if kind == "python" else "export", dynamo):
             return {"attempts": attempts, "chosen": attempts[-1]}

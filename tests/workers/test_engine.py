@@ -86,6 +86,11 @@ def test_control_flow_trace_hazard_is_caught_and_both_branches_survive(tmp_path)
     assert not np.allclose(pos, neg)
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert "frozen_branch" in summary
+    # torch.export cannot keep the branch: the report says which line and what to write instead
+    export = ctx.capture("export")
+    assert not export.ok and "controlflow.py:15 in forward (`if x.sum() > 0:`)" in export.hint
+    assert "torch.cond" in export.hint
+    assert any(h.kind == "value_branch" and "controlflow.py:15" in h.detail for h in ctx.hazards)
 
 
 def test_transformer_dynamic_sequence(tmp_path):
@@ -206,6 +211,7 @@ def test_dict_outputs_of_a_hugging_face_style_model_become_named_outputs_of_ever
     names = [o.name for o in ctx.signature.outputs]
     assert names == ["last_hidden_state", "pooler_output", "hidden_states.0", "hidden_states.1"]
     assert ctx.capture("trace").ok and ctx.capture("trace").agrees  # trace refused the dict before
+    assert ctx.capture("export").ok and ctx.onnx_exporter == "dynamo:eager"
     assert not ctx.capture("script").ok  # the ModelOutput class is not scriptable, as in transformers
     by_id = {c.id: c for c in ctx.candidates}
     for cid in ("onnxruntime-fp32", "torchscript-fp32"):

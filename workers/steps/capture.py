@@ -31,7 +31,13 @@ class Capture:
                 verdict = "agrees with eager" if c.agrees else f"DISAGREES on {', '.join(c.disagreeing_samples)}"
                 log.info(f"{c.method}: {verdict} (max abs {c.max_abs if c.max_abs is not None else 'n/a'}, "
                          f"{c.seconds:.2f}s)")
-        ctx.hazards = [h for h in ctx.hazards if h.kind not in ("frozen_branch", "tracer_warning")]
+        ctx.hazards = [h for h in ctx.hazards if h.kind not in ("frozen_branch", "tracer_warning", "value_branch")]
+        export = ctx.capture("export")
+        if export and not export.ok and export.hint:
+            ctx.hazards.append(Hazard(kind="value_branch", detail=f"torch.export failed: {export.hint}",
+                                      action="Rewrite that branch with torch.cond for a torch.export capture; "
+                                             "the other captures are used meanwhile"))
+            log.info(f"hazard: {ctx.hazards[-1].detail}")
         ctx.preferred_capture = prefer(ctx.captures)
         trace = ctx.capture("trace")
         if trace and trace.ok and (not trace.agrees or trace.warnings):
