@@ -41,7 +41,7 @@ def convert_throughput(ha: httpx.Client, jobs: int) -> float:
     ids = [ha.post("/v1/jobs", json={"model": "cnn", "targets": ["onnxruntime"], "precisions": ["fp32"],
                                      "bench_seconds": 0.2, "threads": 1}).json()["id"] for _ in range(jobs)]
     for job_id in ids:
-        wait_for(lambda: ha.get(f"/v1/jobs/{job_id}").json()["status"] in ("succeeded", "failed"), 900, "a job")
+        wait_for(lambda: ha.get(f"/v1/jobs/{job_id}").json()["status"] in ("succeeded", "failed"), 900, "a job")  # noqa: B023 - waited for here
     return jobs / ((time.perf_counter() - t0) / 60)
 
 

@@ -15,8 +15,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 from service.config import get_settings
 from service.errors import NotFound, PayloadTooLarge, StorageFull, Unavailable

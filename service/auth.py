@@ -121,7 +121,7 @@ def cached(token: str) -> Principal | None:
     return principal
 
 
-def authenticate(session_factory, token: str) -> Principal:  # noqa: ANN001
+def authenticate(session_factory, token: str) -> Principal:
     """The principal for a Bearer token, or Unauthorized."""
     if not token.startswith(PREFIX):
         raise Unauthorized("the token is not a Kiln token")

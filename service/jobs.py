@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, func, or_, select, update
@@ -158,7 +158,7 @@ def upsert_step(session: Session, job_id: str, position: int, record: dict[str, 
         session.add(step)
     started = record.get("started_at")
     step.status = record["status"]
-    step.started_at = datetime.fromtimestamp(started, timezone.utc) if started else None
+    step.started_at = datetime.fromtimestamp(started, UTC) if started else None
     step.duration_s = record.get("duration_s")
     step.log = record.get("log") or ""
     step.outputs = record.get("outputs") or {}

@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
 def now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def new_id() -> str:
@@ -28,7 +40,7 @@ class Model(Base):
     name: Mapped[str] = mapped_column(String(200))
     owner: Mapped[str] = mapped_column(String(100), default="default")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
-    versions: Mapped[list["ModelVersion"]] = relationship(back_populates="model", order_by="ModelVersion.version",
+    versions: Mapped[list[ModelVersion]] = relationship(back_populates="model", order_by="ModelVersion.version",
                                                           cascade="all, delete-orphan")
     __table_args__ = (UniqueConstraint("owner", "name"),)
 
@@ -81,8 +93,8 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     version: Mapped[ModelVersion] = relationship()
-    steps: Mapped[list["JobStep"]] = relationship(order_by="JobStep.position", cascade="all, delete-orphan")
-    candidates: Mapped[list["CandidateRow"]] = relationship(order_by="CandidateRow.position",
+    steps: Mapped[list[JobStep]] = relationship(order_by="JobStep.position", cascade="all, delete-orphan")
+    candidates: Mapped[list[CandidateRow]] = relationship(order_by="CandidateRow.position",
                                                             cascade="all, delete-orphan")
     __table_args__ = (Index("ix_jobs_status", "status"), UniqueConstraint("owner", "idempotency_key"))
 

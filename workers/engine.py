@@ -6,17 +6,18 @@ The CLI calls `convert`; the Celery task calls it too, with events that write to
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from service.bundles import ONNX, onnx_signature, prepare_bundle
 from service.errors import InvalidSignature
 from service.options import ConversionOptions
 from service.signature import Signature
 from workers import report
+from workers import sandboxed as common
 from workers.context import STATE_FILE, BundleInfo, Context
 from workers.pipeline import Canceled, Events, Pipeline
-from workers import sandboxed as common
 from workers.steps import default_steps
 
 

@@ -12,8 +12,9 @@ import shutil
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from service import jobs
 from service.artifacts import ArtifactStore, get_store
@@ -45,7 +46,7 @@ class Lease:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
 
-    def __enter__(self) -> "Lease":
+    def __enter__(self) -> Lease:
         self._thread.start()
         return self
 
@@ -63,7 +64,7 @@ class Lease:
                     ours, cancel = jobs.heartbeat(s, self.job_id, self.token)
                 self.lost = self.lost or not ours
                 self.cancel = self.cancel or cancel
-            except Exception:  # noqa: BLE001 - the database may blip; the next beat tries again
+            except Exception:  # the database may blip; the next beat tries again
                 logger.warning("heartbeat for job %s failed", self.job_id, exc_info=True)
 
 
@@ -78,7 +79,7 @@ class DbEvents:
         self._last_flush = 0.0
         self._total = 0  # steps in the pipeline, from step_started (ctx.steps only has those begun so far)
 
-    def _job(self, s) -> Job | None:  # noqa: ANN001
+    def _job(self, s) -> Job | None:
         job = s.get(Job, self.job_id)
         return job if job is not None and job.run_token == self.token else None
 
@@ -100,7 +101,7 @@ class DbEvents:
     def step_started(self, ctx: Context, record: StepRecord, index: int, total: int) -> None:
         self._total, self.ctx = total, ctx
 
-        def change(s, job: Job) -> None:  # noqa: ANN001
+        def change(s, job: Job) -> None:
             job.current_step, job.progress = record.name, index / total
             jobs.upsert_step(s, self.job_id, index, record.model_dump())
 
@@ -117,7 +118,7 @@ class DbEvents:
             if c.status == "built" and c.id not in self.files and (ctx.out / c.artifact_dir).is_dir():
                 self.files[c.id] = self.store.put_directory(ctx.out / c.artifact_dir)
 
-        def change(s, job: Job) -> None:  # noqa: ANN001
+        def change(s, job: Job) -> None:
             job.progress = (index + 1) / total
             jobs.upsert_step(s, self.job_id, index, record.model_dump())
             for pos, c in enumerate(ctx.candidates):
@@ -131,7 +132,7 @@ class DbEvents:
         if ctx is None:
             return
 
-        def change(s, job: Job) -> None:  # noqa: ANN001
+        def change(s, job: Job) -> None:
             for pos, record in enumerate(ctx.steps):
                 jobs.upsert_step(s, self.job_id, pos, record.model_dump())
 
@@ -181,7 +182,7 @@ def run_job(job_id: str) -> str:
         except KilnError as exc:
             _finish(job_id, token, "failed", exc.detail)
             return "failed"
-        except Exception as exc:  # noqa: BLE001 - a bug fails the job, it never crashes the worker
+        except Exception as exc:  # a bug fails the job, it never crashes the worker
             logger.exception("job %s failed", job_id)
             _finish(job_id, token, "failed", f"internal error: {type(exc).__name__}: {exc}")
             return "failed"

@@ -11,7 +11,8 @@ import logging
 import time
 import traceback
 from collections import deque
-from typing import Any, Callable, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from service.errors import KilnError
 from workers.context import Context, StepRecord

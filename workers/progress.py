@@ -19,7 +19,7 @@ class ConsoleEvents:
                                  TimeElapsedColumn(), console=console, transient=True)
         self.task = None
 
-    def __enter__(self) -> "ConsoleEvents":
+    def __enter__(self) -> ConsoleEvents:
         self.progress.start()
         return self
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from service import samples as sample_io
-from service.errors import ConversionError
 from service.config import get_settings
+from service.errors import ConversionError
 from workers.context import Context
 from workers.pipeline import Canceled, StepLog
 from workers.sandbox import Limits, run_op

@@ -17,7 +17,7 @@ from service.tables import CandidateRow, Job
 router = APIRouter(prefix="/v1/candidates", tags=["candidates"])
 
 
-def get_candidate(session, owner: str, candidate_id: str) -> CandidateRow:  # noqa: ANN001
+def get_candidate(session, owner: str, candidate_id: str) -> CandidateRow:
     row = session.get(CandidateRow, candidate_id)
     if row is None or session.get(Job, row.job_id).owner != owner:
         raise NotFound(f"candidate {candidate_id} does not exist")

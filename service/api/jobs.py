@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Annotated, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import PlainTextResponse, StreamingResponse
@@ -46,7 +47,7 @@ def create_job(body: JobCreate, session: SessionDep, owner: Owner, response: Res
     return _out(session, job)
 
 
-def _out(session, job) -> JobOut:  # noqa: ANN001
+def _out(session, job) -> JobOut:
     out = JobOut.of(job)
     out.waiting = jobs.waiting_reason(session, job)
     return out

@@ -45,7 +45,7 @@ def server_metadata() -> dict:
 
 
 def _metadata(served: Served, versions: list[int]) -> dict:
-    def shape(spec) -> list[int]:  # noqa: ANN001
+    def shape(spec) -> list[int]:
         return [d if isinstance(d, int) else -1 for d in spec.shape or []]
 
     return {"name": served.name, "versions": [str(v) for v in versions],

@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -94,7 +94,7 @@ class Batcher:
                             break
                         try:
                             item = await asyncio.wait_for(self._queue.get(), wait)
-                        except asyncio.TimeoutError:
+                        except TimeoutError:
                             break
                     if item is _CLOSE or item.key != first.key or rows + item.rows > self.max_batch:
                         # the end marker too waits for the next round, after this batch has run

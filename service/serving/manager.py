@@ -113,7 +113,7 @@ def _show(shape: list) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
-def batching_check(run, signature: Signature) -> tuple[bool, str]:  # noqa: ANN001
+def batching_check(run, signature: Signature) -> tuple[bool, str]:
     """Whether each row's output is independent of the other rows: rows run alone against rows
     run together, on the validation samples. Returns (safe, why)."""
     bd = signature.batch_dim
@@ -257,7 +257,7 @@ class Manager:
             have = {(s.owner, s.name, s.version): s for s in self.all()}
         rows = kept(desired_rows())
         want = {(r["owner"], r["name"], r["version"]): r for r in rows}
-        for key, served in have.items():
+        for key in have:
             if key not in want:
                 self.unload(key[0], key[1], key[2])
         for key, row in want.items():
@@ -346,7 +346,7 @@ class SyncLoop:
         while not self._stop.is_set():
             try:
                 self.manager.sync()
-            except Exception:  # noqa: BLE001 - the database may be down for a moment
+            except Exception:  # the database may be down for a moment
                 logger.exception("deployment sync failed")
             self._wake.wait(self.interval)
             self._wake.clear()

@@ -18,7 +18,8 @@ from service.dashboard import formatting
 from tests.conftest import ZOO, zoo_signature
 
 pytest.importorskip("playwright", reason="the dashboard tests need the playwright package")
-from playwright.sync_api import expect  # noqa: E402
+from playwright.sync_api import TimeoutError as PageTimeout
+from playwright.sync_api import expect
 
 FAST = {"bench_seconds": 0.1, "threads": 1}
 # A model that takes long to build, so there is time to cancel its job while it runs.
@@ -93,7 +94,7 @@ def cnn_job(kiln, page, shots):
     form.locator("button[type=submit]").click()
     try:
         page.wait_for_url(re.compile(r"/\?highlight="))
-    except Exception:
+    except PageTimeout:
         errors = page.locator("#flash .flash-error").all_inner_texts()
         pytest.fail(f"the upload did not lead to the jobs page; the page says: {errors}")
     row = page.locator("tr.highlight")

@@ -17,8 +17,9 @@ import sys
 import time
 import uuid
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import numpy as np
@@ -27,8 +28,22 @@ from sqlalchemy import create_engine, text
 
 from tests.conftest import ZOO, zoo_signature
 from tests.service.conftest import PG_ADMIN
-from tests.service.procs import (KilnApi, KilnWorker, Proc, Processes, RedisServer, alive, answers, descendants, free_port,
-                                 kiln_env, processes_matching, sandboxes, tcp_sockets, wait_for)
+from tests.service.procs import (
+    KilnApi,
+    KilnWorker,
+    Proc,
+    Processes,
+    RedisServer,
+    alive,
+    answers,
+    descendants,
+    free_port,
+    kiln_env,
+    processes_matching,
+    sandboxes,
+    tcp_sockets,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -139,7 +154,7 @@ class Kiln:
         assert r.status_code == 200, r.text
         return r.json()
 
-    def wait_job(self, job_id: str, check, what: str, timeout: float = JOB_TIMEOUT_S) -> dict:  # noqa: ANN001
+    def wait_job(self, job_id: str, check, what: str, timeout: float = JOB_TIMEOUT_S) -> dict:
         def probe() -> dict | None:
             job = self.job(job_id)
             return job if check(job) else None
@@ -148,7 +163,7 @@ class Kiln:
     def wait_done(self, job_id: str, timeout: float = JOB_TIMEOUT_S) -> dict:
         return self.wait_job(job_id, lambda j: j["status"] in TERMINAL, "to finish", timeout)
 
-    def wait_sandboxed_step(self, job_id: str, steps=("capture", "export")) -> dict:  # noqa: ANN001
+    def wait_sandboxed_step(self, job_id: str, steps=("capture", "export")) -> dict:
         """Wait until the job runs one of `steps` with its model code in a live sandbox process."""
         return self.wait_job(job_id, lambda j: j["status"] == "running" and j["current_step"] in steps
                              and bool(sandboxes(job_id)), f"running {' or '.join(steps)} in a sandbox", 120)

@@ -4,8 +4,9 @@ on the CPU; fp32 and fp16 on the CUDA execution provider; fp32, fp16 and int8 (Q
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from service import samples as sample_io
 from service.errors import ConversionError, InvalidOptions
@@ -130,8 +131,13 @@ class OnnxRuntimeCompiler:
 
     def _int8_static(self, ctx: Context, src: Path, work: Path, *, symmetric: bool = False,
                      exclude: list[str] | None = None) -> tuple[Path, int]:
-        from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                              quantize_static)
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
 
         if not any(s.dtype in FLOAT_DTYPES for s in ctx.signature.inputs) and not _has_float_weights(src):
             raise InvalidOptions("static int8 needs float activations to calibrate")

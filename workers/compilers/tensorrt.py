@@ -29,9 +29,10 @@ import hashlib
 import os
 import re
 import shutil
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -39,8 +40,7 @@ from service import samples as sample_io
 from service.config import get_settings
 from service.errors import ConversionError, InvalidOptions
 from service.runtimes.base import ArtifactInfo
-from service.runtimes.tensorrt import (Profile, current_stamp, engine_mismatch, engine_stamp,  # noqa: F401
-                                       optimization_profiles)
+from service.runtimes.tensorrt import Profile, current_stamp, engine_mismatch, engine_stamp, optimization_profiles
 from service.signature import Signature
 from workers.compilers.gpu import require_tensorrt
 from workers.compilers.onnxruntime import OnnxRuntimeCompiler, calibration_batches, quantized_nodes
