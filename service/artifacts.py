@@ -196,15 +196,17 @@ class S3Store(ArtifactStore):
                 return False
             raise Unavailable(f"object storage: {exc}") from None
 
-    def _commit(self, tmp: Path, sha: str) -> None:
+    def _commit(self, tmp: Path, sha: str) -> bool:
         from botocore.exceptions import BotoCoreError, ClientError
 
-        if not self.exists(sha):
+        new = not self.exists(sha)
+        if new:
             try:
                 self.s3.upload_file(str(tmp), self.bucket, self.key(sha))
             except (BotoCoreError, ClientError) as exc:
                 raise Unavailable(f"object storage did not take the artifact: {exc}") from None
         super()._commit(tmp, sha)  # and keep it in this host's cache
+        return new
 
     def path(self, sha256: str) -> Path:
         from botocore.exceptions import BotoCoreError, ClientError

@@ -46,9 +46,6 @@ class Principal:
         return scope in self.scopes or (scope == "infer" and "manage" in self.scopes)
 
 
-OPEN = Principal(owner="default", scopes=frozenset({"admin"}))
-
-
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 

@@ -56,7 +56,7 @@ class Channel:
     def send(self, header: dict[str, Any], arrays: Sequence[np.ndarray] = ()) -> None:
         """One message: header, then each array's bytes (C order); small messages in one write."""
         body = orjson.dumps(header)
-        views = [memoryview(np.ascontiguousarray(a)).cast("B") for a in arrays]
+        views = [memoryview(np.ascontiguousarray(a).data).cast("B") for a in arrays]
         if sum(len(v) for v in views) <= 1 << 16:
             self.sock.sendall(b"".join([_HEADER.pack(len(body)), body, *views]))
             return

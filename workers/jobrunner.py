@@ -115,8 +115,9 @@ class DbEvents:
 
     def step_finished(self, ctx: Context, record: StepRecord, index: int, total: int) -> None:
         for c in ctx.candidates:  # built in this attempt or, after a resume, in an earlier one
-            if c.status == "built" and c.id not in self.files and (ctx.out / c.artifact_dir).is_dir():
-                self.files[c.id] = self.store.put_directory(ctx.out / c.artifact_dir)
+            built = ctx.out / c.artifact_dir if c.artifact_dir else None
+            if c.status == "built" and c.id not in self.files and built is not None and built.is_dir():
+                self.files[c.id] = self.store.put_directory(built)
 
         def change(s, job: Job) -> None:
             job.progress = (index + 1) / total

@@ -14,6 +14,7 @@ from service.errors import InvalidInput, KilnError, NotFound, Unloaded
 from service.runtimes.torchscript import telling_line
 from service.serving import protocol
 from service.serving.manager import Manager, Served, infer
+from service.signature import TensorSpec
 
 router = APIRouter(prefix="/v2", tags=["inference (v2)"])
 PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "torchscript": "pytorch_torchscript", "tensorrt": "tensorrt_plan"}
@@ -45,12 +46,12 @@ def server_metadata() -> dict:
 
 
 def _metadata(served: Served, versions: list[int]) -> dict:
-    def shape(spec) -> list[int]:
+    def shape(spec: TensorSpec) -> list[int]:
         return [d if isinstance(d, int) else -1 for d in spec.shape or []]
 
     return {"name": served.name, "versions": [str(v) for v in versions],
             "platform": PLATFORMS.get(served.runtime, served.runtime),
-            "inputs": [{"name": s.name, "datatype": protocol.DTYPE_TO_V2[s.dtype], "shape": shape(s)}
+            "inputs": [{"name": s.name, "datatype": protocol.DTYPE_TO_V2[served.input_dtypes[s.name]], "shape": shape(s)}
                        for s in served.signature.inputs],
             "outputs": [{"name": s.name, "datatype": protocol.DTYPE_TO_V2.get(s.dtype or "float32", "FP32"),
                          "shape": shape(s)} for s in served.signature.outputs]}

@@ -78,7 +78,7 @@ class OnnxRuntime(Runtime):
         return dict(zip(names, values))
 
     def close(self) -> None:
-        self.session = None  # type: ignore[assignment]
+        self.session = None
 
 
 def providers(device: str, info: ArtifactInfo | None) -> list[Any]:

@@ -39,8 +39,9 @@ class Batcher:
         self.max_delay_s = max_delay_s
         self.batching = batching and self.max_batch > 1
         self.labels = labels
-        self._queue: asyncio.Queue[_Item] | None = None
-        self._free: asyncio.Queue[int] | None = None
+        # an asyncio.Queue binds to the loop that first uses it, the one _start runs on
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self._free: asyncio.Queue[int] = asyncio.Queue()
         self._pool = ThreadPoolExecutor(max_workers=len(runners), thread_name_prefix=f"infer-{labels[0]}")
         self._task: asyncio.Task | None = None
         self._carry: _Item | None = None
@@ -51,8 +52,6 @@ class Batcher:
         self._closed = False
 
     def _start(self) -> None:
-        self._queue = asyncio.Queue()
-        self._free = asyncio.Queue()
         for i in range(len(self.runners)):
             self._free.put_nowait(i)
         self._loop_ref = asyncio.get_running_loop()

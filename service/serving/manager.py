@@ -52,10 +52,12 @@ class Served:
 
     @property
     def input_dtypes(self) -> dict[str, str]:
-        return {s.name: s.dtype for s in self.signature.inputs}
+        # a signature is refused when an input has no dtype, so every input is here
+        return {s.name: s.dtype for s in self.signature.inputs if s.dtype is not None}
 
     @property
-    def output_dtypes(self) -> dict[str, str]:
+    def output_dtypes(self) -> dict[str, str | None]:
+        """Every output; None where the signature leaves its dtype to the runtime."""
         return {s.name: s.dtype for s in self.signature.outputs}
 
     def check(self, inputs: dict[str, np.ndarray]) -> None:
@@ -313,7 +315,10 @@ def _signature_of(r: Deployment) -> dict:
 
     from service.tables import Job
 
-    job = object_session(r).get(Job, r.candidate.job_id)
+    session = object_session(r)
+    job = session.get(Job, r.candidate.job_id) if session is not None else None
+    if job is None:  # a deployment row is read in a session, and its candidate's job outlives it
+        raise LookupError(f"deployment {r.id}: the job of candidate {r.candidate_id} is not at hand")
     return (job.report or {}).get("signature") or job.version.signature
 
 
