@@ -15,7 +15,6 @@ from service.errors import InvalidSignature
 from service.options import ConversionOptions
 from service.signature import Signature
 from workers import report
-from workers import sandboxed as common
 from workers.context import STATE_FILE, BundleInfo, Context
 from workers.pipeline import Canceled, Events, Pipeline
 from workers.steps import default_steps
@@ -46,14 +45,11 @@ def prepare(bundle_path: Path, out_dir: Path, *, entry: str | None = None, weigh
 
 def run(ctx: Context, *, events: Events | None = None, canceled: Callable[[], bool] | None = None) -> Context:
     """Run (or resume) the pipeline on a prepared context; the report is written whatever happens."""
-    common.cancel_check = canceled
     try:
         Pipeline(default_steps(), events=events, canceled=canceled).run(ctx)
     except Canceled:
         report.write(ctx)
         raise
-    finally:
-        common.cancel_check = None
     report.write(ctx)
     return ctx
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +13,6 @@ from service.errors import ConversionError
 from workers.context import Context
 from workers.pipeline import Canceled, StepLog
 from workers.sandbox import Limits, run_op
-
-# Set by the caller (the CLI, a Celery task) so that a cancel kills the running sandbox.
-cancel_check: Callable[[], bool] | None = None
 
 
 def sandbox_dir(ctx: Context) -> Path:
@@ -54,11 +50,12 @@ def limits(ctx: Context) -> Limits:
 
 def sandboxed(ctx: Context, op: str, args: dict[str, Any], log: StepLog) -> dict[str, Any]:
     """Run one op in the sandbox with the context's bundle and signature; raise on failure.
-    `memory_bytes` replaces the configured address-space limit for this op."""
+    `memory_bytes` replaces the configured address-space limit for this op. A cancel of the run
+    (`log.canceled`) kills the op."""
     base = {"bundle": ctx.bundle.model_dump(), "signature": ctx.signature.to_json(),
             "samples_file": ctx.samples_file, "reference_file": ctx.reference_file,
             "sample_labels": ctx.sample_labels, "threads": ctx.options.threads or get_settings().threads}
-    result = run_op(op, {**base, **args}, sandbox_dir(ctx), limits=limits(ctx), cancel=cancel_check)
+    result = run_op(op, {**base, **args}, sandbox_dir(ctx), limits=limits(ctx), cancel=log.canceled)
     # the report says how model code was contained, loudly when it was not
     ctx.environment["isolation"] = "bubblewrap" if result.isolated else "NONE (KILN_INSECURE_NO_SANDBOX)"
     for note in result.notes:
@@ -73,8 +70,21 @@ def sandboxed(ctx: Context, op: str, args: dict[str, Any], log: StepLog) -> dict
 
 
 def load_samples(ctx: Context) -> list[sample_io.Sample]:
+    """The samples the load step wrote (user samples first, then the generated ones)."""
+    if ctx.samples_file is None:
+        raise ConversionError("no samples: the load step has not run")
     return sample_io.load(Path(ctx.samples_file))
 
 
 def load_references(ctx: Context) -> list[sample_io.Sample]:
+    """The eager model's outputs on those samples."""
+    if ctx.reference_file is None:
+        raise ConversionError("no reference outputs: the load step has not run")
     return sample_io.load(Path(ctx.reference_file))
+
+
+def uploaded_model_file(ctx: Context) -> Path:
+    """The model file of a bundle that is an already captured model (ONNX, TorchScript, .pt2)."""
+    if ctx.bundle.model_file is None:
+        raise ConversionError(f"the {ctx.bundle.kind} bundle has no model file")
+    return Path(ctx.bundle.model_file)
