@@ -31,6 +31,15 @@ def _check(sha256: str) -> str:
     return sha256
 
 
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file's bytes, read in chunks (hex)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 class ArtifactStore:
     """The local store; also the local cache of the S3 store. `path(sha)` is always a local file."""
 
@@ -219,11 +228,7 @@ class S3Store(ArtifactStore):
         tmp = Path(tmp_name)
         try:
             self.s3.download_file(self.bucket, self.key(sha256), str(tmp))
-            digest = hashlib.sha256()
-            with open(tmp, "rb") as f:
-                for chunk in iter(lambda: f.read(CHUNK), b""):
-                    digest.update(chunk)
-            if digest.hexdigest() != sha256:
+            if sha256_file(tmp) != sha256:
                 raise Unavailable(f"object storage returned corrupt bytes for {sha256}")
             local.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, local)

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from service import metrics
+from service import __version__, metrics
 from service.api.deps import principal, principal_async
 from service.errors import InvalidInput, KilnError, NotFound, Unloaded
 from service.runtimes.torchscript import telling_line
@@ -42,7 +42,7 @@ def ready(request: Request) -> JSONResponse:
 
 @router.get("", summary="Server metadata")
 def server_metadata() -> dict:
-    return {"name": "kiln", "version": "0.1.0", "extensions": ["binary_tensor_data"]}
+    return {"name": "kiln", "version": __version__, "extensions": ["binary_tensor_data"]}
 
 
 def _metadata(served: Served, versions: list[int]) -> dict:
