@@ -41,9 +41,8 @@ class Validate:
     def _rebuild_if_stale(self, ctx: Context, cand: Candidate, log: StepLog) -> None:
         """A TensorRT engine built on another GPU or TensorRT version (a job resumed on another
         worker) is rebuilt here rather than loaded."""
-        stale = getattr(COMPILERS[cand.target], "stale", None)
         try:
-            why = stale(ctx, cand) if stale else None
+            why = COMPILERS[cand.target].stale(ctx, cand)
         except KilnError:  # e.g. no TensorRT here: loading it will say so
             why = None
         if why:
