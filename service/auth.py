@@ -15,6 +15,7 @@ import os
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,7 +119,7 @@ def cached(token: str) -> Principal | None:
     return principal
 
 
-def authenticate(session_factory, token: str) -> Principal:
+def authenticate(session_factory: Callable[[], Session], token: str) -> Principal:
     """The principal for a Bearer token, or Unauthorized."""
     if not token.startswith(PREFIX):
         raise Unauthorized("the token is not a Kiln token")

@@ -14,7 +14,8 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+
+from sqlalchemy.orm import Session
 
 from service import jobs
 from service.artifacts import ArtifactStore, get_store
@@ -79,11 +80,11 @@ class DbEvents:
         self._last_flush = 0.0
         self._total = 0  # steps in the pipeline, from step_started (ctx.steps only has those begun so far)
 
-    def _job(self, s) -> Job | None:
+    def _job(self, s: Session) -> Job | None:
         job = s.get(Job, self.job_id)
         return job if job is not None and job.run_token == self.token else None
 
-    def _write(self, what: str, change: Callable[[Any, Job], None]) -> None:
+    def _write(self, what: str, change: Callable[[Session, Job], None]) -> None:
         """Apply `change` to the job's rows with the log lines gathered so far, in one transaction,
         retried while the database is unreachable (a restart must not fail the job)."""
         pending = len(self._lines)
@@ -101,7 +102,7 @@ class DbEvents:
     def step_started(self, ctx: Context, record: StepRecord, index: int, total: int) -> None:
         self._total, self.ctx = total, ctx
 
-        def change(s, job: Job) -> None:
+        def change(s: Session, job: Job) -> None:
             job.current_step, job.progress = record.name, index / total
             jobs.upsert_step(s, self.job_id, index, record.model_dump())
 
@@ -119,7 +120,7 @@ class DbEvents:
             if c.status == "built" and c.id not in self.files and built is not None and built.is_dir():
                 self.files[c.id] = self.store.put_directory(built)
 
-        def change(s, job: Job) -> None:
+        def change(s: Session, job: Job) -> None:
             job.progress = (index + 1) / total
             jobs.upsert_step(s, self.job_id, index, record.model_dump())
             for pos, c in enumerate(ctx.candidates):
@@ -133,7 +134,7 @@ class DbEvents:
         if ctx is None:
             return
 
-        def change(s, job: Job) -> None:
+        def change(s: Session, job: Job) -> None:
             for pos, record in enumerate(ctx.steps):
                 jobs.upsert_step(s, self.job_id, pos, record.model_dump())
 

@@ -8,6 +8,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,7 +116,7 @@ def _show(shape: list) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
-def batching_check(run, signature: Signature) -> tuple[bool, str]:
+def batching_check(run: Callable[[sample_io.Sample], dict[str, np.ndarray]], signature: Signature) -> tuple[bool, str]:
     """Whether each row's output is independent of the other rows: rows run alone against rows
     run together, on the validation samples. Returns (safe, why)."""
     bd = signature.batch_dim
