@@ -31,7 +31,7 @@ def new_id() -> str:
 
 
 class Base(DeclarativeBase):
-    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON, list[str]: JSON, dict[str, str]: JSON}
 
 
 class Model(Base):
@@ -126,14 +126,14 @@ class CandidateRow(Base):
     status: Mapped[str] = mapped_column(String(20))
     passed: Mapped[bool] = mapped_column(Boolean, default=False)
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
-    files: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # file name -> sha256 in the store
+    files: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)  # file name -> sha256 in the store
     model_file: Mapped[str | None] = mapped_column(String(255), nullable=True)
     size_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     validation: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     benchmark: Mapped[list[Any]] = mapped_column(JSON, default=list)
     speedup: Mapped[float | None] = mapped_column(Float, nullable=True)
     lost_because: Mapped[str | None] = mapped_column(Text, nullable=True)
-    notes: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    notes: Mapped[list[str]] = mapped_column(JSON, default=list)
     __table_args__ = (UniqueConstraint("job_id", "name"),)
 
 
@@ -176,7 +176,7 @@ class ApiToken(Base):
     name: Mapped[str] = mapped_column(String(200))
     prefix: Mapped[str] = mapped_column(String(16))  # the first characters, to tell tokens apart
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
-    scopes: Mapped[list[Any]] = mapped_column(JSON)
+    scopes: Mapped[list[str]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
     last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
@@ -189,6 +189,6 @@ class WorkerRow(Base):
     __tablename__ = "workers"
     name: Mapped[str] = mapped_column(String(200), primary_key=True)
     host: Mapped[str] = mapped_column(String(200))
-    queues: Mapped[list[Any]] = mapped_column(JSON)
+    queues: Mapped[list[str]] = mapped_column(JSON)
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
     last_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)

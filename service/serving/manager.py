@@ -21,6 +21,7 @@ from service.artifacts import ArtifactStore
 from service.config import get_settings
 from service.db import session_scope
 from service.errors import InvalidInput, NotFound, Unavailable
+from service.runtimes.base import Runtime
 from service.serving.batcher import Batcher
 from service.signature import Signature
 from service.tables import Deployment
@@ -48,7 +49,7 @@ class Served:
     batching_note: str = ""
     max_batch: int = 1
     batcher: Batcher | None = None
-    instances: list[Any] = field(default_factory=list)
+    instances: list[Runtime] = field(default_factory=list)
     updated: float = 0.0
 
     @property
@@ -94,7 +95,7 @@ class Served:
         threading.Thread(target=_release, args=(instances, self.batcher), daemon=True).start()
 
 
-def _release(instances: list[Any], batcher: Batcher | None) -> None:
+def _release(instances: list[Runtime], batcher: Batcher | None) -> None:
     """Free an unloaded version's runtimes after its last run, and hand the memory back to the
     system (glibc keeps freed heap otherwise, and RSS would grow with every deployment change)."""
     import ctypes

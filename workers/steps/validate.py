@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from service.errors import ConversionError, KilnError
+from service.samples import Sample
 from workers.compilers import COMPILERS
 from workers.context import Candidate, Context, Validation
 from workers.pipeline import StepLog
@@ -50,6 +51,8 @@ class Validate:
             build_candidate(ctx, cand, log)
             ctx.save()
 
-    def _validate(self, ctx: Context, cand, samples, refs) -> Validation:
+    def _validate(self, ctx: Context, cand: Candidate, samples: list[Sample], refs: list[Sample]) -> Validation:
+        if cand.artifact_dir is None:
+            raise ConversionError(f"{cand.id} is marked built but has no artifact directory")
         return validate_artifact(ctx, ctx.out / cand.artifact_dir, cand.precision, samples, refs)
 
