@@ -17,7 +17,7 @@ import sys
 import time
 import uuid
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -164,7 +164,7 @@ class Kiln:
         assert r.status_code == 200, r.text
         return r.json()
 
-    def wait_job(self, job_id: str, check, what: str, timeout: float = JOB_TIMEOUT_S) -> dict:
+    def wait_job(self, job_id: str, check: Callable[[dict], bool], what: str, timeout: float = JOB_TIMEOUT_S) -> dict:
         def probe() -> dict | None:
             job = self.job(job_id)
             return job if check(job) else None
@@ -173,7 +173,7 @@ class Kiln:
     def wait_done(self, job_id: str, timeout: float = JOB_TIMEOUT_S) -> dict:
         return self.wait_job(job_id, lambda j: j["status"] in TERMINAL, "to finish", timeout)
 
-    def wait_sandboxed_step(self, job_id: str, steps=("capture", "export")) -> dict:
+    def wait_sandboxed_step(self, job_id: str, steps: tuple[str, ...] = ("capture", "export")) -> dict:
         """Wait until the job runs one of `steps` with its model code in a live sandbox process."""
         return self.wait_job(job_id, lambda j: j["status"] == "running" and j["current_step"] in steps
                              and bool(sandboxes(job_id)), f"running {' or '.join(steps)} in a sandbox", 120)
