@@ -29,11 +29,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import httpx  # noqa: E402
-import numpy as np  # noqa: E402
+import httpx  # noqa: E402 - after the sys.path set-up above
+import numpy as np  # noqa: E402 - after the sys.path set-up above
 
-from tests.conftest import ZOO, zoo_signature  # noqa: E402
-from tests.service.procs import KilnApi, KilnWorker, Processes, free_port, kiln_env, wait_for  # noqa: E402
+from tests.conftest import ZOO, zoo_signature  # noqa: E402 - after the sys.path set-up above
+from tests.service.procs import KilnApi, KilnWorker, Processes, free_port, kiln_env, wait_for  # noqa: E402 - after the sys.path set-up above
 
 GROWTH_MB = 50
 

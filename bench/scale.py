@@ -25,12 +25,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import httpx  # noqa: E402
-from sqlalchemy import create_engine, text  # noqa: E402
+import httpx  # noqa: E402 - after the sys.path set-up above
+from sqlalchemy import create_engine, text  # noqa: E402 - after the sys.path set-up above
 
-from tests.conftest import ZOO, zoo_signature  # noqa: E402
-from tests.service.procs import KilnApi, KilnWorker, Processes, RedisServer, free_port, kiln_env, wait_for  # noqa: E402
-from tests.service.test_scale import AWS, MotoS3  # noqa: E402
+from tests.conftest import ZOO, zoo_signature  # noqa: E402 - after the sys.path set-up above
+from tests.service.procs import KilnApi, KilnWorker, Processes, RedisServer, free_port, kiln_env, wait_for  # noqa: E402 - after the sys.path set-up above
+from tests.service.test_scale import AWS, MotoS3  # noqa: E402 - after the sys.path set-up above
 
 PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 

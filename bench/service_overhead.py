@@ -32,7 +32,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.conftest import zoo_signature  # noqa: E402
+from tests.conftest import zoo_signature  # noqa: E402 - after the sys.path set-up above
 
 BUNDLE = ROOT / "tests" / "zoo" / "cnn.py"
 ENTRY = "cnn.py:build_model"

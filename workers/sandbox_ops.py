@@ -360,7 +360,7 @@ def export_onnx(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
             try:
                 got = sess.run(out_names, {n: sample[n] for n in in_names})
                 err = _compare(list(got), ref)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 - a sample the graph fails on is a disagreement
                 bad.append(f"{label} ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})")
                 continue
             worst = max(worst, err)
@@ -454,9 +454,9 @@ def benchmark_eager(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
 
                     def call() -> None:
                         with torch.inference_mode():
-                            xs = [x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)  # noqa: B023
+                            xs = [x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)  # noqa: B023 - measured in this iteration
                                   for x in host]  # noqa: B023 - measured in this iteration
-                            _, flat = _outputs(model(*xs))  # noqa: B023
+                            _, flat = _outputs(model(*xs))  # noqa: B023 - measured in this iteration
                             for t in flat:
                                 t.float().cpu()
                         if device == "cuda":

@@ -34,7 +34,7 @@ def read(candidate_id: str, session: SessionDep, owner: Owner) -> CandidateOut:
 @router.get("/{candidate_id}/artifact", summary="Download the built artifact",
             response_description="the model file, or with format=zip the whole artifact directory")
 def artifact(candidate_id: str, session: SessionDep, owner: Owner, store: StoreDep,
-             format: Annotated[str, Query(pattern="^(file|zip)$")] = "file"):  # noqa: A002
+             format: Annotated[str, Query(pattern="^(file|zip)$")] = "file"):  # noqa: A002 - the query parameter's public name
     row = get_candidate(session, owner, candidate_id)
     if not row.files:
         raise NotFound(f"candidate {row.name} has no artifact ({row.status}: {row.reason or 'not built'})")

@@ -117,7 +117,7 @@ def _load_gpu_libraries(device: str) -> None:
         if hasattr(ort, "preload_dlls"):
             ort.preload_dlls()
     if device == "tensorrt" and importlib.util.find_spec("tensorrt") is not None:
-        import tensorrt  # noqa: F401
+        import tensorrt  # noqa: F401 - importing it loads libnvinfer for the provider
 
 
 def _spec(arg: Any) -> TensorSpec:

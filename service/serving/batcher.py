@@ -129,7 +129,7 @@ class Batcher:
             for item in batch:
                 try:
                     result = await loop.run_in_executor(self._pool, self.runners[instance], item.inputs)
-                except Exception as alone:  # noqa: BLE001
+                except Exception as alone:  # noqa: BLE001 - whatever it was is this request's answer
                     if not item.future.done():
                         item.future.set_exception(alone)
                     continue

@@ -92,7 +92,7 @@ def host_secret():
 
 
 @pytest.mark.parametrize("kiln_env", ["sqlite"], indirect=True)
-def test_a_torchscript_upload_cannot_read_host_files_when_served(secure, tmp_path, host_secret):  # noqa: F811
+def test_a_torchscript_upload_cannot_read_host_files_when_served(secure, tmp_path, host_secret):  # noqa: F811 - the imported fixture
     from workers.jobrunner import run_job
 
     api, admin, token_file = secure
