@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from workers import engine  # noqa: E402
+from workers import engine  # noqa: E402 - after the sys.path set-up above
 
 MODELS = {
     "cnn": ("cnn.py", "build_model"),
@@ -61,7 +61,7 @@ def main() -> None:
             outs = list(v.outputs.values()) if v else []
             status = c.status if c.status != "built" else ("pass" if c.passed else "FAIL")
             row = f"{c.id:<26}{status:<8}"
-            for i, b in enumerate(batches):
+            for i in range(len(batches)):
                 p = c.benchmark[i] if i < len(c.benchmark) else None
                 row += f"{p.p50_ms:>10.2f}{eager[i].p50_ms / p.p50_ms:>8.2f}x" if p else f"{'':>10}{'':>9}"
             if outs:

@@ -21,8 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from workers import engine  # noqa: E402
-from workers.context import BenchPoint, Context  # noqa: E402
+from workers import engine  # noqa: E402 - after the sys.path set-up above
+from workers.context import BenchPoint, Context  # noqa: E402 - after the sys.path set-up above
 
 MODELS = {"cnn": "cnn.py", "transformer": "transformer.py"}
 

@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import serving as sv  # noqa: E402 - bench/serving.py, beside this file
+import serving as sv  # bench/serving.py, beside this file
 
 
 def serve_in_process(port: int) -> None:
@@ -143,7 +143,7 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def report(results) -> None:  # noqa: ANN001
+def report(results) -> None:
     def med(xs):
         return statistics.median(xs)
 

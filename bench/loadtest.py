@@ -29,12 +29,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import httpx  # noqa: E402
-import numpy as np  # noqa: E402
+import httpx  # noqa: E402 - after the sys.path set-up above
+import numpy as np  # noqa: E402 - after the sys.path set-up above
 
-from tests.conftest import ZOO, zoo_signature  # noqa: E402
-from tests.service.procs import KilnApi, KilnWorker, Processes, free_port, kiln_env, wait_for  # noqa: E402
-
+from tests.conftest import ZOO, zoo_signature  # noqa: E402 - after the sys.path set-up above
+from tests.service.procs import KilnApi, KilnWorker, Processes, free_port, kiln_env, wait_for  # noqa: E402 - after the sys.path set-up above
 
 GROWTH_MB = 50
 
@@ -134,7 +133,7 @@ class Abuser:
                     sock.settimeout(0.05)
                     if sock.recv(1) == b"":
                         raise ConnectionResetError
-                except socket.timeout:
+                except TimeoutError:
                     continue
                 except OSError:
                     socks.remove(sock)
@@ -224,7 +223,7 @@ def main() -> None:
                 if i % 3 == 2:
                     h.post("/v1/deployments/mlp/rollback")
                 i += 1
-                wait_for(lambda: h.get(f"/v1/jobs/{j['id']}").json()["status"] in ("succeeded", "failed"), 600,
+                wait_for(lambda: h.get(f"/v1/jobs/{j['id']}").json()["status"] in ("succeeded", "failed"), 600,  # noqa: B023 - waited for here
                          "a churn job")
 
         # Warm-up: the load, plus (unless --no-churn) one round of the churn that serves every candidate

@@ -25,12 +25,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import httpx  # noqa: E402
-from sqlalchemy import create_engine, text  # noqa: E402
+import httpx  # noqa: E402 - after the sys.path set-up above
+from sqlalchemy import create_engine, text  # noqa: E402 - after the sys.path set-up above
 
-from tests.conftest import ZOO, zoo_signature  # noqa: E402
-from tests.service.procs import KilnApi, KilnWorker, Processes, RedisServer, free_port, kiln_env, wait_for  # noqa: E402
-from tests.service.test_scale import AWS, MotoS3  # noqa: E402
+from tests.conftest import ZOO, zoo_signature  # noqa: E402 - after the sys.path set-up above
+from tests.service.procs import KilnApi, KilnWorker, Processes, RedisServer, free_port, kiln_env, wait_for  # noqa: E402 - after the sys.path set-up above
+from tests.service.test_scale import AWS, MotoS3  # noqa: E402 - after the sys.path set-up above
 
 PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 
@@ -41,7 +41,7 @@ def convert_throughput(ha: httpx.Client, jobs: int) -> float:
     ids = [ha.post("/v1/jobs", json={"model": "cnn", "targets": ["onnxruntime"], "precisions": ["fp32"],
                                      "bench_seconds": 0.2, "threads": 1}).json()["id"] for _ in range(jobs)]
     for job_id in ids:
-        wait_for(lambda: ha.get(f"/v1/jobs/{job_id}").json()["status"] in ("succeeded", "failed"), 900, "a job")
+        wait_for(lambda: ha.get(f"/v1/jobs/{job_id}").json()["status"] in ("succeeded", "failed"), 900, "a job")  # noqa: B023 - waited for here
     return jobs / ((time.perf_counter() - t0) / 60)
 
 

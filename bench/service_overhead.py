@@ -32,7 +32,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.conftest import zoo_signature  # noqa: E402
+from tests.conftest import zoo_signature  # noqa: E402 - after the sys.path set-up above
 
 BUNDLE = ROOT / "tests" / "zoo" / "cnn.py"
 ENTRY = "cnn.py:build_model"
@@ -65,7 +65,7 @@ def run_local(base: Path, sig_file: Path, seconds: float) -> tuple[float, dict]:
     return elapsed, json.loads((out / "report.json").read_text())
 
 
-def wait(predicate, timeout: float, what: str):  # noqa: ANN001, ANN201
+def wait(predicate, timeout: float, what: str):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -86,7 +86,7 @@ class Service:
         self.log_path = base / "kiln-up.log"
         self.proc: subprocess.Popen | None = None
 
-    def __enter__(self) -> "Service":
+    def __enter__(self) -> Service:
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "workers.cli", "up", "--port", self.url.rsplit(":", 1)[1],
                                           "--data-dir", str(self.data)], cwd=ROOT, env=clean_env(), stdout=log,

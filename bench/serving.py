@@ -194,7 +194,7 @@ class Quiet:
             self.left -= 0.5
             self.waited += 0.5
 
-    def again(self, cpu: "Cpu", cost_s: float) -> bool:
+    def again(self, cpu: Cpu, cost_s: float) -> bool:
         """Whether to measure a disturbed run again (spending its cost from the budget)."""
         if cpu.other <= self.disturbed or self.left < cost_s:
             return False
@@ -226,10 +226,9 @@ class Servers:
         self.procs: list[subprocess.Popen] = []
 
     def start(self, cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
-        out = open(log, "wb")
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-                                start_new_session=True)
-        out.close()
+        with open(log, "wb") as out:  # the child holds its own copy of the descriptor
+            proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+                                    start_new_session=True)
         self.procs.append(proc)
         return proc
 
@@ -648,7 +647,7 @@ def main() -> None:
           f"to go quiet and {QUIET.repeated:.0f}s measuring disturbed rows again")
 
 
-def run(models, converted, args, delays, threads, use_wrk, tmp, data_dir, servers: Servers) -> None:  # noqa: ANN001
+def run(models, converted, args, delays, threads, use_wrk, tmp, data_dir, servers: Servers) -> None:
     import numpy as np
     import onnxruntime
     import torch
@@ -732,14 +731,14 @@ def run(models, converted, args, delays, threads, use_wrk, tmp, data_dir, server
                     port, pid, path = kiln_port, kiln.pid, f"/v2/models/{dep}/infer"
                     before = batch_stats(kiln_port).get(dep, (0.0, 0.0))
                 else:
-                    port, pid, path = hand_port, hand.pid, f"/v2/models/{name}/infer"
+                    port, pid, path = hand_port, hand.pid, f"/v2/models/{name}/infer"  # noqa: B023 - called in this iteration
                 r = load(port, path, p, conns, args.seconds, tmp, use_wrk, pid)
                 row = Row(label, group, server, r.p50_ms, r.p99_ms, r.rps, r.cpu, r.errors, tries=r.tries)
                 if server == "kiln":  # mean rows per runtime call over the warm-up and measured run
                     after = batch_stats(kiln_port).get(dep, (0.0, 0.0))
                     row.mean_batch = (after[0] - before[0]) / max(1.0, after[1] - before[1])
-                rows.append(row)
-                print(f"  {name}: {label}: p50 {r.p50_ms:.3f} ms, p99 {r.p99_ms:.3f} ms, {r.rps:.0f} req/s"
+                rows.append(row)  # noqa: B023 - called in this iteration
+                print(f"  {name}: {label}: p50 {r.p50_ms:.3f} ms, p99 {r.p99_ms:.3f} ms, {r.rps:.0f} req/s"  # noqa: B023 - same
                       + (f", ERRORS {r.errors}" if r.errors else "")
                       + (f", mean batch {row.mean_batch:.1f}" if row.mean_batch is not None else "")
                       + f"; cores: server {r.cpu.server:.2f}, client {r.cpu.client:.2f}, other {r.cpu.other:.2f}"
@@ -772,7 +771,7 @@ def run(models, converted, args, delays, threads, use_wrk, tmp, data_dir, server
           f"{torch.__version__}; {os.cpu_count()} CPU(s); client: {client}")
 
 
-def report(name: str, i: dict, rows: list[Row], candidate: str, threads: int, args) -> None:  # noqa: ANN001
+def report(name: str, i: dict, rows: list[Row], candidate: str, threads: int, args) -> None:
     raw = rows[0]
     hand = {r.group: r for r in rows if r.server == "hand"}
     print(f"\n== {name}: {i['input']} float32{i['shape']} -> {i['output']}; Kiln serves {candidate} "

@@ -78,13 +78,13 @@ def main() -> int:
         for cid, (q, ql, qh, qn) in results["quiet"][model].items():
             if cid not in results["loaded"][model]:
                 continue
-            l, ll, lh, ln = results["loaded"][model][cid]
+            ld, ll, lh, ln = results["loaded"][model][cid]
             within = ln or (ll <= q <= lh)
-            bounded = l <= MAX_INFLATION * q
+            bounded = ld <= MAX_INFLATION * q
             ok &= within and bounded
             print(f"| {model} | {cid} | {q:.2f}x ({ql:.2f}-{qh:.2f}){' noisy' if qn else ''} | "
-                  f"{l:.2f}x ({ll:.2f}-{lh:.2f}){' noisy' if ln else ''} | {'yes' if within else 'NO'} | "
-                  f"{'yes' if bounded else 'NO'} ({l / q:.2f}) |")
+                  f"{ld:.2f}x ({ll:.2f}-{lh:.2f}){' noisy' if ln else ''} | {'yes' if within else 'NO'} | "
+                  f"{'yes' if bounded else 'NO'} ({ld / q:.2f}) |")
     print()
     print("aims met" if ok else "AIMS MISSED")
     return 0 if ok else 1

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
 
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service import auth, dashboard, db, metrics
+from service import __version__, auth, dashboard, db, metrics
 from service.api import candidates, deployments, errors, health, jobs, models, tokens, v2
 from service.api.deps import principal
 from service.artifacts import get_store
@@ -47,7 +47,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 def create_app() -> FastAPI:
     settings = get_settings()
-    app = FastAPI(title="Kiln", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="Kiln", version=__version__, lifespan=lifespan,
                   description="Convert PyTorch models into fast, validated inference services.")
     errors.install(app)
     for router in (health.router, models.router, jobs.router, candidates.router, deployments.router,

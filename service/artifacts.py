@@ -15,8 +15,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 from service.config import get_settings
 from service.errors import NotFound, PayloadTooLarge, StorageFull, Unavailable
@@ -28,6 +29,15 @@ def _check(sha256: str) -> str:
     if len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256):
         raise NotFound(f"{sha256!r} is not an artifact address")
     return sha256
+
+
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file's bytes, read in chunks (hex)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 class ArtifactStore:
@@ -195,15 +205,17 @@ class S3Store(ArtifactStore):
                 return False
             raise Unavailable(f"object storage: {exc}") from None
 
-    def _commit(self, tmp: Path, sha: str) -> None:
+    def _commit(self, tmp: Path, sha: str) -> bool:
         from botocore.exceptions import BotoCoreError, ClientError
 
-        if not self.exists(sha):
+        new = not self.exists(sha)
+        if new:
             try:
                 self.s3.upload_file(str(tmp), self.bucket, self.key(sha))
             except (BotoCoreError, ClientError) as exc:
                 raise Unavailable(f"object storage did not take the artifact: {exc}") from None
         super()._commit(tmp, sha)  # and keep it in this host's cache
+        return new
 
     def path(self, sha256: str) -> Path:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -216,11 +228,7 @@ class S3Store(ArtifactStore):
         tmp = Path(tmp_name)
         try:
             self.s3.download_file(self.bucket, self.key(sha256), str(tmp))
-            digest = hashlib.sha256()
-            with open(tmp, "rb") as f:
-                for chunk in iter(lambda: f.read(CHUNK), b""):
-                    digest.update(chunk)
-            if digest.hexdigest() != sha256:
+            if sha256_file(tmp) != sha256:
                 raise Unavailable(f"object storage returned corrupt bytes for {sha256}")
             local.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, local)

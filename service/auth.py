@@ -15,6 +15,7 @@ import os
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,9 +45,6 @@ class Principal:
         if "admin" in self.scopes:
             return True
         return scope in self.scopes or (scope == "infer" and "manage" in self.scopes)
-
-
-OPEN = Principal(owner="default", scopes=frozenset({"admin"}))
 
 
 def hash_token(token: str) -> str:
@@ -121,7 +119,7 @@ def cached(token: str) -> Principal | None:
     return principal
 
 
-def authenticate(session_factory, token: str) -> Principal:  # noqa: ANN001
+def authenticate(session_factory: Callable[[], Session], token: str) -> Principal:
     """The principal for a Bearer token, or Unauthorized."""
     if not token.startswith(PREFIX):
         raise Unauthorized("the token is not a Kiln token")

@@ -30,15 +30,16 @@ import functools
 import hashlib
 import os
 import resource
-import shutil
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Callable, Sequence
+from typing import IO, Any
 
 from service.config import get_settings
 from service.errors import SandboxUnavailable
@@ -109,7 +110,7 @@ class Boxed:
     """A started box: its process (bwrap, or the command itself when unisolated) and its cgroup."""
 
     proc: subprocess.Popen
-    cgroups: "_Cgroups | None"
+    cgroups: _Cgroups | None
     notes: list[str]
     isolated: bool
 
@@ -429,7 +430,7 @@ class _Cgroups:
         return [p for p in found if p.is_dir()]
 
     @classmethod
-    def create(cls, box: Box, notes: list[str]) -> "_Cgroups | None":
+    def create(cls, box: Box, notes: list[str]) -> _Cgroups | None:
         """The box's cgroup with its limits, after killing a leftover of the same name; None (and a
         note) where this host gives none, and then rlimits bound the box instead."""
         name = "kiln-box-" + hashlib.sha256(box.name.encode()).hexdigest()[:16]

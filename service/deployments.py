@@ -25,7 +25,8 @@ def candidate_for(session: Session, owner: str, candidate: str | None, job: str 
             raise Conflict(f"job {job} has no selected candidate (it is {j.status})")
         candidate = j.selected_candidate_id
     row = session.get(CandidateRow, candidate)
-    if row is None or session.get(Job, row.job_id).owner != owner:
+    job_row = session.get(Job, row.job_id) if row is not None else None
+    if row is None or job_row is None or job_row.owner != owner:
         raise NotFound(f"candidate {candidate} does not exist")
     return row
 

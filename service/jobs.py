@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import datetime, timedelta, timezone
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import CursorResult, Update, and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -108,12 +108,18 @@ class ClaimRefused(Exception):
     """The job is not ours to run now: finished, canceled, or running on a live worker."""
 
 
+def _updated(session: Session, statement: Update) -> int:
+    """Run an UPDATE; the number of rows it changed."""
+    # an UPDATE's result is a CursorResult, which session.execute's annotation does not say
+    return cast(CursorResult[Any], session.execute(statement)).rowcount
+
+
 def claim(session: Session, job_id: str, worker: str, *, stale_after: float) -> Job:
     """Take a job for this worker atomically. A job 'running' with a stale heartbeat (its worker
     died) can be taken over; one with a fresh heartbeat cannot, so a job never runs twice at once."""
     stale_before = now() - timedelta(seconds=stale_after)
     token = new_id()
-    result = session.execute(
+    changed = _updated(session,
         update(Job)
         .where(Job.id == job_id,
                or_(Job.status == "queued",
@@ -126,18 +132,18 @@ def claim(session: Session, job_id: str, worker: str, *, stale_after: float) -> 
     if job is None:
         raise ClaimRefused(f"job {job_id} does not exist")
     session.refresh(job)
-    if result.rowcount != 1 or job.run_token != token:
+    if changed != 1 or job.run_token != token:
         raise ClaimRefused(f"job {job_id} is {job.status}" + (f" on {job.worker}" if job.status == "running" else ""))
     return job
 
 
 def heartbeat(session: Session, job_id: str, token: str) -> tuple[bool, bool]:
     """Refresh the heartbeat; returns (still ours, cancel requested)."""
-    result = session.execute(update(Job).where(Job.id == job_id, Job.run_token == token, Job.status == "running")
-                             .values(heartbeat_at=now()).execution_options(synchronize_session=False))
+    changed = _updated(session, update(Job).where(Job.id == job_id, Job.run_token == token, Job.status == "running")
+                       .values(heartbeat_at=now()).execution_options(synchronize_session=False))
     session.commit()
     cancel = bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
-    return result.rowcount == 1, cancel
+    return changed == 1, cancel
 
 
 def orphaned(session: Session, *, stale_after: float, queued_after: float) -> list[Job]:
@@ -158,7 +164,7 @@ def upsert_step(session: Session, job_id: str, position: int, record: dict[str, 
         session.add(step)
     started = record.get("started_at")
     step.status = record["status"]
-    step.started_at = datetime.fromtimestamp(started, timezone.utc) if started else None
+    step.started_at = datetime.fromtimestamp(started, UTC) if started else None
     step.duration_s = record.get("duration_s")
     step.log = record.get("log") or ""
     step.outputs = record.get("outputs") or {}

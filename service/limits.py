@@ -100,6 +100,7 @@ class RequestGate:
 async def _refusal(headers: dict[bytes, bytes]) -> str | None:
     """Why a request's headers do not authenticate it, or None when they do."""
     header = headers.get(b"authorization")
+    token: str | None
     if header is not None:
         kind, _, token_bytes = header.partition(b" ")
         if kind.lower() != b"bearer" or not token_bytes.strip():

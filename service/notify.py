@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 from service.config import get_settings
 
@@ -53,8 +53,11 @@ class Listener:
         import redis
 
         while not self._stop.is_set():
+            target = url()
+            if not target:  # start() does not start the thread then
+                return
             try:
-                client = redis.Redis.from_url(url(), socket_timeout=5, socket_connect_timeout=5)
+                client = redis.Redis.from_url(target, socket_timeout=5, socket_connect_timeout=5)
                 pubsub = client.pubsub(ignore_subscribe_messages=True)
                 pubsub.subscribe(CHANNEL)
                 while not self._stop.is_set():

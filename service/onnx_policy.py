@@ -5,8 +5,9 @@ load, since a model exported in the sandbox is as untrusted as an uploaded one."
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from service.errors import InvalidBundle, KilnError
 

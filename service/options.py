@@ -113,7 +113,7 @@ class ConversionOptions(BaseModel):
         return sorted(set(v)) if v else v
 
     @classmethod
-    def parse(cls, data: dict) -> "ConversionOptions":
+    def parse(cls, data: dict) -> ConversionOptions:
         try:
             return cls.model_validate(data)
         except ValidationError as exc:

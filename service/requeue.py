@@ -82,13 +82,13 @@ class RequeueLoop:
         while not self._stop.is_set():
             try:
                 requeue_orphans()
-            except Exception:  # noqa: BLE001 - a database hiccup must not end the loop
+            except Exception:  # a database hiccup must not end the loop
                 logger.exception("requeue pass failed")
             if time.monotonic() >= next_sweep:
                 next_sweep = time.monotonic() + get_settings().store_sweep_interval_s
                 try:
                     sweep_store()
-                except Exception:  # noqa: BLE001 - nor a full disk or a missing store
+                except Exception:  # nor a full disk or a missing store
                     logger.exception("artifact store sweep failed")
             self._stop.wait(self.interval)
 

@@ -23,8 +23,9 @@ import struct
 import sys
 import tempfile
 import threading
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import orjson
@@ -55,7 +56,7 @@ class Channel:
     def send(self, header: dict[str, Any], arrays: Sequence[np.ndarray] = ()) -> None:
         """One message: header, then each array's bytes (C order); small messages in one write."""
         body = orjson.dumps(header)
-        views = [memoryview(np.ascontiguousarray(a)).cast("B") for a in arrays]
+        views = [memoryview(np.ascontiguousarray(a).data).cast("B") for a in arrays]
         if sum(len(v) for v in views) <= 1 << 16:
             self.sock.sendall(b"".join([_HEADER.pack(len(body)), body, *views]))
             return
@@ -183,7 +184,7 @@ class IsolatedRuntime(Runtime):
                 str(self.threads or 0), self.device]
         # model code's output would flood the API's log: the runner's goes to a bounded file, whose
         # tail explains a runner that did not start
-        errors = tempfile.TemporaryFile()
+        errors = tempfile.TemporaryFile()  # noqa: SIM115 - closed below, once the runner is up or failed
         try:
             boxed = boundary.start(argv, box, stdout=errors, stderr=errors, pass_fds=(theirs.fileno(),))
         finally:

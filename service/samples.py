@@ -6,10 +6,9 @@ A sample is one dict of named arrays (a batch). A file holds several samples und
 
 from __future__ import annotations
 
-import io
 import zipfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
@@ -80,7 +79,7 @@ def _values(rng: np.random.Generator, dtype: str, shape: tuple[int, ...], value_
 def save(path: Path, samples: Iterable[Sample]) -> None:
     arrays = {f"{i}/{name}": arr for i, sample in enumerate(samples) for name, arr in sample.items()}
     tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **arrays)
+    np.savez(tmp, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as its allow_pickle flag
     tmp.replace(path)
 
 
@@ -119,12 +118,6 @@ def check_against(signature: Signature, samples: list[Sample], *, source: str = 
                 if isinstance(want, int) and want != got:
                     raise InvalidSignature(f"{source} #{i}: input {spec.name!r} axis {axis} is {got}, "
                                            f"the signature says {want}")
-
-
-def to_bytes(samples: Iterable[Sample]) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **{f"{i}/{n}": a for i, s in enumerate(samples) for n, a in s.items()})
-    return buf.getvalue()
 
 
 def at_batch(signature: Signature, batch: int, seed: int = 1) -> Sample:

@@ -40,7 +40,7 @@ class ModelVersionOut(BaseModel):
     existing: bool = Field(False, description="true when an identical upload already existed")
 
     @classmethod
-    def of(cls, v: ModelVersion, existing: bool = False) -> "ModelVersionOut":
+    def of(cls, v: ModelVersion, existing: bool = False) -> ModelVersionOut:
         return cls(id=v.id, name=v.model.name, version=v.version, sha256=v.sha256, kind=v.kind, filename=v.filename,
                    entry=v.entry, signature=v.signature, weights=v.weights_filename, samples=bool(v.samples_sha256),
                    size_bytes=v.size_bytes, created_at=v.created_at, existing=existing)
@@ -53,7 +53,7 @@ class ModelOut(BaseModel):
     versions: list[ModelVersionOut]
 
     @classmethod
-    def of(cls, m: Model) -> "ModelOut":
+    def of(cls, m: Model) -> ModelOut:
         return cls(id=m.id, name=m.name, created_at=m.created_at, versions=[ModelVersionOut.of(v) for v in m.versions])
 
 
@@ -84,7 +84,7 @@ class StepOut(BaseModel):
     error: str | None
 
     @classmethod
-    def of(cls, s: JobStep) -> "StepOut":
+    def of(cls, s: JobStep) -> StepOut:
         return cls(name=s.name, status=s.status, started_at=s.started_at, duration_s=s.duration_s, log=s.log,
                    outputs=s.outputs or {}, error=s.error)
 
@@ -112,7 +112,7 @@ class CandidateOut(BaseModel):
     artifact_url: str | None
 
     @classmethod
-    def of(cls, c: CandidateRow) -> "CandidateOut":
+    def of(cls, c: CandidateRow) -> CandidateOut:
         return cls(id=c.id, job_id=c.job_id, name=c.name, target=c.target, precision=c.precision, variant=c.variant,
                    status=c.status, passed=c.passed, reason=c.reason, model_file=c.model_file, size_bytes=c.size_bytes,
                    validation=c.validation, benchmark=c.benchmark or [], speedup=c.speedup,
@@ -152,7 +152,7 @@ class JobOut(BaseModel):
     waiting: str | None = Field(None, description="why a queued job is not running yet")
 
     @classmethod
-    def of(cls, j: Job) -> "JobOut":
+    def of(cls, j: Job) -> JobOut:
         report = j.report or {}
         end = j.finished_at
         duration = (end - j.started_at).total_seconds() if end and j.started_at else None
@@ -181,7 +181,7 @@ class JobSummary(BaseModel):
     finished_at: datetime | None
 
     @classmethod
-    def of(cls, j: Job) -> "JobSummary":
+    def of(cls, j: Job) -> JobSummary:
         return cls(id=j.id, model=j.version.model.name, version=j.version.version, status=j.status, progress=j.progress,
                    current_step=j.current_step, targets=j.options.get("targets", []),
                    precisions=j.options.get("precisions", []), error=j.error, created_at=j.created_at,

@@ -70,7 +70,7 @@ class DimRange(BaseModel):
     max: int = Field(ge=1, le=MAX_DIM)
 
     @model_validator(mode="after")
-    def _ordered(self) -> "DimRange":
+    def _ordered(self) -> DimRange:
         if not self.min <= self.opt <= self.max:
             raise ValueError(f"needs min <= opt <= max, got {self.min}/{self.opt}/{self.max}")
         return self
@@ -146,7 +146,7 @@ class Signature(BaseModel):
     dims: dict[str, DimRange] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _complete(self) -> "Signature":
+    def _complete(self) -> Signature:
         if not self.inputs:
             raise ValueError("a signature needs at least one input")
         for spec in self.inputs:
@@ -205,7 +205,7 @@ class Signature(BaseModel):
     # --- parsing -----------------------------------------------------------------------
 
     @classmethod
-    def parse(cls, data: Any) -> "Signature":
+    def parse(cls, data: Any) -> Signature:
         """A signature from a dict (as found in kiln.yaml / kiln.json), with readable errors."""
         if isinstance(data, Signature):
             return data
@@ -229,12 +229,12 @@ class Signature(BaseModel):
             raise InvalidSignature(f"signature does not parse: {_first_error(exc)}") from None
 
     @classmethod
-    def parse_text(cls, text: str, *, source: str = "signature") -> "Signature":
+    def parse_text(cls, text: str, *, source: str = "signature") -> Signature:
         """A signature from JSON or YAML text."""
         return cls.parse(load_mapping(text, source=source))
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "Signature":
+    def from_file(cls, path: str | Path) -> Signature:
         path = Path(path)
         try:
             text = path.read_text()

@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
 def now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def new_id() -> str:
@@ -19,7 +31,7 @@ def new_id() -> str:
 
 
 class Base(DeclarativeBase):
-    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON, list[str]: JSON, dict[str, str]: JSON}
 
 
 class Model(Base):
@@ -28,7 +40,7 @@ class Model(Base):
     name: Mapped[str] = mapped_column(String(200))
     owner: Mapped[str] = mapped_column(String(100), default="default")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
-    versions: Mapped[list["ModelVersion"]] = relationship(back_populates="model", order_by="ModelVersion.version",
+    versions: Mapped[list[ModelVersion]] = relationship(back_populates="model", order_by="ModelVersion.version",
                                                           cascade="all, delete-orphan")
     __table_args__ = (UniqueConstraint("owner", "name"),)
 
@@ -81,8 +93,8 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     version: Mapped[ModelVersion] = relationship()
-    steps: Mapped[list["JobStep"]] = relationship(order_by="JobStep.position", cascade="all, delete-orphan")
-    candidates: Mapped[list["CandidateRow"]] = relationship(order_by="CandidateRow.position",
+    steps: Mapped[list[JobStep]] = relationship(order_by="JobStep.position", cascade="all, delete-orphan")
+    candidates: Mapped[list[CandidateRow]] = relationship(order_by="CandidateRow.position",
                                                             cascade="all, delete-orphan")
     __table_args__ = (Index("ix_jobs_status", "status"), UniqueConstraint("owner", "idempotency_key"))
 
@@ -114,7 +126,7 @@ class CandidateRow(Base):
     status: Mapped[str] = mapped_column(String(20))
     passed: Mapped[bool] = mapped_column(Boolean, default=False)
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
-    files: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # file name -> sha256 in the store
+    files: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)  # file name -> sha256 in the store
     model_file: Mapped[str | None] = mapped_column(String(255), nullable=True)
     size_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     validation: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
@@ -124,7 +136,7 @@ class CandidateRow(Base):
     speedup_high: Mapped[float | None] = mapped_column(Float, nullable=True)
     noisy: Mapped[bool] = mapped_column(Boolean, default=False)  # too wide an interval to rank on
     lost_because: Mapped[str | None] = mapped_column(Text, nullable=True)
-    notes: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    notes: Mapped[list[str]] = mapped_column(JSON, default=list)
     __table_args__ = (UniqueConstraint("job_id", "name"),)
 
 
@@ -167,7 +179,7 @@ class ApiToken(Base):
     name: Mapped[str] = mapped_column(String(200))
     prefix: Mapped[str] = mapped_column(String(16))  # the first characters, to tell tokens apart
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
-    scopes: Mapped[list[Any]] = mapped_column(JSON)
+    scopes: Mapped[list[str]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
     last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
@@ -180,6 +192,6 @@ class WorkerRow(Base):
     __tablename__ = "workers"
     name: Mapped[str] = mapped_column(String(200), primary_key=True)
     host: Mapped[str] = mapped_column(String(200))
-    queues: Mapped[list[Any]] = mapped_column(JSON)
+    queues: Mapped[list[str]] = mapped_column(JSON)
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
     last_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)

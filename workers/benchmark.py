@@ -14,8 +14,8 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -157,6 +157,8 @@ def _agree(out: dict[str, Timings], pairs: list[tuple[str, str]]) -> bool:
 def machine_load() -> dict[str, float | int | None]:
     """The load averages, CPU count and the kernel's CPU stall counter now (recorded before and after
     benchmarking)."""
+    one: float | None
+    five: float | None
     try:
         one, five, _ = os.getloadavg()
     except OSError:

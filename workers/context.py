@@ -125,7 +125,7 @@ class BundleInfo(BaseModel):
     samples: str | None = None
 
     @classmethod
-    def from_bundle(cls, b: Bundle) -> "BundleInfo":
+    def from_bundle(cls, b: Bundle) -> BundleInfo:
         s = lambda p: str(p) if p else None  # noqa: E731
         return cls(kind=b.kind, root=str(b.root), entry=b.entry, model_file=s(b.model_file),
                    weights=s(b.weights), samples=s(b.samples))
@@ -186,5 +186,5 @@ class Context(BaseModel):
         return path
 
     @classmethod
-    def load(cls, workdir: Path) -> "Context":
+    def load(cls, workdir: Path) -> Context:
         return cls.model_validate(json.loads((Path(workdir) / STATE_FILE).read_text()))

@@ -6,8 +6,9 @@ The CLI calls `convert`; the Celery task calls it too, with events that write to
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from service.bundles import ONNX, onnx_signature, prepare_bundle
 from service.errors import InvalidSignature
@@ -16,7 +17,6 @@ from service.signature import Signature
 from workers import report
 from workers.context import STATE_FILE, BundleInfo, Context
 from workers.pipeline import Canceled, Events, Pipeline
-from workers import sandboxed as common
 from workers.steps import default_steps
 
 
@@ -45,14 +45,11 @@ def prepare(bundle_path: Path, out_dir: Path, *, entry: str | None = None, weigh
 
 def run(ctx: Context, *, events: Events | None = None, canceled: Callable[[], bool] | None = None) -> Context:
     """Run (or resume) the pipeline on a prepared context; the report is written whatever happens."""
-    common.cancel_check = canceled
     try:
         Pipeline(default_steps(), events=events, canceled=canceled).run(ctx)
     except Canceled:
         report.write(ctx)
         raise
-    finally:
-        common.cancel_check = None
     report.write(ctx)
     return ctx
 

@@ -12,8 +12,10 @@ import shutil
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+
+from sqlalchemy.orm import Session
 
 from service import jobs
 from service.artifacts import ArtifactStore, get_store
@@ -45,7 +47,7 @@ class Lease:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
 
-    def __enter__(self) -> "Lease":
+    def __enter__(self) -> Lease:
         self._thread.start()
         return self
 
@@ -63,7 +65,7 @@ class Lease:
                     ours, cancel = jobs.heartbeat(s, self.job_id, self.token)
                 self.lost = self.lost or not ours
                 self.cancel = self.cancel or cancel
-            except Exception:  # noqa: BLE001 - the database may blip; the next beat tries again
+            except Exception:  # the database may blip; the next beat tries again
                 logger.warning("heartbeat for job %s failed", self.job_id, exc_info=True)
 
 
@@ -78,11 +80,11 @@ class DbEvents:
         self._last_flush = 0.0
         self._total = 0  # steps in the pipeline, from step_started (ctx.steps only has those begun so far)
 
-    def _job(self, s) -> Job | None:  # noqa: ANN001
+    def _job(self, s: Session) -> Job | None:
         job = s.get(Job, self.job_id)
         return job if job is not None and job.run_token == self.token else None
 
-    def _write(self, what: str, change: Callable[[Any, Job], None]) -> None:
+    def _write(self, what: str, change: Callable[[Session, Job], None]) -> None:
         """Apply `change` to the job's rows with the log lines gathered so far, in one transaction,
         retried while the database is unreachable (a restart must not fail the job)."""
         pending = len(self._lines)
@@ -100,7 +102,7 @@ class DbEvents:
     def step_started(self, ctx: Context, record: StepRecord, index: int, total: int) -> None:
         self._total, self.ctx = total, ctx
 
-        def change(s, job: Job) -> None:  # noqa: ANN001
+        def change(s: Session, job: Job) -> None:
             job.current_step, job.progress = record.name, index / total
             jobs.upsert_step(s, self.job_id, index, record.model_dump())
 
@@ -114,10 +116,11 @@ class DbEvents:
 
     def step_finished(self, ctx: Context, record: StepRecord, index: int, total: int) -> None:
         for c in ctx.candidates:  # built in this attempt or, after a resume, in an earlier one
-            if c.status == "built" and c.id not in self.files and (ctx.out / c.artifact_dir).is_dir():
-                self.files[c.id] = self.store.put_directory(ctx.out / c.artifact_dir)
+            built = ctx.out / c.artifact_dir if c.artifact_dir else None
+            if c.status == "built" and c.id not in self.files and built is not None and built.is_dir():
+                self.files[c.id] = self.store.put_directory(built)
 
-        def change(s, job: Job) -> None:  # noqa: ANN001
+        def change(s: Session, job: Job) -> None:
             job.progress = (index + 1) / total
             jobs.upsert_step(s, self.job_id, index, record.model_dump())
             for pos, c in enumerate(ctx.candidates):
@@ -131,7 +134,7 @@ class DbEvents:
         if ctx is None:
             return
 
-        def change(s, job: Job) -> None:  # noqa: ANN001
+        def change(s: Session, job: Job) -> None:
             for pos, record in enumerate(ctx.steps):
                 jobs.upsert_step(s, self.job_id, pos, record.model_dump())
 
@@ -181,7 +184,7 @@ def run_job(job_id: str) -> str:
         except KilnError as exc:
             _finish(job_id, token, "failed", exc.detail)
             return "failed"
-        except Exception as exc:  # noqa: BLE001 - a bug fails the job, it never crashes the worker
+        except Exception as exc:  # a bug fails the job, it never crashes the worker
             logger.exception("job %s failed", job_id)
             _finish(job_id, token, "failed", f"internal error: {type(exc).__name__}: {exc}")
             return "failed"

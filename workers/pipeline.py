@@ -11,7 +11,8 @@ import logging
 import time
 import traceback
 from collections import deque
-from typing import Any, Callable, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from service.errors import KilnError
 from workers.context import Context, StepRecord
@@ -29,14 +30,18 @@ class Canceled(Exception):
 
 
 class StepLog:
-    """What a step tells the user: kept as an excerpt in its record, streamed to listeners."""
+    """What a step tells the user: kept as an excerpt in its record, streamed to listeners. It also
+    carries the run's cancellation check (`canceled`), for work inside a step that must stop when the
+    conversion is canceled (a sandboxed op polls it and is killed)."""
 
     def __init__(self, name: str, on_line: Callable[[str, str], None] | None = None,
-                 on_progress: Callable[[float, str], None] | None = None) -> None:
+                 on_progress: Callable[[float, str], None] | None = None,
+                 canceled: Callable[[], bool] | None = None) -> None:
         self.name = name
         self.lines: deque[str] = deque(maxlen=LOG_EXCERPT_LINES)
         self._on_line = on_line
         self._on_progress = on_progress
+        self.canceled = canceled
 
     def info(self, message: str) -> None:
         for line in message.splitlines() or [""]:
@@ -56,8 +61,12 @@ class StepLog:
 
 
 class Step(Protocol):
-    name: str
-    requires: tuple[str, ...]
+    # read-only, so that a step may declare them as plain class attributes
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def requires(self) -> tuple[str, ...]: ...
 
     def run(self, ctx: Context, log: StepLog) -> dict[str, Any] | None: ...
 
@@ -95,7 +104,10 @@ class Pipeline:
                  canceled: Callable[[], bool] | None = None) -> None:
         self.steps = list(steps)
         self.events = events or NoEvents()
-        self.canceled = canceled or (lambda: False)
+        self._canceled = canceled
+
+    def canceled(self) -> bool:
+        return self._canceled is not None and self._canceled()
 
     def run(self, ctx: Context) -> Context:
         total = len(self.steps)
@@ -114,11 +126,12 @@ class Pipeline:
         return ctx
 
     def _run_step(self, ctx: Context, step: Step, record: StepRecord, index: int, total: int) -> None:
-        missing = [r for r in step.requires if (ctx.step(r) is None or ctx.step(r).status != "ok")]
+        missing = [r for r in step.requires if (done := ctx.step(r)) is None or done.status != "ok"]
         record.status, record.started_at, record.error = "running", time.time(), None
         self.events.step_started(ctx, record, index, total)
         log = StepLog(step.name, on_line=lambda s, line: self.events.log_line(ctx, s, line),
-                      on_progress=lambda f, m: self.events.step_progress(ctx, record, f, m))
+                      on_progress=lambda f, m: self.events.step_progress(ctx, record, f, m),
+                      canceled=self._canceled)
         t0 = time.perf_counter()
         try:
             if missing:

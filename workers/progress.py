@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from workers.context import Context, StepRecord
 
@@ -17,9 +17,9 @@ class ConsoleEvents:
         self.console = console
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[note]}"),
                                  TimeElapsedColumn(), console=console, transient=True)
-        self.task = None
+        self.task: TaskID | None = None
 
-    def __enter__(self) -> "ConsoleEvents":
+    def __enter__(self) -> ConsoleEvents:
         self.progress.start()
         return self
 

@@ -18,9 +18,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO
 
 from service import boundary, errors
 
@@ -243,7 +244,7 @@ class _LineFeed:
     """Hands the lines the child appends to its log file to a callback."""
 
     def __init__(self, path: Path, callback: Callable[[str], None]) -> None:
-        self._file: BinaryIO = open(path, "rb")
+        self._file: BinaryIO = open(path, "rb")  # noqa: SIM115 - held while following; close() closes it
         self._callback = callback
         self._partial = b""
 

@@ -33,7 +33,7 @@ def main(workdir: Path, result_fd: int) -> None:
             raise TypeError(f"sandbox op {request['op']!r} returned {type(result).__name__}, not a dict")
         reply = json.dumps({"ok": True, "result": result})
     # BaseException: model code may call sys.exit() or raise KeyboardInterrupt; that is an error too.
-    except BaseException as exc:
+    except BaseException as exc:  # noqa: BLE001 - see above
         reply = json.dumps({"ok": False, "error": _describe(exc)})
     data = reply.encode()
     while data:
@@ -44,7 +44,7 @@ def main(workdir: Path, result_fd: int) -> None:
 def _describe(exc: BaseException) -> dict[str, Any]:
     try:
         message = str(exc)
-    except Exception:  # model code controls __str__
+    except Exception:  # noqa: BLE001 - model code controls __str__
         message = f"<unprintable {type(exc).__name__}>"
     return {
         "type": type(exc).__name__,
@@ -64,7 +64,7 @@ if __name__ == "__main__":
         sys.stdout.flush()
         sys.stderr.flush()
         status = 0
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - whatever ended the op, the log says why
         traceback.print_exc()  # no result file: the parent reports a crash and this shows why in the log
     finally:
         # os._exit skips interpreter shutdown, so a non-daemon thread left by model code cannot hang us.

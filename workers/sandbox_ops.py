@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -249,7 +250,7 @@ def load(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
         try:
             with torch.inference_mode():
                 value = model(*_tensors(torch, signature, sample))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - model code raises anything
             shapes = ", ".join(f"{k}{list(v.shape)}:{v.dtype}" for k, v in sample.items())
             raise InvalidSignature(f"the model failed on sample #{i} ({shapes}): {describe(exc)[:400]}") from None
         dict_names, flat = _outputs(value)
@@ -427,7 +428,7 @@ def export_onnx(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
             try:
                 got = sess.run(out_names, {n: sample[n] for n in in_names})
                 err = _compare(list(got), ref)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 - a sample the graph fails on is a disagreement
                 bad.append(f"{label} ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})")
                 continue
             worst = max(worst, err)
@@ -457,6 +458,7 @@ def export_onnx(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
             args["bundle"]["model_file"])
 
         def dynamo(path: Path) -> None:
+            shapes: Any
             if kind == "python":
                 target, shapes = flat_module(torch, model), flat_dynamic_shapes(torch, signature)
             else:  # an uploaded ExportedProgram: its own inputs and outputs
@@ -544,12 +546,12 @@ def benchmark(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
             errors[spec["id"]] = describe(exc)
             continue
         closers.append(rt.close)
-        makers[spec["id"]] = lambda inputs, rt=rt: (lambda: rt.run(inputs))
+        makers[spec["id"]] = _runtime_call(rt)
     points: dict[str, list[dict[str, Any]]] = {name: [] for name in makers}
     try:
         for batch in args["batch_sizes"]:
             inputs = sample_io.at_batch(signature, int(batch))
-            calls = {}
+            calls: dict[str, Callable[[], object]] = {}
             for name, make in makers.items():
                 if name in errors:
                     continue
@@ -572,6 +574,17 @@ def benchmark(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
                         "env": {k: v for k, v in os.environ.items()
                                 if k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}},
             "load_before": load_before, "load_after": machine_load()}
+
+
+def _runtime_call(rt: Any) -> Callable[[dict[str, np.ndarray]], Callable[[], None]]:
+    """A maker of timed calls of a loaded candidate."""
+    def make(inputs: dict[str, np.ndarray]) -> Callable[[], None]:
+        def call() -> None:
+            rt.run(inputs)
+
+        return call
+
+    return make
 
 
 def _eager_call(torch: Any, signature: Signature, model: Any, device: str,

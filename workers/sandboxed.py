@@ -5,17 +5,14 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from service import samples as sample_io
-from service.errors import ConversionError
 from service.config import get_settings
+from service.errors import ConversionError
 from workers.context import Context
 from workers.pipeline import Canceled, StepLog
 from workers.sandbox import Limits, run_op
-
-# Set by the caller (the CLI, a Celery task) so that a cancel kills the running sandbox.
-cancel_check: Callable[[], bool] | None = None
 
 
 def sandbox_dir(ctx: Context) -> Path:
@@ -54,11 +51,12 @@ def limits(ctx: Context, readable: list[Path] | tuple[Path, ...] = ()) -> Limits
 def sandboxed(ctx: Context, op: str, args: dict[str, Any], log: StepLog,
               readable: list[Path] | tuple[Path, ...] = ()) -> dict[str, Any]:
     """Run one op in the sandbox with the context's bundle and signature; raise on failure.
-    `readable` are further paths the op may read."""
+    `readable` are further paths the op may read. A cancel of the run
+    (`log.canceled`) kills the op."""
     base = {"bundle": ctx.bundle.model_dump(), "signature": ctx.signature.to_json(),
             "samples_file": ctx.samples_file, "reference_file": ctx.reference_file,
             "sample_labels": ctx.sample_labels, "threads": ctx.options.threads or get_settings().threads}
-    result = run_op(op, {**base, **args}, sandbox_dir(ctx), limits=limits(ctx, readable), cancel=cancel_check)
+    result = run_op(op, {**base, **args}, sandbox_dir(ctx), limits=limits(ctx, readable), cancel=log.canceled)
     # the report says how model code was contained, loudly when it was not
     ctx.environment["isolation"] = "bubblewrap" if result.isolated else "NONE (KILN_INSECURE_NO_SANDBOX)"
     for note in result.notes:
@@ -73,8 +71,21 @@ def sandboxed(ctx: Context, op: str, args: dict[str, Any], log: StepLog,
 
 
 def load_samples(ctx: Context) -> list[sample_io.Sample]:
+    """The samples the load step wrote (user samples first, then the generated ones)."""
+    if ctx.samples_file is None:
+        raise ConversionError("no samples: the load step has not run")
     return sample_io.load(Path(ctx.samples_file))
 
 
 def load_references(ctx: Context) -> list[sample_io.Sample]:
+    """The eager model's outputs on those samples."""
+    if ctx.reference_file is None:
+        raise ConversionError("no reference outputs: the load step has not run")
     return sample_io.load(Path(ctx.reference_file))
+
+
+def uploaded_model_file(ctx: Context) -> Path:
+    """The model file of a bundle that is an already captured model (ONNX, TorchScript, .pt2)."""
+    if ctx.bundle.model_file is None:
+        raise ConversionError(f"the {ctx.bundle.kind} bundle has no model file")
+    return Path(ctx.bundle.model_file)

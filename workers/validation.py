@@ -40,7 +40,8 @@ def output_kind(spec: TensorSpec, ref: np.ndarray) -> str:
         return "mask"
     if ref.dtype.kind in "iu":
         return "ids"
-    static_last = bool(spec.shape) and isinstance(spec.shape[-1], int)
+    shape = spec.shape or []
+    static_last = bool(shape) and isinstance(shape[-1], int)
     if ref.ndim == 2 and looks_like_scores(ref, static_last) and _SCORE_NAME.search(spec.name):
         return "scores"
     return "embedding"

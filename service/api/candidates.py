@@ -8,6 +8,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse, StreamingResponse
+from sqlalchemy.orm import Session
 
 from service.api.deps import Owner, SessionDep, StoreDep
 from service.errors import NotFound
@@ -17,9 +18,10 @@ from service.tables import CandidateRow, Job
 router = APIRouter(prefix="/v1/candidates", tags=["candidates"])
 
 
-def get_candidate(session, owner: str, candidate_id: str) -> CandidateRow:  # noqa: ANN001
+def get_candidate(session: Session, owner: str, candidate_id: str) -> CandidateRow:
     row = session.get(CandidateRow, candidate_id)
-    if row is None or session.get(Job, row.job_id).owner != owner:
+    job = session.get(Job, row.job_id) if row is not None else None
+    if row is None or job is None or job.owner != owner:
         raise NotFound(f"candidate {candidate_id} does not exist")
     return row
 
@@ -32,7 +34,7 @@ def read(candidate_id: str, session: SessionDep, owner: Owner) -> CandidateOut:
 @router.get("/{candidate_id}/artifact", summary="Download the built artifact",
             response_description="the model file, or with format=zip the whole artifact directory")
 def artifact(candidate_id: str, session: SessionDep, owner: Owner, store: StoreDep,
-             format: Annotated[str, Query(pattern="^(file|zip)$")] = "file"):  # noqa: A002
+             format: Annotated[str, Query(pattern="^(file|zip)$")] = "file"):  # noqa: A002 - the query parameter's public name
     row = get_candidate(session, owner, candidate_id)
     if not row.files:
         raise NotFound(f"candidate {row.name} has no artifact ({row.status}: {row.reason or 'not built'})")

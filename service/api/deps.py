@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Iterator
+from collections.abc import Iterator
+from typing import Annotated
 
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
@@ -76,10 +77,6 @@ def _manager_principal(request: Request) -> auth.Principal:
     return principal(request, "manage")
 
 
-def _admin_principal(request: Request) -> auth.Principal:
-    return principal(request, "admin")
-
-
 def _owner(who: Annotated[auth.Principal, Depends(_manager_principal)]) -> str:
     return who.owner
 
@@ -90,4 +87,3 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[ArtifactStore, Depends(get_store)]
 Owner = Annotated[str, Depends(_owner)]
 Caller = Annotated[auth.Principal, Depends(_manager_principal)]
-Admin = Annotated[auth.Principal, Depends(_admin_principal)]

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Annotated, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import PlainTextResponse, StreamingResponse
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from service import jobs, queue, registry
@@ -17,6 +19,7 @@ from service.db import session_scope
 from service.errors import BadRequest, NotFound
 from service.options import ConversionOptions
 from service.schemas import MAX_OFFSET, JobCreate, JobOut, JobSummary, Page
+from service.tables import Job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 logger = logging.getLogger("kiln.api")
@@ -46,7 +49,7 @@ def create_job(body: JobCreate, session: SessionDep, owner: Owner, response: Res
     return _out(session, job)
 
 
-def _out(session, job) -> JobOut:  # noqa: ANN001
+def _out(session: Session, job: Job) -> JobOut:
     out = JobOut.of(job)
     out.waiting = jobs.waiting_reason(session, job)
     return out

@@ -35,7 +35,7 @@ class TokenOut(BaseModel):
     token: str | None = Field(None, description="the token itself: shown once, at creation")
 
     @classmethod
-    def of(cls, row: ApiToken, token: str | None = None) -> "TokenOut":
+    def of(cls, row: ApiToken, token: str | None = None) -> TokenOut:
         return cls(id=row.id, name=row.name, owner=row.owner, prefix=row.prefix, scopes=row.scopes,
                    created_at=row.created_at, last_used_at=row.last_used_at, revoked_at=row.revoked_at, token=token)
 

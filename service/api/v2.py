@@ -8,12 +8,13 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from service import metrics
+from service import __version__, metrics
 from service.api.deps import principal, principal_async
 from service.errors import InvalidInput, KilnError, NotFound, Unloaded
 from service.runtimes.torchscript import telling_line
 from service.serving import protocol
 from service.serving.manager import Manager, Served, infer
+from service.signature import TensorSpec
 
 router = APIRouter(prefix="/v2", tags=["inference (v2)"])
 PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "torchscript": "pytorch_torchscript", "tensorrt": "tensorrt_plan"}
@@ -41,16 +42,16 @@ def ready(request: Request) -> JSONResponse:
 
 @router.get("", summary="Server metadata")
 def server_metadata() -> dict:
-    return {"name": "kiln", "version": "0.1.0", "extensions": ["binary_tensor_data"]}
+    return {"name": "kiln", "version": __version__, "extensions": ["binary_tensor_data"]}
 
 
 def _metadata(served: Served, versions: list[int]) -> dict:
-    def shape(spec) -> list[int]:  # noqa: ANN001
+    def shape(spec: TensorSpec) -> list[int]:
         return [d if isinstance(d, int) else -1 for d in spec.shape or []]
 
     return {"name": served.name, "versions": [str(v) for v in versions],
             "platform": PLATFORMS.get(served.runtime, served.runtime),
-            "inputs": [{"name": s.name, "datatype": protocol.DTYPE_TO_V2[s.dtype], "shape": shape(s)}
+            "inputs": [{"name": s.name, "datatype": protocol.DTYPE_TO_V2[served.input_dtypes[s.name]], "shape": shape(s)}
                        for s in served.signature.inputs],
             "outputs": [{"name": s.name, "datatype": protocol.DTYPE_TO_V2.get(s.dtype or "float32", "FP32"),
                          "shape": shape(s)} for s in served.signature.outputs]}

@@ -4,7 +4,7 @@ plain functions the view code and the tests use, so a number on a page is writte
 from __future__ import annotations
 
 import math
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 DASH = "—"
@@ -74,7 +74,7 @@ def utc(dt: datetime | None) -> datetime | None:
     """SQLite hands back naive datetimes; Kiln writes every time in UTC."""
     if dt is None:
         return None
-    return dt.replace(tzinfo=timezone.utc) if dt.tzinfo is None else dt.astimezone(timezone.utc)
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
 
 
 def iso(dt: datetime | None) -> str:
@@ -92,8 +92,8 @@ def when(dt: datetime | None) -> str:
 def elapsed(start: datetime | None, end: datetime | None) -> float | None:
     if start is None:
         return None
-    stop = utc(end) or datetime.now(timezone.utc)
-    return max((stop - utc(start)).total_seconds(), 0.0)
+    stop = utc(end) or datetime.now(UTC)
+    return max((stop - (utc(start) or stop)).total_seconds(), 0.0)
 
 
 def tensor(spec: dict[str, Any]) -> str:

@@ -60,7 +60,8 @@ class CandidateView:
 
 def _worst(validation: dict[str, Any] | None) -> dict[str, Any]:
     """The worst figure of each kind over a candidate's outputs (the table has one row per candidate)."""
-    outs = list(((validation or {}).get("outputs") or {}).values())
+    by_name: dict[str, Any] = (validation or {}).get("outputs") or {}
+    outs = list(by_name.values())
     if not outs:
         return {}
     top1s = [o["top1"] for o in outs if o.get("top1") is not None]
@@ -70,15 +71,12 @@ def _worst(validation: dict[str, Any] | None) -> dict[str, Any]:
             # one tolerance when every output is held to the same one, else the first's (noted in the page)
             "tolerance": tolerances[0], "mixed_tolerances": any(t != tolerances[0] for t in tolerances),
             "failed_checks": [f"{name}: {c}" if len(outs) > 1 else c
-                              for name, o in validation["outputs"].items() for c in o.get("failed_checks", [])]}
+                              for name, o in by_name.items() for c in o.get("failed_checks", [])]}
 
 
 def candidate_view(c: CandidateOut, index: int, selected_id: str | None) -> CandidateView:
     worst = _worst(c.validation)
-    if c.status != "built":
-        result = "not built"
-    else:
-        result = "pass" if c.passed else "fail"
+    result = "not built" if c.status != "built" else "pass" if c.passed else "fail"
     reason = c.reason or ((c.validation or {}).get("reason") if result == "fail" else None)
     return CandidateView(
         id=c.id, name=c.name, target=c.target, precision=c.precision, variant=c.variant, result=result,

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -39,7 +40,7 @@ class ArtifactInfo:
         return path
 
     @classmethod
-    def load(cls, directory: Path) -> "ArtifactInfo":
+    def load(cls, directory: Path) -> ArtifactInfo:
         path = directory / ARTIFACT_META
         try:
             data = json.loads(path.read_text())
@@ -84,7 +85,7 @@ class Runtime(ABC):
     def run(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Run one batch: named input arrays in, named output arrays out (all, or those asked for)."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional: a runtime with nothing to release keeps this
         """Release the session; the runtime is not used afterwards."""
 
     def signature(self) -> Signature | None:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -77,7 +78,7 @@ class OnnxRuntime(Runtime):
         return dict(zip(names, values))
 
     def close(self) -> None:
-        self.session = None  # type: ignore[assignment]
+        self.session = None
 
 
 def providers(device: str, info: ArtifactInfo | None) -> list[Any]:
@@ -116,7 +117,7 @@ def _load_gpu_libraries(device: str) -> None:
         if hasattr(ort, "preload_dlls"):
             ort.preload_dlls()
     if device == "tensorrt" and importlib.util.find_spec("tensorrt") is not None:
-        import tensorrt  # noqa: F401
+        import tensorrt  # noqa: F401 - importing it loads libnvinfer for the provider
 
 
 def _spec(arg: Any) -> TensorSpec:

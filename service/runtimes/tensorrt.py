@@ -13,8 +13,9 @@ check) are plain functions that need neither TensorRT nor a GPU; the tests exerc
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 

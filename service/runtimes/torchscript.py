@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from service.runtimes.base import ArtifactInfo, Runtime
-from service.signature import numpy_dtype
+from service.signature import TensorSpec
 
 
 def torch_dtype(name: str) -> Any:
@@ -88,7 +89,8 @@ class TorchScriptRuntime(Runtime):
             flat = flatten_outputs(self.module(*args))
         names = [s.name for s in self._outputs] or [f"output_{i}" for i in range(len(flat))]
         result: dict[str, np.ndarray] = {}
-        for spec_name, t, spec in zip(names, flat, self._outputs or [None] * len(flat)):
+        specs: list[TensorSpec | None] = [*self._outputs] or [None] * len(flat)
+        for spec_name, t, spec in zip(names, flat, specs):
             t = t.detach().to("cpu")
             want = spec.dtype if spec and spec.dtype else None
             if want and want != "bfloat16":
@@ -100,7 +102,3 @@ class TorchScriptRuntime(Runtime):
             return {n: result[n] for n in outputs}
         return result
 
-
-def as_numpy(value: Any, dtype: str | None = None) -> np.ndarray:
-    arr = np.asarray(value)
-    return arr.astype(numpy_dtype(dtype)) if dtype else arr

@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -39,8 +39,9 @@ class Batcher:
         self.max_delay_s = max_delay_s
         self.batching = batching and self.max_batch > 1
         self.labels = labels
-        self._queue: asyncio.Queue[_Item] | None = None
-        self._free: asyncio.Queue[int] | None = None
+        # an asyncio.Queue binds to the loop that first uses it, the one _start runs on
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self._free: asyncio.Queue[int] = asyncio.Queue()
         self._pool = ThreadPoolExecutor(max_workers=len(runners), thread_name_prefix=f"infer-{labels[0]}")
         self._task: asyncio.Task | None = None
         self._carry: _Item | None = None
@@ -51,8 +52,6 @@ class Batcher:
         self._closed = False
 
     def _start(self) -> None:
-        self._queue = asyncio.Queue()
-        self._free = asyncio.Queue()
         for i in range(len(self.runners)):
             self._free.put_nowait(i)
         self._loop_ref = asyncio.get_running_loop()
@@ -94,7 +93,7 @@ class Batcher:
                             break
                         try:
                             item = await asyncio.wait_for(self._queue.get(), wait)
-                        except asyncio.TimeoutError:
+                        except TimeoutError:
                             break
                     if item is _CLOSE or item.key != first.key or rows + item.rows > self.max_batch:
                         # the end marker too waits for the next round, after this batch has run
@@ -130,7 +129,7 @@ class Batcher:
             for item in batch:
                 try:
                     result = await loop.run_in_executor(self._pool, self.runners[instance], item.inputs)
-                except Exception as alone:  # noqa: BLE001
+                except Exception as alone:  # noqa: BLE001 - whatever it was is this request's answer
                     if not item.future.done():
                         item.future.set_exception(alone)
                     continue

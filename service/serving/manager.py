@@ -8,6 +8,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,7 @@ from service.artifacts import ArtifactStore
 from service.config import get_settings
 from service.db import session_scope
 from service.errors import InvalidInput, NotFound, Unavailable
+from service.runtimes.base import Runtime
 from service.serving.batcher import Batcher
 from service.signature import Signature
 from service.tables import Deployment
@@ -47,15 +49,17 @@ class Served:
     batching_note: str = ""
     max_batch: int = 1
     batcher: Batcher | None = None
-    instances: list[Any] = field(default_factory=list)
+    instances: list[Runtime] = field(default_factory=list)
     updated: float = 0.0
 
     @property
     def input_dtypes(self) -> dict[str, str]:
-        return {s.name: s.dtype for s in self.signature.inputs}
+        # a signature is refused when an input has no dtype, so every input is here
+        return {s.name: s.dtype for s in self.signature.inputs if s.dtype is not None}
 
     @property
-    def output_dtypes(self) -> dict[str, str]:
+    def output_dtypes(self) -> dict[str, str | None]:
+        """Every output; None where the signature leaves its dtype to the runtime."""
         return {s.name: s.dtype for s in self.signature.outputs}
 
     def check(self, inputs: dict[str, np.ndarray]) -> None:
@@ -91,7 +95,7 @@ class Served:
         threading.Thread(target=_release, args=(instances, self.batcher), daemon=True).start()
 
 
-def _release(instances: list[Any], batcher: Batcher | None) -> None:
+def _release(instances: list[Runtime], batcher: Batcher | None) -> None:
     """Free an unloaded version's runtimes after its last run, and hand the memory back to the
     system (glibc keeps freed heap otherwise, and RSS would grow with every deployment change)."""
     import ctypes
@@ -113,7 +117,7 @@ def _show(shape: list) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
-def batching_check(run, signature: Signature) -> tuple[bool, str]:  # noqa: ANN001
+def batching_check(run: Callable[[sample_io.Sample], dict[str, np.ndarray]], signature: Signature) -> tuple[bool, str]:
     """Whether each row's output is independent of the other rows: rows run alone against rows
     run together, on the validation samples. Returns (safe, why)."""
     bd = signature.batch_dim
@@ -257,7 +261,7 @@ class Manager:
             have = {(s.owner, s.name, s.version): s for s in self.all()}
         rows = kept(desired_rows())
         want = {(r["owner"], r["name"], r["version"]): r for r in rows}
-        for key, served in have.items():
+        for key in have:
             if key not in want:
                 self.unload(key[0], key[1], key[2])
         for key, row in want.items():
@@ -313,7 +317,10 @@ def _signature_of(r: Deployment) -> dict:
 
     from service.tables import Job
 
-    job = object_session(r).get(Job, r.candidate.job_id)
+    session = object_session(r)
+    job = session.get(Job, r.candidate.job_id) if session is not None else None
+    if job is None:  # a deployment row is read in a session, and its candidate's job outlives it
+        raise LookupError(f"deployment {r.id}: the job of candidate {r.candidate_id} is not at hand")
     return (job.report or {}).get("signature") or job.version.signature
 
 
@@ -346,7 +353,7 @@ class SyncLoop:
         while not self._stop.is_set():
             try:
                 self.manager.sync()
-            except Exception:  # noqa: BLE001 - the database may be down for a moment
+            except Exception:  # the database may be down for a moment
                 logger.exception("deployment sync failed")
             self._wake.wait(self.interval)
             self._wake.clear()

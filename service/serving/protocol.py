@@ -4,6 +4,7 @@ tensor extension. Pure parsing and encoding: no model, no I/O."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,7 +111,7 @@ def parse(body: bytes, header_length: str | None, expected: dict[str, str]) -> I
             outputs.append(o["name"])
             if (o.get("parameters") or {}).get("binary_data"):
                 binary_outputs.add(o["name"])
-    params = doc.get("parameters") if isinstance(doc.get("parameters"), dict) else {}
+    params: dict[str, Any] = doc["parameters"] if isinstance(doc.get("parameters"), dict) else {}
     rid = doc.get("id")
     return InferRequest(id=str(rid) if rid is not None else None, inputs=inputs, outputs=outputs,
                         binary_outputs=binary_outputs, binary_all=bool(params.get("binary_data_output")),
@@ -141,7 +142,7 @@ def _check_depth(doc: Any) -> None:
 
 
 def encode(model: str, version: str, request: InferRequest, outputs: dict[str, np.ndarray],
-           out_dtypes: dict[str, str]) -> tuple[bytes, dict[str, str]]:
+           out_dtypes: Mapping[str, str | None]) -> tuple[bytes, dict[str, str]]:
     """The response body and headers: JSON, or JSON header + binary tensors where asked for."""
     items, blobs = [], []
     for name, arr in outputs.items():

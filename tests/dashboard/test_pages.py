@@ -177,7 +177,7 @@ def _svg(markup) -> ET.Element:
 
 
 def test_charts_draw_each_candidate_and_mark_eager():
-    point = lambda b, p50: (b, {"batch": b, "p50_ms": p50, "p90_ms": p50, "p99_ms": p50 * 2})  # noqa: E731
+    point = lambda b, p50: (b, {"batch": b, "p50_ms": p50, "p90_ms": p50, "p99_ms": p50 * 2})  # noqa: E731 - a one-line row maker
     series = [charts.Series("ort", charts.color(0), [point(1, 0.15), point(4, 0.6)]),
               charts.Series("eager", charts.EAGER_COLOR, [point(1, 0.64), point(4, 1.5)], dashed=True)]
     svg = _svg(charts.latency_chart(series, [1, 4]))

@@ -73,12 +73,12 @@ def test_onnxruntime_refuses_to_run_a_cuda_artifact_on_the_cpu(tmp_path):
 
 
 def test_traced_cpu_device_constants_are_retargeted():
+    import importlib.util
+
     import torch
 
     from tests.conftest import ZOO
     from workers.sandbox_ops import retarget_device_constants
-
-    import importlib.util
     spec = importlib.util.spec_from_file_location("zoo_transformer", ZOO / "transformer.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

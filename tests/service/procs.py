@@ -15,9 +15,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, TypeVar
 
 import httpx
 
@@ -217,7 +218,7 @@ class Proc:
         assert self.popen is not None, f"{self.name} was never started"
         return self.popen.pid
 
-    def start(self) -> "Proc":
+    def start(self) -> Proc:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as out:
             out.write(f"\n===== {time.strftime('%H:%M:%S')} start {' '.join(self.argv)}\n".encode())
@@ -261,7 +262,7 @@ class RedisServer(Proc):
             s.sendall(b"PING\r\n")
             return s.recv(64).startswith(b"+PONG")
 
-    def start(self) -> "RedisServer":
+    def start(self) -> RedisServer:
         super().start()
         wait_for(self.ping, 10, f"redis on port {self.port}", diagnose=self.tail)
         return self
@@ -276,7 +277,7 @@ class KilnApi(Proc):
     def healthy(self) -> bool:
         return httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200
 
-    def start(self, wait: bool = True) -> "KilnApi":
+    def start(self, wait: bool = True) -> KilnApi:
         super().start()
         if wait:
             wait_for(lambda: self.running() and self.healthy() or not self.running(), 60,
@@ -289,7 +290,7 @@ class KilnWorker(Proc):
     def __init__(self, env: dict[str, str], log: Path, queues: str = "cpu,gpu") -> None:
         super().__init__("worker", [sys.executable, "-m", "workers.cli", "worker", "--queues", queues], env, log)
 
-    def start(self, wait: bool = True) -> "KilnWorker":
+    def start(self, wait: bool = True) -> KilnWorker:
         offset = self.log.stat().st_size if self.log.exists() else 0
         super().start()
         if wait:  # Celery prints "celery@host ready." once it consumes from the broker

@@ -17,18 +17,34 @@ import sys
 import time
 import uuid
 import zipfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import numpy as np
 import pytest
 from sqlalchemy import create_engine, text
 
+from service.client import KilnClient
 from tests.conftest import ZOO, zoo_signature
 from tests.service.conftest import PG_ADMIN
-from tests.service.procs import (KilnApi, KilnWorker, Proc, Processes, RedisServer, alive, answers, descendants, free_port,
-                                 kiln_env, processes_matching, sandboxes, tcp_sockets, wait_for)
+from tests.service.procs import (
+    KilnApi,
+    KilnWorker,
+    Proc,
+    Processes,
+    RedisServer,
+    alive,
+    answers,
+    descendants,
+    free_port,
+    kiln_env,
+    processes_matching,
+    sandboxes,
+    tcp_sockets,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -117,7 +133,16 @@ class Kiln:
         return httpx.post(self.url + path, headers=self.headers, timeout=60, **kw)
 
     def events(self, job_id: str, deadline_s: float = JOB_TIMEOUT_S) -> list[tuple[str, Any]]:
-        return list(sse(f"{self.url}/v1/jobs/{job_id}/events", self.headers, deadline_s))
+        """A job's server-sent events to its end, read by the Python client (service.client), so its
+        stream parser is the one these tests hold against the real server."""
+        deadline = time.monotonic() + deadline_s
+        token = self.headers.get("Authorization", "").removeprefix("Bearer ") or None
+        events = []
+        with KilnClient(self.url, token) as client:
+            for event in client.events(job_id):
+                events.append(event)
+                assert time.monotonic() < deadline, f"the event stream did not end within {deadline_s}s"
+        return events
 
     def push(self, path: Path, name: str, entry: str, signature: dict) -> dict:
         r = self.post("/v1/models", data={"name": name, "entry": entry, "signature": json.dumps(signature)},
@@ -139,7 +164,7 @@ class Kiln:
         assert r.status_code == 200, r.text
         return r.json()
 
-    def wait_job(self, job_id: str, check, what: str, timeout: float = JOB_TIMEOUT_S) -> dict:  # noqa: ANN001
+    def wait_job(self, job_id: str, check: Callable[[dict], bool], what: str, timeout: float = JOB_TIMEOUT_S) -> dict:
         def probe() -> dict | None:
             job = self.job(job_id)
             return job if check(job) else None
@@ -148,7 +173,7 @@ class Kiln:
     def wait_done(self, job_id: str, timeout: float = JOB_TIMEOUT_S) -> dict:
         return self.wait_job(job_id, lambda j: j["status"] in TERMINAL, "to finish", timeout)
 
-    def wait_sandboxed_step(self, job_id: str, steps=("capture", "export")) -> dict:  # noqa: ANN001
+    def wait_sandboxed_step(self, job_id: str, steps: tuple[str, ...] = ("capture", "export")) -> dict:
         """Wait until the job runs one of `steps` with its model code in a live sandbox process."""
         return self.wait_job(job_id, lambda j: j["status"] == "running" and j["current_step"] in steps
                              and bool(sandboxes(job_id)), f"running {' or '.join(steps)} in a sandbox", 120)
@@ -186,24 +211,6 @@ def make_kiln(request, stores, tmp_path_factory, tmp_path):
                 conn.execute(text("UPDATE jobs SET status = 'canceled', cancel_requested = true "
                                   "WHERE status IN ('queued', 'running')"))
             engine.dispose()
-
-
-def sse(url: str, headers: dict[str, str], deadline_s: float) -> Iterator[tuple[str, Any]]:
-    """Server-sent events from `url` as (event, data), read off the wire."""
-    deadline = time.monotonic() + deadline_s
-    with httpx.stream("GET", url, headers=headers, timeout=httpx.Timeout(10, read=30)) as r:
-        assert r.status_code == 200, r.read()
-        assert r.headers["content-type"].startswith("text/event-stream")
-        event, data = "message", []
-        for line in r.iter_lines():
-            assert time.monotonic() < deadline, f"the event stream did not end within {deadline_s}s"
-            if line.startswith("event:"):
-                event = line[6:].strip()
-            elif line.startswith("data:"):
-                data.append(line[5:].strip())
-            elif not line and data:
-                yield event, json.loads("\n".join(data))
-                event, data = "message", []
 
 
 def assert_all_steps_ok(job: dict) -> None:

@@ -19,8 +19,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import ZOO, zoo_signature
-from tests.service.procs import (KilnApi, KilnWorker, Processes, free_port, kiln_env, read_response, tmpfs,
-                                 wait_for)
+from tests.service.procs import KilnApi, KilnWorker, Processes, free_port, kiln_env, read_response, tmpfs, wait_for
 from tests.service.test_serving import Server, convert
 
 
@@ -228,7 +227,7 @@ class Postgres:
         subprocess.run(["runuser", "-u", "postgres", "--", *argv], check=True, stdout=subprocess.DEVNULL,
                        stderr=subprocess.STDOUT, timeout=60)
 
-    def start(self) -> "Postgres":
+    def start(self) -> Postgres:
         self._as_postgres(str(self.BIN / "initdb"), "-D", str(self.dir / "data"), "-A", "trust", "-U", "postgres")
         self._ctl("start")
         return self

@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import uuid
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -23,12 +24,12 @@ AWS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAUL
 
 
 class MotoS3(Proc):
-    def __init__(self, port: int, log) -> None:  # noqa: ANN001
+    def __init__(self, port: int, log: Path) -> None:
         super().__init__("s3", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                          {**os.environ, **AWS}, log)
         self.url = f"http://127.0.0.1:{port}"
 
-    def start(self) -> "MotoS3":
+    def start(self) -> MotoS3:
         super().start()
         wait_for(lambda: httpx.get(self.url, timeout=1).status_code < 500, 30, "moto's S3 server", diagnose=self.tail)
         return self

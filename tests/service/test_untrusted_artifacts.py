@@ -92,7 +92,7 @@ def host_secret():
 
 
 @pytest.mark.parametrize("kiln_env", ["sqlite"], indirect=True)
-def test_a_torchscript_upload_cannot_read_host_files_when_served(secure, tmp_path, host_secret):  # noqa: F811
+def test_a_torchscript_upload_cannot_read_host_files_when_served(secure, tmp_path, host_secret):  # noqa: F811 - the imported fixture
     from workers.jobrunner import run_job
 
     api, admin, token_file = secure
@@ -166,7 +166,6 @@ def test_a_scripted_module_from_build_model_writes_nothing_outside_the_box(tmp_p
 
 
 def _onnx_with_custom_op() -> bytes:
-    import onnx
     from onnx import TensorProto, helper
 
     node = helper.make_node("Exfiltrate", ["x"], ["y"], domain="com.evil.ops")
@@ -226,7 +225,7 @@ def test_a_runner_that_speaks_nonsense_is_cut_off(tmp_path):
 
     import orjson
 
-    from service.runner import Channel, ChannelError, _HEADER
+    from service.runner import _HEADER, Channel, ChannelError
 
     for header in ({"tensors": [["y", "<f4", [1 << 50]]]}, {"tensors": [["y", "<f4", [-1]]]},
                    {"tensors": [["y", "|O", [1]]]}, [1, 2], {"tensors": [["y", "<f4"]]}):

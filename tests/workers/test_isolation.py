@@ -8,7 +8,6 @@ import pickle
 import tempfile
 import textwrap
 import threading
-import time
 import uuid
 from pathlib import Path
 

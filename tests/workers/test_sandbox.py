@@ -208,8 +208,10 @@ def test_environment_is_scrubbed(tmp_path, monkeypatch):
 def test_no_network_as_root(tmp_path):
     res = run_model(tmp_path, "open('net.txt', 'w').write(open('/proc/net/dev').read())\nreturn {}")
     assert res.outcome == "ok", res.log
-    if res.notes:
-        pytest.skip(f"{res.notes}")
+    # Only a run outside the box (KILN_INSECURE_NO_SANDBOX) sees the host's network; notes about
+    # cgroups (a box whose limits are rlimits only) say nothing about its network namespace.
+    if not res.isolated:
+        pytest.skip(f"ran without the isolation boundary: {res.notes}")
     rows = (tmp_path / "work" / "net.txt").read_text().splitlines()[2:]
     assert [row.split(":")[0].strip() for row in rows] == ["lo"]
 

@@ -16,13 +16,27 @@ from service import samples as sample_io
 from service.config import get_settings
 from service.errors import ConversionError, InvalidInput
 from service.options import Tolerance
-from service.runtimes.tensorrt import (choose_profile, engine_mismatch, engine_stamp, optimization_profiles,
-                                       ort_trt_profile_options, shape_bucket)
+from service.runtimes.tensorrt import (
+    choose_profile,
+    engine_mismatch,
+    engine_stamp,
+    optimization_profiles,
+    ort_trt_profile_options,
+    shape_bucket,
+)
 from service.signature import Signature
 from tests.gpu import fake_tensorrt
 from workers.compilers import tensorrt as trt_compiler
-from workers.compilers.tensorrt import (LayerInfo, build_engine, build_mode, calibration_inputs, choose_fp32_layers,
-                                        describe_fp32_layers, next_fp32_layers, weak_typing)
+from workers.compilers.tensorrt import (
+    LayerInfo,
+    build_engine,
+    build_mode,
+    calibration_inputs,
+    choose_fp32_layers,
+    describe_fp32_layers,
+    next_fp32_layers,
+    weak_typing,
+)
 from workers.context import BundleInfo, Candidate, Context, OutputMetrics, Validation
 from workers.pipeline import StepLog
 

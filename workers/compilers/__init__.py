@@ -25,6 +25,11 @@ class Compiler(Protocol):
         """Write the artifact for `candidate` into out_dir, filling in its file and notes.
         Raise a KilnError (RuntimeUnavailable for a missing library) when it cannot be built."""
 
+    def stale(self, ctx: Context, candidate: Candidate) -> str | None:
+        """Why a built artifact may not be used on this worker and must be rebuilt (a TensorRT engine
+        built on another GPU or TensorRT version, after a resume elsewhere), or None. May raise a
+        KilnError when it cannot tell (the library missing here)."""
+
 
 COMPILERS: dict[str, Compiler] = {c.target: c for c in (OnnxRuntimeCompiler(), TorchScriptCompiler(), TensorRTCompiler())}
 

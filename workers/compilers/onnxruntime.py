@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from service import samples as sample_io
 from service.errors import ConversionError, InvalidOptions
 from service.runtimes.base import ArtifactInfo
 from service.runtimes.onnxruntime import OnnxRuntime, session_options
 from service.runtimes.tensorrt import ort_trt_profile_options
-from service.signature import FLOAT_DTYPES
 from workers.compilers.gpu import CUDA_PROVIDER, TENSORRT_PROVIDER, require_ort_provider
+from workers.compilers.int8 import preprocess, quantize_int8_static
 from workers.context import Candidate, Context
 from workers.pipeline import StepLog
 
@@ -34,6 +33,10 @@ class OnnxRuntimeCompiler:
         if "cuda" in devices:
             out += CUDA_VARIANTS.get(precision, [])
         return out
+
+    def stale(self, ctx: Context, candidate: Candidate) -> str | None:
+        """Never: the artifact runs wherever its runtime does."""
+        return None
 
     def build(self, ctx: Context, candidate: Candidate, out_dir: Path, log: StepLog) -> None:
         if not ctx.onnx_file:
@@ -66,7 +69,7 @@ class OnnxRuntimeCompiler:
                                    "(suits MatMul/Gemm-heavy models; slow on convolutions)")
         elif p == "int8":
             symmetric = device == "tensorrt"  # TensorRT takes only symmetric, signed int8 QDQ
-            model, n = self._int8_static(ctx, src, work, symmetric=symmetric)
+            model, n = quantize_int8_static(ctx, src, work, symmetric=symmetric)
             candidate.notes.append(f"static quantization (QDQ), per-channel int8 weights, "
                                    f"{'symmetric signed' if symmetric else 'asymmetric'} activations calibrated "
                                    f"on {n} sample batch(es) (suits convolutions)")
@@ -105,16 +108,6 @@ class OnnxRuntimeCompiler:
         onnx.save(model, str(path))
         return path
 
-    def _preprocess(self, src: Path, work: Path) -> Path:
-        from onnxruntime.quantization.shape_inference import quant_pre_process
-
-        path = work / "preprocessed.onnx"
-        try:
-            quant_pre_process(str(src), str(path), skip_symbolic_shape=False)
-        except Exception:  # noqa: BLE001 - symbolic shape inference fails on some graphs
-            quant_pre_process(str(src), str(path), skip_symbolic_shape=True)
-        return path
-
     def _int8_dynamic(self, src: Path, work: Path) -> Path:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -124,45 +117,10 @@ class OnnxRuntimeCompiler:
         # On such a CPU the zoo MLP's dynamic int8 fell to cosine 0.967 (0.9998 with 7 bits), its
         # static int8 to 0.937 (0.991). An artifact may be served on such a host even when it was
         # built on one with VNNI, so both int8 paths always quantize this way.
-        quantize_dynamic(str(self._preprocess(src, work)), str(path), weight_type=QuantType.QInt8,
+        quantize_dynamic(str(preprocess(src, work)), str(path), weight_type=QuantType.QInt8,
                          reduce_range=True)
         return path
 
-    def _int8_static(self, ctx: Context, src: Path, work: Path, *, symmetric: bool = False,
-                     exclude: list[str] | None = None) -> tuple[Path, int]:
-        from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                              quantize_static)
-
-        if not any(s.dtype in FLOAT_DTYPES for s in ctx.signature.inputs) and not _has_float_weights(src):
-            raise InvalidOptions("static int8 needs float activations to calibrate")
-        batches = calibration_batches(ctx)
-
-        class Reader(CalibrationDataReader):
-            def __init__(self) -> None:
-                self._it: Iterator[dict[str, Any]] = iter(batches)
-
-            def get_next(self) -> dict[str, Any] | None:
-                return next(self._it, None)
-
-            def rewind(self) -> None:
-                self._it = iter(batches)
-
-        path = work / "int8-static.onnx"
-        quantize_static(str(self._preprocess(src, work)), str(path), Reader(), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-                        nodes_to_exclude=exclude or None, reduce_range=True,
-                        extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True})
-        return path, len(batches)
-
-
-def calibration_batches(ctx: Context) -> list[dict[str, Any]]:
-    """User samples when there are any, else the generated ones (mixed-sign values only)."""
-    samples = sample_io.load(Path(ctx.samples_file))
-    user = [s for s, label in zip(samples, ctx.sample_labels) if label.startswith("user")]
-    if user:
-        return user
-    return [s for s, label in zip(samples, ctx.sample_labels) if label in ("min", "opt", "max")] or samples
 
 
 def optimize(src: Path, dst: Path, threads: int | None) -> None:
@@ -186,9 +144,3 @@ def quantized_nodes(path: Path) -> int:
     import onnx
 
     return sum(n.op_type in QUANTIZED_OPS for n in onnx.load(str(path), load_external_data=False).graph.node)
-
-
-def _has_float_weights(path: Path) -> bool:
-    import onnx
-
-    return any(t.data_type == onnx.TensorProto.FLOAT for t in onnx.load(str(path), load_external_data=False).graph.initializer)

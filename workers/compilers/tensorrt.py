@@ -25,27 +25,29 @@ load it anywhere else, and the validate step rebuilds a candidate whose engine i
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from service import samples as sample_io
+from service.artifacts import sha256_file
 from service.config import get_settings
 from service.errors import ConversionError, InvalidOptions
 from service.runtimes.base import ArtifactInfo
-from service.runtimes.tensorrt import (Profile, current_stamp, engine_mismatch, engine_stamp,  # noqa: F401
-                                       optimization_profiles)
+from service.runtimes.tensorrt import Profile, current_stamp, engine_mismatch, engine_stamp, optimization_profiles
 from service.signature import Signature
 from workers.compilers.gpu import require_tensorrt
-from workers.compilers.onnxruntime import OnnxRuntimeCompiler, calibration_batches, quantized_nodes
+from workers.compilers.int8 import calibration_batches, quantize_int8_static
+from workers.compilers.onnxruntime import quantized_nodes
 from workers.context import Candidate, Context
 from workers.pipeline import StepLog
+from workers.sandboxed import load_references, load_samples
 from workers.validation import validate_artifact
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
@@ -355,8 +357,7 @@ class TensorRTCompiler:
         calibration: list[dict[str, np.ndarray]] = []
         if mode.calibrate:
             calibration = calibration_inputs(calibration_batches(ctx), profiles[0]) or [_opt_batch(ctx.signature)]
-        samples = sample_io.load(Path(ctx.samples_file))
-        refs = sample_io.load(Path(ctx.reference_file))
+        samples, refs = load_samples(ctx), load_references(ctx)
         out_dir.mkdir(parents=True, exist_ok=True)
         attempt = _Attempt()
         layers: list[LayerInfo] = []
@@ -373,7 +374,7 @@ class TensorRTCompiler:
                              "flags": list(mode.flags), "fp32_layers": sorted(attempt.fp32_layers),
                              "profiles": [{n: [list(s) for s in shapes] for n, shapes in prof.items()}
                                           for prof in profiles],
-                             "onnx_sha256": _sha256(src)}).save(out_dir)
+                             "onnx_sha256": sha256_file(src)}).save(out_dir)
             if p == "fp32":
                 break
             check = validate_artifact(ctx, out_dir, p, samples, refs)
@@ -407,8 +408,7 @@ class TensorRTCompiler:
             onnx.save(model, str(path))
             return path
         if mode.graph == "qdq":
-            path, _ = OnnxRuntimeCompiler()._int8_static(ctx, src, work, symmetric=True,
-                                                         exclude=sorted(fp32_layers))
+            path, _ = quantize_int8_static(ctx, src, work, symmetric=True, exclude=sorted(fp32_layers))
             return path
         return src
 
@@ -422,14 +422,6 @@ def _load_onnx(path: Path) -> Any:
     import onnx
 
     return onnx.load(str(path), load_external_data=False)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 __all__ = ["BuildMode", "LayerInfo", "TensorRTCompiler", "build_engine", "build_mode", "calibration_inputs",

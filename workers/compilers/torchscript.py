@@ -25,6 +25,10 @@ class TorchScriptCompiler:
             out.append("cuda")
         return out
 
+    def stale(self, ctx: Context, candidate: Candidate) -> str | None:
+        """Never: the artifact runs wherever its runtime does."""
+        return None
+
     def build(self, ctx: Context, candidate: Candidate, out_dir: Path, log: StepLog) -> None:
         p = candidate.precision
         if p not in COMPUTE:

@@ -11,6 +11,7 @@ the outputs are on the host.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from service import runtimes
@@ -34,7 +35,12 @@ def bench_threads(ctx: Context) -> int:
 
 def candidate_device(ctx: Context, cand: Candidate) -> str:
     """Where a built candidate computes: "cpu" or "cuda"."""
-    return runtimes.compute_device(ArtifactInfo.load(ctx.out / cand.artifact_dir))
+    return runtimes.compute_device(ArtifactInfo.load(artifact_path(ctx, cand)))
+
+
+def artifact_path(ctx: Context, cand: Candidate) -> Path:
+    """Where a built candidate's artifact lies."""
+    return ctx.out / (cand.artifact_dir or cand.id)
 
 
 class Benchmark:
@@ -63,9 +69,9 @@ class Benchmark:
         log.progress(0, "timing eager PyTorch and the candidates in interleaved rounds")
         result = sandboxed(ctx, "benchmark", {
             "batch_sizes": batches, "threads": threads, "budget_s": budget, "eager": eager,
-            "artifacts": [{"id": c.id, "dir": str(ctx.out / c.artifact_dir)} for c in passing],
+            "artifacts": [{"id": c.id, "dir": str(artifact_path(ctx, c))} for c in passing],
             "pairs": [[baseline[c.id], c.id] for c in passing],
-        }, log, readable=[ctx.out / c.artifact_dir for c in passing])
+        }, log, readable=[artifact_path(ctx, c) for c in passing])
         points = {name: [BenchPoint(**p) for p in pts] for name, pts in result["points"].items()}
         for name, error in result["errors"].items():
             log.info(f"{name} could not be timed: {error}")

@@ -7,8 +7,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from service.errors import ConversionError, KilnError, RuntimeUnavailable
 from workers.compilers import COMPILERS, candidate_id

@@ -10,7 +10,7 @@ from service.errors import ConversionError
 from service.onnx_policy import check_onnx as check_onnx_policy
 from workers.context import Context
 from workers.pipeline import SkipStep, StepLog
-from workers.sandboxed import produced, sandboxed
+from workers.sandboxed import produced, sandboxed, uploaded_model_file
 
 
 class Export:
@@ -23,7 +23,7 @@ class Export:
         target = ctx.work / "onnx" / "model.onnx"
         target.parent.mkdir(parents=True, exist_ok=True)
         if ctx.bundle.kind == "onnx":
-            shutil.copyfile(ctx.bundle.model_file, target)
+            shutil.copyfile(uploaded_model_file(ctx), target)
             check_onnx(target, external_ok=False)
             ctx.onnx_file, ctx.onnx_exporter = str(target), "uploaded"
             log.info("using the uploaded ONNX model")

@@ -15,7 +15,7 @@ from service.onnx_policy import check_onnx
 from service.signature import Signature, TensorSpec, canonical_dtype
 from workers.context import Context
 from workers.pipeline import StepLog
-from workers.sandboxed import produced, sandbox_dir, sandboxed
+from workers.sandboxed import produced, sandbox_dir, sandboxed, uploaded_model_file
 
 
 class Load:
@@ -35,33 +35,36 @@ class Load:
         log.info(f"{len(generated)} generated sample(s) covering min/opt/max of "
                  f"{', '.join(ctx.signature.dims) or 'static shapes'}, values of both signs; "
                  f"{have + sum(sample_io.rows(ctx.signature, s) for _, s in generated)} rows in all")
-        ctx.samples_file = str(ctx.work / "samples.npz")
+        samples_file = ctx.work / "samples.npz"
+        ctx.samples_file = str(samples_file)
         ctx.sample_labels = [label for label, _ in samples]
-        sample_io.save(Path(ctx.samples_file), [s for _, s in samples])
+        sample_io.save(samples_file, [s for _, s in samples])
         # The sandbox writes the references in its own directory; they are moved out of its reach before
         # anything reads them (a later op could otherwise swap the file for a link to a host file).
-        ctx.reference_file = str(ctx.work / "reference.npz")
+        reference_file = ctx.work / "reference.npz"
+        ctx.reference_file = str(reference_file)
 
         if ctx.bundle.kind == "onnx":
-            return self._onnx_reference(ctx, log, [s for _, s in samples])
+            return self._onnx_reference(ctx, log, [s for _, s in samples], reference_file)
         written = sandbox_dir(ctx) / "reference.npz"
         result = sandboxed(ctx, "load", {"reference_file": str(written)}, log)
-        os.replace(produced(ctx, str(written)), ctx.reference_file)
-        refs = sample_io.load(Path(ctx.reference_file))
+        os.replace(produced(ctx, str(written)), reference_file)
+        refs = sample_io.load(reference_file)
         ctx.signature = with_outputs(ctx.signature, result["output_names"], refs, [s for _, s in samples])
         log.info(f"model built in {result['build_s']:.2f}s; {result.get('parameters') or 0:,} parameters; "
                  f"outputs: {', '.join(o.name for o in ctx.signature.outputs)}")
         return {"samples": len(samples), "outputs": [o.name for o in ctx.signature.outputs],
                 "parameters": result.get("parameters")}
 
-    def _onnx_reference(self, ctx: Context, log: StepLog, samples: list[dict]) -> dict[str, Any]:
+    def _onnx_reference(self, ctx: Context, log: StepLog, samples: list[dict], reference_file: Path) -> dict[str, Any]:
         """An uploaded ONNX model is its own reference, run by ONNX Runtime at fp32 without optimizations."""
         import onnxruntime as ort
 
-        check_onnx(Path(ctx.bundle.model_file))
+        model_file = uploaded_model_file(ctx)
+        check_onnx(model_file)
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        sess = ort.InferenceSession(ctx.bundle.model_file, so, providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(str(model_file), so, providers=["CPUExecutionProvider"])
         names = [o.name for o in sess.get_outputs()]
         refs = []
         for i, s in enumerate(samples):
@@ -69,7 +72,7 @@ class Load:
                 refs.append(dict(zip(names, sess.run(names, s))))
             except Exception as exc:  # noqa: BLE001 - the signature does not fit the model
                 raise InvalidSignature(f"the ONNX model failed on sample #{i}: {str(exc).splitlines()[0][:300]}") from None
-        sample_io.save(Path(ctx.reference_file), refs)
+        sample_io.save(reference_file, refs)
         ctx.signature = with_outputs(ctx.signature, names, refs, samples)
         log.info(f"reference outputs from the uploaded ONNX model: {', '.join(names)}")
         return {"samples": len(samples), "outputs": names}

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from service.errors import ConversionError, KilnError
+from service.samples import Sample
 from workers.compilers import COMPILERS
 from workers.context import Candidate, Context, Validation
 from workers.pipeline import StepLog
@@ -50,9 +51,8 @@ class Validate:
     def _rebuild_if_stale(self, ctx: Context, cand: Candidate, log: StepLog) -> None:
         """A TensorRT engine built on another GPU or TensorRT version (a job resumed on another
         worker) is rebuilt here rather than loaded."""
-        stale = getattr(COMPILERS[cand.target], "stale", None)
         try:
-            why = stale(ctx, cand) if stale else None
+            why = COMPILERS[cand.target].stale(ctx, cand)
         except KilnError:  # e.g. no TensorRT here: loading it will say so
             why = None
         if why:
@@ -60,6 +60,8 @@ class Validate:
             build_candidate(ctx, cand, log)
             ctx.save()
 
-    def _validate(self, ctx: Context, cand, samples, refs) -> Validation:
+    def _validate(self, ctx: Context, cand: Candidate, samples: list[Sample], refs: list[Sample]) -> Validation:
+        if cand.artifact_dir is None:
+            raise ConversionError(f"{cand.id} is marked built but has no artifact directory")
         return validate_artifact(ctx, ctx.out / cand.artifact_dir, cand.precision, samples, refs)
 
