@@ -82,32 +82,79 @@ class Batcher:
                 break
             batch = [first]
             rows = first.rows
+            instance: int | None = None
             if self.batching:
-                deadline = first.enqueued + self.max_delay_s
-                while rows < self.max_batch:
-                    try:
-                        item = self._queue.get_nowait()
-                    except asyncio.QueueEmpty:
-                        wait = deadline - time.perf_counter()
-                        if wait <= 0:
-                            break
-                        try:
-                            item = await asyncio.wait_for(self._queue.get(), wait)
-                        except TimeoutError:
-                            break
-                    if item is _CLOSE or item.key != first.key or rows + item.rows > self.max_batch:
-                        # the end marker too waits for the next round, after this batch has run
-                        self._carry = item  # different shapes, or too many rows: next batch
-                        break
-                    batch.append(item)
-                    rows += item.rows
+                rows = self._join_queued(batch, rows)
+                if rows < self.max_batch and self._carry is None and self._free.empty():
+                    # The runtime is busy: join what arrives until an instance is free (a batch stays
+                    # open at most max_queue_delay after its first request). A request that finds an
+                    # instance free and nothing queued runs at once: batching costs a lone client nothing.
+                    instance, rows = await self._join_while_busy(batch, rows, first.enqueued + self.max_delay_s)
             batch = [b for b in batch if not b.future.cancelled()]  # callers that went away
             if not batch:
+                if instance is not None:
+                    self._free.put_nowait(instance)
                 continue
-            instance = await self._free.get()
+            if instance is None:
+                instance = await self._free.get()
             task = asyncio.get_running_loop().create_task(self._run(instance, batch, rows))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
+
+    def _fits(self, item: _Item, first: _Item, rows: int) -> bool:
+        return item is not _CLOSE and item.key == first.key and rows + item.rows <= self.max_batch
+
+    def _join_queued(self, batch: list[_Item], rows: int) -> int:
+        """Join what is already queued (same shapes, up to max_batch rows); the first that does not
+        fit waits for the next batch."""
+        while rows < self.max_batch:
+            try:
+                item = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+            if not self._fits(item, batch[0], rows):
+                self._carry = item  # the end marker too waits for the next round
+                break
+            batch.append(item)
+            rows += item.rows
+        return rows
+
+    async def _join_while_busy(self, batch: list[_Item], rows: int, deadline: float) -> tuple[int | None, int]:
+        """Join arrivals until an instance is free, the batch is full or the deadline passes; return
+        the instance if one was taken."""
+        free = asyncio.ensure_future(self._free.get())
+        try:
+            while rows < self.max_batch and self._carry is None:
+                wait = deadline - time.perf_counter()
+                if wait <= 0:
+                    break
+                arrival = asyncio.ensure_future(self._queue.get())
+                await asyncio.wait({free, arrival}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+                if not arrival.done():
+                    arrival.cancel()
+                    try:
+                        await arrival
+                    except asyncio.CancelledError:
+                        pass
+                if arrival.done() and not arrival.cancelled():
+                    item = arrival.result()
+                    if self._fits(item, batch[0], rows):
+                        batch.append(item)
+                        rows += item.rows
+                    else:
+                        self._carry = item
+                if free.done():
+                    break
+        finally:
+            if not free.done():
+                free.cancel()
+                try:
+                    await free
+                except asyncio.CancelledError:
+                    pass
+        if free.done() and not free.cancelled():
+            return free.result(), rows
+        return None, rows
 
     async def _run(self, instance: int, batch: list[_Item], rows: int) -> None:
         loop = asyncio.get_running_loop()

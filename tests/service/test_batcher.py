@@ -59,3 +59,66 @@ def test_close_answers_what_was_accepted_then_refuses(batching):
     assert idle.is_set()
     with pytest.raises(RuntimeError, match="after shutdown"):  # the pool is gone, after the last run
         b._pool.submit(print)
+
+
+def _recording(seconds: float):
+    calls: list[int] = []
+
+    def run(inputs):
+        calls.append(inputs["x"].shape[0])
+        time.sleep(seconds)
+        return {"y": inputs["x"] * 2}
+
+    return calls, run
+
+
+def test_a_lone_request_is_not_delayed_by_the_queue_delay():
+    calls, run = _recording(0.0)
+    b = Batcher([run], max_batch=8, max_delay_s=0.5, batching=True, labels=("m", "1"))
+
+    async def scenario():
+        waits = []
+        for i in range(5):
+            t0 = time.perf_counter()
+            out = await b.infer({"x": np.full((1, 3), i, np.float32)})
+            waits.append(time.perf_counter() - t0)
+            assert out["y"].tolist() == [[2.0 * i] * 3]
+        return waits
+
+    waits = asyncio.run(scenario())
+    # the old batcher waited out the whole 500 ms delay for company that never came
+    assert max(waits) < 0.1, waits
+    assert calls == [1] * 5
+
+
+def test_requests_arriving_while_the_runtime_is_busy_are_joined_and_get_their_own_rows():
+    calls, run = _recording(0.1)
+    b = Batcher([run], max_batch=8, max_delay_s=0.5, batching=True, labels=("m", "1"))
+
+    async def scenario():
+        first = asyncio.ensure_future(b.infer({"x": np.full((1, 3), 0, np.float32)}))
+        await asyncio.sleep(0.02)  # the first is running alone
+        rest = [asyncio.ensure_future(b.infer({"x": np.full((n, 3), n, np.float32)})) for n in (1, 2, 3)]
+        return await first, await asyncio.gather(*rest)
+
+    first, rest = asyncio.run(scenario())
+    assert calls == [1, 6]  # ran at once, then the three that came meanwhile as one batch
+    assert first["y"].tolist() == [[0.0] * 3]
+    for n, out in zip((1, 2, 3), rest):
+        assert out["y"].shape == (n, 3) and (out["y"] == 2 * n).all()
+
+
+def test_a_batch_stays_open_no_longer_than_the_queue_delay():
+    calls, run = _recording(0.3)
+    b = Batcher([run], max_batch=64, max_delay_s=0.05, batching=True, labels=("m", "1"))
+
+    async def scenario():
+        running = asyncio.ensure_future(b.infer({"x": np.zeros((1, 3), np.float32)}))
+        await asyncio.sleep(0.02)
+        early = asyncio.ensure_future(b.infer({"x": np.ones((1, 3), np.float32)}))
+        await asyncio.sleep(0.15)  # past the early one's delay, while the runtime is still busy
+        late = asyncio.ensure_future(b.infer({"x": np.ones((2, 3), np.float32)}))
+        return await asyncio.gather(running, early, late)
+
+    asyncio.run(scenario())
+    assert calls == [1, 1, 2]  # the late one was not joined to a batch whose delay had passed
