@@ -103,7 +103,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 WORKDIR /data
 USER kiln
 
-EXPOSE 8000
+EXPOSE 8000 8001
 # Checks the API; a worker started from this image should override or disable it.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
@@ -133,7 +133,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 WORKDIR /data
 USER kiln
 
-EXPOSE 8000
+EXPOSE 8000 8001
 # Python rather than curl: the slim image has no curl, and adding it only for this is not worth it.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]

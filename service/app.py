@@ -37,9 +37,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     sync.start()
     loop = RequeueLoop()
     loop.start()
+    grpc_server = None
+    if settings.grpc_port:
+        from service.serving import grpc_server as kserve_grpc
+
+        grpc_server = await kserve_grpc.start(app.state.manager, settings.grpc_host, settings.grpc_port)
     try:
         yield
     finally:
+        if grpc_server is not None:
+            await grpc_server.stop(grace=1.0)
         loop.stop()
         sync.stop()
         app.state.manager.close()

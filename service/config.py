@@ -75,6 +75,10 @@ class Settings(BaseSettings):
     # Run untrusted code WITHOUT the isolation boundary where bubblewrap is missing. Only for a
     # single-user machine: model code can then read and write whatever Kiln can.
     insecure_no_sandbox: bool = False
+    # The Open Inference Protocol over gRPC, beside HTTP (`kiln api`/`kiln up` default: the HTTP
+    # port + 1 on the same address, Triton's 8000/8001 pair; 0: off).
+    grpc_port: int | None = None
+    grpc_host: str = "127.0.0.1"
     # Threads for conversion benchmarks and CPU runtimes (None: the runtime's default).
     threads: int | None = None
 

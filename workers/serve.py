@@ -96,6 +96,11 @@ def run_api(host: str, port: int) -> None:
     from service.config import get_settings
 
     check_exposure(host)
+    # gRPC beside HTTP: the next port on the same address unless KILN_GRPC_PORT says otherwise (0: off)
+    if "KILN_GRPC_PORT" not in os.environ:
+        os.environ["KILN_GRPC_PORT"] = str(port + 1)
+        os.environ.setdefault("KILN_GRPC_HOST", host)
+        get_settings.cache_clear()
     settings = get_settings()
     uvicorn.run(create_app(), host=host, port=port, log_level="info", access_log=False,
                 timeout_graceful_shutdown=10, http=header_timeout_protocol(settings.header_timeout_s),

@@ -14,10 +14,8 @@ from service.errors import InvalidInput, KilnError, NotFound, Unloaded
 from service.runtimes.torchscript import telling_line
 from service.serving import protocol
 from service.serving.manager import Manager, Served, infer
-from service.signature import TensorSpec
 
 router = APIRouter(prefix="/v2", tags=["inference (v2)"])
-PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "torchscript": "pytorch_torchscript", "tensorrt": "tensorrt_plan"}
 
 
 def manager(request: Request) -> Manager:
@@ -45,30 +43,18 @@ def server_metadata() -> dict:
     return {"name": "kiln", "version": __version__, "extensions": ["binary_tensor_data"]}
 
 
-def _metadata(served: Served, versions: list[int]) -> dict:
-    def shape(spec: TensorSpec) -> list[int]:
-        return [d if isinstance(d, int) else -1 for d in spec.shape or []]
-
-    return {"name": served.name, "versions": [str(v) for v in versions],
-            "platform": PLATFORMS.get(served.runtime, served.runtime),
-            "inputs": [{"name": s.name, "datatype": protocol.DTYPE_TO_V2[served.input_dtypes[s.name]], "shape": shape(s)}
-                       for s in served.signature.inputs],
-            "outputs": [{"name": s.name, "datatype": protocol.DTYPE_TO_V2.get(s.dtype or "float32", "FP32"),
-                         "shape": shape(s)} for s in served.signature.outputs]}
-
-
 def _versions(request: Request, name: str) -> list[int]:
     return sorted(s.version for s in manager(request).all() if s.name == name and s.owner == owner(request))
 
 
 @router.get("/models/{name}", summary="Model metadata (default version)")
 def model_metadata(name: str, request: Request) -> dict:
-    return _metadata(manager(request).resolve(owner(request), name), _versions(request, name))
+    return manager(request).resolve(owner(request), name).metadata(_versions(request, name))
 
 
 @router.get("/models/{name}/versions/{version}", summary="Model metadata")
 def version_metadata(name: str, version: str, request: Request) -> dict:
-    return _metadata(manager(request).resolve(owner(request), name, _version(version)), _versions(request, name))
+    return manager(request).resolve(owner(request), name, _version(version)).metadata(_versions(request, name))
 
 
 @router.get("/models/{name}/ready", summary="The default version is ready")

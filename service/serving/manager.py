@@ -22,12 +22,16 @@ from service.config import get_settings
 from service.db import session_scope
 from service.errors import InvalidInput, NotFound, Unavailable
 from service.runtimes.base import Runtime
+from service.serving import protocol
 from service.serving.batcher import Batcher
-from service.signature import Signature
+from service.signature import Signature, TensorSpec
 from service.tables import Deployment
 
 logger = logging.getLogger("kiln.serving")
 DEFAULT_OPTIONS = {"max_batch_size": None, "max_queue_delay_ms": 0.0, "instances": 1, "threads": None}
+
+
+PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "torchscript": "pytorch_torchscript", "tensorrt": "tensorrt_plan"}
 
 
 @dataclass
@@ -61,6 +65,18 @@ class Served:
     def output_dtypes(self) -> dict[str, str | None]:
         """Every output; None where the signature leaves its dtype to the runtime."""
         return {s.name: s.dtype for s in self.signature.outputs}
+
+    def metadata(self, versions: list[int]) -> dict[str, Any]:
+        """The protocol's model metadata (dynamic sizes as -1), for HTTP and gRPC alike."""
+        def shape(spec: TensorSpec) -> list[int]:
+            return [d if isinstance(d, int) else -1 for d in spec.shape or []]
+
+        return {"name": self.name, "versions": [str(v) for v in versions],
+                "platform": PLATFORMS.get(self.runtime, self.runtime),
+                "inputs": [{"name": s.name, "datatype": protocol.DTYPE_TO_V2[self.input_dtypes[s.name]],
+                            "shape": shape(s)} for s in self.signature.inputs],
+                "outputs": [{"name": s.name, "datatype": protocol.DTYPE_TO_V2.get(s.dtype or "float32", "FP32"),
+                             "shape": shape(s)} for s in self.signature.outputs]}
 
     def check(self, inputs: dict[str, np.ndarray]) -> None:
         """Every input present, with the signature's rank, static sizes and dynamic ranges."""

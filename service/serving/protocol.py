@@ -62,27 +62,7 @@ def parse(body: bytes, header_length: str | None, expected: dict[str, str]) -> I
         if not isinstance(item, dict):
             raise InvalidInput("each input must be an object with name, shape, datatype and data")
         name, shape, datatype = item.get("name"), item.get("shape"), item.get("datatype")
-        if not isinstance(name, str):
-            raise InvalidInput("an input has no 'name'")
-        if name in inputs:
-            raise InvalidInput(f"input {name!r} is given twice")
-        if name not in expected:
-            raise InvalidInput(f"unknown input {name!r}; the model takes {', '.join(expected)}")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                                  for d in shape):
-            raise InvalidInput(f"input {name!r}: 'shape' must be a list of non-negative integers")
-        if len(shape) > MAX_RANK:
-            raise InvalidInput(f"input {name!r}: rank {len(shape)} is more than the {MAX_RANK} dimensions accepted")
-        if math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS:  # numpy refuses such shapes even when one is 0
-            raise InvalidInput(f"input {name!r}: shape {shape} is too large (over {MAX_ELEMENTS} elements)")
-        if datatype not in V2_TO_DTYPE:
-            raise InvalidInput(f"input {name!r}: datatype {datatype!r} is not supported; use one of "
-                               f"{', '.join(V2_TO_DTYPE)}")
-        dtype = V2_TO_DTYPE[datatype]
-        want = expected[name]
-        if dtype != want:
-            raise InvalidInput(f"input {name!r} has datatype {datatype}, the model takes {DTYPE_TO_V2.get(want, want)}")
-        count = math.prod(shape)  # exact: numpy's product wraps around for huge shapes
+        dtype, count = check_input(name, shape, datatype, expected, inputs)
         size = (item.get("parameters") or {}).get("binary_data_size")
         if size is not None:
             itemsize = np_dtype(dtype).itemsize
@@ -116,6 +96,42 @@ def parse(body: bytes, header_length: str | None, expected: dict[str, str]) -> I
     return InferRequest(id=str(rid) if rid is not None else None, inputs=inputs, outputs=outputs,
                         binary_outputs=binary_outputs, binary_all=bool(params.get("binary_data_output")),
                         parameters=params)
+
+
+def check_input(name: Any, shape: Any, datatype: Any, expected: dict[str, str],
+                seen: dict[str, np.ndarray]) -> tuple[str, int]:
+    """One input tensor's name, shape and datatype checked against the model (for JSON and gRPC
+    requests alike); its Kiln dtype and element count."""
+    if not isinstance(name, str):
+        raise InvalidInput("an input has no 'name'")
+    if name in seen:
+        raise InvalidInput(f"input {name!r} is given twice")
+    if name not in expected:
+        raise InvalidInput(f"unknown input {name!r}; the model takes {', '.join(expected)}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in shape):
+        raise InvalidInput(f"input {name!r}: 'shape' must be a list of non-negative integers")
+    if len(shape) > MAX_RANK:
+        raise InvalidInput(f"input {name!r}: rank {len(shape)} is more than the {MAX_RANK} dimensions accepted")
+    if math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS:  # numpy refuses such shapes even when one is 0
+        raise InvalidInput(f"input {name!r}: shape {shape} is too large (over {MAX_ELEMENTS} elements)")
+    if datatype not in V2_TO_DTYPE:
+        raise InvalidInput(f"input {name!r}: datatype {datatype!r} is not supported; use one of "
+                           f"{', '.join(V2_TO_DTYPE)}")
+    dtype = V2_TO_DTYPE[datatype]
+    want = expected[name]
+    if dtype != want:
+        raise InvalidInput(f"input {name!r} has datatype {datatype}, the model takes {DTYPE_TO_V2.get(want, want)}")
+    return dtype, math.prod(shape)  # exact: numpy's product wraps around for huge shapes
+
+
+def from_raw(name: str, raw: bytes | memoryview, dtype: str, shape: list[int], count: int) -> np.ndarray:
+    """An input from its raw little-endian bytes (Triton's binary extension, gRPC raw contents)."""
+    itemsize = np_dtype(dtype).itemsize
+    if len(raw) != count * itemsize:
+        raise InvalidInput(f"input {name!r}: {len(raw)} bytes given, shape {shape} of "
+                           f"{DTYPE_TO_V2[dtype]} needs {count * itemsize}")
+    return np.frombuffer(raw, dtype=np_dtype(dtype)).reshape(shape)
 
 
 def _from_json(name: str, data: Any, dtype: str, shape: list[int], count: int) -> np.ndarray:

@@ -270,8 +270,10 @@ class RedisServer(Proc):
 
 class KilnApi(Proc):
     def __init__(self, port: int, env: dict[str, str], log: Path) -> None:
+        env = {**env, "KILN_GRPC_PORT": env.get("KILN_GRPC_PORT") or str(free_port())}
         super().__init__("api", [sys.executable, "-m", "workers.cli", "api", "--port", str(port)], env, log)
         self.port = port
+        self.grpc_port = int(env["KILN_GRPC_PORT"])
         self.url = f"http://127.0.0.1:{port}"
 
     def healthy(self) -> bool:

@@ -1,0 +1,207 @@
+"""The Open Inference Protocol over gRPC (`inference.GRPCInferenceService`), beside /v2 over HTTP:
+the same deployments, authentication (a bearer token in the `authorization` metadata), batching,
+checks and error messages, so that `tritonclient.grpc` works unchanged.
+
+The server runs on the API process's event loop (grpc.aio), so a request goes through the same
+batcher as an HTTP one. Errors carry the HTTP problem's detail with the matching gRPC status code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import grpc
+import numpy as np
+
+from service import auth, metrics
+from service.config import get_settings
+from service.db import new_session
+from service.errors import InvalidInput, KilnError, NotFound, Unloaded
+from service.serving import protocol
+from service.serving.manager import Manager, Served, infer
+from service.serving.proto import inference_pb2 as pb
+
+logger = logging.getLogger("kiln.grpc")
+
+# HTTP status of a Kiln error -> gRPC status code
+CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
+         403: grpc.StatusCode.PERMISSION_DENIED, 404: grpc.StatusCode.NOT_FOUND,
+         409: grpc.StatusCode.FAILED_PRECONDITION, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+         422: grpc.StatusCode.INVALID_ARGUMENT, 429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+         503: grpc.StatusCode.UNAVAILABLE}
+# typed contents field per Kiln dtype, for requests that send values rather than raw bytes
+CONTENTS = {"bool": "bool_contents", "int8": "int_contents", "int16": "int_contents", "int32": "int_contents",
+            "int64": "int64_contents", "uint8": "uint_contents", "uint16": "uint_contents",
+            "uint32": "uint_contents", "uint64": "uint64_contents", "float16": "fp32_contents",
+            "bfloat16": "fp32_contents", "float32": "fp32_contents", "float64": "fp64_contents"}
+
+
+async def _principal(context: grpc.aio.ServicerContext, scope: str = "infer") -> auth.Principal:
+    settings = get_settings()
+    if not settings.auth:
+        return auth.Principal(owner=settings.default_owner, scopes=frozenset({"admin"}))
+    header = dict(context.invocation_metadata() or ()).get("authorization")
+    if not header:
+        raise auth.Unauthorized("authentication required: send the metadata 'authorization: Bearer <token>'")
+    kind, _, token = str(header).partition(" ")
+    if kind.lower() != "bearer" or not token.strip():
+        raise auth.Unauthorized("use 'authorization: Bearer <token>'")
+    who = auth.cached(token.strip())
+    if who is None:
+        who = await asyncio.get_running_loop().run_in_executor(None, auth.authenticate, new_session, token.strip())
+    if not who.allows(scope):
+        raise auth.Forbidden(f"this token's scopes ({', '.join(sorted(who.scopes))}) do not allow {scope}")
+    return who
+
+
+def _version(text: str) -> int | None:
+    if not text:
+        return None
+    if not text.isdigit():
+        raise NotFound(f"version {text!r} does not exist (versions are numbers)")
+    return int(text)
+
+
+def inputs_of(request: Any, served: Served) -> dict[str, np.ndarray]:
+    """The request's tensors, from raw contents (what tritonclient sends) or typed contents."""
+    expected = served.input_dtypes
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidInput(f"{len(raw)} raw input contents for {len(request.inputs)} inputs")
+    inputs: dict[str, np.ndarray] = {}
+    for i, tensor in enumerate(request.inputs):
+        shape = list(tensor.shape)
+        dtype, count = protocol.check_input(tensor.name, shape, tensor.datatype, expected, inputs)
+        if raw:
+            inputs[tensor.name] = protocol.from_raw(tensor.name, raw[i], dtype, shape, count)
+            continue
+        values = getattr(tensor.contents, CONTENTS[dtype])
+        if len(values) != count:
+            raise InvalidInput(f"input {tensor.name!r}: {len(values)} values given, shape {shape} needs {count}")
+        inputs[tensor.name] = np.asarray(values, dtype=protocol.np_dtype(dtype)).reshape(shape)
+    if not inputs:
+        raise InvalidInput("the request needs at least one input tensor")
+    served.check(inputs)
+    return inputs
+
+
+SERVICE = "inference.GRPCInferenceService"
+# method -> (request type, response type)
+METHODS = {"ServerLive": (pb.ServerLiveRequest, pb.ServerLiveResponse),
+           "ServerReady": (pb.ServerReadyRequest, pb.ServerReadyResponse),
+           "ModelReady": (pb.ModelReadyRequest, pb.ModelReadyResponse),
+           "ServerMetadata": (pb.ServerMetadataRequest, pb.ServerMetadataResponse),
+           "ModelMetadata": (pb.ModelMetadataRequest, pb.ModelMetadataResponse),
+           "ModelInfer": (pb.ModelInferRequest, pb.ModelInferResponse)}
+
+
+def handler(service: "InferenceService") -> grpc.GenericRpcHandler:
+    """The protocol's unary methods at their paths (/inference.GRPCInferenceService/<Method>)."""
+    return grpc.method_handlers_generic_handler(SERVICE, {
+        name: grpc.unary_unary_rpc_method_handler(getattr(service, name), request_deserializer=req.FromString,
+                                                  response_serializer=resp.SerializeToString)
+        for name, (req, resp) in METHODS.items()})
+
+
+class InferenceService:
+    """The health, metadata and inference calls of the protocol, over the API's deployments."""
+
+    def __init__(self, manager: Manager) -> None:
+        self.manager = manager
+
+    async def _guard(self, context: grpc.aio.ServicerContext, exc: Exception) -> None:
+        if isinstance(exc, KilnError):
+            await context.abort(CODES.get(exc.status, grpc.StatusCode.INTERNAL), exc.detail)
+        logger.exception("gRPC call failed")
+        await context.abort(grpc.StatusCode.INTERNAL, f"inference failed: {type(exc).__name__}")
+
+    async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802 - the protocol's names
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        return pb.ServerReadyResponse(ready=self.manager.ready())
+
+    async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        return pb.ServerMetadataResponse(name="kiln", version=_kiln_version(), extensions=["binary_tensor_data"])
+
+    async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        try:
+            who = await _principal(context)
+            served = self.manager.resolve(who.owner, request.name, _version(request.version))
+            return pb.ModelReadyResponse(ready=served.state == "ready")
+        except Exception as exc:  # noqa: BLE001 - answered as a status
+            await self._guard(context, exc)
+
+    async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        try:
+            who = await _principal(context)
+            served = self.manager.resolve(who.owner, request.name, _version(request.version))
+            versions = sorted(s.version for s in self.manager.all() if s.name == request.name and s.owner == who.owner)
+            meta = served.metadata(versions)
+            tensor = pb.ModelMetadataResponse.TensorMetadata
+            return pb.ModelMetadataResponse(name=meta["name"], versions=meta["versions"], platform=meta["platform"],
+                                            inputs=[tensor(**t) for t in meta["inputs"]],
+                                            outputs=[tensor(**t) for t in meta["outputs"]])
+        except Exception as exc:  # noqa: BLE001
+            await self._guard(context, exc)
+
+    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        labels: tuple[str, str] | None = None
+        try:
+            who = await _principal(context)
+            version = _version(request.model_version)
+            served = self.manager.resolve(who.owner, request.model_name, version)
+            labels = (served.name, str(served.version))
+            metrics.REQUESTS.labels(*labels).inc()
+            try:
+                outputs = await infer(served, inputs_of(request, served))
+            except Unloaded:
+                if version is not None:
+                    raise
+                # the default was replaced while this request waited: run it on the new one
+                served = self.manager.resolve(who.owner, request.model_name, None)
+                outputs = await infer(served, inputs_of(request, served))
+            wanted = [o.name for o in request.outputs]
+            unknown = [o for o in wanted if o not in served.output_dtypes]
+            if unknown:
+                raise InvalidInput(f"unknown output(s) {', '.join(unknown)}; the model has "
+                                   f"{', '.join(served.output_dtypes)}")
+            response = pb.ModelInferResponse(model_name=served.name, model_version=str(served.version), id=request.id)
+            for name in wanted or list(outputs):
+                arr = outputs[name]
+                dtype = served.output_dtypes.get(name) or str(arr.dtype)
+                response.outputs.add(name=name, datatype=protocol.DTYPE_TO_V2.get(dtype, "FP32"), shape=list(arr.shape))
+                response.raw_output_contents.append(np.ascontiguousarray(arr).tobytes())
+            return response
+        except Exception as exc:  # noqa: BLE001
+            if labels is not None:
+                metrics.FAILURES.labels(*labels, str(getattr(exc, "status", 500))).inc()
+            await self._guard(context, exc)
+
+
+def _kiln_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("kiln")
+    except metadata.PackageNotFoundError:
+        return "0.0.0"
+
+
+async def start(manager: Manager, host: str, port: int) -> grpc.aio.Server | None:
+    """Serve the protocol on host:port (None, with a logged reason, when the port cannot be bound)."""
+    limit = get_settings().max_infer_bytes
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
+                                      ("grpc.max_send_message_length", limit)])
+    server.add_generic_rpc_handlers((handler(InferenceService(manager)),))
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        server.add_insecure_port(address)
+    except RuntimeError as exc:
+        logger.error("gRPC inference endpoint not started: cannot listen on %s (%s)", address, exc)
+        return None
+    await server.start()
+    logger.info("gRPC inference endpoint (KServe v2) on %s", address)
+    return server
