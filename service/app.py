@@ -67,6 +67,7 @@ def create_app() -> FastAPI:
         principal(request, "metrics")
         return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
+    app.add_middleware(v2.InferFastPath)  # innermost: inside CORS and the request gate
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 

@@ -122,3 +122,4 @@ def test_a_batch_stays_open_no_longer_than_the_queue_delay():
 
     asyncio.run(scenario())
     assert calls == [1, 1, 2]  # the late one was not joined to a batch whose delay had passed
+
