@@ -36,9 +36,9 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="kiln-bench-grpc-"))
     os.environ["KILN_DATA_DIR"] = str(tmp / "data")
     import numpy as np
+    import serving as sb  # bench/serving.py: conversion and process helpers
     import tritonclient.grpc as tg
 
-    import serving as sb  # bench/serving.py: conversion and process helpers
     from workers.benchmark import interleaved, machine_load, ratio
 
     servers = sb.Servers()

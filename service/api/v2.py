@@ -172,7 +172,7 @@ class InferFastPath:
             response = _error(exc.status, exc.detail)
         except HTTPException as exc:  # the body limit or timeout, met while the body streamed in
             response = _error(exc.status_code, exc.detail if isinstance(exc.detail, str) else str(exc.detail))
-        except Exception:  # noqa: BLE001 - as the app's last-resort handler answers
+        except Exception:
             logger.exception("unhandled error on POST %s", scope["path"][:200])
             response = _error(500, "an internal error occurred; the server log has the details")
         await response(scope, receive, send)

@@ -73,7 +73,7 @@ def inputs_of(request: Any, served: Served) -> dict[str, np.ndarray]:
     inputs: dict[str, np.ndarray] = {}
     for i, tensor in enumerate(request.inputs):
         shape = list(tensor.shape)
-        dtype, count = protocol.check_input(tensor.name, shape, tensor.datatype, expected, inputs)
+        _, _, dtype, count = protocol.check_input(tensor.name, shape, tensor.datatype, expected, inputs)
         if raw:
             inputs[tensor.name] = protocol.from_raw(tensor.name, raw[i], dtype, shape, count)
             continue
@@ -89,7 +89,7 @@ def inputs_of(request: Any, served: Served) -> dict[str, np.ndarray]:
 
 SERVICE = "inference.GRPCInferenceService"
 # method -> (request type, response type)
-METHODS = {"ServerLive": (pb.ServerLiveRequest, pb.ServerLiveResponse),
+METHODS: dict[str, tuple[Any, Any]] = {"ServerLive": (pb.ServerLiveRequest, pb.ServerLiveResponse),
            "ServerReady": (pb.ServerReadyRequest, pb.ServerReadyResponse),
            "ModelReady": (pb.ModelReadyRequest, pb.ModelReadyResponse),
            "ServerMetadata": (pb.ServerMetadataRequest, pb.ServerMetadataResponse),
@@ -97,7 +97,7 @@ METHODS = {"ServerLive": (pb.ServerLiveRequest, pb.ServerLiveResponse),
            "ModelInfer": (pb.ModelInferRequest, pb.ModelInferResponse)}
 
 
-def handler(service: "InferenceService") -> grpc.GenericRpcHandler:
+def handler(service: InferenceService) -> grpc.GenericRpcHandler:
     """The protocol's unary methods at their paths (/inference.GRPCInferenceService/<Method>)."""
     return grpc.method_handlers_generic_handler(SERVICE, {
         name: grpc.unary_unary_rpc_method_handler(getattr(service, name), request_deserializer=req.FromString,
@@ -106,7 +106,8 @@ def handler(service: "InferenceService") -> grpc.GenericRpcHandler:
 
 
 class InferenceService:
-    """The health, metadata and inference calls of the protocol, over the API's deployments."""
+    """The health, metadata and inference calls of the protocol, over the API's deployments (the
+    methods bear the protocol's CamelCase names)."""
 
     def __init__(self, manager: Manager) -> None:
         self.manager = manager
@@ -117,16 +118,16 @@ class InferenceService:
         logger.exception("gRPC call failed")
         await context.abort(grpc.StatusCode.INTERNAL, f"inference failed: {type(exc).__name__}")
 
-    async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802 - the protocol's names
+    async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return pb.ServerLiveResponse(live=True)
 
-    async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+    async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return pb.ServerReadyResponse(ready=self.manager.ready())
 
-    async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+    async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return pb.ServerMetadataResponse(name="kiln", version=_kiln_version(), extensions=["binary_tensor_data"])
 
-    async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+    async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             who = await _principal(context)
             served = self.manager.resolve(who.owner, request.name, _version(request.version))
@@ -134,7 +135,7 @@ class InferenceService:
         except Exception as exc:  # noqa: BLE001 - answered as a status
             await self._guard(context, exc)
 
-    async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+    async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             who = await _principal(context)
             served = self.manager.resolve(who.owner, request.name, _version(request.version))
@@ -144,10 +145,10 @@ class InferenceService:
             return pb.ModelMetadataResponse(name=meta["name"], versions=meta["versions"], platform=meta["platform"],
                                             inputs=[tensor(**t) for t in meta["inputs"]],
                                             outputs=[tensor(**t) for t in meta["outputs"]])
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - answered as a status
             await self._guard(context, exc)
 
-    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         labels: tuple[str, str] | None = None
         try:
             who = await _principal(context)
@@ -175,7 +176,7 @@ class InferenceService:
                 response.outputs.add(name=name, datatype=protocol.DTYPE_TO_V2.get(dtype, "FP32"), shape=list(arr.shape))
                 response.raw_output_contents.append(np.ascontiguousarray(arr).tobytes())
             return response
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - answered as a status
             if labels is not None:
                 metrics.FAILURES.labels(*labels, str(getattr(exc, "status", 500))).inc()
             await self._guard(context, exc)

@@ -61,8 +61,9 @@ def parse(body: bytes, header_length: str | None, expected: dict[str, str]) -> I
     for item in doc["inputs"]:
         if not isinstance(item, dict):
             raise InvalidInput("each input must be an object with name, shape, datatype and data")
-        name, shape, datatype = item.get("name"), item.get("shape"), item.get("datatype")
-        dtype, count = check_input(name, shape, datatype, expected, inputs)
+        name, shape, dtype, count = check_input(item.get("name"), item.get("shape"), item.get("datatype"), expected,
+                                                inputs)
+        datatype = DTYPE_TO_V2[dtype]
         size = (item.get("parameters") or {}).get("binary_data_size")
         if size is not None:
             itemsize = np_dtype(dtype).itemsize
@@ -99,9 +100,9 @@ def parse(body: bytes, header_length: str | None, expected: dict[str, str]) -> I
 
 
 def check_input(name: Any, shape: Any, datatype: Any, expected: dict[str, str],
-                seen: dict[str, np.ndarray]) -> tuple[str, int]:
+                seen: dict[str, np.ndarray]) -> tuple[str, list[int], str, int]:
     """One input tensor's name, shape and datatype checked against the model (for JSON and gRPC
-    requests alike); its Kiln dtype and element count."""
+    requests alike): its name, shape, Kiln dtype and element count."""
     if not isinstance(name, str):
         raise InvalidInput("an input has no 'name'")
     if name in seen:
@@ -122,7 +123,7 @@ def check_input(name: Any, shape: Any, datatype: Any, expected: dict[str, str],
     want = expected[name]
     if dtype != want:
         raise InvalidInput(f"input {name!r} has datatype {datatype}, the model takes {DTYPE_TO_V2.get(want, want)}")
-    return dtype, math.prod(shape)  # exact: numpy's product wraps around for huge shapes
+    return name, shape, dtype, math.prod(shape)  # exact: numpy's product wraps around for huge shapes
 
 
 def from_raw(name: str, raw: bytes | memoryview, dtype: str, shape: list[int], count: int) -> np.ndarray:
