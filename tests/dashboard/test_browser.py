@@ -212,6 +212,11 @@ def test_job_page_shows_the_reports_numbers(cnn_job, kiln, page, shots):
         assert text.startswith(formatting.speedup(cand["speedup"]))
         interval = f"({formatting.speedup(cand['speedup_low'])}–{formatting.speedup(cand['speedup_high'])})"
         assert interval in text and text.endswith("noisy") == cand["noisy"], text
+    # how the figures were taken, and which references cannot discriminate, as the report says
+    conditions = report["benchmark_conditions"]
+    expect(page.locator("[data-field=conditions]")).to_contain_text(f"Timed in {conditions['rounds']} interleaved rounds")
+    flagged = page.locator("[data-field=degenerate]").evaluate_all("els => els.map(e => e.dataset.output)")
+    assert sorted(flagged) == sorted(report["degenerate"]), (flagged, report["degenerate"])
 
     eager = table.locator("tr[data-candidate=eager]")
     for point in report["eager_benchmark"]:
