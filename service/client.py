@@ -17,23 +17,29 @@ import httpx
 
 from service import errors
 
-DEFAULT_SERVER = "http://127.0.0.1:8000"
+from service.local import DEFAULT_SERVER, default_server, running
+
+__all__ = ["DEFAULT_SERVER", "KilnClient", "local_admin_token"]
 _BY_STATUS = {400: errors.BadRequest, 401: errors.BadRequest, 403: errors.BadRequest, 404: errors.NotFound, 409: errors.Conflict, 413: errors.PayloadTooLarge,
               422: errors.BadRequest, 503: errors.Unavailable, 507: errors.StorageFull}
 
 
-def local_admin_token() -> str | None:
-    """The admin token `kiln up` left in the data directory, when this machine runs the server."""
+def local_admin_token(server: str | None = None) -> str | None:
+    """The admin token of a `kiln up` on this machine: the one serving `server` wherever its data
+    lives (service/local.py), else the one in this directory's data directory (KILN_DATA_DIR, .kiln)."""
     from service.auth import read_admin_token
     from service.config import get_settings
 
+    found = running(server or default_server())
+    if found is not None and (token := read_admin_token(found.data_dir)):
+        return token
     return read_admin_token(get_settings().data_dir)
 
 
 class KilnClient:
     def __init__(self, server: str | None = None, token: str | None = None, timeout: float = 60.0) -> None:
-        self.server = (server or os.environ.get("KILN_SERVER") or DEFAULT_SERVER).rstrip("/")
-        token = token or os.environ.get("KILN_TOKEN") or local_admin_token()
+        self.server = (server or default_server()).rstrip("/")
+        token = token or os.environ.get("KILN_TOKEN") or local_admin_token(self.server)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(base_url=self.server, headers=headers, timeout=timeout)
 

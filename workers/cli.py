@@ -16,6 +16,10 @@ app = typer.Typer(help="Kiln: convert PyTorch models into fast, validated infere
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 console = Console(stderr=True)
 out = Console(width=None if Console().is_terminal else 160)
+SERVER = typer.Option(None, "--server", envvar="KILN_SERVER", show_envvar=True,
+                      help="Kiln server URL (default: the newest `kiln up` of this user, else http://127.0.0.1:8000)")
+TOKEN = typer.Option(None, "--token", envvar="KILN_TOKEN", show_envvar=True,
+                     help="API token (default: the admin token of a `kiln up` on this machine, wherever its data is)")
 
 
 @app.callback()
@@ -51,11 +55,12 @@ def convert(
     out_dir: Path = typer.Option(Path("kiln-out"), "--out", help="Directory for report.json and the artifacts"),
     remote: Optional[str] = typer.Option(None, "--remote", help="Convert on this Kiln server instead of locally"),
     name: Optional[str] = typer.Option(None, help="Model name on the server (--remote; default: the file's stem)"),
+    token: Optional[str] = TOKEN,
 ) -> None:
     """Convert a model: capture, export, compile, validate, benchmark, select (locally, or on a server)."""
     if remote:
-        _convert_remote(remote, bundle, name or bundle.name.split(".")[0], entry, weights, samples,
-                        _signature_arg(signature, input, output, dim),
+        _convert_remote(remote, token, bundle, name or bundle.name.split(".")[0], entry, weights, samples,
+                        signature, input, output, dim,
                         _job_options(target, precision, policy, threads, bench_seconds), out_dir)
         return
     from service.options import ConversionOptions
@@ -182,9 +187,14 @@ def up(host: str = typer.Option("127.0.0.1", help="Address to listen on"),
                           "CLI on this machine uses it", highlight=False, markup=False)
         else:
             console.print(f"authentication is on; the admin token is in {where}", highlight=False, markup=False)
+    from service import local
+
+    url = local.client_url(host, port)
+    local.record(url, settings.data_dir)  # so that the kiln CLI of this user finds it and its token
     try:
         serve.run_api(host, port)
     finally:
+        local.forget(url)
         supervisor.stop()
 
 
@@ -193,13 +203,12 @@ def up(host: str = typer.Option("127.0.0.1", help="Address to listen on"),
 job_app = typer.Typer(help="Conversion jobs on a Kiln server: create, list, show, watch, cancel, retry.",
                       no_args_is_help=True)
 app.add_typer(job_app, name="job")
-SERVER = typer.Option(None, "--server", envvar="KILN_SERVER", help="Kiln server URL (default http://127.0.0.1:8000)")
 
 
-def _client(server: Optional[str]):
+def _client(server: Optional[str], token: Optional[str] = None):
     from service.client import KilnClient
 
-    return KilnClient(server)
+    return KilnClient(server, token)
 
 
 token_app = typer.Typer(help="API tokens: create, list, revoke.", no_args_is_help=True)
@@ -210,10 +219,10 @@ app.add_typer(token_app, name="token")
 def token_create(name: str = typer.Option(..., help="What the token is for"),
                  scope: list[str] = typer.Option(["infer"], help="infer, manage, admin or metrics (repeatable)"),
                  owner: Optional[str] = typer.Option(None, help="Team (an admin may name another)"),
-                 server: Optional[str] = SERVER) -> None:
+                 server: Optional[str] = SERVER, token: Optional[str] = TOKEN) -> None:
     """Create a token; it is printed once and stored only as a hash."""
     try:
-        with _client(server) as client:
+        with _client(server, token) as client:
             t = client.create_token(name, _split(scope), owner)
     except KilnError as exc:
         _fail(exc)
@@ -223,10 +232,10 @@ def token_create(name: str = typer.Option(..., help="What the token is for"),
 
 
 @token_app.command("list")
-def token_list(server: Optional[str] = SERVER) -> None:
+def token_list(server: Optional[str] = SERVER, token: Optional[str] = TOKEN) -> None:
     """List tokens (never their secrets)."""
     try:
-        with _client(server) as client:
+        with _client(server, token) as client:
             items = client.tokens()
     except KilnError as exc:
         _fail(exc)
@@ -241,15 +250,30 @@ def token_list(server: Optional[str] = SERVER) -> None:
 
 
 @token_app.command("revoke")
-def token_revoke(token_id: str, server: Optional[str] = SERVER) -> None:
+def token_revoke(token_id: str, server: Optional[str] = SERVER, token: Optional[str] = TOKEN) -> None:
     """Revoke a token (it stops working within seconds on every server)."""
     try:
-        with _client(server) as client:
+        with _client(server, token) as client:
             client.revoke_token(token_id)
     except KilnError as exc:
         _fail(exc)
         return
     out.print(f"revoked {token_id}", highlight=False)
+
+
+@token_app.command("admin")
+def token_admin(server: Optional[str] = SERVER) -> None:
+    """Print the admin token of the `kiln up` on this machine (for curl: -H "Authorization: Bearer ...")."""
+    from service.client import local_admin_token
+    from service.local import default_server
+
+    found = local_admin_token(server or default_server())
+    if not found:
+        console.print("[red]error:[/red] no admin token here: no `kiln up` of this user is running with "
+                      "authentication on, and there is no .kiln/admin-token (KILN_DATA_DIR) in this directory",
+                      highlight=False)
+        raise typer.Exit(1)
+    print(found)
 
 
 def _signature_arg(signature: Optional[Path], input: Optional[list[str]], output: Optional[list[str]],
@@ -277,11 +301,11 @@ def push(bundle: Path = typer.Argument(..., help="The bundle file"),
          input: Optional[list[str]] = typer.Option(None, "--input", help="Input spec (repeatable)"),
          output: Optional[list[str]] = typer.Option(None, "--output", help="Output name (repeatable)"),
          dim: Optional[list[str]] = typer.Option(None, "--dim", help="Dimension range name=min:opt:max"),
-         server: Optional[str] = SERVER) -> None:
+         server: Optional[str] = SERVER, token: Optional[str] = TOKEN) -> None:
     """Upload a model bundle to a Kiln server."""
     try:
         sig = _signature_arg(signature, input, output, dim)
-        with _client(server) as client:
+        with _client(server, token) as client:
             v = client.push(bundle, name=name, entry=entry, weights=weights, samples=samples,
                             signature=sig.to_json() if sig else None)
     except KilnError as exc:
@@ -305,30 +329,38 @@ def job_create(model: str = typer.Option(..., help="Model name"),
                threads: Optional[int] = typer.Option(None, help="Threads for runtimes and benchmarks"),
                bench_seconds: Optional[float] = typer.Option(None, help="Seconds of timing per benchmark point"),
                watch: bool = typer.Option(False, "--watch", help="Follow the job until it ends"),
-               server: Optional[str] = SERVER) -> None:
+               server: Optional[str] = SERVER, token: Optional[str] = TOKEN) -> None:
     """Start a conversion job on a pushed model."""
     try:
-        with _client(server) as client:
+        with _client(server, token) as client:
             job = client.create_job(model, version=version,
                                     **_job_options(target, precision, policy, threads, bench_seconds))
             out.print(f"job {job['id']} {job['status']} ({model} v{job['version']})", highlight=False)
             if watch:
-                _watch(client, job["id"])
+                job = _watch(client, job["id"])
     except KilnError as exc:
         _fail(exc)
+        return
+    if watch and job["status"] != "succeeded":
+        raise typer.Exit(1)
 
 
 @job_app.command("list")
 def job_list(status: Optional[str] = typer.Option(None, help="Filter by status"),
              model: Optional[str] = typer.Option(None, help="Filter by model name"),
              limit: int = typer.Option(20, help="How many"),
-             server: Optional[str] = SERVER) -> None:
+             quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the ids, one a line"),
+             server: Optional[str] = SERVER, token: Optional[str] = TOKEN) -> None:
     """List jobs, newest first."""
     try:
-        with _client(server) as client:
+        with _client(server, token) as client:
             items = client.jobs(status=status, model=model, limit=limit)
     except KilnError as exc:
         _fail(exc)
+        return
+    if quiet:
+        for j in items:
+            print(j["id"])
         return
     table = Table()
     for col in ("id", "model", "status", "progress", "step", "targets", "precisions", "created"):
@@ -340,20 +372,20 @@ def job_list(status: Optional[str] = typer.Option(None, help="Filter by status")
 
 
 @job_app.command("show")
-def job_show(job_id: str, server: Optional[str] = SERVER) -> None:
+def job_show(job_id: str, server: Optional[str] = SERVER, token: Optional[str] = TOKEN) -> None:
     """A job's steps, candidates and selection."""
     try:
-        with _client(server) as client:
+        with _client(server, token) as client:
             _print_job(client.job(job_id))
     except KilnError as exc:
         _fail(exc)
 
 
 @job_app.command("watch")
-def job_watch(job_id: str, server: Optional[str] = SERVER) -> None:
+def job_watch(job_id: str, server: Optional[str] = SERVER, token: Optional[str] = TOKEN) -> None:
     """Follow a job's progress live until it ends."""
     try:
-        with _client(server) as client:
+        with _client(server, token) as client:
             job = _watch(client, job_id)
     except KilnError as exc:
         _fail(exc)
@@ -363,10 +395,10 @@ def job_watch(job_id: str, server: Optional[str] = SERVER) -> None:
 
 
 @job_app.command("cancel")
-def job_cancel(job_id: str, server: Optional[str] = SERVER) -> None:
+def job_cancel(job_id: str, server: Optional[str] = SERVER, token: Optional[str] = TOKEN) -> None:
     """Cancel a queued or running job."""
     try:
-        with _client(server) as client:
+        with _client(server, token) as client:
             job = client.cancel(job_id)
     except KilnError as exc:
         _fail(exc)
@@ -376,26 +408,29 @@ def job_cancel(job_id: str, server: Optional[str] = SERVER) -> None:
 
 @job_app.command("retry")
 def job_retry(job_id: str, watch: bool = typer.Option(False, "--watch", help="Follow the new attempt"),
-              server: Optional[str] = SERVER) -> None:
+              server: Optional[str] = SERVER, token: Optional[str] = TOKEN) -> None:
     """Start a new attempt of a failed or canceled job."""
     try:
-        with _client(server) as client:
+        with _client(server, token) as client:
             job = client.retry(job_id)
             out.print(f"job {job['id']} queued (retry of {job_id})", highlight=False)
             if watch:
-                _watch(client, job["id"])
+                job = _watch(client, job["id"])
     except KilnError as exc:
         _fail(exc)
+        return
+    if watch and job["status"] != "succeeded":
+        raise typer.Exit(1)
 
 
 @job_app.command("report")
 def job_report(job_id: str, output_file: Optional[Path] = typer.Option(None, "--out", help="Write the JSON here"),
-               server: Optional[str] = SERVER) -> None:
+               server: Optional[str] = SERVER, token: Optional[str] = TOKEN) -> None:
     """The job's full report (JSON)."""
     import json
 
     try:
-        with _client(server) as client:
+        with _client(server, token) as client:
             report = client.report(job_id)
     except KilnError as exc:
         _fail(exc)
@@ -409,22 +444,23 @@ def job_report(job_id: str, output_file: Optional[Path] = typer.Option(None, "--
 
 
 @job_app.command("logs")
-def job_logs(job_id: str, server: Optional[str] = SERVER) -> None:
+def job_logs(job_id: str, server: Optional[str] = SERVER, token: Optional[str] = TOKEN) -> None:
     """The job's log."""
     try:
-        with _client(server) as client:
+        with _client(server, token) as client:
             print(client.logs(job_id), end="")
     except KilnError as exc:
         _fail(exc)
 
 
-def _convert_remote(server: str, bundle: Path, name: str, entry, weights, samples, sig, options: dict,  # noqa: ANN001
-                    out_dir: Path) -> None:
+def _convert_remote(server: str, token: Optional[str], bundle: Path, name: str, entry, weights, samples,  # noqa: ANN001
+                    signature, input, output, dim, options: dict, out_dir: Path) -> None:  # noqa: ANN001
     """push + job create + watch, then the report and the selected artifact into out_dir."""
     import json
 
     try:
-        with _client(server) as client:
+        sig = _signature_arg(signature, input, output, dim)
+        with _client(server, token) as client:
             v = client.push(bundle, name=name, entry=entry, weights=weights, samples=samples,
                             signature=sig.to_json() if sig else None)
             job = client.create_job(name, version=v["version"], **options)

@@ -1,0 +1,102 @@
+"""The `kiln` command as a new user meets it: against a real `kiln up` (authentication on) on a free port
+with its data in a directory of its own, run from another directory."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.service.procs import KilnUp, Processes, kiln_cli, user_env
+
+pytestmark = pytest.mark.slow
+
+BROKEN = '''\
+import torch
+
+
+class Net(torch.nn.Module):
+    def forward(self, x):
+        return x * 2
+
+
+def build_model():
+    raise RuntimeError("broken on purpose")
+'''
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory):
+    """One `kiln up` for the module; `.home` is its user's home, `.elsewhere` a directory with no data."""
+    root = tmp_path_factory.mktemp("kiln-up")
+    home = root / "home"
+    home.mkdir()
+    procs = Processes()
+    server = procs.add(KilnUp(root / "data" / "here", user_env(home), root / "up.log"))
+    server.home, server.elsewhere = home, root / "elsewhere"
+    server.elsewhere.mkdir()
+    try:
+        yield server.start()
+    finally:
+        procs.close()
+
+
+def kiln(up, *args: str, home=None, **env: str):  # noqa: ANN001, ANN201
+    return kiln_cli(*args, env={**user_env(home or up.home), **env}, cwd=up.elsewhere)
+
+
+def test_every_command_that_talks_to_a_server_takes_server_and_token():
+    import typer.main
+
+    from workers.cli import app
+
+    def walk(group, path=()):  # noqa: ANN001, ANN202
+        for name, cmd in group.commands.items():
+            if hasattr(cmd, "commands"):
+                yield from walk(cmd, (*path, name))
+            else:
+                yield " ".join((*path, name)), {p.name: p for p in cmd.params}
+
+    commands = dict(walk(typer.main.get_command(app)))
+    talking = {name: params for name, params in commands.items()
+               if ("server" in params or "remote" in params) and name != "token admin"}  # that one reads a file
+    assert {"push", "job create", "job list", "job watch", "token create", "convert"} <= talking.keys()
+    for name, params in talking.items():
+        assert "token" in params, f"kiln {name} has no --token"
+        assert params["token"].envvar == "KILN_TOKEN", name
+        if "server" in params:
+            assert params["server"].envvar == "KILN_SERVER", name
+
+
+def test_token_and_server_options_and_their_environment_variables(up, tmp_path):
+    stranger = tmp_path / "stranger"  # a user with no record of any kiln up
+    stranger.mkdir()
+    r = kiln(up, "job", "list", "--server", up.url, "--token", up.admin_token(), home=stranger)
+    assert r.returncode == 0, r.stderr
+    r = kiln(up, "job", "list", home=stranger, KILN_SERVER=up.url, KILN_TOKEN=up.admin_token())
+    assert r.returncode == 0, r.stderr
+    r = kiln(up, "job", "list", "--server", up.url, "--token", "kiln_not-a-real-token", home=stranger)
+    assert r.returncode == 2 and "unknown or revoked" in r.stderr and "HTTP 401" in r.stderr, r.stderr
+
+
+def test_the_cli_finds_a_kiln_up_on_any_port_with_any_data_dir(up):
+    # no --server, no --token, no KILN_*: the CLI of the same user finds the server and its token
+    r = kiln(up, "job", "list")
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = kiln(up, "token", "admin")
+    assert r.returncode == 0 and r.stdout.strip() == up.admin_token(), r.stderr
+
+
+def test_job_create_watch_exits_1_when_the_job_fails(up, tmp_path):
+    bundle = tmp_path / "broken.py"
+    bundle.write_text(BROKEN)
+    env = {"KILN_SERVER": up.url, "KILN_TOKEN": up.admin_token()}
+    r = kiln(up, "push", str(bundle), "--name", "broken", "--input", "x:float32[1,4]", **env)
+    assert r.returncode == 0, r.stderr
+    r = kiln(up, "job", "create", "--model", "broken", "--target", "onnxruntime", "--watch", **env)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "failed" in r.stdout and "broken on purpose" in r.stdout, r.stdout
+    job_id = r.stdout.split()[1]
+    r = kiln(up, "job", "watch", job_id, **env)
+    assert r.returncode == 1, r.stdout + r.stderr
+    r = kiln(up, "job", "retry", job_id, "--watch", **env)
+    assert r.returncode == 1, r.stdout + r.stderr
+
