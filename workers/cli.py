@@ -13,7 +13,8 @@ from rich.table import Table
 from service.errors import BadRequest, KilnError
 
 app = typer.Typer(help="Kiln: convert PyTorch models into fast, validated inference artifacts.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  rich_markup_mode=None)
 console = Console(stderr=True)
 out = Console(width=None if Console().is_terminal else 160)
 SERVER = typer.Option(None, "--server", envvar="KILN_SERVER", show_envvar=True,
@@ -39,7 +40,7 @@ def _fail(exc: KilnError) -> None:
 
 @app.command()
 def convert(
-    bundle: Path = typer.Argument(..., help="A .py file, a .zip/.tar.gz bundle, a TorchScript .pt, a .pt2 or an .onnx"),
+    bundle: Path = typer.Argument(..., metavar="BUNDLE", help="A .py file, a folder, a .zip/.tar.gz bundle, a TorchScript .pt, a .pt2 or an .onnx"),
     entry: Optional[str] = typer.Option(None, help="Entry point that builds the model, e.g. model.py:build_model"),
     weights: Optional[Path] = typer.Option(None, help="Weights: .safetensors or a state-dict .pt"),
     signature: Optional[Path] = typer.Option(None, help="Signature file (YAML or JSON)"),
@@ -86,7 +87,9 @@ def convert(
             sig = Signature.parse({"inputs": [parse_tensor_spec(i) for i in input],
                                    "outputs": [{"name": o} for o in output or []],
                                    "dims": dict(parse_dim_range(d) for d in dim or [])})
-        for label, path in (("bundle", bundle), ("weights", weights), ("samples", samples)):
+        if not bundle.exists():
+            raise BadRequest(f"bundle {bundle} does not exist")
+        for label, path in (("weights", weights), ("samples", samples)):
             if path is not None and not path.is_file():
                 raise BadRequest(f"{label} file {path} does not exist")
         ctx = engine.prepare(bundle, out_dir, entry=entry, weights=weights, samples=samples, signature=sig,
@@ -292,7 +295,7 @@ def _signature_arg(signature: Optional[Path], input: Optional[list[str]], output
 
 
 @app.command()
-def push(bundle: Path = typer.Argument(..., help="The bundle file"),
+def push(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="A .py file, a folder (zipped on the way), a .zip/.tar.gz, .pt, .pt2 or .onnx"),
          name: str = typer.Option(..., help="Model name"),
          entry: Optional[str] = typer.Option(None, help="Entry point, e.g. model.py:build_model"),
          weights: Optional[Path] = typer.Option(None, help="Weights file"),

@@ -3,6 +3,7 @@ with its data in a directory of its own, run from another directory."""
 
 from __future__ import annotations
 
+import httpx
 import pytest
 
 from tests.service.procs import KilnUp, Processes, kiln_cli, user_env
@@ -100,3 +101,57 @@ def test_job_create_watch_exits_1_when_the_job_fails(up, tmp_path):
     r = kiln(up, "job", "retry", job_id, "--watch", **env)
     assert r.returncode == 1, r.stdout + r.stderr
 
+
+ONE_INPUT = '''\
+import torch
+
+
+class Net(torch.nn.Module):
+    def forward(self, x):
+        return x * 2
+
+
+def build_model():
+    return Net()
+'''
+
+
+@pytest.mark.parametrize("source, inputs, says", [
+    ("import torch\n\ndef build_model(:\n    pass\n", ["x:float32[1,4]"],
+     ["model.py:3", "SyntaxError", "def build_model(:"]),
+    (ONE_INPUT, ["x:float32[1,4]", "y:float32[1,4]"], ["2 input(s) (x, y)", "Net.forward(x)", "model.py:5", "takes 1"]),
+    (ONE_INPUT, ["image:float32[1,4]"], ["input 1 is 'image' where forward has 'x'", "Net.forward(x)"]),
+    (ONE_INPUT.replace("def build_model", "def make_model"), ["x:float32[1,4]"],
+     ["defines no 'build_model'", "make_model"]),
+])
+def test_bad_bundles_are_refused_at_upload_in_one_line(up, tmp_path, source, inputs, says):
+    folder = tmp_path / "bundle"
+    folder.mkdir()
+    (folder / "model.py").write_text(source)
+    args = [a for spec in inputs for a in ("--input", spec)]
+    r = kiln(up, "push", str(folder), "--name", "refused", *args)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error: "), r.stderr
+    for part in says:
+        assert part in r.stderr, r.stderr
+    # nothing was stored, and the same sentence comes from a local run
+    r = httpx.get(f"{up.url}/v1/models/refused", headers={"Authorization": f"Bearer {up.admin_token()}"})
+    assert r.status_code == 404, r.text
+    r = kiln(up, "convert", str(folder), *args, "--out", str(tmp_path / "out"))
+    assert r.returncode == 2 and all(part in r.stderr for part in says), r.stderr
+
+
+def test_what_the_source_cannot_tell_is_left_to_the_sandbox(up, tmp_path):
+    bundle = tmp_path / "varargs.py"
+    bundle.write_text(ONE_INPUT.replace("def forward(self, x)", "def forward(self, *xs)").replace("x * 2", "xs[0]"))
+    r = kiln(up, "push", str(bundle), "--name", "varargs", "--input", "a:float32[1,4]", "--input", "b:float32[1,4]")
+    assert r.returncode == 0, r.stderr
+
+
+def test_help_keeps_its_examples_and_flags_take_no_value(tmp_path):
+    env = user_env(tmp_path)
+    r = kiln_cli("convert", "--help", env=env, cwd=tmp_path)
+    assert r.returncode == 0 and "'x:float32[batch,3,224,224]'" in r.stdout, r.stdout
+    r = kiln_cli("job", "create", "--help", env=env, cwd=tmp_path)
+    watch = next(line for line in r.stdout.splitlines() if "--watch" in line)
+    assert "<bool>" not in watch and "Follow the job" in watch, r.stdout
