@@ -137,6 +137,17 @@ def worker(queues: str = typer.Option("cpu,gpu", help="Queues to take work from:
     if unknown or not chosen:
         console.print(f"[red]error:[/red] unknown queue(s) {', '.join(unknown) or '(none)'}; use cpu, gpu or cpu,gpu")
         raise typer.Exit(2)
+    from workers.compilers.gpu import cuda_device
+
+    if "gpu" in chosen and cuda_device() is None:
+        # A GPU job taken here could only fail: leave it queued (it says why) for a worker with a GPU.
+        if chosen == ["gpu"]:
+            console.print("[red]error:[/red] no CUDA device on this machine: a worker for the gpu queue needs one "
+                          "(use --queues cpu here)", highlight=False)
+            raise typer.Exit(2)
+        chosen = [q for q in chosen if q != "gpu"]
+        console.print("no CUDA device on this machine: taking only the cpu queue (GPU jobs wait for a GPU worker)",
+                      highlight=False, markup=False)
     _data_dir(data_dir)
     serve.configure_logging("worker")
     serve.run_worker(chosen, concurrency, name)

@@ -3,6 +3,8 @@ with its data in a directory of its own, run from another directory."""
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 
@@ -155,3 +157,38 @@ def test_help_keeps_its_examples_and_flags_take_no_value(tmp_path):
     r = kiln_cli("job", "create", "--help", env=env, cwd=tmp_path)
     watch = next(line for line in r.stdout.splitlines() if "--watch" in line)
     assert "<bool>" not in watch and "Follow the job" in watch, r.stdout
+
+
+def test_a_gpu_job_waits_for_a_gpu_worker_instead_of_failing_on_a_cpu_one(up, tmp_path):
+    from workers.compilers.gpu import cuda_device
+
+    if cuda_device() is not None:
+        pytest.skip("this machine has a CUDA device: its worker rightly takes the gpu queue")
+    bundle = tmp_path / "one.py"
+    bundle.write_text(ONE_INPUT)
+    assert kiln(up, "push", str(bundle), "--name", "gpu-only", "--input", "x:float32[1,4]").returncode == 0
+    r = kiln(up, "job", "create", "--model", "gpu-only", "--target", "tensorrt")
+    assert r.returncode == 0, r.stderr
+    job_id = r.stdout.split()[1]
+    headers = {"Authorization": f"Bearer {up.admin_token()}"}
+    time.sleep(8)  # the kiln up worker polls its queues continuously: it would have taken the job by now
+    job = httpx.get(f"{up.url}/v1/jobs/{job_id}", headers=headers).json()
+    assert job["status"] == "queued" and job["queue"] == "gpu", job
+    assert "waiting for a worker on the gpu queue" in job["waiting"], job
+    assert kiln(up, "job", "cancel", job_id).returncode == 0
+
+
+def test_a_local_tensorrt_conversion_without_a_gpu_is_refused_at_once(tmp_path):
+    from workers.compilers.gpu import cuda_device
+
+    if cuda_device() is not None:
+        pytest.skip("this machine has a CUDA device")
+    bundle = tmp_path / "one.py"
+    bundle.write_text(ONE_INPUT)
+    started = time.monotonic()
+    r = kiln_cli("convert", str(bundle), "--input", "x:float32[1,4]", "--target", "tensorrt",
+                 "--out", str(tmp_path / "out"), env=user_env(tmp_path), cwd=tmp_path)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "needs a CUDA GPU" in r.stderr, r.stderr
+    assert "worker" not in r.stderr.split("needs")[0] and "load" not in r.stdout, r.stdout + r.stderr
+    assert time.monotonic() - started < 20
