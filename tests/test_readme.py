@@ -27,11 +27,13 @@ def tour_blocks(readme: str) -> list[str]:
 
 
 def kiln_shim(folder: Path) -> Path:
-    """`.venv/bin/kiln` in `folder`: this checkout's CLI under this test's Python."""
+    """`.venv/bin/kiln` in `folder`: this checkout's CLI under this test's Python (`.venv/bin/python`)."""
     shim = folder / ".venv" / "bin" / "kiln"
     shim.parent.mkdir(parents=True)
     shim.write_text(f'#!/bin/sh\nPYTHONPATH={ROOT} exec {sys.executable} -m workers.cli "$@"\n')
     shim.chmod(0o755)
+    (shim.parent / "python").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+    (shim.parent / "python").chmod(0o755)
     return shim
 
 
@@ -67,6 +69,10 @@ def test_the_readme_tour_runs_as_written(tmp_path):
         assert run.stdout.count('"candidate": "') >= 2, shown
         assert (work / "report.json").is_file() and (work / "out" / "classifier" / "report.json").is_file()
         assert (work / "out" / "controlflow" / "onnxruntime-fp32" / "model.onnx").is_file(), shown
+        # --remote writes what a local run writes
+        assert (work / "out" / "classifier" / "summary.md").is_file(), shown
+        assert (work / "out" / "classifier" / "onnxruntime-fp32" / "model.onnx").is_file(), shown
+        assert "logits float32[2, 10]" in run.stdout, shown  # kiln infer
         assert re.search(r'"name": ?"classifier".*"platform"', run.stdout), shown  # the deployment's metadata
         assert re.search(r"token \S+ for default \(infer\):\nkiln_\S+$", run.stdout, re.M), shown
     finally:

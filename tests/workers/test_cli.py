@@ -192,3 +192,79 @@ def test_a_local_tensorrt_conversion_without_a_gpu_is_refused_at_once(tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1 and "needs a CUDA GPU" in r.stderr, r.stderr
     assert "worker" not in r.stderr.split("needs")[0] and "load" not in r.stdout, r.stdout + r.stderr
     assert time.monotonic() - started < 20
+
+
+def tiny_onnx(path):  # noqa: ANN001, ANN201
+    """y = relu(x @ W), x: float32[batch, 4] -> y: float32[batch, 3]."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.arange(12, dtype=np.float32).reshape(4, 3) / 10, "W")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["m"]), helper.make_node("Relu", ["m"], ["y"])],
+                              "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_models_deployments_and_inference_from_the_cli(up, tmp_path):
+    import json
+
+    import numpy as np
+
+    model = tiny_onnx(tmp_path / "tiny.onnx")
+    r = kiln(up, "model", "push", str(model), "--name", "tiny")
+    assert r.returncode == 0 and "pushed tiny version 1" in r.stdout, r.stdout + r.stderr
+    r = kiln(up, "model", "list")
+    assert r.returncode == 0 and "tiny" in r.stdout, r.stdout + r.stderr
+    assert json.loads(kiln(up, "model", "show", "tiny").stdout)["versions"][0]["kind"] == "onnx"
+    r = kiln(up, "job", "create", "--model", "tiny", "--target", "onnxruntime", "--bench-seconds", "0.05", "--watch")
+    assert r.returncode == 0, r.stdout + r.stderr
+    job_id = r.stdout.split()[1]
+
+    for _ in range(2):  # two versions of one deployment
+        r = kiln(up, "deploy", "tiny-serve", "--job", job_id)
+        assert r.returncode == 0 and "ready" in r.stdout, r.stdout + r.stderr
+    r = kiln(up, "deployment", "list")
+    assert r.returncode == 0 and "tiny-serve" in r.stdout, r.stdout
+    assert "default version 2" in kiln(up, "deployment", "show", "tiny-serve").stdout
+    r = kiln(up, "deployment", "rollback", "tiny-serve")
+    assert r.returncode == 0 and "default version 1" in r.stdout, r.stdout + r.stderr
+    r = kiln(up, "deployment", "set-default", "tiny-serve", "2")
+    assert r.returncode == 0 and "default version 2" in r.stdout, r.stdout + r.stderr
+
+    x = np.array([[1, 2, 3, 4], [-1, -2, -3, -4]], dtype=np.float32)
+    expected = np.maximum(x @ (np.arange(12, dtype=np.float32).reshape(4, 3) / 10), 0)
+    np.save(tmp_path / "x.npy", x)
+    np.savez(tmp_path / "x.npz", x=x)
+    (tmp_path / "x.json").write_text(json.dumps({"x": x.tolist()}))
+    for name in ("x.npy", "x.npz", "x.json"):
+        r = kiln(up, "infer", "tiny-serve", str(tmp_path / name), "--out", str(tmp_path / f"y-{name}.npz"))
+        assert r.returncode == 0, r.stdout + r.stderr
+        with np.load(tmp_path / f"y-{name}.npz") as got:
+            np.testing.assert_allclose(got["y"], expected, rtol=1e-5)
+    r = kiln(up, "infer", "tiny-serve", str(tmp_path / "x.npy"))
+    assert r.returncode == 0 and "y float32[2, 3]" in r.stdout, r.stdout
+    np.savez(tmp_path / "wrong.npz", image=x)
+    r = kiln(up, "infer", "tiny-serve", str(tmp_path / "wrong.npz"))
+    assert r.returncode == 2 and "has image but tiny-serve takes x" in r.stderr, r.stderr
+
+    r = kiln(up, "model", "delete", "tiny", "--version", "1")  # a deployment uses it
+    assert r.returncode != 0 and "error:" in r.stderr, r.stdout + r.stderr
+    assert kiln(up, "deployment", "delete", "tiny-serve").returncode == 0
+    assert kiln(up, "deployment", "show", "tiny-serve").returncode != 0
+    r = kiln(up, "model", "delete", "tiny", "--version", "1")
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_convert_remote_writes_what_a_local_run_writes(up, tmp_path):
+    model = tiny_onnx(tmp_path / "tiny.onnx")
+    out = tmp_path / "out"
+    r = kiln(up, "convert", str(model), "--remote", up.url, "--name", "tiny-remote", "--target", "onnxruntime",
+             "--precision", "fp32,fp16", "--bench-seconds", "0.05", "--out", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (out / "report.json").is_file() and (out / "summary.md").is_file()
+    assert "onnxruntime-fp32" in (out / "summary.md").read_text()
+    for name in ("onnxruntime-fp32", "onnxruntime-fp16"):
+        assert (out / name / "model.onnx").is_file() and (out / name / "kiln-artifact.json").is_file(), name
