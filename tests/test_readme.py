@@ -39,7 +39,7 @@ def kiln_shim(folder: Path) -> Path:
 
 def test_the_readme_tour_runs_as_written(tmp_path):
     blocks = tour_blocks((ROOT / "README.md").read_text())
-    assert len(blocks) == 3 and "kiln push" in blocks[0] and "/v1/deployments" in blocks[1]
+    assert len(blocks) == 3 and "kiln push" in blocks[0] and "kiln deploy" in blocks[1]
     assert "kiln convert tests/zoo/controlflow.py" in blocks[2]  # without a server
     script = "\n".join(blocks)
     assert script.count("KILN=http://127.0.0.1:8000") == 1
