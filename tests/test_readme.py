@@ -73,6 +73,7 @@ def test_the_readme_tour_runs_as_written(tmp_path):
         assert (work / "out" / "classifier" / "summary.md").is_file(), shown
         assert (work / "out" / "classifier" / "onnxruntime-fp32" / "model.onnx").is_file(), shown
         assert "logits float32[2, 10]" in run.stdout, shown  # kiln infer
+        assert "\x1b[" not in run.stdout + run.stderr, shown  # no escape codes into a pipe
         assert re.search(r'"name": ?"classifier".*"platform"', run.stdout), shown  # the deployment's metadata
         assert re.search(r"token \S+ for default \(infer\):\nkiln_\S+$", run.stdout, re.M), shown
     finally:

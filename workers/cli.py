@@ -147,7 +147,7 @@ def worker(queues: str = typer.Option("cpu,gpu", help="Queues to take work from:
             raise typer.Exit(2)
         chosen = [q for q in chosen if q != "gpu"]
         console.print("no CUDA device on this machine: taking only the cpu queue (GPU jobs wait for a GPU worker)",
-                      highlight=False, markup=False)
+                      highlight=False, markup=False, soft_wrap=True)
     _data_dir(data_dir)
     serve.configure_logging("worker")
     serve.run_worker(chosen, concurrency, name)
@@ -182,9 +182,10 @@ def up(host: str = typer.Option("127.0.0.1", help="Address to listen on"),
     migrate()
     supervisor = serve.Supervisor(["cpu", "gpu"], concurrency)
     supervisor.start()
-    console.print(f"Kiln on http://{host}:{port}  data: {settings.data_dir.resolve()}  "
-                  f"database: {settings.database_url.split('@')[-1]}  broker: {settings.broker_url.split('@')[-1]}",
-                  highlight=False, markup=False)
+    # One field a line, never wrapped inside one (a path or a URL is copied from here).
+    console.print(f"Kiln on http://{host}:{port}\n  data:     {settings.data_dir.resolve()}\n"
+                  f"  database: {settings.database_url.split('@')[-1]}\n  broker:   {settings.broker_url.split('@')[-1]}",
+                  highlight=False, markup=False, soft_wrap=True)
     if settings.auth:
         from service.auth import ADMIN_TOKEN_FILE, bootstrap
         from service.db import session_scope
@@ -195,12 +196,13 @@ def up(host: str = typer.Option("127.0.0.1", help="Address to listen on"),
         if token and sys.stdout.isatty():
             console.print(f"admin token: {token}\n  saved in {where} (only you can read it); the kiln CLI on this "
                           "machine uses it; elsewhere pass --token or set KILN_TOKEN, or send "
-                          "'Authorization: Bearer <token>'", highlight=False, markup=False)
+                          "'Authorization: Bearer <token>'", highlight=False, markup=False, soft_wrap=True)
         elif token:  # output that is not a terminal may be a log file others can read: no token in it
             console.print(f"created the admin token and saved it in {where} (only you can read it); the kiln "
-                          "CLI on this machine uses it", highlight=False, markup=False)
+                          "CLI on this machine uses it", highlight=False, markup=False, soft_wrap=True)
         else:
-            console.print(f"authentication is on; the admin token is in {where}", highlight=False, markup=False)
+            console.print(f"authentication is on; the admin token is in {where}", highlight=False, markup=False,
+                          soft_wrap=True)
     from service import local
 
     url = local.client_url(host, port)

@@ -22,6 +22,9 @@ def configure_logging(role: str, level: str = "INFO") -> None:
     host = socket.gethostname()
     logging.basicConfig(level=level, format=f"%(asctime)s {host} {role} %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)  # its plugin set-up is not news
+    # "Task kiln.convert[...] succeeded in 3.80s: 'failed'": the task ran, the job failed; the job's
+    # own log lines say what happened, so Celery's per-task line is only confusing.
+    logging.getLogger("celery.app.trace").setLevel(logging.WARNING)
     os.environ["KILN_ROLE"] = role
     metrics.identify(role)
 
@@ -150,6 +153,13 @@ def run_worker(queues: list[str], concurrency: int, name: str | None = None) -> 
     from service.db import migrate
     from workers.celery_app import app
 
+    import warnings
+
+    from celery.exceptions import SecurityWarning
+
+    # Celery warns against running as root because pickled messages could run code in the worker;
+    # Kiln's queues accept JSON only, and model code runs as the sandbox's unprivileged user.
+    warnings.filterwarnings("ignore", category=SecurityWarning)
     migrate()
     argv = ["worker", "--queues", ",".join(queues), "--concurrency", str(concurrency), "--pool", "prefork",
             "--loglevel", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"]

@@ -33,7 +33,9 @@ def up(tmp_path_factory):
     home = root / "home"
     home.mkdir()
     procs = Processes()
-    server = procs.add(KilnUp(root / "data" / "here", user_env(home), root / "up.log"))
+    # a data directory whose path is longer than a line of 80 columns (the banner must not wrap in it)
+    server = procs.add(KilnUp(root / "data" / ("a-data-directory-with-a-rather-long-name-" * 2), user_env(home),
+                              root / "up.log"))
     server.home, server.elsewhere = home, root / "elsewhere"
     server.elsewhere.mkdir()
     try:
@@ -268,3 +270,13 @@ def test_convert_remote_writes_what_a_local_run_writes(up, tmp_path):
     assert "onnxruntime-fp32" in (out / "summary.md").read_text()
     for name in ("onnxruntime-fp32", "onnxruntime-fp16"):
         assert (out / name / "model.onnx").is_file() and (out / name / "kiln-artifact.json").is_file(), name
+
+
+def test_kiln_up_says_nothing_a_user_should_not_see(up):
+    """Run last in this module, after jobs that failed and succeeded: the log of `kiln up` (a file, not a
+    terminal) has no third-party warnings, no Celery task lines, no escape codes, and an unbroken banner."""
+    log = up.log.read_text()
+    for noise in ("SecurityWarning", "superuser privileges", "No hostname was supplied", "succeeded in",
+                  "Warning:", "\x1b["):
+        assert noise not in log, f"{noise!r} in the log of kiln up:\n{log[-3000:]}"
+    assert f"  data:     {up.data_dir.resolve()}\n" in log, log[:2000]

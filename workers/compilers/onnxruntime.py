@@ -106,8 +106,12 @@ class OnnxRuntimeCompiler:
         return path
 
     def _preprocess(self, src: Path, work: Path) -> Path:
+        import onnxruntime as ort
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
+        # The quantization tools open sessions of their own, whose warnings ("Removing initializer")
+        # go to stderr with terminal colour codes even into a pipe or a log: errors only.
+        ort.set_default_logger_severity(3)
         path = work / "preprocessed.onnx"
         try:
             quant_pre_process(str(src), str(path), skip_symbolic_shape=False)
