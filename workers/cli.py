@@ -103,7 +103,8 @@ def convert(
     if not (ctx.selection and ctx.selection.candidate):
         failed = next((s for s in ctx.steps if s.status == "failed"), None)
         console.print("[red]no candidate passed[/red]", end="")
-        console.print(f": {failed.error}" if failed and failed.error else "", markup=False, highlight=False)
+        console.print(f": {failed.error}" if failed and failed.error else "", markup=False, highlight=False,
+                      soft_wrap=True)
         raise typer.Exit(1)
 
 
@@ -756,6 +757,8 @@ def _watch(client, job_id: str) -> dict:  # noqa: ANN001
                     for st in data.get("steps", []):
                         if st["status"] in ("ok", "failed", "skipped") and seen_steps.get(st["name"]) != st["status"]:
                             seen_steps[st["name"]] = st["status"]
+                            if st["status"] == "skipped" and (st.get("error") or "").startswith("needs "):
+                                continue  # after a failed step: its failure is the one line that matters
                             note = f" - {st['error']}" if st.get("error") else ""
                             bar.console.print(f"  {st['name']:<9} {MARKS_PLAIN.get(st['status'], st['status'])} "
                                               f"({st['duration_s'] or 0:.1f}s){note}", markup=False, highlight=False)
@@ -837,7 +840,8 @@ def print_summary(ctx) -> None:
                       f"{c.benchmark[0].p50_ms:.3g}" if c.benchmark else "",
                       f"{c.speedup:.2f}x" if c.speedup else "",
                       "[bold]selected[/bold]" if selected else (c.lost_because or c.reason or ""))
-    out.print(table)
+    if ctx.candidates:  # an empty table after a failed load says nothing
+        out.print(table)
     if ctx.selection and ctx.selection.candidate:
         out.print(f"selected [bold]{ctx.selection.candidate}[/bold]: {ctx.selection.reason}", highlight=False)
     out.print(f"report: {ctx.out / 'report.json'}", highlight=False)

@@ -98,7 +98,8 @@ def test_job_create_watch_exits_1_when_the_job_fails(up, tmp_path):
     assert r.returncode == 0, r.stderr
     r = kiln(up, "job", "create", "--model", "broken", "--target", "onnxruntime", "--watch", **env)
     assert r.returncode == 1, r.stdout + r.stderr
-    assert "failed" in r.stdout and "broken on purpose" in r.stdout, r.stdout
+    assert "failed" in r.stdout and "RuntimeError: broken on purpose (broken.py:10)" in r.stdout, r.stdout
+    assert "skipped" not in r.stdout + r.stderr, r.stdout + r.stderr  # the failure, not seven steps after it
     job_id = r.stdout.split()[1]
     r = kiln(up, "job", "watch", job_id, **env)
     assert r.returncode == 1, r.stdout + r.stderr
@@ -150,6 +151,17 @@ def test_what_the_source_cannot_tell_is_left_to_the_sandbox(up, tmp_path):
     bundle.write_text(ONE_INPUT.replace("def forward(self, x)", "def forward(self, *xs)").replace("x * 2", "xs[0]"))
     r = kiln(up, "push", str(bundle), "--name", "varargs", "--input", "a:float32[1,4]", "--input", "b:float32[1,4]")
     assert r.returncode == 0, r.stderr
+
+
+def test_a_local_run_of_a_model_that_raises_says_where_in_one_line(tmp_path):
+    bundle = tmp_path / "broken.py"
+    bundle.write_text(BROKEN)
+    r = kiln_cli("convert", str(bundle), "--input", "x:float32[1,4]", "--out", str(tmp_path / "out"),
+                 env=user_env(tmp_path), cwd=tmp_path)
+    assert r.returncode == 1, r.stdout + r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last == "no candidate passed: model code raised RuntimeError: broken on purpose (broken.py:10)", r.stderr
+    assert "skipped" not in r.stdout + r.stderr and "candidate " not in r.stdout, r.stdout + r.stderr
 
 
 def test_help_keeps_its_examples_and_flags_take_no_value(tmp_path):
