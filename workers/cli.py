@@ -353,6 +353,8 @@ def job_create(model: str = typer.Option(..., help="Model name"),
             job = client.create_job(model, version=version,
                                     **_job_options(target, precision, policy, threads, bench_seconds))
             out.print(f"job {job['id']} {job['status']} ({model} v{job['version']})", highlight=False)
+            if job.get("waiting"):  # e.g. a GPU target and no GPU worker online
+                out.print(job["waiting"], highlight=False, markup=False, soft_wrap=True)
             if watch:
                 job = _watch(client, job["id"])
     except KilnError as exc:

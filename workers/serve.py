@@ -155,11 +155,9 @@ def run_worker(queues: list[str], concurrency: int, name: str | None = None) -> 
 
     import warnings
 
-    from celery.exceptions import SecurityWarning
-
     # Celery warns against running as root because pickled messages could run code in the worker;
     # Kiln's queues accept JSON only, and model code runs as the sandbox's unprivileged user.
-    warnings.filterwarnings("ignore", category=SecurityWarning)
+    warnings.filterwarnings("ignore", message="You're running the worker with superuser privileges")
     migrate()
     argv = ["worker", "--queues", ",".join(queues), "--concurrency", str(concurrency), "--pool", "prefork",
             "--loglevel", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"]

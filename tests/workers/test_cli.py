@@ -44,7 +44,7 @@ def up(tmp_path_factory):
         procs.close()
 
 
-def kiln(up, *args: str, home=None, **env: str):  # noqa: ANN001, ANN201
+def kiln(up, *args: str, home=None, **env: str):
     return kiln_cli(*args, env={**user_env(home or up.home), **env}, cwd=up.elsewhere)
 
 
@@ -53,7 +53,7 @@ def test_every_command_that_talks_to_a_server_takes_server_and_token():
 
     from workers.cli import app
 
-    def walk(group, path=()):  # noqa: ANN001, ANN202
+    def walk(group, path=()):
         for name, cmd in group.commands.items():
             if hasattr(cmd, "commands"):
                 yield from walk(cmd, (*path, name))
@@ -183,6 +183,7 @@ def test_a_gpu_job_waits_for_a_gpu_worker_instead_of_failing_on_a_cpu_one(up, tm
     assert kiln(up, "push", str(bundle), "--name", "gpu-only", "--input", "x:float32[1,4]").returncode == 0
     r = kiln(up, "job", "create", "--model", "gpu-only", "--target", "tensorrt")
     assert r.returncode == 0, r.stderr
+    assert "waiting for a worker on the gpu queue" in r.stdout, r.stdout
     job_id = r.stdout.split()[1]
     headers = {"Authorization": f"Bearer {up.admin_token()}"}
     time.sleep(8)  # the kiln up worker polls its queues continuously: it would have taken the job by now
@@ -208,7 +209,7 @@ def test_a_local_tensorrt_conversion_without_a_gpu_is_refused_at_once(tmp_path):
     assert time.monotonic() - started < 20
 
 
-def tiny_onnx(path):  # noqa: ANN001, ANN201
+def tiny_onnx(path):
     """y = relu(x @ W), x: float32[batch, 4] -> y: float32[batch, 3]."""
     import numpy as np
     import onnx
