@@ -31,13 +31,18 @@ def registry_path() -> Path:
 
 
 def _alive(pid: int) -> bool:
+    """Whether `pid` is still a running `kiln up` (not a process that reused its number)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return True  # no /proc here: the signal check is all there is
+    return b"up" in cmdline
 
 
 def _read() -> list[dict]:
