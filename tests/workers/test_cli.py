@@ -3,6 +3,7 @@ with its data in a directory of its own, run from another directory."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import httpx
@@ -140,8 +141,15 @@ def test_bad_bundles_are_refused_at_upload_in_one_line(up, tmp_path, source, inp
     for part in says:
         assert part in r.stderr, r.stderr
     # nothing was stored, and the same sentence comes from a local run
-    r = httpx.get(f"{up.url}/v1/models/refused", headers={"Authorization": f"Bearer {up.admin_token()}"})
+    headers = {"Authorization": f"Bearer {up.admin_token()}"}
+    r = httpx.get(f"{up.url}/v1/models/refused", headers=headers)
     assert r.status_code == 404, r.text
+    # the API's problem detail is the same one line
+    sig = {"inputs": inputs}
+    r = httpx.post(f"{up.url}/v1/models", headers=headers, data={"name": "refused", "signature": json.dumps(sig)},
+                   files={"file": ("model.py", source.encode())})
+    assert r.status_code == 400 and r.headers["content-type"] == "application/problem+json", r.text
+    assert "\n" not in r.json()["detail"] and all(part in r.json()["detail"] for part in says), r.text
     r = kiln(up, "convert", str(folder), *args, "--out", str(tmp_path / "out"))
     assert r.returncode == 2 and all(part in r.stderr for part in says), r.stderr
 
