@@ -8,6 +8,7 @@ tour runs in a scratch directory that sees the repository's `examples/`.
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,9 @@ import pytest
 
 from tests.service.procs import ROOT, KilnUp, Processes, user_env
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not (shutil.which("curl") and shutil.which("jq")),
+                                 reason="the tour uses curl and jq (scripts/services installs them)")]
 
 
 def tour_blocks(readme: str) -> list[str]:
