@@ -16,6 +16,7 @@ from typing import Any
 
 from service.errors import InvalidBundle
 from service.onnx_policy import check_onnx
+from service.pysource import check_python_bundle
 from service.signature import Signature, load_mapping
 
 # Kinds of bundle: Python source to build, or an already captured graph.
@@ -185,10 +186,11 @@ def prepare_bundle(upload: Path, root: Path, *, entry: str | None = None, weight
         if links:
             raise InvalidBundle(f"bundle folder holds a link ({links[0]}); only regular files are accepted")
         shutil.copytree(upload, root, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        kind = PYTHON
     else:
         root.mkdir(parents=True)
-    if kind == "archive":
+    if kind == "directory":
+        kind = PYTHON  # copied above
+    elif kind == "archive":
         safe_extract(upload, root, limits)
         kind = PYTHON
     elif kind == PYTHON:
@@ -233,6 +235,7 @@ def prepare_bundle(upload: Path, root: Path, *, entry: str | None = None, weight
         if target.endswith(".py") and not (root / target).is_file():
             raise InvalidBundle(f"entry point file {target!r} is not in the bundle "
                                 f"(it holds: {', '.join(sorted(p.name for p in root.iterdir())[:10])})")
+        check_python_bundle(root, entry, sig)  # reads the source; runs none of it
     return Bundle(kind=kind, root=root, entry=entry if kind == PYTHON else None, model_file=model_file,
                   weights=weights_path, samples=samples_path, signature=sig, manifest=manifest)
 

@@ -16,24 +16,29 @@ from typing import Any, Iterator
 import httpx
 
 from service import errors
+from service.local import DEFAULT_SERVER, default_server, running
 
-DEFAULT_SERVER = "http://127.0.0.1:8000"
+__all__ = ["DEFAULT_SERVER", "KilnClient", "local_admin_token"]
 _BY_STATUS = {400: errors.BadRequest, 401: errors.BadRequest, 403: errors.BadRequest, 404: errors.NotFound, 409: errors.Conflict, 413: errors.PayloadTooLarge,
               422: errors.BadRequest, 503: errors.Unavailable, 507: errors.StorageFull}
 
 
-def local_admin_token() -> str | None:
-    """The admin token `kiln up` left in the data directory, when this machine runs the server."""
+def local_admin_token(server: str | None = None) -> str | None:
+    """The admin token of a `kiln up` on this machine: the one serving `server` wherever its data
+    lives (service/local.py), else the one in this directory's data directory (KILN_DATA_DIR, .kiln)."""
     from service.auth import read_admin_token
     from service.config import get_settings
 
+    found = running(server or default_server())
+    if found is not None and (token := read_admin_token(found.data_dir)):
+        return token
     return read_admin_token(get_settings().data_dir)
 
 
 class KilnClient:
     def __init__(self, server: str | None = None, token: str | None = None, timeout: float = 60.0) -> None:
-        self.server = (server or os.environ.get("KILN_SERVER") or DEFAULT_SERVER).rstrip("/")
-        token = token or os.environ.get("KILN_TOKEN") or local_admin_token()
+        self.server = (server or default_server()).rstrip("/")
+        token = token or os.environ.get("KILN_TOKEN") or local_admin_token(self.server)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(base_url=self.server, headers=headers, timeout=timeout)
 
@@ -103,6 +108,9 @@ class KilnClient:
     def model(self, name: str) -> dict:
         return self._request("GET", f"/v1/models/{name}").json()
 
+    def delete_version(self, name: str, version: int) -> None:
+        self._request("DELETE", f"/v1/models/{name}/versions/{version}")
+
     # jobs
     def create_job(self, model: str, *, version: int | None = None, idempotency_key: str | None = None,
                    **options: Any) -> dict:
@@ -164,6 +172,48 @@ class KilnClient:
             if job["status"] in ("succeeded", "failed", "canceled"):
                 return job
         return self.job(job_id)
+
+    # deployments and inference
+    def deploy(self, name: str, *, job: str | None = None, candidate: str | None = None, force: bool = False,
+               **options: Any) -> dict:
+        """Deploy a job's selected candidate (or a given candidate) as a new version of `name`."""
+        body = {"name": name, "job": job, "candidate": candidate, "force": force,
+                **{k: v for k, v in options.items() if v is not None}}
+        return self._request("POST", "/v1/deployments", json={k: v for k, v in body.items() if v is not None},
+                             timeout=None).json()
+
+    def deployments(self) -> list[dict]:
+        return self._request("GET", "/v1/deployments").json()
+
+    def deployment(self, name: str) -> dict:
+        return self._request("GET", f"/v1/deployments/{name}").json()
+
+    def set_default(self, name: str, version: int) -> dict:
+        return self._request("PATCH", f"/v1/deployments/{name}", json={"default_version": version},
+                             timeout=None).json()
+
+    def rollback(self, name: str) -> dict:
+        return self._request("POST", f"/v1/deployments/{name}/rollback", timeout=None).json()
+
+    def delete_deployment(self, name: str) -> None:
+        self._request("DELETE", f"/v1/deployments/{name}")
+
+    def metadata(self, name: str) -> dict:
+        """The Open Inference Protocol metadata of a deployment: its inputs and outputs."""
+        return self._request("GET", f"/v2/models/{name}").json()
+
+    def infer(self, name: str, inputs: dict[str, Any], *, version: int | None = None) -> dict[str, Any]:
+        """Run named numpy arrays through a deployment (/v2 JSON); returns its outputs as numpy arrays."""
+        import numpy as np
+
+        from service.serving.protocol import DTYPE_TO_V2, V2_TO_DTYPE
+
+        body = {"inputs": [{"name": k, "shape": list(np.shape(v)), "datatype": DTYPE_TO_V2[np.asarray(v).dtype.name],
+                            "data": np.asarray(v).ravel().tolist()} for k, v in inputs.items()]}
+        path = f"/v2/models/{name}" + (f"/versions/{version}" if version else "") + "/infer"
+        out = self._request("POST", path, json=body).json()
+        return {o["name"]: np.asarray(o["data"], dtype=V2_TO_DTYPE.get(o["datatype"], "float32")).reshape(o["shape"])
+                for o in out["outputs"]}
 
     def create_token(self, name: str, scopes: list[str], owner: str | None = None) -> dict:
         return self._request("POST", "/v1/tokens", json={"name": name, "scopes": scopes,

@@ -40,6 +40,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_cancel_long_running_tasks_on_connection_loss": False,
     }
     if url.startswith("filesystem://"):
+        # The file transport has no host; naming one spares a kombu warning at every connection.
+        conf["broker_url"] = "filesystem://localhost/" if url.rstrip("/") == "filesystem:" else url
         folder = settings.data_dir.resolve() / "broker"
         for sub in ("queue", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)

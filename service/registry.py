@@ -7,14 +7,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import delete, func, or_, select
 from sqlalchemy.orm import Session
 
 from service.artifacts import ArtifactStore
 from service.bundles import ONNX, onnx_signature, prepare_bundle
 from service.errors import Conflict, InvalidSignature, NotFound
 from service.signature import Signature
-from service.tables import CandidateRow, Job, Model, ModelVersion, new_id
+from service.tables import CandidateRow, Deployment, Job, Model, ModelVersion, new_id
 
 
 def inspect_upload(store: ArtifactStore, *, filename: str, bundle_sha: str, entry: str | None,
@@ -108,6 +108,10 @@ def delete_version(session: Session, version: ModelVersion, in_use: bool) -> Non
         Job.model_version_id == version.id, Job.status.in_(("queued", "running"))))
     if busy:
         raise Conflict(f"version {version.version} of {version.model.name!r} has {busy} job(s) queued or running")
+    # Deleted deployments keep their rows; those that served this version's candidates go with them
+    # (the candidates are deleted below, and nothing can serve them again).
+    built = select(CandidateRow.id).join(Job, CandidateRow.job_id == Job.id).where(Job.model_version_id == version.id)
+    session.execute(delete(Deployment).where(Deployment.candidate_id.in_(built), Deployment.deleted.is_(True)))
     for job in session.scalars(select(Job).where(Job.model_version_id == version.id)):
         session.delete(job)
     model = version.model

@@ -13,9 +13,14 @@ from rich.table import Table
 from service.errors import BadRequest, KilnError
 
 app = typer.Typer(help="Kiln: convert PyTorch models into fast, validated inference artifacts.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  rich_markup_mode=None)
 console = Console(stderr=True)
 out = Console(width=None if Console().is_terminal else 160)
+SERVER = typer.Option(None, "--server", envvar="KILN_SERVER", show_envvar=True,
+                      help="Kiln server URL (default: the newest `kiln up` of this user, else http://127.0.0.1:8000)")
+TOKEN = typer.Option(None, "--token", envvar="KILN_TOKEN", show_envvar=True,
+                     help="API token (default: the admin token of a `kiln up` on this machine, wherever its data is)")
 
 
 @app.callback()
@@ -35,7 +40,7 @@ def _fail(exc: KilnError) -> None:
 
 @app.command()
 def convert(
-    bundle: Path = typer.Argument(..., help="A .py file, a .zip/.tar.gz bundle, a TorchScript .pt, a .pt2 or an .onnx"),
+    bundle: Path = typer.Argument(..., metavar="BUNDLE", help="A .py file, a folder, a .zip/.tar.gz bundle, a TorchScript .pt, a .pt2 or an .onnx"),
     entry: Optional[str] = typer.Option(None, help="Entry point that builds the model, e.g. model.py:build_model"),
     weights: Optional[Path] = typer.Option(None, help="Weights: .safetensors or a state-dict .pt"),
     signature: Optional[Path] = typer.Option(None, help="Signature file (YAML or JSON)"),
@@ -51,11 +56,12 @@ def convert(
     out_dir: Path = typer.Option(Path("kiln-out"), "--out", help="Directory for report.json and the artifacts"),
     remote: Optional[str] = typer.Option(None, "--remote", help="Convert on this Kiln server instead of locally"),
     name: Optional[str] = typer.Option(None, help="Model name on the server (--remote; default: the file's stem)"),
+    token: Optional[str] = TOKEN,
 ) -> None:
     """Convert a model: capture, export, compile, validate, benchmark, select (locally, or on a server)."""
     if remote:
-        _convert_remote(remote, bundle, name or bundle.name.split(".")[0], entry, weights, samples,
-                        _signature_arg(signature, input, output, dim),
+        _convert_remote(remote, token, bundle, name or bundle.name.split(".")[0], entry, weights, samples,
+                        signature, input, output, dim,
                         _job_options(target, precision, policy, threads, bench_seconds), out_dir)
         return
     from service.options import ConversionOptions
@@ -81,7 +87,9 @@ def convert(
             sig = Signature.parse({"inputs": [parse_tensor_spec(i) for i in input],
                                    "outputs": [{"name": o} for o in output or []],
                                    "dims": dict(parse_dim_range(d) for d in dim or [])})
-        for label, path in (("bundle", bundle), ("weights", weights), ("samples", samples)):
+        if not bundle.exists():
+            raise BadRequest(f"bundle {bundle} does not exist")
+        for label, path in (("weights", weights), ("samples", samples)):
             if path is not None and not path.is_file():
                 raise BadRequest(f"{label} file {path} does not exist")
         ctx = engine.prepare(bundle, out_dir, entry=entry, weights=weights, samples=samples, signature=sig,
@@ -95,7 +103,8 @@ def convert(
     if not (ctx.selection and ctx.selection.candidate):
         failed = next((s for s in ctx.steps if s.status == "failed"), None)
         console.print("[red]no candidate passed[/red]", end="")
-        console.print(f": {failed.error}" if failed and failed.error else "", markup=False, highlight=False)
+        console.print(f": {failed.error}" if failed and failed.error else "", markup=False, highlight=False,
+                      soft_wrap=True)
         raise typer.Exit(1)
 
 
@@ -129,6 +138,17 @@ def worker(queues: str = typer.Option("cpu,gpu", help="Queues to take work from:
     if unknown or not chosen:
         console.print(f"[red]error:[/red] unknown queue(s) {', '.join(unknown) or '(none)'}; use cpu, gpu or cpu,gpu")
         raise typer.Exit(2)
+    from workers.compilers.gpu import cuda_device
+
+    if "gpu" in chosen and cuda_device() is None:
+        # A GPU job taken here could only fail: leave it queued (it says why) for a worker with a GPU.
+        if chosen == ["gpu"]:
+            console.print("[red]error:[/red] no CUDA device on this machine: a worker for the gpu queue needs one "
+                          "(use --queues cpu here)", highlight=False)
+            raise typer.Exit(2)
+        chosen = [q for q in chosen if q != "gpu"]
+        console.print("no CUDA device on this machine: taking only the cpu queue (GPU jobs wait for a GPU worker)",
+                      highlight=False, markup=False, soft_wrap=True)
     _data_dir(data_dir)
     serve.configure_logging("worker")
     serve.run_worker(chosen, concurrency, name)
@@ -163,9 +183,10 @@ def up(host: str = typer.Option("127.0.0.1", help="Address to listen on"),
     migrate()
     supervisor = serve.Supervisor(["cpu", "gpu"], concurrency)
     supervisor.start()
-    console.print(f"Kiln on http://{host}:{port}  data: {settings.data_dir.resolve()}  "
-                  f"database: {settings.database_url.split('@')[-1]}  broker: {settings.broker_url.split('@')[-1]}",
-                  highlight=False, markup=False)
+    # One field a line, never wrapped inside one (a path or a URL is copied from here).
+    console.print(f"Kiln on http://{host}:{port}\n  data:     {settings.data_dir.resolve()}\n"
+                  f"  database: {settings.database_url.split('@')[-1]}\n  broker:   {settings.broker_url.split('@')[-1]}",
+                  highlight=False, markup=False, soft_wrap=True)
     if settings.auth:
         from service.auth import ADMIN_TOKEN_FILE, bootstrap
         from service.db import session_scope
@@ -176,15 +197,21 @@ def up(host: str = typer.Option("127.0.0.1", help="Address to listen on"),
         if token and sys.stdout.isatty():
             console.print(f"admin token: {token}\n  saved in {where} (only you can read it); the kiln CLI on this "
                           "machine uses it; elsewhere pass --token or set KILN_TOKEN, or send "
-                          "'Authorization: Bearer <token>'", highlight=False, markup=False)
+                          "'Authorization: Bearer <token>'", highlight=False, markup=False, soft_wrap=True)
         elif token:  # output that is not a terminal may be a log file others can read: no token in it
             console.print(f"created the admin token and saved it in {where} (only you can read it); the kiln "
-                          "CLI on this machine uses it", highlight=False, markup=False)
+                          "CLI on this machine uses it", highlight=False, markup=False, soft_wrap=True)
         else:
-            console.print(f"authentication is on; the admin token is in {where}", highlight=False, markup=False)
+            console.print(f"authentication is on; the admin token is in {where}", highlight=False, markup=False,
+                          soft_wrap=True)
+    from service import local
+
+    url = local.client_url(host, port)
+    local.record(url, settings.data_dir)  # so that the kiln CLI of this user finds it and its token
     try:
         serve.run_api(host, port)
     finally:
+        local.forget(url)
         supervisor.stop()
 
 
@@ -193,13 +220,12 @@ def up(host: str = typer.Option("127.0.0.1", help="Address to listen on"),
 job_app = typer.Typer(help="Conversion jobs on a Kiln server: create, list, show, watch, cancel, retry.",
                       no_args_is_help=True)
 app.add_typer(job_app, name="job")
-SERVER = typer.Option(None, "--server", envvar="KILN_SERVER", help="Kiln server URL (default http://127.0.0.1:8000)")
 
 
-def _client(server: Optional[str]):
+def _client(server: Optional[str], token: Optional[str] = None):
     from service.client import KilnClient
 
-    return KilnClient(server)
+    return KilnClient(server, token)
 
 
 token_app = typer.Typer(help="API tokens: create, list, revoke.", no_args_is_help=True)
@@ -210,10 +236,10 @@ app.add_typer(token_app, name="token")
 def token_create(name: str = typer.Option(..., help="What the token is for"),
                  scope: list[str] = typer.Option(["infer"], help="infer, manage, admin or metrics (repeatable)"),
                  owner: Optional[str] = typer.Option(None, help="Team (an admin may name another)"),
-                 server: Optional[str] = SERVER) -> None:
+                 server: Optional[str] = SERVER, token: Optional[str] = TOKEN) -> None:
     """Create a token; it is printed once and stored only as a hash."""
     try:
-        with _client(server) as client:
+        with _client(server, token) as client:
             t = client.create_token(name, _split(scope), owner)
     except KilnError as exc:
         _fail(exc)
@@ -223,10 +249,10 @@ def token_create(name: str = typer.Option(..., help="What the token is for"),
 
 
 @token_app.command("list")
-def token_list(server: Optional[str] = SERVER) -> None:
+def token_list(server: Optional[str] = SERVER, token: Optional[str] = TOKEN) -> None:
     """List tokens (never their secrets)."""
     try:
-        with _client(server) as client:
+        with _client(server, token) as client:
             items = client.tokens()
     except KilnError as exc:
         _fail(exc)
@@ -241,15 +267,30 @@ def token_list(server: Optional[str] = SERVER) -> None:
 
 
 @token_app.command("revoke")
-def token_revoke(token_id: str, server: Optional[str] = SERVER) -> None:
+def token_revoke(token_id: str, server: Optional[str] = SERVER, token: Optional[str] = TOKEN) -> None:
     """Revoke a token (it stops working within seconds on every server)."""
     try:
-        with _client(server) as client:
+        with _client(server, token) as client:
             client.revoke_token(token_id)
     except KilnError as exc:
         _fail(exc)
         return
     out.print(f"revoked {token_id}", highlight=False)
+
+
+@token_app.command("admin")
+def token_admin(server: Optional[str] = SERVER) -> None:
+    """Print the admin token of the `kiln up` on this machine (for curl: -H "Authorization: Bearer ...")."""
+    from service.client import local_admin_token
+    from service.local import default_server
+
+    found = local_admin_token(server or default_server())
+    if not found:
+        console.print("[red]error:[/red] no admin token here: no `kiln up` of this user is running with "
+                      "authentication on, and there is no .kiln/admin-token (KILN_DATA_DIR) in this directory",
+                      highlight=False)
+        raise typer.Exit(1)
+    print(found)
 
 
 def _signature_arg(signature: Optional[Path], input: Optional[list[str]], output: Optional[list[str]],
@@ -268,7 +309,7 @@ def _signature_arg(signature: Optional[Path], input: Optional[list[str]], output
 
 
 @app.command()
-def push(bundle: Path = typer.Argument(..., help="The bundle file"),
+def push(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="A .py file, a folder (zipped on the way), a .zip/.tar.gz, .pt, .pt2 or .onnx"),
          name: str = typer.Option(..., help="Model name"),
          entry: Optional[str] = typer.Option(None, help="Entry point, e.g. model.py:build_model"),
          weights: Optional[Path] = typer.Option(None, help="Weights file"),
@@ -277,11 +318,11 @@ def push(bundle: Path = typer.Argument(..., help="The bundle file"),
          input: Optional[list[str]] = typer.Option(None, "--input", help="Input spec (repeatable)"),
          output: Optional[list[str]] = typer.Option(None, "--output", help="Output name (repeatable)"),
          dim: Optional[list[str]] = typer.Option(None, "--dim", help="Dimension range name=min:opt:max"),
-         server: Optional[str] = SERVER) -> None:
+         server: Optional[str] = SERVER, token: Optional[str] = TOKEN) -> None:
     """Upload a model bundle to a Kiln server."""
     try:
         sig = _signature_arg(signature, input, output, dim)
-        with _client(server) as client:
+        with _client(server, token) as client:
             v = client.push(bundle, name=name, entry=entry, weights=weights, samples=samples,
                             signature=sig.to_json() if sig else None)
     except KilnError as exc:
@@ -305,30 +346,40 @@ def job_create(model: str = typer.Option(..., help="Model name"),
                threads: Optional[int] = typer.Option(None, help="Threads for runtimes and benchmarks"),
                bench_seconds: Optional[float] = typer.Option(None, help="Seconds of timing per benchmark point"),
                watch: bool = typer.Option(False, "--watch", help="Follow the job until it ends"),
-               server: Optional[str] = SERVER) -> None:
+               server: Optional[str] = SERVER, token: Optional[str] = TOKEN) -> None:
     """Start a conversion job on a pushed model."""
     try:
-        with _client(server) as client:
+        with _client(server, token) as client:
             job = client.create_job(model, version=version,
                                     **_job_options(target, precision, policy, threads, bench_seconds))
             out.print(f"job {job['id']} {job['status']} ({model} v{job['version']})", highlight=False)
+            if job.get("waiting"):  # e.g. a GPU target and no GPU worker online
+                out.print(job["waiting"], highlight=False, markup=False, soft_wrap=True)
             if watch:
-                _watch(client, job["id"])
+                job = _watch(client, job["id"])
     except KilnError as exc:
         _fail(exc)
+        return
+    if watch and job["status"] != "succeeded":
+        raise typer.Exit(1)
 
 
 @job_app.command("list")
 def job_list(status: Optional[str] = typer.Option(None, help="Filter by status"),
              model: Optional[str] = typer.Option(None, help="Filter by model name"),
              limit: int = typer.Option(20, help="How many"),
-             server: Optional[str] = SERVER) -> None:
+             quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the ids, one a line"),
+             server: Optional[str] = SERVER, token: Optional[str] = TOKEN) -> None:
     """List jobs, newest first."""
     try:
-        with _client(server) as client:
+        with _client(server, token) as client:
             items = client.jobs(status=status, model=model, limit=limit)
     except KilnError as exc:
         _fail(exc)
+        return
+    if quiet:
+        for j in items:
+            print(j["id"])
         return
     table = Table()
     for col in ("id", "model", "status", "progress", "step", "targets", "precisions", "created"):
@@ -340,20 +391,20 @@ def job_list(status: Optional[str] = typer.Option(None, help="Filter by status")
 
 
 @job_app.command("show")
-def job_show(job_id: str, server: Optional[str] = SERVER) -> None:
+def job_show(job_id: str, server: Optional[str] = SERVER, token: Optional[str] = TOKEN) -> None:
     """A job's steps, candidates and selection."""
     try:
-        with _client(server) as client:
+        with _client(server, token) as client:
             _print_job(client.job(job_id))
     except KilnError as exc:
         _fail(exc)
 
 
 @job_app.command("watch")
-def job_watch(job_id: str, server: Optional[str] = SERVER) -> None:
+def job_watch(job_id: str, server: Optional[str] = SERVER, token: Optional[str] = TOKEN) -> None:
     """Follow a job's progress live until it ends."""
     try:
-        with _client(server) as client:
+        with _client(server, token) as client:
             job = _watch(client, job_id)
     except KilnError as exc:
         _fail(exc)
@@ -363,10 +414,10 @@ def job_watch(job_id: str, server: Optional[str] = SERVER) -> None:
 
 
 @job_app.command("cancel")
-def job_cancel(job_id: str, server: Optional[str] = SERVER) -> None:
+def job_cancel(job_id: str, server: Optional[str] = SERVER, token: Optional[str] = TOKEN) -> None:
     """Cancel a queued or running job."""
     try:
-        with _client(server) as client:
+        with _client(server, token) as client:
             job = client.cancel(job_id)
     except KilnError as exc:
         _fail(exc)
@@ -376,26 +427,29 @@ def job_cancel(job_id: str, server: Optional[str] = SERVER) -> None:
 
 @job_app.command("retry")
 def job_retry(job_id: str, watch: bool = typer.Option(False, "--watch", help="Follow the new attempt"),
-              server: Optional[str] = SERVER) -> None:
+              server: Optional[str] = SERVER, token: Optional[str] = TOKEN) -> None:
     """Start a new attempt of a failed or canceled job."""
     try:
-        with _client(server) as client:
+        with _client(server, token) as client:
             job = client.retry(job_id)
             out.print(f"job {job['id']} queued (retry of {job_id})", highlight=False)
             if watch:
-                _watch(client, job["id"])
+                job = _watch(client, job["id"])
     except KilnError as exc:
         _fail(exc)
+        return
+    if watch and job["status"] != "succeeded":
+        raise typer.Exit(1)
 
 
 @job_app.command("report")
 def job_report(job_id: str, output_file: Optional[Path] = typer.Option(None, "--out", help="Write the JSON here"),
-               server: Optional[str] = SERVER) -> None:
+               server: Optional[str] = SERVER, token: Optional[str] = TOKEN) -> None:
     """The job's full report (JSON)."""
     import json
 
     try:
-        with _client(server) as client:
+        with _client(server, token) as client:
             report = client.report(job_id)
     except KilnError as exc:
         _fail(exc)
@@ -409,22 +463,246 @@ def job_report(job_id: str, output_file: Optional[Path] = typer.Option(None, "--
 
 
 @job_app.command("logs")
-def job_logs(job_id: str, server: Optional[str] = SERVER) -> None:
+def job_logs(job_id: str, server: Optional[str] = SERVER, token: Optional[str] = TOKEN) -> None:
     """The job's log."""
     try:
-        with _client(server) as client:
+        with _client(server, token) as client:
             print(client.logs(job_id), end="")
     except KilnError as exc:
         _fail(exc)
 
 
-def _convert_remote(server: str, bundle: Path, name: str, entry, weights, samples, sig, options: dict,  # noqa: ANN001
-                    out_dir: Path) -> None:
+# --- models, deployments, inference ---------------------------------------------------------------
+
+model_app = typer.Typer(help="Models on a Kiln server: push, list, show, delete.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+model_app.command("push")(push)
+
+
+@model_app.command("list")
+def model_list(server: Optional[str] = SERVER, token: Optional[str] = TOKEN) -> None:
+    """List models and their newest version."""
+    try:
+        with _client(server, token) as client:
+            items = client.models()
+    except KilnError as exc:
+        _fail(exc)
+        return
+    table = Table()
+    for col in ("name", "versions", "latest", "kind", "created"):
+        table.add_column(col)
+    for m in items:
+        versions = m.get("versions") or []
+        latest = versions[-1] if versions else {}
+        table.add_row(m["name"], str(len(versions)), str(latest.get("version", "")), latest.get("kind", ""),
+                      (m.get("created_at") or "")[:19])
+    out.print(table)
+
+
+@model_app.command("show")
+def model_show(name: str, server: Optional[str] = SERVER, token: Optional[str] = TOKEN) -> None:
+    """A model's versions (JSON)."""
+    import json
+
+    try:
+        with _client(server, token) as client:
+            print(json.dumps(client.model(name), indent=2))
+    except KilnError as exc:
+        _fail(exc)
+
+
+@model_app.command("delete")
+def model_delete(name: str, version: int = typer.Option(..., help="The version to delete"),
+                 server: Optional[str] = SERVER, token: Optional[str] = TOKEN) -> None:
+    """Delete a version of a model that no deployment uses."""
+    try:
+        with _client(server, token) as client:
+            client.delete_version(name, version)
+    except KilnError as exc:
+        _fail(exc)
+        return
+    out.print(f"deleted {name} version {version}", highlight=False)
+
+
+deployment_app = typer.Typer(help="Deployments: list, show, set-default, rollback, delete (create: kiln deploy).",
+                             no_args_is_help=True)
+app.add_typer(deployment_app, name="deployment")
+
+
+def _print_deployment(d: dict) -> None:
+    out.print(f"deployment {d['name']}: {d['state']}, default version {d['default_version']}", highlight=False,
+              markup=False)
+    table = Table()
+    for col in ("version", "candidate", "runtime", "state", "default", "batching", "note"):
+        table.add_column(col)
+    for v in d["versions"]:
+        table.add_row(str(v["version"]), v["candidate_name"], v["runtime"], v["state"], "yes" if v["default"] else "",
+                      {True: "on", False: "off"}.get(v["batching"], ""), v.get("error") or v.get("batching_note") or "")
+    out.print(table)
+
+
+@app.command()
+def deploy(name: str = typer.Argument(..., help="Deployment name (the /v2 model name)"),
+           job: Optional[str] = typer.Option(None, help="Deploy this job's selected candidate"),
+           candidate: Optional[str] = typer.Option(None, help="Deploy this candidate (its id)"),
+           force: bool = typer.Option(False, "--force", help="Deploy a candidate that failed validation"),
+           max_batch_size: Optional[int] = typer.Option(None, help="Rows joined per run"),
+           max_queue_delay_ms: Optional[float] = typer.Option(None, help="How long to wait for more requests"),
+           instances: Optional[int] = typer.Option(None, help="Runtime instances run in parallel"),
+           threads: Optional[int] = typer.Option(None, help="Threads per runtime instance"),
+           server: Optional[str] = SERVER, token: Optional[str] = TOKEN) -> None:
+    """Serve a job's winner (or a candidate) as a new version of a deployment, and make it the default."""
+    if (job is None) == (candidate is None):
+        _fail(BadRequest("give --job JOB_ID or --candidate CANDIDATE_ID (one of them)"))
+    try:
+        with _client(server, token) as client:
+            d = client.deploy(name, job=job, candidate=candidate, force=force, max_batch_size=max_batch_size,
+                              max_queue_delay_ms=max_queue_delay_ms, instances=instances, threads=threads)
+    except KilnError as exc:
+        _fail(exc)
+        return
+    _print_deployment(d)
+    newest = max(d["versions"], key=lambda v: v["version"])
+    if newest["state"] != "ready":
+        raise typer.Exit(1)
+
+
+@deployment_app.command("list")
+def deployment_list(server: Optional[str] = SERVER, token: Optional[str] = TOKEN) -> None:
+    """List deployments."""
+    try:
+        with _client(server, token) as client:
+            items = client.deployments()
+    except KilnError as exc:
+        _fail(exc)
+        return
+    table = Table()
+    for col in ("name", "state", "default version", "versions", "candidate"):
+        table.add_column(col)
+    for d in items:
+        default = next((v for v in d["versions"] if v["default"]), None)
+        table.add_row(d["name"], d["state"], str(d["default_version"] or ""), str(len(d["versions"])),
+                      default["candidate_name"] if default else "")
+    out.print(table)
+
+
+@deployment_app.command("show")
+def deployment_show(name: str, server: Optional[str] = SERVER, token: Optional[str] = TOKEN) -> None:
+    """A deployment's versions."""
+    try:
+        with _client(server, token) as client:
+            _print_deployment(client.deployment(name))
+    except KilnError as exc:
+        _fail(exc)
+
+
+@deployment_app.command("set-default")
+def deployment_set_default(name: str, version: int, server: Optional[str] = SERVER,
+                           token: Optional[str] = TOKEN) -> None:
+    """Serve this version by default."""
+    try:
+        with _client(server, token) as client:
+            _print_deployment(client.set_default(name, version))
+    except KilnError as exc:
+        _fail(exc)
+
+
+@deployment_app.command("rollback")
+def deployment_rollback(name: str, server: Optional[str] = SERVER, token: Optional[str] = TOKEN) -> None:
+    """Make the previous version the default."""
+    try:
+        with _client(server, token) as client:
+            _print_deployment(client.rollback(name))
+    except KilnError as exc:
+        _fail(exc)
+
+
+@deployment_app.command("delete")
+def deployment_delete(name: str, server: Optional[str] = SERVER, token: Optional[str] = TOKEN) -> None:
+    """Stop serving a deployment (all its versions)."""
+    try:
+        with _client(server, token) as client:
+            client.delete_deployment(name)
+    except KilnError as exc:
+        _fail(exc)
+        return
+    out.print(f"deleted deployment {name}", highlight=False)
+
+
+def read_tensors(path: Path, metadata: dict) -> dict:
+    """Named arrays from a .npy (the only input), .npz (keys are input names) or JSON file
+    ({"input": nested list} or a /v2 request body), cast to the deployment's datatypes."""
+    import json
+
+    import numpy as np
+
+    from service.serving.protocol import V2_TO_DTYPE
+
+    wanted = {i["name"]: V2_TO_DTYPE.get(i["datatype"], "float32") for i in metadata["inputs"]}
+    if not path.is_file():
+        raise BadRequest(f"input file {path} does not exist")
+    try:
+        if path.suffix == ".npy":
+            if len(wanted) != 1:
+                raise BadRequest(f"{path.name} holds one array but {metadata['name']} takes "
+                                 f"{len(wanted)} inputs ({', '.join(wanted)}); give an .npz or JSON with each by name")
+            arrays = {next(iter(wanted)): np.load(path, allow_pickle=False)}
+        elif path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        elif path.suffix == ".json":
+            doc = json.loads(path.read_text())
+            if isinstance(doc, dict) and isinstance(doc.get("inputs"), list):
+                arrays = {i["name"]: np.asarray(i["data"]).reshape(i["shape"]) for i in doc["inputs"]}
+            elif isinstance(doc, dict):
+                arrays = {k: np.asarray(v) for k, v in doc.items()}
+            elif len(wanted) == 1:
+                arrays = {next(iter(wanted)): np.asarray(doc)}
+            else:
+                raise BadRequest(f"{path.name}: give an object with one entry per input ({', '.join(wanted)})")
+        else:
+            raise BadRequest(f"{path.name}: inputs are read from .npy, .npz or .json files")
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        raise BadRequest(f"{path.name} cannot be read as tensors: {exc}") from None
+    unknown, missing = set(arrays) - set(wanted), set(wanted) - set(arrays)
+    if unknown or missing:
+        raise BadRequest(f"{path.name} has {', '.join(sorted(arrays))} but {metadata['name']} takes "
+                         f"{', '.join(wanted)}")
+    return {k: arrays[k].astype(wanted[k], copy=False) for k in wanted}
+
+
+@app.command()
+def infer(name: str = typer.Argument(..., help="Deployment name"),
+          inputs: Path = typer.Argument(..., metavar="INPUTS", help="A .npy (one input), .npz or .json file"),
+          version: Optional[int] = typer.Option(None, help="Version (default: the deployment's default)"),
+          output_file: Optional[Path] = typer.Option(None, "--out", help="Write the outputs to this .npz"),
+          server: Optional[str] = SERVER, token: Optional[str] = TOKEN) -> None:
+    """Send inputs to a deployment and print its outputs."""
+    import numpy as np
+
+    try:
+        with _client(server, token) as client:
+            outputs = client.infer(name, read_tensors(inputs, client.metadata(name)), version=version)
+    except KilnError as exc:
+        _fail(exc)
+        return
+    if output_file:
+        np.savez(output_file, **outputs)
+        out.print(f"wrote {output_file}", highlight=False)
+        return
+    with np.printoptions(precision=6, threshold=200, edgeitems=4, linewidth=120):
+        for key, value in outputs.items():
+            print(f"{key} {value.dtype.name}{list(value.shape)}:\n{value}")
+
+
+def _convert_remote(server: str, token: Optional[str], bundle: Path, name: str, entry, weights, samples,  # noqa: ANN001
+                    signature, input, output, dim, options: dict, out_dir: Path) -> None:  # noqa: ANN001
     """push + job create + watch, then the report and the selected artifact into out_dir."""
     import json
 
     try:
-        with _client(server) as client:
+        sig = _signature_arg(signature, input, output, dim)
+        with _client(server, token) as client:
             v = client.push(bundle, name=name, entry=entry, weights=weights, samples=samples,
                             signature=sig.to_json() if sig else None)
             job = client.create_job(name, version=v["version"], **options)
@@ -432,15 +710,38 @@ def _convert_remote(server: str, bundle: Path, name: str, entry, weights, sample
             job = _watch(client, job["id"])
             out_dir.mkdir(parents=True, exist_ok=True)
             if job["status"] in ("succeeded", "failed"):
-                (out_dir / "report.json").write_text(json.dumps(client.report(job["id"]), indent=2))
+                report = client.report(job["id"])
+                (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+                from workers.report import SUMMARY_FILE, summary
+
+                (out_dir / SUMMARY_FILE).write_text(summary(report))
+            _download_candidates(client, job, out_dir)  # one folder per candidate, as a local run writes
             if job.get("selected_candidate"):
                 path = client.download(job["selected_candidate"], out_dir)
-                out.print(f"report: {out_dir / 'report.json'}  artifact: {path}", highlight=False)
+                out.print(f"report: {out_dir / 'report.json'}  summary: {out_dir / 'summary.md'}  "
+                          f"artifact: {path}", highlight=False)
     except KilnError as exc:
         _fail(exc)
         return
     if job["status"] != "succeeded":
         raise typer.Exit(1)
+
+
+def _download_candidates(client, job: dict, out_dir: Path) -> None:  # noqa: ANN001
+    """Every built candidate of a job into out_dir/<candidate>/ (its model file and kiln-artifact.json)."""
+    import shutil
+    import tempfile
+
+    from service.bundles import safe_extract
+
+    for c in job.get("candidates") or []:
+        if c["status"] != "built":
+            continue
+        with tempfile.TemporaryDirectory(prefix="kiln-get-") as tmp:
+            archive = client.download(c["id"], Path(tmp) / "artifact.zip", zip=True)
+            if (out_dir / c["name"]).exists():
+                shutil.rmtree(out_dir / c["name"])
+            safe_extract(archive, out_dir)  # its members are <candidate>/<file>
 
 
 def _watch(client, job_id: str) -> dict:  # noqa: ANN001
@@ -458,6 +759,8 @@ def _watch(client, job_id: str) -> dict:  # noqa: ANN001
                     for st in data.get("steps", []):
                         if st["status"] in ("ok", "failed", "skipped") and seen_steps.get(st["name"]) != st["status"]:
                             seen_steps[st["name"]] = st["status"]
+                            if st["status"] == "skipped" and (st.get("error") or "").startswith("needs "):
+                                continue  # after a failed step: its failure is the one line that matters
                             note = f" - {st['error']}" if st.get("error") else ""
                             bar.console.print(f"  {st['name']:<9} {MARKS_PLAIN.get(st['status'], st['status'])} "
                                               f"({st['duration_s'] or 0:.1f}s){note}", markup=False, highlight=False)
@@ -550,7 +853,8 @@ def print_summary(ctx) -> None:
                       f"{c.benchmark[0].p50_ms:.3g}" if c.benchmark else "",
                       speedup_text(c.speedup, c.speedup_low, c.speedup_high, c.noisy),
                       "[bold]selected[/bold]" if selected else (c.lost_because or c.reason or ""))
-    out.print(table)
+    if ctx.candidates:  # an empty table after a failed load says nothing
+        out.print(table)
     for name, line in degenerate_lines(ctx.model_dump()):
         out.print(f"warning ({name}): {line}", highlight=False, markup=False)
     if ctx.benchmark_conditions:

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from service.bundles import ONNX, onnx_signature, prepare_bundle
-from service.errors import InvalidSignature
-from service.options import ConversionOptions
+from service.errors import InvalidOptions, InvalidSignature
+from service.options import GPU_TARGETS, ConversionOptions
 from service.signature import Signature
 from workers import report
 from workers.context import STATE_FILE, BundleInfo, Context
@@ -31,6 +31,7 @@ def prepare(bundle_path: Path, out_dir: Path, *, entry: str | None = None, weigh
     workdir.mkdir(parents=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     opts = options if isinstance(options, ConversionOptions) else ConversionOptions.parse(options or {})
+    check_devices(opts)
     bundle = prepare_bundle(Path(bundle_path), workdir / "bundle", entry=entry, weights=weights,
                             samples=samples, signature=signature)
     sig = bundle.signature or (onnx_signature(bundle) if bundle.kind == ONNX else None)
@@ -41,6 +42,20 @@ def prepare(bundle_path: Path, out_dir: Path, *, entry: str | None = None, weigh
                   signature=sig, options=opts)
     ctx.save()
     return ctx
+
+
+def check_devices(opts: ConversionOptions) -> None:
+    """Refuse at once a conversion that can build nothing on this machine (TensorRT, or only CUDA
+    candidates, without a CUDA device), rather than after load, capture and export."""
+    from workers.compilers.gpu import cuda_device
+
+    if cuda_device() is not None:
+        return
+    cpu_targets = [t for t in opts.targets if t not in GPU_TARGETS]
+    if not cpu_targets or opts.devices == ["cuda"]:
+        asked = ", ".join(opts.targets) + (" on cuda" if opts.devices == ["cuda"] else "")
+        raise InvalidOptions(f"{asked} needs a CUDA GPU and this machine has none; convert with "
+                             "--target onnxruntime,torchscript here, or on a server with a GPU worker")
 
 
 def run(ctx: Context, *, events: Events | None = None, canceled: Callable[[], bool] | None = None) -> Context:

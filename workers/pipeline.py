@@ -140,7 +140,8 @@ class Pipeline:
             record.status = "ok"
         except SkipStep as exc:
             record.status, record.error = "skipped", str(exc)
-            log.info(f"skipped: {exc}")
+            if not missing:  # a step skipped after a failure adds nothing to the failure's own line
+                log.info(f"skipped: {exc}")
         except (Canceled, KeyboardInterrupt):
             record.status, record.error = "failed", "canceled"
             raise

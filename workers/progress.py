@@ -37,6 +37,8 @@ class ConsoleEvents:
         if self.task is not None:
             self.progress.remove_task(self.task)
             self.task = None
+        if record.status == "skipped" and (record.error or "").startswith("needs "):
+            return  # after a failed step: its failure is the one line that matters
         note = f" - {record.error}" if record.error else ""
         self.console.print(f"[{index + 1}/{total}] {record.name:<9} {MARKS.get(record.status, record.status)} "
                            f"({record.duration_s or 0:.1f}s){note}", highlight=False, soft_wrap=True)

@@ -306,7 +306,8 @@ def _classify(killed_for: str | None, reply: dict | None, returncode: int, limit
         if error.get("errno") == errno.EFBIG:
             return "file_size", file_size
         first_line = message.strip().splitlines()[0] if message.strip() else ""
-        return "error", f"model code raised {kind}: {first_line}" if first_line else f"model code raised {kind}"
+        where = f" ({error['where']})" if isinstance(error.get("where"), str) and error["where"] else ""
+        return "error", (f"model code raised {kind}: {first_line}" if first_line else f"model code raised {kind}") + where
     if returncode < 0:
         signum = -returncode
         if signum == signal.SIGXFSZ:

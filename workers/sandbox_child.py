@@ -41,6 +41,23 @@ def main(workdir: Path, result_fd: int) -> None:
     os.close(result_fd)
 
 
+def _where(exc: BaseException) -> str | None:
+    """file:line of the innermost frame in the model's own code (not Python's, a library's or Kiln's),
+    relative to the bundle; None when the error came from elsewhere."""
+    import sysconfig
+
+    kiln = Path(__file__).resolve().parents[1]
+    skip = tuple({str(Path(p).resolve()) + os.sep for p in (sysconfig.get_path("stdlib"), sysconfig.get_path("purelib"),
+                                                            sysconfig.get_path("platlib"))}
+                 | {str(kiln / "service") + os.sep, str(kiln / "workers") + os.sep})
+    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+        name = frame.filename
+        if name.startswith("<") or name.startswith(skip) or str(Path(name).resolve()).startswith(skip):
+            continue
+        return f"{name.rsplit('/bundle/', 1)[1] if '/bundle/' in name else Path(name).name}:{frame.lineno}"
+    return None
+
+
 def _describe(exc: BaseException) -> dict[str, Any]:
     try:
         message = str(exc)
@@ -50,6 +67,7 @@ def _describe(exc: BaseException) -> dict[str, Any]:
         "type": type(exc).__name__,
         "message": message,
         "traceback": "".join(traceback.format_exception(exc)),
+        "where": _where(exc),
         # the parent tells EFBIG (file size limit) from other OSErrors by it
         "errno": exc.errno if isinstance(exc, OSError) else None,
         # the parent re-raises these as the same service.errors class

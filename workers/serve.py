@@ -22,6 +22,9 @@ def configure_logging(role: str, level: str = "INFO") -> None:
     host = socket.gethostname()
     logging.basicConfig(level=level, format=f"%(asctime)s {host} {role} %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)  # its plugin set-up is not news
+    # "Task kiln.convert[...] succeeded in 3.80s: 'failed'": the task ran, the job failed; the job's
+    # own log lines say what happened, so Celery's per-task line is only confusing.
+    logging.getLogger("celery.app.trace").setLevel(logging.WARNING)
     os.environ["KILN_ROLE"] = role
     metrics.identify(role)
 
@@ -152,9 +155,14 @@ def header_timeout_protocol(seconds: float) -> type:
 
 def run_worker(queues: list[str], concurrency: int, name: str | None = None) -> None:
     """A Celery worker on the given queues (blocks)."""
+    import warnings
+
     from service.db import migrate
     from workers.celery_app import app
 
+    # Celery warns against running as root because pickled messages could run code in the worker;
+    # Kiln's queues accept JSON only, and model code runs as the sandbox's unprivileged user.
+    warnings.filterwarnings("ignore", message="You're running the worker with superuser privileges")
     migrate()
     argv = ["worker", "--queues", ",".join(queues), "--concurrency", str(concurrency), "--pool", "prefork",
             "--loglevel", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"]

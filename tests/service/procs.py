@@ -350,3 +350,38 @@ class Processes:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+
+
+def user_env(home: Path) -> dict[str, str]:
+    """The environment of a user of this machine with a home of their own and no KILN_* settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KILN_", "XDG_"))}
+    env.update({"HOME": str(home), "PYTHONUNBUFFERED": "1"})
+    return env
+
+
+class KilnUp(Proc):
+    """`kiln up` (API and worker in one command) on a free port with its data where it is told."""
+
+    def __init__(self, data_dir: Path, env: dict[str, str], log: Path, *args: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.data_dir = data_dir
+        super().__init__("up", [sys.executable, "-m", "workers.cli", "up", "--port", str(self.port),
+                                "--data-dir", str(data_dir), *args], env, log)
+
+    def start(self, wait: bool = True) -> KilnUp:
+        super().start()
+        if wait:
+            wait_for(lambda: not self.running() or (self.data_dir / "admin-token").exists() and answers(self.url),
+                     120, "kiln up to answer", diagnose=self.tail)
+            assert self.running(), f"kiln up exited with code {self.popen.returncode}\n{self.tail()}"
+        return self
+
+    def admin_token(self) -> str:
+        return (self.data_dir / "admin-token").read_text().strip()
+
+
+def kiln_cli(*args: str, env: dict[str, str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run this checkout's `kiln` command as a user would (from `cwd`, output captured)."""
+    return subprocess.run([sys.executable, "-m", "workers.cli", *args], cwd=cwd, text=True, capture_output=True,
+                          env={**env, "PYTHONPATH": str(ROOT)}, timeout=timeout)

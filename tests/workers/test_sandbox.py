@@ -65,7 +65,7 @@ def test_ok_returns_the_result_and_streams_output(tmp_path):
 def test_exception_is_an_error_with_its_traceback(tmp_path):
     res = run_model(tmp_path, "raise ValueError('boom')")
     assert res.outcome == "error"
-    assert res.reason == "model code raised ValueError: boom"
+    assert res.reason == "model code raised ValueError: boom (model.py:4)"  # the model's own file and line
     assert res.error["type"] == "ValueError" and res.error["message"] == "boom"
     assert "build_model" in res.error["traceback"] and res.error["kiln_error"] is None
     with pytest.raises(SandboxError, match="model code raised ValueError: boom"):

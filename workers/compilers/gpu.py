@@ -41,7 +41,7 @@ def require_cuda() -> str:
     """The CUDA device's name, or RuntimeUnavailable."""
     name = cuda_device()
     if name is None:
-        raise RuntimeUnavailable("no CUDA device on this worker")
+        raise RuntimeUnavailable("no CUDA device on this machine")
     return name
 
 
@@ -69,18 +69,18 @@ def tensorrt_libraries() -> bool:
 
 
 def require_ort_provider(provider: str) -> None:
-    """RuntimeUnavailable unless ONNX Runtime can run `provider` on this worker."""
+    """RuntimeUnavailable unless ONNX Runtime can run `provider` on this machine."""
     require_cuda()
     if provider not in ort_providers():
-        raise RuntimeUnavailable(f"ONNX Runtime on this worker has no {provider} "
+        raise RuntimeUnavailable(f"ONNX Runtime on this machine has no {provider} "
                                  "(onnxruntime-gpu is not installed; the CPU build is)")
     if provider == TENSORRT_PROVIDER and not tensorrt_libraries():
         raise RuntimeUnavailable("ONNX Runtime's TensorRT execution provider needs TensorRT's libraries "
-                                 "(libnvinfer), which are not installed on this worker")
+                                 "(libnvinfer), which are not installed on this machine")
 
 
 def require_tensorrt() -> None:
     """RuntimeUnavailable unless the TensorRT Python package and a CUDA device are here."""
     if importlib.util.find_spec("tensorrt") is None:
-        raise RuntimeUnavailable("TensorRT is not installed on this worker")
+        raise RuntimeUnavailable("TensorRT is not installed on this machine")
     require_cuda()

@@ -60,8 +60,12 @@ def quantize_int8_static(ctx: Context, src: Path, work: Path, *, symmetric: bool
 
 def preprocess(src: Path, work: Path) -> Path:
     """The graph ONNX Runtime's quantizers expect: shapes inferred, optimized for quantization."""
+    import onnxruntime as ort
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    # The quantization tools open sessions of their own, whose warnings ("Removing initializer")
+    # go to stderr with terminal colour codes even into a pipe or a log: errors only.
+    ort.set_default_logger_severity(3)
     path = work / "preprocessed.onnx"
     try:
         quant_pre_process(str(src), str(path), skip_symbolic_shape=False)

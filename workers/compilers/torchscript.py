@@ -20,6 +20,8 @@ class TorchScriptCompiler:
     target = "torchscript"
 
     def variants(self, precision: str, devices: list[str]) -> list[str | None]:
+        if precision not in COMPUTE:
+            return []  # TorchScript has no int8 path: not a candidate (the onnxruntime target builds it)
         out: list[str | None] = [None] if "cpu" in devices else []
         if "cuda" in devices and precision in COMPUTE:
             out.append("cuda")

@@ -26,6 +26,14 @@ class Compile:
         devices = resolve_devices(ctx.options.devices)
         plan = [(t, p, v) for t in ctx.options.targets for p in ctx.options.precisions
                 for v in COMPILERS[t].variants(p, devices)]
+        # Combinations that cannot exist (int8 TorchScript) are not candidates, so never failures.
+        absent = [f"{t}-{p}" for t in ctx.options.targets for p in ctx.options.precisions
+                  if not COMPILERS[t].variants(p, devices)]
+        if absent:
+            log.info(f"not built here (no such combination on {', '.join(devices)}): {', '.join(absent)}")
+        if not plan:
+            raise ConversionError(f"nothing to build: {', '.join(absent)} cannot be built on {', '.join(devices)} "
+                                  "(TorchScript builds fp32, bf16 and fp16; the onnxruntime target builds int8)")
         ctx.candidates = []
         for i, (target, precision, variant) in enumerate(plan):
             cand = Candidate(id=candidate_id(target, precision, variant), target=target, precision=precision,
