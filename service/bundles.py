@@ -99,15 +99,15 @@ def safe_extract(archive: Path, dest: Path, limits: ArchiveLimits = ArchiveLimit
     compressed = max(archive.stat().st_size, 1)
     if zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as zf:
-            infos = zf.infolist()
-            members = [(i.filename, i.file_size, _zip_kind(i)) for i in infos]
+            entries = zf.infolist()
+            members = [(i.filename, i.file_size, _zip_kind(i)) for i in entries]
             _check_members(archive.name, members, compressed, limits)
-            for info in infos:
-                if not info.is_dir():
-                    _copy_limited(zf.open(info), dest / _safe_name(info.filename), info.file_size)
+            for entry in entries:
+                if not entry.is_dir():
+                    _copy_limited(zf.open(entry), dest / _safe_name(entry.filename), entry.file_size)
         return
     try:
-        tf = tarfile.open(archive, "r:*")
+        tf = tarfile.open(archive, "r:*")  # noqa: SIM115 - opened apart so its error becomes a refusal; closed by the with below
     except (tarfile.TarError, OSError) as exc:
         raise InvalidBundle(f"{archive.name} is neither a zip nor a tar archive: {exc}") from None
     with tf:
@@ -272,6 +272,8 @@ def onnx_signature(bundle: Bundle) -> Signature:
     """A signature read off an ONNX model's graph inputs (named dims are dynamic)."""
     import onnx
 
+    if bundle.model_file is None:
+        raise InvalidBundle("the bundle has no ONNX model file")
     try:
         model = onnx.load(str(bundle.model_file), load_external_data=False)
     except Exception as exc:  # noqa: BLE001 - protobuf raises several types

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 
@@ -45,7 +46,7 @@ class KilnClient:
     def close(self) -> None:
         self.http.close()
 
-    def __enter__(self) -> "KilnClient":
+    def __enter__(self) -> KilnClient:
         return self
 
     def __exit__(self, *exc: object) -> None:

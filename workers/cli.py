@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -41,22 +40,22 @@ def _fail(exc: KilnError) -> None:
 @app.command()
 def convert(
     bundle: Path = typer.Argument(..., metavar="BUNDLE", help="A .py file, a folder, a .zip/.tar.gz bundle, a TorchScript .pt, a .pt2 or an .onnx"),
-    entry: Optional[str] = typer.Option(None, help="Entry point that builds the model, e.g. model.py:build_model"),
-    weights: Optional[Path] = typer.Option(None, help="Weights: .safetensors or a state-dict .pt"),
-    signature: Optional[Path] = typer.Option(None, help="Signature file (YAML or JSON)"),
-    input: Optional[list[str]] = typer.Option(None, "--input", help="Input spec, e.g. 'x:float32[batch,3,224,224]' (repeatable)"),
-    output: Optional[list[str]] = typer.Option(None, "--output", help="Output name (repeatable)"),
-    dim: Optional[list[str]] = typer.Option(None, "--dim", help="Dynamic dimension range, e.g. batch=1:8:32 (repeatable)"),
-    samples: Optional[Path] = typer.Option(None, help="Sample inputs (.npz) for validation and int8 calibration"),
-    target: Optional[list[str]] = typer.Option(None, help="Targets, comma-separated: onnxruntime,torchscript,tensorrt"),
-    precision: Optional[list[str]] = typer.Option(None, help="Precisions, comma-separated: fp32,fp16,bf16,int8"),
+    entry: str | None = typer.Option(None, help="Entry point that builds the model, e.g. model.py:build_model"),
+    weights: Path | None = typer.Option(None, help="Weights: .safetensors or a state-dict .pt"),
+    signature: Path | None = typer.Option(None, help="Signature file (YAML or JSON)"),
+    input: list[str] | None = typer.Option(None, "--input", help="Input spec, e.g. 'x:float32[batch,3,224,224]' (repeatable)"),  # noqa: A002 - the --input flag's name
+    output: list[str] | None = typer.Option(None, "--output", help="Output name (repeatable)"),
+    dim: list[str] | None = typer.Option(None, "--dim", help="Dynamic dimension range, e.g. batch=1:8:32 (repeatable)"),
+    samples: Path | None = typer.Option(None, help="Sample inputs (.npz) for validation and int8 calibration"),
+    target: list[str] | None = typer.Option(None, help="Targets, comma-separated: onnxruntime,torchscript,tensorrt"),
+    precision: list[str] | None = typer.Option(None, help="Precisions, comma-separated: fp32,fp16,bf16,int8"),
     policy: str = typer.Option("latency", help="Selection policy: latency, throughput or accuracy"),
-    threads: Optional[int] = typer.Option(None, help="Threads for runtimes and benchmarks (default: all cores)"),
+    threads: int | None = typer.Option(None, help="Threads for runtimes and benchmarks (default: all cores)"),
     bench_seconds: float = typer.Option(1.0, help="Seconds of timing per benchmark point"),
     out_dir: Path = typer.Option(Path("kiln-out"), "--out", help="Directory for report.json and the artifacts"),
-    remote: Optional[str] = typer.Option(None, "--remote", help="Convert on this Kiln server instead of locally"),
-    name: Optional[str] = typer.Option(None, help="Model name on the server (--remote; default: the file's stem)"),
-    token: Optional[str] = TOKEN,
+    remote: str | None = typer.Option(None, "--remote", help="Convert on this Kiln server instead of locally"),
+    name: str | None = typer.Option(None, help="Model name on the server (--remote; default: the file's stem)"),
+    token: str | None = TOKEN,
 ) -> None:
     """Convert a model: capture, export, compile, validate, benchmark, select (locally, or on a server)."""
     if remote:
@@ -111,7 +110,7 @@ def convert(
 @app.command()
 def api(host: str = typer.Option("127.0.0.1", help="Address to listen on"),
         port: int = typer.Option(8000, help="Port to listen on"),
-        data_dir: Optional[Path] = typer.Option(None, help="Data directory (default: KILN_DATA_DIR or .kiln)")) -> None:
+        data_dir: Path | None = typer.Option(None, help="Data directory (default: KILN_DATA_DIR or .kiln)")) -> None:
     """Start the API alone (for many machines)."""
     from workers import serve
 
@@ -127,8 +126,8 @@ def api(host: str = typer.Option("127.0.0.1", help="Address to listen on"),
 @app.command()
 def worker(queues: str = typer.Option("cpu,gpu", help="Queues to take work from: cpu, gpu or both"),
            concurrency: int = typer.Option(1, help="Jobs at once (each uses every core it is given)"),
-           name: Optional[str] = typer.Option(None, help="Celery node name"),
-           data_dir: Optional[Path] = typer.Option(None, help="Data directory (default: KILN_DATA_DIR or .kiln)")) -> None:
+           name: str | None = typer.Option(None, help="Celery node name"),
+           data_dir: Path | None = typer.Option(None, help="Data directory (default: KILN_DATA_DIR or .kiln)")) -> None:
     """Start a conversion worker alone (for many machines)."""
     from service.queue import QUEUES
     from workers import serve
@@ -157,7 +156,7 @@ def worker(queues: str = typer.Option("cpu,gpu", help="Queues to take work from:
 @app.command()
 def up(host: str = typer.Option("127.0.0.1", help="Address to listen on"),
        port: int = typer.Option(8000, help="Port to listen on"),
-       data_dir: Optional[Path] = typer.Option(None, help="Data directory (default: KILN_DATA_DIR or .kiln)"),
+       data_dir: Path | None = typer.Option(None, help="Data directory (default: KILN_DATA_DIR or .kiln)"),
        concurrency: int = typer.Option(1, help="Conversion jobs at once"),
        open_: bool = typer.Option(False, "--open", help="No authentication (only on a loopback address)")) -> None:
     """Start Kiln on this machine: the API and a worker, SQLite and local artifacts, no Redis needed."""
@@ -222,7 +221,7 @@ job_app = typer.Typer(help="Conversion jobs on a Kiln server: create, list, show
 app.add_typer(job_app, name="job")
 
 
-def _client(server: Optional[str], token: Optional[str] = None):
+def _client(server: str | None, token: str | None = None):
     from service.client import KilnClient
 
     return KilnClient(server, token)
@@ -235,8 +234,8 @@ app.add_typer(token_app, name="token")
 @token_app.command("create")
 def token_create(name: str = typer.Option(..., help="What the token is for"),
                  scope: list[str] = typer.Option(["infer"], help="infer, manage, admin or metrics (repeatable)"),
-                 owner: Optional[str] = typer.Option(None, help="Team (an admin may name another)"),
-                 server: Optional[str] = SERVER, token: Optional[str] = TOKEN) -> None:
+                 owner: str | None = typer.Option(None, help="Team (an admin may name another)"),
+                 server: str | None = SERVER, token: str | None = TOKEN) -> None:
     """Create a token; it is printed once and stored only as a hash."""
     try:
         with _client(server, token) as client:
@@ -249,7 +248,7 @@ def token_create(name: str = typer.Option(..., help="What the token is for"),
 
 
 @token_app.command("list")
-def token_list(server: Optional[str] = SERVER, token: Optional[str] = TOKEN) -> None:
+def token_list(server: str | None = SERVER, token: str | None = TOKEN) -> None:
     """List tokens (never their secrets)."""
     try:
         with _client(server, token) as client:
@@ -267,7 +266,7 @@ def token_list(server: Optional[str] = SERVER, token: Optional[str] = TOKEN) -> 
 
 
 @token_app.command("revoke")
-def token_revoke(token_id: str, server: Optional[str] = SERVER, token: Optional[str] = TOKEN) -> None:
+def token_revoke(token_id: str, server: str | None = SERVER, token: str | None = TOKEN) -> None:
     """Revoke a token (it stops working within seconds on every server)."""
     try:
         with _client(server, token) as client:
@@ -279,7 +278,7 @@ def token_revoke(token_id: str, server: Optional[str] = SERVER, token: Optional[
 
 
 @token_app.command("admin")
-def token_admin(server: Optional[str] = SERVER) -> None:
+def token_admin(server: str | None = SERVER) -> None:
     """Print the admin token of the `kiln up` on this machine (for curl: -H "Authorization: Bearer ...")."""
     from service.client import local_admin_token
     from service.local import default_server
@@ -293,8 +292,8 @@ def token_admin(server: Optional[str] = SERVER) -> None:
     print(found)
 
 
-def _signature_arg(signature: Optional[Path], input: Optional[list[str]], output: Optional[list[str]],
-                   dim: Optional[list[str]]):
+def _signature_arg(signature: Path | None, input: list[str] | None, output: list[str] | None,  # noqa: A002 - as --input
+                   dim: list[str] | None):
     from service.signature import Signature, parse_dim_range, parse_tensor_spec
 
     if signature and input:
@@ -311,14 +310,14 @@ def _signature_arg(signature: Optional[Path], input: Optional[list[str]], output
 @app.command()
 def push(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="A .py file, a folder (zipped on the way), a .zip/.tar.gz, .pt, .pt2 or .onnx"),
          name: str = typer.Option(..., help="Model name"),
-         entry: Optional[str] = typer.Option(None, help="Entry point, e.g. model.py:build_model"),
-         weights: Optional[Path] = typer.Option(None, help="Weights file"),
-         samples: Optional[Path] = typer.Option(None, help="Sample inputs (.npz)"),
-         signature: Optional[Path] = typer.Option(None, help="Signature file (YAML or JSON)"),
-         input: Optional[list[str]] = typer.Option(None, "--input", help="Input spec (repeatable)"),
-         output: Optional[list[str]] = typer.Option(None, "--output", help="Output name (repeatable)"),
-         dim: Optional[list[str]] = typer.Option(None, "--dim", help="Dimension range name=min:opt:max"),
-         server: Optional[str] = SERVER, token: Optional[str] = TOKEN) -> None:
+         entry: str | None = typer.Option(None, help="Entry point, e.g. model.py:build_model"),
+         weights: Path | None = typer.Option(None, help="Weights file"),
+         samples: Path | None = typer.Option(None, help="Sample inputs (.npz)"),
+         signature: Path | None = typer.Option(None, help="Signature file (YAML or JSON)"),
+         input: list[str] | None = typer.Option(None, "--input", help="Input spec (repeatable)"),  # noqa: A002 - the --input flag's name
+         output: list[str] | None = typer.Option(None, "--output", help="Output name (repeatable)"),
+         dim: list[str] | None = typer.Option(None, "--dim", help="Dimension range name=min:opt:max"),
+         server: str | None = SERVER, token: str | None = TOKEN) -> None:
     """Upload a model bundle to a Kiln server."""
     try:
         sig = _signature_arg(signature, input, output, dim)
@@ -332,21 +331,21 @@ def push(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="A .py file, 
     out.print(f"{what} {v['name']} version {v['version']} ({v['kind']}, sha256 {v['sha256'][:12]})", highlight=False)
 
 
-def _job_options(target, precision, policy, threads, bench_seconds) -> dict:  # noqa: ANN001
+def _job_options(target, precision, policy, threads, bench_seconds) -> dict:
     return {"targets": _split(target) or None, "precisions": _split(precision) or None, "policy": policy,
             "threads": threads, "bench_seconds": bench_seconds}
 
 
 @job_app.command("create")
 def job_create(model: str = typer.Option(..., help="Model name"),
-               version: Optional[int] = typer.Option(None, help="Version (default: the newest)"),
-               target: Optional[list[str]] = typer.Option(None, help="Targets, comma-separated"),
-               precision: Optional[list[str]] = typer.Option(None, help="Precisions, comma-separated"),
-               policy: Optional[str] = typer.Option(None, help="latency, throughput or accuracy"),
-               threads: Optional[int] = typer.Option(None, help="Threads for runtimes and benchmarks"),
-               bench_seconds: Optional[float] = typer.Option(None, help="Seconds of timing per benchmark point"),
+               version: int | None = typer.Option(None, help="Version (default: the newest)"),
+               target: list[str] | None = typer.Option(None, help="Targets, comma-separated"),
+               precision: list[str] | None = typer.Option(None, help="Precisions, comma-separated"),
+               policy: str | None = typer.Option(None, help="latency, throughput or accuracy"),
+               threads: int | None = typer.Option(None, help="Threads for runtimes and benchmarks"),
+               bench_seconds: float | None = typer.Option(None, help="Seconds of timing per benchmark point"),
                watch: bool = typer.Option(False, "--watch", help="Follow the job until it ends"),
-               server: Optional[str] = SERVER, token: Optional[str] = TOKEN) -> None:
+               server: str | None = SERVER, token: str | None = TOKEN) -> None:
     """Start a conversion job on a pushed model."""
     try:
         with _client(server, token) as client:
@@ -365,11 +364,11 @@ def job_create(model: str = typer.Option(..., help="Model name"),
 
 
 @job_app.command("list")
-def job_list(status: Optional[str] = typer.Option(None, help="Filter by status"),
-             model: Optional[str] = typer.Option(None, help="Filter by model name"),
+def job_list(status: str | None = typer.Option(None, help="Filter by status"),
+             model: str | None = typer.Option(None, help="Filter by model name"),
              limit: int = typer.Option(20, help="How many"),
              quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the ids, one a line"),
-             server: Optional[str] = SERVER, token: Optional[str] = TOKEN) -> None:
+             server: str | None = SERVER, token: str | None = TOKEN) -> None:
     """List jobs, newest first."""
     try:
         with _client(server, token) as client:
@@ -391,7 +390,7 @@ def job_list(status: Optional[str] = typer.Option(None, help="Filter by status")
 
 
 @job_app.command("show")
-def job_show(job_id: str, server: Optional[str] = SERVER, token: Optional[str] = TOKEN) -> None:
+def job_show(job_id: str, server: str | None = SERVER, token: str | None = TOKEN) -> None:
     """A job's steps, candidates and selection."""
     try:
         with _client(server, token) as client:
@@ -401,7 +400,7 @@ def job_show(job_id: str, server: Optional[str] = SERVER, token: Optional[str] =
 
 
 @job_app.command("watch")
-def job_watch(job_id: str, server: Optional[str] = SERVER, token: Optional[str] = TOKEN) -> None:
+def job_watch(job_id: str, server: str | None = SERVER, token: str | None = TOKEN) -> None:
     """Follow a job's progress live until it ends."""
     try:
         with _client(server, token) as client:
@@ -414,7 +413,7 @@ def job_watch(job_id: str, server: Optional[str] = SERVER, token: Optional[str] 
 
 
 @job_app.command("cancel")
-def job_cancel(job_id: str, server: Optional[str] = SERVER, token: Optional[str] = TOKEN) -> None:
+def job_cancel(job_id: str, server: str | None = SERVER, token: str | None = TOKEN) -> None:
     """Cancel a queued or running job."""
     try:
         with _client(server, token) as client:
@@ -427,7 +426,7 @@ def job_cancel(job_id: str, server: Optional[str] = SERVER, token: Optional[str]
 
 @job_app.command("retry")
 def job_retry(job_id: str, watch: bool = typer.Option(False, "--watch", help="Follow the new attempt"),
-              server: Optional[str] = SERVER, token: Optional[str] = TOKEN) -> None:
+              server: str | None = SERVER, token: str | None = TOKEN) -> None:
     """Start a new attempt of a failed or canceled job."""
     try:
         with _client(server, token) as client:
@@ -443,8 +442,8 @@ def job_retry(job_id: str, watch: bool = typer.Option(False, "--watch", help="Fo
 
 
 @job_app.command("report")
-def job_report(job_id: str, output_file: Optional[Path] = typer.Option(None, "--out", help="Write the JSON here"),
-               server: Optional[str] = SERVER, token: Optional[str] = TOKEN) -> None:
+def job_report(job_id: str, output_file: Path | None = typer.Option(None, "--out", help="Write the JSON here"),
+               server: str | None = SERVER, token: str | None = TOKEN) -> None:
     """The job's full report (JSON)."""
     import json
 
@@ -463,7 +462,7 @@ def job_report(job_id: str, output_file: Optional[Path] = typer.Option(None, "--
 
 
 @job_app.command("logs")
-def job_logs(job_id: str, server: Optional[str] = SERVER, token: Optional[str] = TOKEN) -> None:
+def job_logs(job_id: str, server: str | None = SERVER, token: str | None = TOKEN) -> None:
     """The job's log."""
     try:
         with _client(server, token) as client:
@@ -480,7 +479,7 @@ model_app.command("push")(push)
 
 
 @model_app.command("list")
-def model_list(server: Optional[str] = SERVER, token: Optional[str] = TOKEN) -> None:
+def model_list(server: str | None = SERVER, token: str | None = TOKEN) -> None:
     """List models and their newest version."""
     try:
         with _client(server, token) as client:
@@ -500,7 +499,7 @@ def model_list(server: Optional[str] = SERVER, token: Optional[str] = TOKEN) -> 
 
 
 @model_app.command("show")
-def model_show(name: str, server: Optional[str] = SERVER, token: Optional[str] = TOKEN) -> None:
+def model_show(name: str, server: str | None = SERVER, token: str | None = TOKEN) -> None:
     """A model's versions (JSON)."""
     import json
 
@@ -513,7 +512,7 @@ def model_show(name: str, server: Optional[str] = SERVER, token: Optional[str] =
 
 @model_app.command("delete")
 def model_delete(name: str, version: int = typer.Option(..., help="The version to delete"),
-                 server: Optional[str] = SERVER, token: Optional[str] = TOKEN) -> None:
+                 server: str | None = SERVER, token: str | None = TOKEN) -> None:
     """Delete a version of a model that no deployment uses."""
     try:
         with _client(server, token) as client:
@@ -543,14 +542,14 @@ def _print_deployment(d: dict) -> None:
 
 @app.command()
 def deploy(name: str = typer.Argument(..., help="Deployment name (the /v2 model name)"),
-           job: Optional[str] = typer.Option(None, help="Deploy this job's selected candidate"),
-           candidate: Optional[str] = typer.Option(None, help="Deploy this candidate (its id)"),
+           job: str | None = typer.Option(None, help="Deploy this job's selected candidate"),
+           candidate: str | None = typer.Option(None, help="Deploy this candidate (its id)"),
            force: bool = typer.Option(False, "--force", help="Deploy a candidate that failed validation"),
-           max_batch_size: Optional[int] = typer.Option(None, help="Rows joined per run"),
-           max_queue_delay_ms: Optional[float] = typer.Option(None, help="How long to wait for more requests"),
-           instances: Optional[int] = typer.Option(None, help="Runtime instances run in parallel"),
-           threads: Optional[int] = typer.Option(None, help="Threads per runtime instance"),
-           server: Optional[str] = SERVER, token: Optional[str] = TOKEN) -> None:
+           max_batch_size: int | None = typer.Option(None, help="Rows joined per run"),
+           max_queue_delay_ms: float | None = typer.Option(None, help="How long to wait for more requests"),
+           instances: int | None = typer.Option(None, help="Runtime instances run in parallel"),
+           threads: int | None = typer.Option(None, help="Threads per runtime instance"),
+           server: str | None = SERVER, token: str | None = TOKEN) -> None:
     """Serve a job's winner (or a candidate) as a new version of a deployment, and make it the default."""
     if (job is None) == (candidate is None):
         _fail(BadRequest("give --job JOB_ID or --candidate CANDIDATE_ID (one of them)"))
@@ -568,7 +567,7 @@ def deploy(name: str = typer.Argument(..., help="Deployment name (the /v2 model 
 
 
 @deployment_app.command("list")
-def deployment_list(server: Optional[str] = SERVER, token: Optional[str] = TOKEN) -> None:
+def deployment_list(server: str | None = SERVER, token: str | None = TOKEN) -> None:
     """List deployments."""
     try:
         with _client(server, token) as client:
@@ -587,7 +586,7 @@ def deployment_list(server: Optional[str] = SERVER, token: Optional[str] = TOKEN
 
 
 @deployment_app.command("show")
-def deployment_show(name: str, server: Optional[str] = SERVER, token: Optional[str] = TOKEN) -> None:
+def deployment_show(name: str, server: str | None = SERVER, token: str | None = TOKEN) -> None:
     """A deployment's versions."""
     try:
         with _client(server, token) as client:
@@ -597,8 +596,8 @@ def deployment_show(name: str, server: Optional[str] = SERVER, token: Optional[s
 
 
 @deployment_app.command("set-default")
-def deployment_set_default(name: str, version: int, server: Optional[str] = SERVER,
-                           token: Optional[str] = TOKEN) -> None:
+def deployment_set_default(name: str, version: int, server: str | None = SERVER,
+                           token: str | None = TOKEN) -> None:
     """Serve this version by default."""
     try:
         with _client(server, token) as client:
@@ -608,7 +607,7 @@ def deployment_set_default(name: str, version: int, server: Optional[str] = SERV
 
 
 @deployment_app.command("rollback")
-def deployment_rollback(name: str, server: Optional[str] = SERVER, token: Optional[str] = TOKEN) -> None:
+def deployment_rollback(name: str, server: str | None = SERVER, token: str | None = TOKEN) -> None:
     """Make the previous version the default."""
     try:
         with _client(server, token) as client:
@@ -618,7 +617,7 @@ def deployment_rollback(name: str, server: Optional[str] = SERVER, token: Option
 
 
 @deployment_app.command("delete")
-def deployment_delete(name: str, server: Optional[str] = SERVER, token: Optional[str] = TOKEN) -> None:
+def deployment_delete(name: str, server: str | None = SERVER, token: str | None = TOKEN) -> None:
     """Stop serving a deployment (all its versions)."""
     try:
         with _client(server, token) as client:
@@ -674,9 +673,9 @@ def read_tensors(path: Path, metadata: dict) -> dict:
 @app.command()
 def infer(name: str = typer.Argument(..., help="Deployment name"),
           inputs: Path = typer.Argument(..., metavar="INPUTS", help="A .npy (one input), .npz or .json file"),
-          version: Optional[int] = typer.Option(None, help="Version (default: the deployment's default)"),
-          output_file: Optional[Path] = typer.Option(None, "--out", help="Write the outputs to this .npz"),
-          server: Optional[str] = SERVER, token: Optional[str] = TOKEN) -> None:
+          version: int | None = typer.Option(None, help="Version (default: the deployment's default)"),
+          output_file: Path | None = typer.Option(None, "--out", help="Write the outputs to this .npz"),
+          server: str | None = SERVER, token: str | None = TOKEN) -> None:
     """Send inputs to a deployment and print its outputs."""
     import numpy as np
 
@@ -695,8 +694,8 @@ def infer(name: str = typer.Argument(..., help="Deployment name"),
             print(f"{key} {value.dtype.name}{list(value.shape)}:\n{value}")
 
 
-def _convert_remote(server: str, token: Optional[str], bundle: Path, name: str, entry, weights, samples,  # noqa: ANN001
-                    signature, input, output, dim, options: dict, out_dir: Path) -> None:  # noqa: ANN001
+def _convert_remote(server: str, token: str | None, bundle: Path, name: str, entry, weights, samples,
+                    signature, input, output, dim, options: dict, out_dir: Path) -> None:  # noqa: A002 - as --input
     """push + job create + watch, then the report and the selected artifact into out_dir."""
     import json
 
@@ -727,7 +726,7 @@ def _convert_remote(server: str, token: Optional[str], bundle: Path, name: str, 
         raise typer.Exit(1)
 
 
-def _download_candidates(client, job: dict, out_dir: Path) -> None:  # noqa: ANN001
+def _download_candidates(client, job: dict, out_dir: Path) -> None:
     """Every built candidate of a job into out_dir/<candidate>/ (its model file and kiln-artifact.json)."""
     import shutil
     import tempfile
@@ -744,7 +743,7 @@ def _download_candidates(client, job: dict, out_dir: Path) -> None:  # noqa: ANN
             safe_extract(archive, out_dir)  # its members are <candidate>/<file>
 
 
-def _watch(client, job_id: str) -> dict:  # noqa: ANN001
+def _watch(client, job_id: str) -> dict:
     """A live progress display that follows the job's event stream; prints the job at the end."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -810,7 +809,7 @@ def _print_job(job: dict) -> None:
                   markup=False)
 
 
-def _data_dir(path: Optional[Path]) -> None:
+def _data_dir(path: Path | None) -> None:
     """--data-dir wins over KILN_DATA_DIR; child processes inherit it through the environment."""
     import os
 
@@ -869,4 +868,4 @@ def main() -> None:  # pragma: no cover - console script entry
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

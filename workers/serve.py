@@ -63,7 +63,7 @@ class Presence:
             try:
                 with session_scope() as s:
                     jobs.worker_seen(s, self.name, self.host, self.queues)
-            except Exception:  # noqa: BLE001 - the database may blip
+            except Exception:
                 logger.warning("could not record worker presence", exc_info=True)
             self._stop.wait(self.interval)
 
@@ -120,7 +120,7 @@ def header_timeout_protocol(seconds: float) -> type:
     class HeaderTimeout(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         _header_timer = None
 
-        def connection_made(self, transport) -> None:  # noqa: ANN001
+        def connection_made(self, transport) -> None:
             super().connection_made(transport)
             self._arm()
 
@@ -146,7 +146,7 @@ def header_timeout_protocol(seconds: float) -> type:
             if self.cycle is not before:  # the headers are in: a new request started
                 self._disarm()
 
-        def connection_lost(self, exc) -> None:  # noqa: ANN001
+        def connection_lost(self, exc) -> None:
             self._disarm()
             super().connection_lost(exc)
 

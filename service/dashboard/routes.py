@@ -18,7 +18,7 @@ from service.api import deployments as deployments_api
 from service.api.deps import SESSION_COOKIE, SessionDep
 from service.dashboard import assets, formatting, session, tryit, views
 from service.dashboard.session import Viewer, ViewerDep
-from service.errors import KilnError
+from service.errors import KilnError, Unauthorized
 from service.options import GPU_TARGETS, POLICIES, PRECISIONS, TARGETS
 from service.schemas import MAX_OFFSET, JobOut, ModelOut
 from service.serving.manager import row_dict
@@ -54,9 +54,10 @@ def error_page(request: Request, viewer: Viewer, exc: KilnError) -> HTMLResponse
 def sign_in_page(request: Request, viewer: Viewer) -> HTMLResponse:
     """In place of any page while nobody (or a token without the manage scope) is signed in."""
     tried = request.cookies.get(SESSION_COOKIE) or request.headers.get("authorization")
+    refused = viewer.refused or Unauthorized("authentication required")
     # "authentication required" says nothing to someone who has not tried yet; a refused token does
-    return render(request, "sign_in.html", viewer, status_code=viewer.refused.status, nav=None,
-                  problem=viewer.refused if tried or viewer.refused.status != 401 else None)
+    return render(request, "sign_in.html", viewer, status_code=refused.status, nav=None,
+                  problem=refused if tried or refused.status != 401 else None)
 
 
 @router.get(f"{assets.PREFIX}/{{name}}")
@@ -115,7 +116,8 @@ def deployments_page(request: Request, session: SessionDep, viewer: ViewerDep) -
     for dep in listed:
         versions = rows[dep.name]
         current = next((r for r in versions if r.is_default), versions[-1])
-        jobs_of = {v.candidate: session.get(CandidateRow, v.candidate).job_id for v in dep.versions}
+        jobs_of = {v.candidate: row.job_id for v in dep.versions
+                   if (row := session.get(CandidateRow, v.candidate)) is not None}
         cards.append({"dep": dep, "jobs": jobs_of, "example": tryit.example_request(row_dict(current)["signature"]),
                       "can_roll_back": any(v.version < (dep.default_version or 0) for v in dep.versions)})
     return render(request, "deployments.html", viewer, nav="deployments", cards=cards)

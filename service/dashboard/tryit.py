@@ -23,7 +23,7 @@ def example_request(signature: dict[str, Any]) -> str:
     inputs = []
     for spec in sig.inputs:
         arr = sample[spec.name]
-        entry: dict[str, Any] = {"name": spec.name, "shape": list(arr.shape), "datatype": DTYPE_TO_V2[spec.dtype]}
+        entry: dict[str, Any] = {"name": spec.name, "shape": list(arr.shape), "datatype": DTYPE_TO_V2[str(spec.dtype)]}
         if arr.size <= INLINE_LIMIT:
             values = arr.ravel().tolist()
             entry["data"] = [round(v, 4) for v in values] if arr.dtype.kind == "f" else values
@@ -37,7 +37,7 @@ def example_request(signature: dict[str, Any]) -> str:
 def _compact_json(body: dict[str, Any]) -> str:
     """Indented JSON with each data list on one line, so the structure stays visible."""
     lists: list[str] = []
-    shallow = {"inputs": []}
+    shallow: dict[str, list[dict[str, Any]]] = {"inputs": []}
     for entry in body["inputs"]:
         if isinstance(entry["data"], list):
             lists.append(json.dumps(entry["data"]))
