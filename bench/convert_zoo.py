@@ -27,8 +27,11 @@ MODELS = {
 
 def signature_of(path: Path) -> dict:
     tree = ast.parse(path.read_text())
-    consts = {n.targets[0].id: ast.literal_eval(n.value) for n in tree.body
-              if isinstance(n, ast.Assign) and isinstance(n.value, ast.Constant) and isinstance(n.targets[0], ast.Name)}
+    consts = {
+        n.targets[0].id: ast.literal_eval(n.value)
+        for n in tree.body
+        if isinstance(n, ast.Assign) and isinstance(n.value, ast.Constant) and isinstance(n.targets[0], ast.Name)
+    }
     node = next(n for n in tree.body if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "SIGNATURE")
     return eval(ast.unparse(node.value), {"__builtins__": {}}, consts)  # noqa: S307 - literals only
 
@@ -46,15 +49,27 @@ def main() -> None:
         filename, entry = MODELS[name]
         src = ROOT / "tests" / "zoo" / filename
         out = base / name
-        ctx = engine.convert(src, out, entry=f"{filename}:{entry}", signature=signature_of(src),
-                             options={"targets": ["onnxruntime", "torchscript"],
-                                      "precisions": args.precisions.split(","), "threads": args.threads,
-                                      "bench_seconds": args.seconds})
+        ctx = engine.convert(
+            src,
+            out,
+            entry=f"{filename}:{entry}",
+            signature=signature_of(src),
+            options={
+                "targets": ["onnxruntime", "torchscript"],
+                "precisions": args.precisions.split(","),
+                "threads": args.threads,
+                "bench_seconds": args.seconds,
+            },
+        )
         eager = ctx.eager_benchmark
-        print(f"\n== {name}: {args.threads} thread(s); eager PyTorch p50 at batch "
-              + ", ".join(f"{p.batch}: {p.p50_ms:.2f} ms" for p in eager))
+        print(
+            f"\n== {name}: {args.threads} thread(s); eager PyTorch p50 at batch "
+            + ", ".join(f"{p.batch}: {p.p50_ms:.2f} ms" for p in eager)
+        )
         batches = [p.batch for p in eager]
-        head = f"{'candidate':<26}{'status':<8}" + "".join(f"{'b' + str(b) + ' ms':>10}{'vs eager':>9}" for b in batches)
+        head = f"{'candidate':<26}{'status':<8}" + "".join(
+            f"{'b' + str(b) + ' ms':>10}{'vs eager':>9}" for b in batches
+        )
         print(head + f"{'max abs':>10}{'cosine':>10}{'top-1':>7}")
         for c in ctx.candidates:
             v = c.validation
@@ -68,10 +83,15 @@ def main() -> None:
                 top1 = [o.top1 for o in outs if o.top1 is not None]
                 row += f"{max(o.max_abs for o in outs):>10.3g}{min(o.cosine for o in outs):>10.6f}"
                 row += f"{min(top1):>7.3f}" if top1 else f"{'':>7}"
-            print(row + ("" if c.status == "built" else f"  ({c.reason[:70]})")
-                  + ("" if not (c.status == "built" and not c.passed) else f"  ({v.reason[:70]})"))
-        print(f"selected: {ctx.selection.candidate if ctx.selection else None}"
-              f" ({ctx.selection.reason if ctx.selection else ''})")
+            print(
+                row
+                + ("" if c.status == "built" else f"  ({c.reason[:70]})")
+                + ("" if not (c.status == "built" and not c.passed) else f"  ({v.reason[:70]})")
+            )
+        print(
+            f"selected: {ctx.selection.candidate if ctx.selection else None}"
+            f" ({ctx.selection.reason if ctx.selection else ''})"
+        )
     if not args.keep:
         shutil.rmtree(base, ignore_errors=True)
 

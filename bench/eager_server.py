@@ -43,9 +43,11 @@ def make_app(model: torch.nn.Module, output: str) -> FastAPI:
         x = torch.tensor(item["data"], dtype=torch.float32).reshape(item["shape"])
         with torch.inference_mode():
             y = model(x)
-        return {"model_name": name, "id": body.get("id"),
-                "outputs": [{"name": output, "datatype": "FP32", "shape": list(y.shape),
-                             "data": y.flatten().tolist()}]}
+        return {
+            "model_name": name,
+            "id": body.get("id"),
+            "outputs": [{"name": output, "datatype": "FP32", "shape": list(y.shape), "data": y.flatten().tolist()}],
+        }
 
     return app
 
@@ -62,10 +64,12 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = build(args.model, args.entry)
-    print(f"eager server: {args.model.name}, torch {torch.__version__}, {torch.get_num_threads()} intra-op "
-          f"thread(s)", file=sys.stderr, flush=True)
-    uvicorn.run(make_app(model, args.output), host=args.host, port=args.port, log_level="warning",
-                access_log=False)
+    print(
+        f"eager server: {args.model.name}, torch {torch.__version__}, {torch.get_num_threads()} intra-op thread(s)",
+        file=sys.stderr,
+        flush=True,
+    )
+    uvicorn.run(make_app(model, args.output), host=args.host, port=args.port, log_level="warning", access_log=False)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,11 @@ MODELS = {"cnn": "cnn.py", "transformer": "transformer.py"}
 
 def signature_of(path: Path, attr: str) -> dict:
     tree = ast.parse(path.read_text())
-    consts = {n.targets[0].id: ast.literal_eval(n.value) for n in tree.body
-              if isinstance(n, ast.Assign) and isinstance(n.value, ast.Constant) and isinstance(n.targets[0], ast.Name)}
+    consts = {
+        n.targets[0].id: ast.literal_eval(n.value)
+        for n in tree.body
+        if isinstance(n, ast.Assign) and isinstance(n.value, ast.Constant) and isinstance(n.targets[0], ast.Name)
+    }
     node = next(n for n in tree.body if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == attr)
     return eval(ast.unparse(node.value), {"__builtins__": {}}, consts)  # noqa: S307 - literals only
 
@@ -50,19 +53,29 @@ def rows(name: str, ctx: Context, batches: list[int]) -> list[list[str]]:
         return f"{ref[0].p50_ms / points[0].p50_ms:.2f}x"
 
     out = []
-    for key, points in [("eager-" + k, v) for k, v in ctx.eager_baselines.items()] + \
-            ([("eager-cpu-fp32", ctx.eager_benchmark)] if ctx.eager_benchmark else []):
-        out.append([name, key, "baseline", *timings(points), ratio(points, base),
-                    ratio(points, half), "", "", ""])
+    for key, points in [("eager-" + k, v) for k, v in ctx.eager_baselines.items()] + (
+        [("eager-cpu-fp32", ctx.eager_benchmark)] if ctx.eager_benchmark else []
+    ):
+        out.append([name, key, "baseline", *timings(points), ratio(points, base), ratio(points, half), "", "", ""])
     for c in ctx.candidates:
         v = c.validation
         outs = list(v.outputs.values()) if v else []
         status = c.status if c.status != "built" else ("pass" if c.passed else "FAIL")
         note = (c.reason if c.status != "built" else (v.reason if v and not v.passed else "")) or ""
         note = note or "; ".join(n for n in c.notes if n.startswith("kept at fp32"))
-        accuracy = ([f"{max(o.max_abs for o in outs):.3g}", f"{min(o.cosine for o in outs):.6f}"] if outs else ["", ""])
-        out.append([name, c.id, status, *timings(c.benchmark), ratio(c.benchmark, base), ratio(c.benchmark, half),
-                    *accuracy, note[:90]])
+        accuracy = [f"{max(o.max_abs for o in outs):.3g}", f"{min(o.cosine for o in outs):.6f}"] if outs else ["", ""]
+        out.append(
+            [
+                name,
+                c.id,
+                status,
+                *timings(c.benchmark),
+                ratio(c.benchmark, base),
+                ratio(c.benchmark, half),
+                *accuracy,
+                note[:90],
+            ]
+        )
     return out
 
 
@@ -89,19 +102,40 @@ def main() -> int:
     base = args.keep or Path(tempfile.mkdtemp(prefix="kiln-gpu-bench-"))
     batches = [int(b) for b in args.batch_sizes.split(",")]
     body: list[list[str]] = []
-    header = ["model", "candidate", "status", *[f"b{b} p50 ms" for b in batches], "vs eager fp32", "vs eager fp16",
-              "max abs", "cosine", "note"]
+    header = [
+        "model",
+        "candidate",
+        "status",
+        *[f"b{b} p50 ms" for b in batches],
+        "vs eager fp32",
+        "vs eager fp16",
+        "max abs",
+        "cosine",
+        "note",
+    ]
     for name in args.models.split(","):
         src = ROOT / "tests" / "zoo" / MODELS[name]
         entry, sig = ("build_small", "SMALL_SIGNATURE") if args.small else ("build_model", "SIGNATURE")
         t0 = time.perf_counter()
-        ctx = engine.convert(src, base / name, entry=f"{MODELS[name]}:{entry}", signature=signature_of(src, sig),
-                             options={"targets": args.targets.split(","), "precisions": args.precisions.split(","),
-                                      "devices": args.devices.split(","), "bench_seconds": args.seconds,
-                                      "batch_sizes": batches})
+        ctx = engine.convert(
+            src,
+            base / name,
+            entry=f"{MODELS[name]}:{entry}",
+            signature=signature_of(src, sig),
+            options={
+                "targets": args.targets.split(","),
+                "precisions": args.precisions.split(","),
+                "devices": args.devices.split(","),
+                "bench_seconds": args.seconds,
+                "batch_sizes": batches,
+            },
+        )
         steps = ", ".join(f"{s.name} {s.duration_s:.0f}s" for s in ctx.steps if s.duration_s is not None)
-        print(f"== {name}: {time.perf_counter() - t0:.0f}s ({steps}); selected "
-              f"{ctx.selection.candidate if ctx.selection else None}", flush=True)
+        print(
+            f"== {name}: {time.perf_counter() - t0:.0f}s ({steps}); selected "
+            f"{ctx.selection.candidate if ctx.selection else None}",
+            flush=True,
+        )
         for s in ctx.steps:
             if s.status == "failed":
                 print(f"   step {s.name} failed: {s.error}", flush=True)

@@ -46,26 +46,43 @@ def main() -> int:
         converted = sb.convert([args.model])[args.model]
         port, grpc_port = sb.free_port(), sb.free_port()
         log = tmp / "api.log"
-        proc = servers.start([sys.executable, "-m", "workers.cli", "api", "--port", str(port)],
-                             {**os.environ, "KILN_GRPC_PORT": str(grpc_port)}, log)
+        proc = servers.start(
+            [sys.executable, "-m", "workers.cli", "api", "--port", str(port)],
+            {**os.environ, "KILN_GRPC_PORT": str(grpc_port)},
+            log,
+        )
         sb.wait_http(port, "/v2/health/live", proc, log)
         auth = sb.admin_auth()
         sig = converted["signature"]
         spec = sig["inputs"][0]
         shape = [d if isinstance(d, int) else 1 for d in spec["shape"]]
         x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-        for dep, opts in {"off": {"max_batch_size": 1}, "on": {"max_batch_size": 32,
-                                                               "max_queue_delay_ms": args.delay_ms}}.items():
+        for dep, opts in {
+            "off": {"max_batch_size": 1},
+            "on": {"max_batch_size": 32, "max_queue_delay_ms": args.delay_ms},
+        }.items():
             body = json.dumps({"name": f"m-{dep}", "job": converted["job"], **opts}).encode()
-            status, _, resp = sb.request(port, "POST", "/v1/deployments", body,
-                                         {"Content-Type": "application/json", **auth})
+            status, _, resp = sb.request(
+                port, "POST", "/v1/deployments", body, {"Content-Type": "application/json", **auth}
+            )
             assert status == 201, resp[:300]
         conn = http.client.HTTPConnection("127.0.0.1", port)
-        js = json.dumps({"inputs": [{"name": spec["name"], "shape": shape, "datatype": "FP32",
-                                     "data": x.ravel().tolist()}]}).encode()
-        header = json.dumps({"inputs": [{"name": spec["name"], "shape": shape, "datatype": "FP32",
-                                         "parameters": {"binary_data_size": x.nbytes}}],
-                             "parameters": {"binary_data_output": True}}).encode()
+        js = json.dumps(
+            {"inputs": [{"name": spec["name"], "shape": shape, "datatype": "FP32", "data": x.ravel().tolist()}]}
+        ).encode()
+        header = json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": spec["name"],
+                        "shape": shape,
+                        "datatype": "FP32",
+                        "parameters": {"binary_data_size": x.nbytes},
+                    }
+                ],
+                "parameters": {"binary_data_output": True},
+            }
+        ).encode()
         binary = header + x.tobytes()
 
         def http_call(dep: str, body: bytes, extra: dict) -> None:
@@ -91,27 +108,42 @@ def main() -> int:
             "gRPC, batching on": lambda: grpc_call("on"),
         }
         before = machine_load()
-        timed = interleaved(rows, batch=1, budget_s=args.seconds, pause_s=0.0,
-                            pairs=[("HTTP JSON, batching off", "gRPC, batching off"),
-                                   ("HTTP binary, batching off", "HTTP binary, batching on")])
+        timed = interleaved(
+            rows,
+            batch=1,
+            budget_s=args.seconds,
+            pause_s=0.0,
+            pairs=[
+                ("HTTP JSON, batching off", "gRPC, batching off"),
+                ("HTTP binary, batching off", "HTTP binary, batching on"),
+            ],
+        )
         after = machine_load()
-        print(f"\n{args.model} ({converted['candidate']}), one sequential client, {len(timed['gRPC, batching off'].rounds)} "
-              f"interleaved rounds; load {before['load_1m']:.2f} -> {after['load_1m']:.2f} on {before['cpus']} CPUs\n")
+        print(
+            f"\n{args.model} ({converted['candidate']}), one sequential client, {len(timed['gRPC, batching off'].rounds)} "
+            f"interleaved rounds; load {before['load_1m']:.2f} -> {after['load_1m']:.2f} on {before['cpus']} CPUs\n"
+        )
         print("| row | p50 ms (interval) | p99 ms | req/s at p50 |")
         print("|---|---|---|---|")
         for name, t in timed.items():
             p = t.point()
-            print(f"| {name} | {p['p50_ms']:.3f} ({p['p50_low_ms']:.3f}-{p['p50_high_ms']:.3f}) | {p['p99_ms']:.3f} | "
-                  f"{1e3 / p['p50_ms']:.0f} |")
+            print(
+                f"| {name} | {p['p50_ms']:.3f} ({p['p50_low_ms']:.3f}-{p['p50_high_ms']:.3f}) | {p['p99_ms']:.3f} | "
+                f"{1e3 / p['p50_ms']:.0f} |"
+            )
         g, gl, gh = ratio(timed["HTTP JSON, batching off"].rounds, timed["gRPC, batching off"].rounds)
         on = np.array(timed["HTTP binary, batching on"].rounds) - np.array(timed["HTTP binary, batching off"].rounds)
         gon = np.array(timed["gRPC, batching on"].rounds) - np.array(timed["gRPC, batching off"].rounds)
-        print(f"\ngRPC vs HTTP JSON (batching off): {g:.2f}x ({gl:.2f}-{gh:.2f}); aim >= 1.3x: "
-              f"{'met' if g >= 1.3 else 'MISSED'}")
+        print(
+            f"\ngRPC vs HTTP JSON (batching off): {g:.2f}x ({gl:.2f}-{gh:.2f}); aim >= 1.3x: "
+            f"{'met' if g >= 1.3 else 'MISSED'}"
+        )
         for label, d in (("HTTP binary", on), ("gRPC", gon)):
             med = float(np.median(d)) * 1e3
-            print(f"{label}: batching on costs a lone client {med:+.3f} ms p50 (per-round median); aim <= +0.2 ms: "
-                  f"{'met' if med <= 0.2 else 'MISSED'}")
+            print(
+                f"{label}: batching on costs a lone client {med:+.3f} ms p50 (per-round median); aim <= +0.2 ms: "
+                f"{'met' if med <= 0.2 else 'MISSED'}"
+            )
         client.close()
         return 0
     finally:

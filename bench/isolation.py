@@ -63,12 +63,22 @@ def convert(models: list[str]) -> dict[str, str]:
         api.headers.update(sv.AUTH)
         for name in models:
             filename, entry = sv.ZOO[name]
-            r = api.post("/v1/models", data={"name": name, "signature": json.dumps(zoo_signature(name)),
-                                             "entry": f"{filename}:{entry}"},
-                         files={"file": (filename, (sv.ROOT / "tests" / "zoo" / filename).read_bytes())})
+            r = api.post(
+                "/v1/models",
+                data={"name": name, "signature": json.dumps(zoo_signature(name)), "entry": f"{filename}:{entry}"},
+                files={"file": (filename, (sv.ROOT / "tests" / "zoo" / filename).read_bytes())},
+            )
             assert r.status_code == 201, r.text
-            r = api.post("/v1/jobs", json={"model": name, "targets": ["torchscript"], "precisions": ["fp32"],
-                                           "bench_seconds": 0.05, "batch_sizes": [1]})
+            r = api.post(
+                "/v1/jobs",
+                json={
+                    "model": name,
+                    "targets": ["torchscript"],
+                    "precisions": ["fp32"],
+                    "bench_seconds": 0.05,
+                    "batch_sizes": [1],
+                },
+            )
             job_id = r.json()["id"]
             how = run_job(job_id)
             if how != "succeeded":
@@ -97,8 +107,11 @@ def main() -> None:
     watch = sv.CpuWatch(None)
     time.sleep(1.0)
     idle = watch.stop()
-    print(f"{os.cpu_count()} CPU(s); other processes used {idle.other:.2f} core(s) before the run; "
-          f"load client: {'wrk' if use_wrk else 'python http.client'}", flush=True)
+    print(
+        f"{os.cpu_count()} CPU(s); other processes used {idle.other:.2f} core(s) before the run; "
+        f"load client: {'wrk' if use_wrk else 'python http.client'}",
+        flush=True,
+    )
     tmp = Path(tempfile.mkdtemp(prefix="kiln-bench-isolation-"))
     os.environ["KILN_DATA_DIR"] = str(tmp / "data")
     servers = sv.Servers()
@@ -106,16 +119,23 @@ def main() -> None:
         jobs = convert(models)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         boxed_port, inproc_port = sv.free_port(), sv.free_port()
-        boxed = servers.start([sys.executable, "-m", "workers.cli", "api", "--port", str(boxed_port)], env,
-                              tmp / "api-runner.log")
+        boxed = servers.start(
+            [sys.executable, "-m", "workers.cli", "api", "--port", str(boxed_port)], env, tmp / "api-runner.log"
+        )
         sv.wait_http(boxed_port, "/healthz", boxed, tmp / "api-runner.log")
         for name, job_id in jobs.items():
-            status, _, body = sv.request(boxed_port, "POST", "/v1/deployments",
-                                         json.dumps({"name": name, "job": job_id, "max_batch_size": 1}).encode(),
-                                         {**sv.AUTH, "Content-Type": "application/json"}, timeout=300)
+            status, _, body = sv.request(
+                boxed_port,
+                "POST",
+                "/v1/deployments",
+                json.dumps({"name": name, "job": job_id, "max_batch_size": 1}).encode(),
+                {**sv.AUTH, "Content-Type": "application/json"},
+                timeout=300,
+            )
             assert status == 201 and json.loads(body)["state"] == "ready", body[:500]
-        inproc = servers.start([sys.executable, __file__, "--serve-in-process", str(inproc_port)], env,
-                               tmp / "api-inprocess.log")
+        inproc = servers.start(
+            [sys.executable, __file__, "--serve-in-process", str(inproc_port)], env, tmp / "api-inprocess.log"
+        )
         sv.wait_http(inproc_port, "/healthz", inproc, tmp / "api-inprocess.log")
         for name in models:
             sv.wait_http(inproc_port, f"/v2/models/{name}/ready", inproc, tmp / "api-inprocess.log", timeout=300)
@@ -133,9 +153,12 @@ def main() -> None:
                     for label, port, proc in (("runner", boxed_port, boxed), ("in-process", inproc_port, inproc)):
                         load = sv.load(port, path, payload, conns, args.seconds, tmp, use_wrk, proc.pid)
                         rounds[label].append(load)
-                        print(f"  {name} {conns:>2} client(s) round {r + 1} {label:<10} {load.rps:8.0f} req/s  "
-                              f"p50 {load.p50_ms:7.3f} ms  p99 {load.p99_ms:7.3f} ms  errors {load.errors}  "
-                              f"other cores {load.cpu.other if load.cpu else 0:.2f}", flush=True)
+                        print(
+                            f"  {name} {conns:>2} client(s) round {r + 1} {label:<10} {load.rps:8.0f} req/s  "
+                            f"p50 {load.p50_ms:7.3f} ms  p99 {load.p99_ms:7.3f} ms  errors {load.errors}  "
+                            f"other cores {load.cpu.other if load.cpu else 0:.2f}",
+                            flush=True,
+                        )
                 results.append((name, conns, rounds))
         report(results)
     finally:
@@ -147,8 +170,10 @@ def report(results) -> None:
     def med(xs):
         return statistics.median(xs)
 
-    print("\nmodel clients | runner req/s  p50 ms (min-max) | in-process req/s  p50 ms (min-max) | "
-          "p50 +ms  req/s ratio | aim")
+    print(
+        "\nmodel clients | runner req/s  p50 ms (min-max) | in-process req/s  p50 ms (min-max) | "
+        "p50 +ms  req/s ratio | aim"
+    )
     for name, conns, rounds in results:
         b, i = rounds["runner"], rounds["in-process"]
         bp, ip = [x.p50_ms for x in b], [x.p50_ms for x in i]
@@ -161,9 +186,11 @@ def report(results) -> None:
             aim = f"p50 +{delta:.3f} ms vs <= 0.2 ms: {'met' if delta <= 0.2 else 'MISSED'}"
         else:
             aim = f"p50 +{100 * delta / med(ip):.1f}% vs <= 3%: {'met' if delta <= 0.03 * med(ip) else 'MISSED'}"
-        print(f"{name:<5} {conns:>7} | {med(br):8.0f}  {med(bp):7.3f} ({min(bp):.3f}-{max(bp):.3f}) | "
-              f"{med(ir):8.0f}  {med(ip):7.3f} ({min(ip):.3f}-{max(ip):.3f}) | "
-              f"{delta:+.3f} ({min(deltas):+.3f}..{max(deltas):+.3f})  {ratio:.3f} | {aim}")
+        print(
+            f"{name:<5} {conns:>7} | {med(br):8.0f}  {med(bp):7.3f} ({min(bp):.3f}-{max(bp):.3f}) | "
+            f"{med(ir):8.0f}  {med(ip):7.3f} ({min(ip):.3f}-{max(ip):.3f}) | "
+            f"{delta:+.3f} ({min(deltas):+.3f}..{max(deltas):+.3f})  {ratio:.3f} | {aim}"
+        )
 
 
 if __name__ == "__main__":

@@ -72,8 +72,12 @@ class Load:
             provoke = rng.random() < 0.02
             t0 = time.perf_counter()
             try:
-                conn.request("POST", "/v2/models/mlp/infer", body=bad if provoke else good,
-                             headers={"Content-Type": "application/json", **self.auth})
+                conn.request(
+                    "POST",
+                    "/v2/models/mlp/infer",
+                    body=bad if provoke else good,
+                    headers={"Content-Type": "application/json", **self.auth},
+                )
                 r = conn.getresponse()
                 r.read()
                 status = r.status
@@ -146,27 +150,43 @@ class Abuser:
 
     def run(self, stop_at: float) -> None:
         big = b'{"model": "' + b"x" * self.BIG + b'"}'
-        json_head = "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {n}\r\n{extra}\r\n"
+        json_head = (
+            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {n}\r\n{extra}\r\n"
+        )
         i = 0
         while time.monotonic() < stop_at:
             kind = i % 7
             if kind == 0:
-                self._check("big body, no token", self._raw(json_head.format(path="/v1/jobs", n=len(big), extra="").encode(),
-                                                             big[:1 << 16]), 401)
+                self._check(
+                    "big body, no token",
+                    self._raw(json_head.format(path="/v1/jobs", n=len(big), extra="").encode(), big[: 1 << 16]),
+                    401,
+                )
             elif kind == 1:
                 auth = f"Authorization: {self.admin['Authorization']}\r\n"
-                self._check("big body, token", self._raw(json_head.format(path="/v1/deployments", n=len(big),
-                                                                           extra=auth).encode()), 413)
+                self._check(
+                    "big body, token",
+                    self._raw(json_head.format(path="/v1/deployments", n=len(big), extra=auth).encode()),
+                    413,
+                )
             elif kind == 2:
-                self._check("unknown token", self._raw(json_head.format(path="/v1/jobs", n=2,
-                                                                         extra="Authorization: Bearer kiln_x\r\n").encode(),
-                                                        b"{}"), 401)
+                self._check(
+                    "unknown token",
+                    self._raw(
+                        json_head.format(path="/v1/jobs", n=2, extra="Authorization: Bearer kiln_x\r\n").encode(), b"{}"
+                    ),
+                    401,
+                )
             elif kind == 3:
-                r = httpx.get(f"http://127.0.0.1:{self.port}/v1/jobs", params={"offset": str(2 ** 63)}, headers=self.admin)
+                r = httpx.get(
+                    f"http://127.0.0.1:{self.port}/v1/jobs", params={"offset": str(2**63)}, headers=self.admin
+                )
                 self._check("offset 2**63", r.status_code, 422)
             elif kind == 4:
-                head = (f"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nAuthorization: {self.admin['Authorization']}"
-                        "\r\nContent-Length: 2\r\nInference-Header-Content-Length: ").encode() + b"\xb2\r\n\r\n"
+                head = (
+                    f"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nAuthorization: {self.admin['Authorization']}"
+                    "\r\nContent-Length: 2\r\nInference-Header-Content-Length: "
+                ).encode() + b"\xb2\r\n\r\n"
                 self._check("header bytes", self._raw(head, b"{}"), 400)
             elif kind == 5:
                 r = httpx.get(f"http://127.0.0.1:{self.port}/metrics", headers=self.team_infer)
@@ -182,8 +202,13 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--no-churn", action="store_true", help="only the inference load: no jobs, no deployment changes")
-    ap.add_argument("--api-env", action="append", default=[], metavar="KEY=VALUE",
-                    help="extra environment for the API process (e.g. MALLOC_ARENA_MAX=2)")
+    ap.add_argument(
+        "--api-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment for the API process (e.g. MALLOC_ARENA_MAX=2)",
+    )
     ap.add_argument("--sample", type=float, default=60.0, help="print the API's resident memory every this many s")
     ap.add_argument("--no-abuse", action="store_true", help="no abusive requests beside the load")
     args = ap.parse_args()
@@ -199,13 +224,19 @@ def main() -> None:
         team = h.post("/v1/tokens", json={"name": "team-app", "owner": "team-b", "scopes": ["infer"]}).json()
         abuser = Abuser(api.port, admin, {"Authorization": f"Bearer {team['token']}"})
         for name, zoo in (("mlp", "mlp"), ("mlp2", "mlp")):
-            h.post("/v1/models", data={"name": name, "signature": json.dumps(zoo_signature(zoo))},
-                   files={"file": (f"{zoo}.py", (ZOO / f"{zoo}.py").read_bytes() + f"\n# {name}\n".encode())})
-        job = h.post("/v1/jobs", json={"model": "mlp", "targets": ["onnxruntime", "torchscript"],
-                                       "bench_seconds": 0.1}).json()
+            h.post(
+                "/v1/models",
+                data={"name": name, "signature": json.dumps(zoo_signature(zoo))},
+                files={"file": (f"{zoo}.py", (ZOO / f"{zoo}.py").read_bytes() + f"\n# {name}\n".encode())},
+            )
+        job = h.post(
+            "/v1/jobs", json={"model": "mlp", "targets": ["onnxruntime", "torchscript"], "bench_seconds": 0.1}
+        ).json()
         wait_for(lambda: h.get(f"/v1/jobs/{job['id']}").json()["status"] == "succeeded", 600, "the first job")
         cands = [c["id"] for c in h.get(f"/v1/jobs/{job['id']}").json()["candidates"] if c["passed"]]
-        h.post("/v1/deployments", json={"name": "mlp", "candidate": cands[0], "max_queue_delay_ms": 1}).raise_for_status()
+        h.post(
+            "/v1/deployments", json={"name": "mlp", "candidate": cands[0], "max_queue_delay_ms": 1}
+        ).raise_for_status()
         load = Load(api.url.removeprefix("http://"), args.clients, admin)
         changes = {"jobs": 0, "deploys": 0}
 
@@ -213,18 +244,24 @@ def main() -> None:
             """Jobs run and deployments change while the load goes on."""
             i = 0
             while time.monotonic() < until and (rounds is None or i < rounds):
-                j = h.post("/v1/jobs", json={"model": "mlp2", "targets": ["onnxruntime"], "bench_seconds": 0.1,
-                                             "threads": 1}).json()
+                j = h.post(
+                    "/v1/jobs", json={"model": "mlp2", "targets": ["onnxruntime"], "bench_seconds": 0.1, "threads": 1}
+                ).json()
                 changes["jobs"] += 1
                 cand = cands[i % len(cands)]
-                h.post("/v1/deployments", json={"name": "mlp", "candidate": cand,
-                                                "max_queue_delay_ms": random.choice([0, 1, 2])}).raise_for_status()
+                h.post(
+                    "/v1/deployments",
+                    json={"name": "mlp", "candidate": cand, "max_queue_delay_ms": random.choice([0, 1, 2])},
+                ).raise_for_status()
                 changes["deploys"] += 1
                 if i % 3 == 2:
                     h.post("/v1/deployments/mlp/rollback")
                 i += 1
-                wait_for(lambda: h.get(f"/v1/jobs/{j['id']}").json()["status"] in ("succeeded", "failed"), 600,  # noqa: B023 - waited for here
-                         "a churn job")
+                wait_for(
+                    lambda: h.get(f"/v1/jobs/{j['id']}").json()["status"] in ("succeeded", "failed"),  # noqa: B023 - called in this iteration
+                    600,
+                    "a churn job",
+                )
 
         # Warm-up: the load, plus (unless --no-churn) one round of the churn that serves every candidate
         # once, so that each runtime the run will use has been loaded (TorchScript brings torch into the
@@ -238,8 +275,10 @@ def main() -> None:
         load.run(20)
         warm = rss_mb(api.pid)
         warm_served, warm_changes = load.ok, dict(changes)
-        print(f"warm-up done: {warm_served} requests, {changes['deploys']} deployment changes; API {warm:.1f} MB",
-              flush=True)
+        print(
+            f"warm-up done: {warm_served} requests, {changes['deploys']} deployment changes; API {warm:.1f} MB",
+            flush=True,
+        )
         total = args.minutes * 60
         stop = time.monotonic() + total
 
@@ -262,20 +301,28 @@ def main() -> None:
         end = rss_mb(api.pid)
         lat = np.array(load.lat) * 1e3
         served = load.ok - warm_served
-        print(f"after warm-up: {args.minutes:g} min, {args.clients} clients, "
-              f"{changes['jobs'] - warm_changes['jobs']} jobs and "
-              f"{changes['deploys'] - warm_changes['deploys']} deployment changes meanwhile")
-        print(f"requests served: {served} ({served / total:.0f}/s), provoked 400s: {load.provoked}, "
-              f"other errors: {sum(load.errors.values())} {load.errors or ''}")
+        print(
+            f"after warm-up: {args.minutes:g} min, {args.clients} clients, "
+            f"{changes['jobs'] - warm_changes['jobs']} jobs and "
+            f"{changes['deploys'] - warm_changes['deploys']} deployment changes meanwhile"
+        )
+        print(
+            f"requests served: {served} ({served / total:.0f}/s), provoked 400s: {load.provoked}, "
+            f"other errors: {sum(load.errors.values())} {load.errors or ''}"
+        )
         print(f"latency p50 {np.percentile(lat, 50):.2f} ms, p99 {np.percentile(lat, 99):.2f} ms")
         print(f"API resident memory: {warm:.1f} MB after warm-up, {end:.1f} MB at the end ({end - warm:+.1f} MB)")
         if not args.no_abuse:
-            print(f"abusive requests answered as expected: {abuser.expected}, "
-                  f"otherwise: {sum(abuser.unexpected.values())} {abuser.unexpected or ''}")
+            print(
+                f"abusive requests answered as expected: {abuser.expected}, "
+                f"otherwise: {sum(abuser.unexpected.values())} {abuser.unexpected or ''}"
+            )
         errors = sum(load.errors.values()) + sum(abuser.unexpected.values())
         ok = errors == 0 and end - warm <= GROWTH_MB
-        print(f"goals (no unprovoked errors, abuse answered as expected, memory within {GROWTH_MB} MB of warm-up): "
-              f"{'met' if ok else 'MISSED'}")
+        print(
+            f"goals (no unprovoked errors, abuse answered as expected, memory within {GROWTH_MB} MB of warm-up): "
+            f"{'met' if ok else 'MISSED'}"
+        )
         if not ok:
             sys.exit(1)
     finally:

@@ -38,8 +38,19 @@ PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 def convert_throughput(ha: httpx.Client, jobs: int) -> float:
     """Submit `jobs` conversions of the small CNN at once; jobs per minute until all succeeded."""
     t0 = time.perf_counter()
-    ids = [ha.post("/v1/jobs", json={"model": "cnn", "targets": ["onnxruntime"], "precisions": ["fp32"],
-                                     "bench_seconds": 0.2, "threads": 1}).json()["id"] for _ in range(jobs)]
+    ids = [
+        ha.post(
+            "/v1/jobs",
+            json={
+                "model": "cnn",
+                "targets": ["onnxruntime"],
+                "precisions": ["fp32"],
+                "bench_seconds": 0.2,
+                "threads": 1,
+            },
+        ).json()["id"]
+        for _ in range(jobs)
+    ]
     for job_id in ids:
         wait_for(lambda: ha.get(f"/v1/jobs/{job_id}").json()["status"] in ("succeeded", "failed"), 900, "a job")  # noqa: B023 - waited for here
     return jobs / ((time.perf_counter() - t0) / 60)
@@ -87,22 +98,32 @@ def main() -> None:
         s3 = procs.add(MotoS3(free_port(), tmp / "s3.log")).start()
         import boto3
 
-        boto3.client("s3", endpoint_url=s3.url, region_name="us-east-1", aws_access_key_id="test",
-                     aws_secret_access_key="test").create_bucket(Bucket="kiln")
+        boto3.client(
+            "s3", endpoint_url=s3.url, region_name="us-east-1", aws_access_key_id="test", aws_secret_access_key="test"
+        ).create_bucket(Bucket="kiln")
         redis = procs.add(RedisServer(free_port(), tmp / "redis.log")).start()
         url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{db}"
 
         def env(name: str) -> dict[str, str]:
-            return {**kiln_env(tmp / name, url, redis.url, auth="false", artifact_url="s3://kiln/bench",
-                               s3_endpoint_url=s3.url), **AWS}
+            return {
+                **kiln_env(
+                    tmp / name, url, redis.url, auth="false", artifact_url="s3://kiln/bench", s3_endpoint_url=s3.url
+                ),
+                **AWS,
+            }
 
         a = procs.add(KilnApi(free_port(), env("api-a"), tmp / "api-a.log")).start()
         b = procs.add(KilnApi(free_port(), env("api-b"), tmp / "api-b.log")).start()
         ha = httpx.Client(base_url=a.url, timeout=60)
-        for name, zoo, entry, sig in (("cnn", "cnn", "cnn.py:build_small", zoo_signature("cnn", "SMALL_SIGNATURE")),
-                                      ("mlp", "mlp", None, zoo_signature("mlp"))):
-            ha.post("/v1/models", data={"name": name, "signature": json.dumps(sig), **({"entry": entry} if entry else {})},
-                    files={"file": (f"{zoo}.py", (ZOO / f"{zoo}.py").read_bytes())}).raise_for_status()
+        for name, zoo, entry, sig in (
+            ("cnn", "cnn", "cnn.py:build_small", zoo_signature("cnn", "SMALL_SIGNATURE")),
+            ("mlp", "mlp", None, zoo_signature("mlp")),
+        ):
+            ha.post(
+                "/v1/models",
+                data={"name": name, "signature": json.dumps(sig), **({"entry": entry} if entry else {})},
+                files={"file": (f"{zoo}.py", (ZOO / f"{zoo}.py").read_bytes())},
+            ).raise_for_status()
         w1 = procs.add(KilnWorker(env("worker-1"), tmp / "worker-1.log", queues="cpu")).start()
         one = convert_throughput(ha, args.jobs)
         procs.add(KilnWorker(env("worker-2"), tmp / "worker-2.log", queues="cpu")).start()

@@ -54,11 +54,29 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 def run_local(base: Path, sig_file: Path, seconds: float) -> tuple[float, dict]:
     out = base / "local"
-    cmd = [sys.executable, "-m", "workers.cli", "convert", str(BUNDLE), "--entry", ENTRY, "--signature", str(sig_file),
-           "--target", TARGETS, "--precision", PRECISIONS, "--bench-seconds", str(seconds), "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "workers.cli",
+        "convert",
+        str(BUNDLE),
+        "--entry",
+        ENTRY,
+        "--signature",
+        str(sig_file),
+        "--target",
+        TARGETS,
+        "--precision",
+        PRECISIONS,
+        "--bench-seconds",
+        str(seconds),
+        "--out",
+        str(out),
+    ]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=clean_env(KILN_DATA_DIR=str(base / "local-data")),
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=clean_env(KILN_DATA_DIR=str(base / "local-data")), capture_output=True, text=True
+    )
     elapsed = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.exit(f"kiln convert failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -88,12 +106,29 @@ class Service:
 
     def __enter__(self) -> Service:
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "workers.cli", "up", "--port", self.url.rsplit(":", 1)[1],
-                                          "--data-dir", str(self.data)], cwd=ROOT, env=clean_env(), stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "workers.cli",
+                    "up",
+                    "--port",
+                    self.url.rsplit(":", 1)[1],
+                    "--data-dir",
+                    str(self.data),
+                ],
+                cwd=ROOT,
+                env=clean_env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         try:
-            wait(lambda: self.proc.poll() is None and httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200,
-                 120, "the API")
+            wait(
+                lambda: self.proc.poll() is None and httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200,
+                120,
+                "the API",
+            )
             wait(lambda: b" ready." in self.log_path.read_bytes(), 120, "the worker")  # "celery@host ready."
         except BaseException:
             self.__exit__()
@@ -114,13 +149,22 @@ class Service:
         headers = {"Authorization": f"Bearer {token_file.read_text().strip()}"} if token_file.exists() else {}
         with httpx.Client(base_url=self.url, headers=headers, timeout=120) as client:
             t0 = time.perf_counter()
-            r = client.post("/v1/models", data={"name": "cnn", "entry": ENTRY,
-                                                "signature": json.dumps(zoo_signature("cnn"))},
-                            files={"file": (BUNDLE.name, BUNDLE.read_bytes())})
+            r = client.post(
+                "/v1/models",
+                data={"name": "cnn", "entry": ENTRY, "signature": json.dumps(zoo_signature("cnn"))},
+                files={"file": (BUNDLE.name, BUNDLE.read_bytes())},
+            )
             r.raise_for_status()
-            r = client.post("/v1/jobs", json={"model": "cnn", "version": r.json()["version"],
-                                              "targets": TARGETS.split(","), "precisions": PRECISIONS.split(","),
-                                              "bench_seconds": seconds})
+            r = client.post(
+                "/v1/jobs",
+                json={
+                    "model": "cnn",
+                    "version": r.json()["version"],
+                    "targets": TARGETS.split(","),
+                    "precisions": PRECISIONS.split(","),
+                    "bench_seconds": seconds,
+                },
+            )
             r.raise_for_status()
             job_id = r.json()["id"]
             while True:
@@ -150,31 +194,40 @@ def main() -> None:
     try:
         sig_file = base / "signature.json"
         sig_file.write_text(json.dumps(zoo_signature("cnn")))
-        print(f"zoo CNN ({ENTRY}, 224x224), targets {TARGETS}, precisions {PRECISIONS}, "
-              f"bench_seconds {args.seconds:g}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}",
-              flush=True)
+        print(
+            f"zoo CNN ({ENTRY}, 224x224), targets {TARGETS}, precisions {PRECISIONS}, "
+            f"bench_seconds {args.seconds:g}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}",
+            flush=True,
+        )
         with Service(base) as service:
             for i in range(args.repeat):
                 shutil.rmtree(base / "local", ignore_errors=True)
                 local_s, report = run_local(base, sig_file, args.seconds)
                 local_times.append(local_s)
-                print(f"[{i + 1}] kiln convert (local):  {local_s:7.1f} s  selected {report['selection']['candidate']}",
-                      flush=True)
+                print(
+                    f"[{i + 1}] kiln convert (local):  {local_s:7.1f} s  selected {report['selection']['candidate']}",
+                    flush=True,
+                )
                 print(f"    steps (s): {step_times(report['steps'])}", flush=True)
                 service_s, job = service.convert(args.seconds)
                 service_times.append(service_s)
                 job_times.append(job["duration_s"])
                 selected = next(c["name"] for c in job["candidates"] if c["id"] == job["selected_candidate"])
-                print(f"[{i + 1}] through the service:   {service_s:7.1f} s  selected {selected}; the job itself "
-                      f"ran {job['duration_s']:.1f} s, the rest ({service_s - job['duration_s']:.1f} s) is upload, "
-                      f"queue and polling", flush=True)
+                print(
+                    f"[{i + 1}] through the service:   {service_s:7.1f} s  selected {selected}; the job itself "
+                    f"ran {job['duration_s']:.1f} s, the rest ({service_s - job['duration_s']:.1f} s) is upload, "
+                    f"queue and polling",
+                    flush=True,
+                )
                 print(f"    steps (s): {step_times(job['steps'])}", flush=True)
         local_s, service_s = statistics.median(local_times), statistics.median(service_times)
         diff = service_s - local_s
         label = "median of " + str(args.repeat) if args.repeat > 1 else "one run"
-        print(f"local {local_s:.1f} s, service {service_s:.1f} s ({label}): difference {diff:+.1f} s "
-              f"({diff / local_s:+.0%} of the local time); load average at the end {os.getloadavg()[0]:.1f}",
-              flush=True)
+        print(
+            f"local {local_s:.1f} s, service {service_s:.1f} s ({label}): difference {diff:+.1f} s "
+            f"({diff / local_s:+.0%} of the local time); load average at the end {os.getloadavg()[0]:.1f}",
+            flush=True,
+        )
     finally:
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)

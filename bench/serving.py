@@ -80,14 +80,16 @@ AUTH: dict[str, str] = {}  # the Authorization header for Kiln when its authenti
 
 # --- small helpers -----------------------------------------------------------------------------------
 
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
         return s.getsockname()[1]
 
 
-def request(port: int, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
-            timeout: float = 120.0) -> tuple[int, dict, bytes]:
+def request(
+    port: int, method: str, path: str, body: bytes | None = None, headers: dict | None = None, timeout: float = 120.0
+) -> tuple[int, dict, bytes]:
     conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
     try:
         conn.request(method, path, body=body, headers={**AUTH, **(headers or {})})
@@ -227,8 +229,9 @@ class Servers:
 
     def start(self, cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
         with open(log, "wb") as out:  # the child holds its own copy of the descriptor
-            proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True
+            )
         self.procs.append(proc)
         return proc
 
@@ -253,6 +256,7 @@ class Servers:
 
 
 # --- step 1: conversion, in this process -------------------------------------------------------------
+
 
 def admin_auth() -> dict[str, str]:
     """With authentication on (Kiln's default), the admin token the first start wrote to the data dir."""
@@ -289,13 +293,23 @@ def convert(models: list[str]) -> dict[str, dict]:
             filename, entry = ZOO[name]
             started = time.perf_counter()
             sig = zoo_signature(name)
-            r = api.post("/v1/models", data={"name": name, "signature": json.dumps(sig),
-                                             "entry": f"{filename}:{entry}"},
-                         files={"file": (filename, (ROOT / "tests" / "zoo" / filename).read_bytes())})
+            r = api.post(
+                "/v1/models",
+                data={"name": name, "signature": json.dumps(sig), "entry": f"{filename}:{entry}"},
+                files={"file": (filename, (ROOT / "tests" / "zoo" / filename).read_bytes())},
+            )
             if r.status_code != 201:
                 raise RuntimeError(f"upload of {name} failed: {r.status_code} {r.text[:300]}")
-            r = api.post("/v1/jobs", json={"model": name, "targets": ["onnxruntime"], "precisions": ["fp32"],
-                                           "bench_seconds": 0.05, "batch_sizes": [1]})
+            r = api.post(
+                "/v1/jobs",
+                json={
+                    "model": name,
+                    "targets": ["onnxruntime"],
+                    "precisions": ["fp32"],
+                    "bench_seconds": 0.05,
+                    "batch_sizes": [1],
+                },
+            )
             if r.status_code not in (200, 201, 202):
                 raise RuntimeError(f"job for {name} refused: {r.status_code} {r.text[:300]}")
             job_id = r.json()["id"]
@@ -306,14 +320,14 @@ def convert(models: list[str]) -> dict[str, dict]:
                 job = s.get(Job, job_id)
                 cand = s.get(CandidateRow, job.selected_candidate_id)
                 signature = (job.report or {}).get("signature") or sig
-                out[name] = {"job": job_id, "files": dict(cand.files), "candidate": cand.name,
-                             "signature": signature}
+                out[name] = {"job": job_id, "files": dict(cand.files), "candidate": cand.name, "signature": signature}
             print(f"converted {name}: {out[name]['candidate']} in {time.perf_counter() - started:.1f}s", flush=True)
     logging.disable(logging.NOTSET)
     return out
 
 
 # --- step 2: the raw runtime and eager PyTorch, in this process --------------------------------------
+
 
 def time_loop(fn, seconds: float, warmup: int = 5) -> tuple[list[float], Cpu]:
     """Calls fn back to back for `seconds`: latencies, and the cores used meanwhile (this process
@@ -388,6 +402,7 @@ def measure_eager(name: str, inputs: dict, threads: int, seconds: float) -> tupl
 
 # --- payloads --------------------------------------------------------------------------------------
 
+
 @dataclass
 class Payload:
     kind: str  # json | binary
@@ -401,11 +416,19 @@ def payloads(input_name: str, x, tmp: Path, model: str) -> dict[str, Payload]:
     doc = {"inputs": [{"name": input_name, "shape": shape, "datatype": "FP32", "data": x.ravel().tolist()}]}
     js = Payload("json", json.dumps(doc).encode(), {**AUTH, "Content-Type": "application/json"})
     raw = x.tobytes()
-    header = json.dumps({"inputs": [{"name": input_name, "shape": shape, "datatype": "FP32",
-                                     "parameters": {"binary_data_size": len(raw)}}],
-                         "parameters": {"binary_data_output": True}}).encode()
-    binary = Payload("binary", header + raw, {**AUTH, "Content-Type": "application/octet-stream",
-                                              "Inference-Header-Content-Length": str(len(header))})
+    header = json.dumps(
+        {
+            "inputs": [
+                {"name": input_name, "shape": shape, "datatype": "FP32", "parameters": {"binary_data_size": len(raw)}}
+            ],
+            "parameters": {"binary_data_output": True},
+        }
+    ).encode()
+    binary = Payload(
+        "binary",
+        header + raw,
+        {**AUTH, "Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(header))},
+    )
     for p in (js, binary):
         p.file = tmp / f"{model}-{p.kind}.body"
         p.file.write_bytes(p.body)
@@ -423,10 +446,11 @@ def decode(status: int, headers: dict, body: bytes, output: str):
     if "data" in item:
         return np.asarray(item["data"], dtype=np.float32).reshape(item["shape"])
     size = item["parameters"]["binary_data_size"]
-    return np.frombuffer(body[n:n + size], dtype=np.float32).reshape(item["shape"])
+    return np.frombuffer(body[n : n + size], dtype=np.float32).reshape(item["shape"])
 
 
 # --- load clients ----------------------------------------------------------------------------------
+
 
 @dataclass
 class Load:
@@ -469,16 +493,31 @@ def run_wrk(port: int, path: str, payload: Payload, conns: int, seconds: float, 
     headers = "\n".join(f"wrk.headers[{lua_str(k)}] = {lua_str(v)}" for k, v in payload.headers.items())
     script.write_text(WRK_LUA % {"file": lua_str(str(payload.file)), "headers": headers})
     duration = max(1, round(seconds))
-    cmd = ["wrk", "-t1", f"-c{conns}", f"-d{duration}s", "--timeout", "30s", "-s", str(script),
-           f"http://{HOST}:{port}{path}"]
+    cmd = [
+        "wrk",
+        "-t1",
+        f"-c{conns}",
+        f"-d{duration}s",
+        "--timeout",
+        "30s",
+        "-s",
+        str(script),
+        f"http://{HOST}:{port}{path}",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 90)
     line = next((ln for ln in done.stdout.splitlines() if ln.startswith("WRKJSON ")), None)
     if line is None:
         raise RuntimeError(f"wrk failed ({done.returncode}): {done.stdout[-1000:]} {done.stderr[-1000:]}")
-    r = json.loads(line[len("WRKJSON "):])
+    r = json.loads(line[len("WRKJSON ") :])
     none = float("nan") if not r["requests"] else None  # wrk says 0 for the percentiles of nothing
-    return Load(requests=r["requests"], seconds=r["duration_us"] / 1e6, p50_ms=none or r["p50_us"] / 1e3,
-                p99_ms=none or r["p99_us"] / 1e3, errors=r["errors"], client="wrk")
+    return Load(
+        requests=r["requests"],
+        seconds=r["duration_us"] / 1e6,
+        p50_ms=none or r["p50_us"] / 1e3,
+        p99_ms=none or r["p99_us"] / 1e3,
+        errors=r["errors"],
+        client="wrk",
+    )
 
 
 def _py_worker(port: int, path: str, body: bytes, headers: dict, seconds: float, threads: int) -> tuple[list, int]:
@@ -537,15 +576,25 @@ def run_python(port: int, path: str, payload: Payload, conns: int, seconds: floa
                 errors += e
         started = time.perf_counter() - seconds  # spawn start-up is not load time
     elapsed = time.perf_counter() - started
-    return Load(requests=len(lat), seconds=elapsed, p50_ms=pct(lat, 50) * 1e3, p99_ms=pct(lat, 99) * 1e3,
-                errors=errors, client="python")
+    return Load(
+        requests=len(lat),
+        seconds=elapsed,
+        p50_ms=pct(lat, 50) * 1e3,
+        p99_ms=pct(lat, 99) * 1e3,
+        errors=errors,
+        client="python",
+    )
 
 
-def load(port: int, path: str, payload: Payload, conns: int, seconds: float, tmp: Path, use_wrk: bool,
-         server_pid: int) -> Load:
+def load(
+    port: int, path: str, payload: Payload, conns: int, seconds: float, tmp: Path, use_wrk: bool, server_pid: int
+) -> Load:
     """1 s of warm-up, then the measured run (with the cores each party used during it)."""
-    runner = (lambda d: run_wrk(port, path, payload, conns, d, tmp)) if use_wrk else \
-        (lambda d: run_python(port, path, payload, conns, d))
+    runner = (
+        (lambda d: run_wrk(port, path, payload, conns, d, tmp))
+        if use_wrk
+        else (lambda d: run_python(port, path, payload, conns, d))
+    )
     runner(1)
     drain(server_pid)
     best: Load | None = None
@@ -568,6 +617,7 @@ def load(port: int, path: str, payload: Payload, conns: int, seconds: float, tmp
 
 # --- Kiln metrics (batch sizes actually run) ------------------------------------------------------------
 
+
 def batch_stats(port: int) -> dict[str, tuple[float, float]]:
     """{deployment name: (sum of rows, number of runs)} from /metrics."""
     _, _, body = request(port, "GET", "/metrics")
@@ -575,7 +625,7 @@ def batch_stats(port: int) -> dict[str, tuple[float, float]]:
     for line in body.decode().splitlines():
         for suffix, idx in (("kiln_inference_batch_size_sum{", 0), ("kiln_inference_batch_size_count{", 1)):
             if line.startswith(suffix):
-                labels, value = line[len(suffix):].rsplit("} ", 1)
+                labels, value = line[len(suffix) :].rsplit("} ", 1)
                 model = dict(kv.split("=", 1) for kv in labels.split(","))["model"].strip('"')
                 stats.setdefault(model, [0.0, 0.0])[idx] = float(value)
     return {k: (v[0], v[1]) for k, v in stats.items()}
@@ -604,11 +654,20 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=5.0, help="measured seconds per configuration")
     ap.add_argument("--clients", type=int, default=32, help="concurrent clients for the throughput rows")
     ap.add_argument("--delays", default="0,1,2", help="max_queue_delay_ms values to try with batching on")
-    ap.add_argument("--noise-budget", type=float, default=120.0, help="seconds in all that the script may spend "
-                    "on a shared machine waiting for other processes to go quiet before a measured run, and "
-                    "measuring again a run they disturbed (the least disturbed one is kept)")
-    ap.add_argument("--open", action="store_true", help="serve Kiln with authentication off (KILN_AUTH=false, "
-                    "as `kiln up --open`); by default it is on, as installed")
+    ap.add_argument(
+        "--noise-budget",
+        type=float,
+        default=120.0,
+        help="seconds in all that the script may spend "
+        "on a shared machine waiting for other processes to go quiet before a measured run, and "
+        "measuring again a run they disturbed (the least disturbed one is kept)",
+    )
+    ap.add_argument(
+        "--open",
+        action="store_true",
+        help="serve Kiln with authentication off (KILN_AUTH=false, "
+        "as `kiln up --open`); by default it is on, as installed",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory (data dir, logs, bodies)")
     args = ap.parse_args()
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -624,8 +683,11 @@ def main() -> None:
     watch = CpuWatch(None)
     time.sleep(1.0)
     idle = watch.stop()
-    print(f"{os.cpu_count()} CPU(s); before starting, other processes used {idle.other:.2f} core(s) "
-          f"(steal {idle.steal:.2f})", flush=True)
+    print(
+        f"{os.cpu_count()} CPU(s); before starting, other processes used {idle.other:.2f} core(s) "
+        f"(steal {idle.steal:.2f})",
+        flush=True,
+    )
 
     tmp = Path(tempfile.mkdtemp(prefix="kiln-bench-serving-"))
     data_dir = tmp / "data"
@@ -643,8 +705,10 @@ def main() -> None:
             print(f"kept {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
-    print(f"\ntotal {time.perf_counter() - started:.0f}s, of which {QUIET.waited:.0f}s waiting for other processes "
-          f"to go quiet and {QUIET.repeated:.0f}s measuring disturbed rows again")
+    print(
+        f"\ntotal {time.perf_counter() - started:.0f}s, of which {QUIET.waited:.0f}s waiting for other processes "
+        f"to go quiet and {QUIET.repeated:.0f}s measuring disturbed rows again"
+    )
 
 
 def run(models, converted, args, delays, threads, use_wrk, tmp, data_dir, servers: Servers) -> None:
@@ -667,14 +731,25 @@ def run(models, converted, args, delays, threads, use_wrk, tmp, data_dir, server
         art = get_store().materialize(c["files"], tmp / "raw" / name)
         raw_out = reference(art, {spec.name: x}, threads)
         bd = sig.dims[sig.batch_dim].max if sig.batch_dim else 1
-        info[name] = {"input": spec.name, "output": out, "ref": raw_out[out], "shape": shape, "x": x, "art": art,
-                      "max_batch": min(KILN_MAX_BATCH, bd), "payloads": payloads(spec.name, x, tmp, name)}
+        info[name] = {
+            "input": spec.name,
+            "output": out,
+            "ref": raw_out[out],
+            "shape": shape,
+            "x": x,
+            "art": art,
+            "max_batch": min(KILN_MAX_BATCH, bd),
+            "payloads": payloads(spec.name, x, tmp, name),
+        }
 
     # Kiln: one `kiln api` process serving every deployment
     kiln_port = free_port()
     kiln_bin = Path(sys.executable).with_name("kiln")
-    cmd = [str(kiln_bin), "api", "--port", str(kiln_port)] if kiln_bin.exists() else \
-        [sys.executable, "-m", "workers.cli", "api", "--port", str(kiln_port)]
+    cmd = (
+        [str(kiln_bin), "api", "--port", str(kiln_port)]
+        if kiln_bin.exists()
+        else [sys.executable, "-m", "workers.cli", "api", "--port", str(kiln_port)]
+    )
     kiln_log = tmp / "kiln-api.log"
     kiln = servers.start(cmd, {**os.environ, "KILN_DATA_DIR": str(data_dir)}, kiln_log)
     wait_http(kiln_port, "/v2/health/live", kiln, kiln_log)
@@ -694,8 +769,11 @@ def run(models, converted, args, delays, threads, use_wrk, tmp, data_dir, server
                 got = decode(*request(kiln_port, "POST", f"/v2/models/{dep}/infer", p.body, p.headers), i["output"])
                 if not np.allclose(got, i["ref"], atol=1e-5, rtol=1e-4):
                     raise RuntimeError(f"{dep} {p.kind}: the answer differs from the raw runtime's")
-    print(f"kiln api on :{kiln_port} serving {len(models) * (len(delays) + 1)} deployments; every answer checked "
-          "against the raw runtime's", flush=True)
+    print(
+        f"kiln api on :{kiln_port} serving {len(models) * (len(delays) + 1)} deployments; every answer checked "
+        "against the raw runtime's",
+        flush=True,
+    )
 
     client = "wrk" if use_wrk else "python http.client (wrk not found)"
     for name in models:
@@ -705,20 +783,53 @@ def run(models, converted, args, delays, threads, use_wrk, tmp, data_dir, server
         inputs = {i["input"]: i["x"]}
         raw, raw_cpu, _ = measure_raw(i["art"], inputs, threads, args.seconds)
         eager, eager_cpu = measure_eager(name, inputs, threads, args.seconds)
-        print(f"  {name}: in-process: raw runtime ({converted[name]['candidate']}) p50 {pct(raw, 50) * 1e3:.3f} ms, "
-              f"eager PyTorch p50 {pct(eager, 50) * 1e3:.3f} ms; cores: other {raw_cpu.other:.2f}, "
-              f"{eager_cpu.other:.2f}", flush=True)
-        rows = [Row("raw runtime, in-process", "raw", "raw", pct(raw, 50) * 1e3, pct(raw, 99) * 1e3,
-                    len(raw) / sum(raw), raw_cpu),
-                Row("eager PyTorch, in-process", "raw", "eager", pct(eager, 50) * 1e3, pct(eager, 99) * 1e3,
-                    len(eager) / sum(eager), eager_cpu)]
+        print(
+            f"  {name}: in-process: raw runtime ({converted[name]['candidate']}) p50 {pct(raw, 50) * 1e3:.3f} ms, "
+            f"eager PyTorch p50 {pct(eager, 50) * 1e3:.3f} ms; cores: other {raw_cpu.other:.2f}, "
+            f"{eager_cpu.other:.2f}",
+            flush=True,
+        )
+        rows = [
+            Row(
+                "raw runtime, in-process",
+                "raw",
+                "raw",
+                pct(raw, 50) * 1e3,
+                pct(raw, 99) * 1e3,
+                len(raw) / sum(raw),
+                raw_cpu,
+            ),
+            Row(
+                "eager PyTorch, in-process",
+                "raw",
+                "eager",
+                pct(eager, 50) * 1e3,
+                pct(eager, 99) * 1e3,
+                len(eager) / sum(eager),
+                eager_cpu,
+            ),
+        ]
 
         hand_port = free_port()
         hand_log = tmp / f"eager-{name}.log"
-        hand = servers.start([sys.executable, str(ROOT / "bench" / "eager_server.py"), "--model",
-                              str(ROOT / "tests" / "zoo" / ZOO[name][0]), "--entry", ZOO[name][1], "--port",
-                              str(hand_port), "--threads", str(threads), "--output", i["output"]],
-                             dict(os.environ), hand_log)
+        hand = servers.start(
+            [
+                sys.executable,
+                str(ROOT / "bench" / "eager_server.py"),
+                "--model",
+                str(ROOT / "tests" / "zoo" / ZOO[name][0]),
+                "--entry",
+                ZOO[name][1],
+                "--port",
+                str(hand_port),
+                "--threads",
+                str(threads),
+                "--output",
+                i["output"],
+            ],
+            dict(os.environ),
+            hand_log,
+        )
         try:
             wait_http(hand_port, "/health", hand, hand_log)
             js, binary = i["payloads"]["json"], i["payloads"]["binary"]
@@ -738,12 +849,14 @@ def run(models, converted, args, delays, threads, use_wrk, tmp, data_dir, server
                     after = batch_stats(kiln_port).get(dep, (0.0, 0.0))
                     row.mean_batch = (after[0] - before[0]) / max(1.0, after[1] - before[1])
                 rows.append(row)  # noqa: B023 - called in this iteration
-                print(f"  {name}: {label}: p50 {r.p50_ms:.3f} ms, p99 {r.p99_ms:.3f} ms, {r.rps:.0f} req/s"  # noqa: B023 - same
-                      + (f", ERRORS {r.errors}" if r.errors else "")
-                      + (f", mean batch {row.mean_batch:.1f}" if row.mean_batch is not None else "")
-                      + f"; cores: server {r.cpu.server:.2f}, client {r.cpu.client:.2f}, other {r.cpu.other:.2f}"
-                      + (f" (least disturbed of {r.tries} runs)" if r.tries > 1 else ""),
-                      flush=True)
+                print(
+                    f"  {name}: {label}: p50 {r.p50_ms:.3f} ms, p99 {r.p99_ms:.3f} ms, {r.rps:.0f} req/s"  # noqa: B023 - same
+                    + (f", ERRORS {r.errors}" if r.errors else "")
+                    + (f", mean batch {row.mean_batch:.1f}" if row.mean_batch is not None else "")
+                    + f"; cores: server {r.cpu.server:.2f}, client {r.cpu.client:.2f}, other {r.cpu.other:.2f}"
+                    + (f" (least disturbed of {r.tries} runs)" if r.tries > 1 else ""),
+                    flush=True,
+                )
                 return row
 
             # one client: nothing to batch with, so the batching-on deployment with delay 0 (what a user gets)
@@ -754,52 +867,71 @@ def run(models, converted, args, delays, threads, use_wrk, tmp, data_dir, server
             n, mb = args.clients, i["max_batch"]
             best: tuple[float, Row] | None = None
             for d in delays:
-                row = measure(f"Kiln binary, {n} clients, batching {mb}/{d:g}ms", "conc", "kiln",
-                              f"{name}-on{d:g}", binary, n)
+                row = measure(
+                    f"Kiln binary, {n} clients, batching {mb}/{d:g}ms", "conc", "kiln", f"{name}-on{d:g}", binary, n
+                )
                 if best is None or row.rps > best[1].rps:
                     best = (d, row)
             measure(f"Kiln binary, {n} clients, no batching", "conc", "kiln", f"{name}-off", binary, n)
-            measure(f"Kiln JSON, {n} clients, batching {mb}/{best[0]:g}ms", "conc", "kiln", f"{name}-on{best[0]:g}",
-                    js, n)
+            measure(
+                f"Kiln JSON, {n} clients, batching {mb}/{best[0]:g}ms", "conc", "kiln", f"{name}-on{best[0]:g}", js, n
+            )
             measure(f"Kiln JSON, {n} clients, no batching", "conc", "kiln", f"{name}-off", js, n)
             measure(f"hand-written JSON, {n} clients", "conc", "hand", None, js, n)
         finally:
             servers.stop(hand)
         report(name, i, rows, converted[name]["candidate"], threads, args)
 
-    print(f"\nversions: python {sys.version.split()[0]}, onnxruntime {onnxruntime.__version__}, torch "
-          f"{torch.__version__}; {os.cpu_count()} CPU(s); client: {client}")
+    print(
+        f"\nversions: python {sys.version.split()[0]}, onnxruntime {onnxruntime.__version__}, torch "
+        f"{torch.__version__}; {os.cpu_count()} CPU(s); client: {client}"
+    )
 
 
 def report(name: str, i: dict, rows: list[Row], candidate: str, threads: int, args) -> None:
     raw = rows[0]
     hand = {r.group: r for r in rows if r.server == "hand"}
-    print(f"\n== {name}: {i['input']} float32{i['shape']} -> {i['output']}; Kiln serves {candidate} "
-          f"(ORT intra-op threads {threads}); hand-written: eager PyTorch, {threads} torch threads; "
-          f"{args.seconds:g}s per row; Kiln authentication {'on (admin token)' if AUTH else 'off'}")
-    head = (f"{'':<42}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>8}{'rows/s':>8}{'+raw ms':>9}{'vs hand':>8}"
-            f"{'batch':>6}{'cores: srv':>11}{'cli':>5}{'other':>6}{'runs':>5}")
+    print(
+        f"\n== {name}: {i['input']} float32{i['shape']} -> {i['output']}; Kiln serves {candidate} "
+        f"(ORT intra-op threads {threads}); hand-written: eager PyTorch, {threads} torch threads; "
+        f"{args.seconds:g}s per row; Kiln authentication {'on (admin token)' if AUTH else 'off'}"
+    )
+    head = (
+        f"{'':<42}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>8}{'rows/s':>8}{'+raw ms':>9}{'vs hand':>8}"
+        f"{'batch':>6}{'cores: srv':>11}{'cli':>5}{'other':>6}{'runs':>5}"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
         over = f"{r.p50_ms - raw.p50_ms:>+9.3f}" if r.group == "seq" else f"{'':>9}"
         ref = hand.get(r.group)
-        vs = f"{r.rps / ref.rps:>7.2f}x" if (r.server == "kiln" and ref and ref.rps) else \
-            (f"{'inf':>8}" if r.server == "kiln" and ref else f"{'':>8}")
+        vs = (
+            f"{r.rps / ref.rps:>7.2f}x"
+            if (r.server == "kiln" and ref and ref.rps)
+            else (f"{'inf':>8}" if r.server == "kiln" and ref else f"{'':>8}")
+        )
         batch = f"{r.mean_batch:>6.1f}" if r.mean_batch is not None else f"{'':>6}"
-        cpu = (f"{r.cpu.server:>11.2f}{r.cpu.client:>5.2f}{r.cpu.other:>6.2f}" if r.cpu else f"{'':>22}")
+        cpu = f"{r.cpu.server:>11.2f}{r.cpu.client:>5.2f}{r.cpu.other:>6.2f}" if r.cpu else f"{'':>22}"
         cpu += f"{r.tries:>5}" if r.server in ("kiln", "hand") else ""
         err = f"  ERRORS {r.errors}" if r.errors else ""
         print(f"{r.label:<42}{r.p50_ms:>9.3f}{r.p99_ms:>9.3f}{r.rps:>8.0f}{r.rps:>8.0f}{over}{vs}{batch}{cpu}{err}")
-    print("batch 1 everywhere, so rows/s = req/s. +raw ms: p50 minus the raw runtime's p50 (one client). vs hand: rows/s over "
-          "the hand-written JSON server's at the same concurrency. batch: mean rows per runtime call (Kiln's "
-          "metrics). cores: CPU used during the row by the server, the client (wrk) and everything else on the "
-          "machine (other > 0.1 means another tenant disturbed the row); runs: how often the row was measured "
-          "(a disturbed run is measured again while the --noise-budget lasts; the least disturbed is shown).")
+    print(
+        "batch 1 everywhere, so rows/s = req/s. +raw ms: p50 minus the raw runtime's p50 (one client). vs hand: rows/s over "
+        "the hand-written JSON server's at the same concurrency. batch: mean rows per runtime call (Kiln's "
+        "metrics). cores: CPU used during the row by the server, the client (wrk) and everything else on the "
+        "machine (other > 0.1 means another tenant disturbed the row); runs: how often the row was measured "
+        "(a disturbed run is measured again while the --noise-budget lasts; the least disturbed is shown)."
+    )
 
     def find(server: str, group: str, enc: str, batching: bool | None = None) -> list[Row]:
-        return [r for r in rows if r.server == server and r.group == group and enc in r.label
-                and (batching is None or ("no batching" not in r.label) == batching)]
+        return [
+            r
+            for r in rows
+            if r.server == server
+            and r.group == group
+            and enc in r.label
+            and (batching is None or ("no batching" not in r.label) == batching)
+        ]
 
     sj, sb = find("kiln", "seq", "JSON")[0], find("kiln", "seq", "binary")[0]
     on_b = max(find("kiln", "conc", "binary", True), key=lambda r: r.rps)
@@ -810,19 +942,27 @@ def report(name: str, i: dict, rows: list[Row], candidate: str, threads: int, ar
         return "met" if ok else "MISSED"
 
     oj, ob = sj.p50_ms - raw.p50_ms, sb.p50_ms - raw.p50_ms
-    print(f"overhead over the raw runtime (p50, one client): JSON {oj:+.3f} ms, binary {ob:+.3f} ms "
-          f"(raw p50 {raw.p50_ms:.3f} ms)")
+    print(
+        f"overhead over the raw runtime (p50, one client): JSON {oj:+.3f} ms, binary {ob:+.3f} ms "
+        f"(raw p50 {raw.p50_ms:.3f} ms)"
+    )
     if name == "mlp":
         print(f"  target: MLP binary overhead < 0.8 ms: {ob:.3f} ms -> {mark(ob < 0.8)}")
-        print(f"  target: >= 1000 req/s from one sequential client: binary {sb.rps:.0f} -> {mark(sb.rps >= 1000)}; "
-              f"JSON {sj.rps:.0f} -> {mark(sj.rps >= 1000)}")
+        print(
+            f"  target: >= 1000 req/s from one sequential client: binary {sb.rps:.0f} -> {mark(sb.rps >= 1000)}; "
+            f"JSON {sj.rps:.0f} -> {mark(sj.rps >= 1000)}"
+        )
     elif name == "cnn":
-        print(f"  target: CNN JSON p50 within 15 ms of compute: {oj:+.2f} ms -> {mark(oj <= 15)}; binary within "
-              f"3 ms: {ob:+.2f} ms -> {mark(ob <= 3)}")
+        print(
+            f"  target: CNN JSON p50 within 15 ms of compute: {oj:+.2f} ms -> {mark(oj <= 15)}; binary within "
+            f"3 ms: {ob:+.2f} ms -> {mark(ob <= 3)}"
+        )
     rb = on_b.rps / off_b.rps if off_b.rps else float("inf")
     rj = on_j.rps / off_j.rps if off_j.rps else float("inf")
-    print(f"batching on/off, {args.clients} clients: binary {on_b.rps:.0f}/{off_b.rps:.0f} req/s = {rb:.2f}x "
-          f"(best: {on_b.label.rsplit(' ', 1)[-1]}), JSON {on_j.rps:.0f}/{off_j.rps:.0f} = {rj:.2f}x")
+    print(
+        f"batching on/off, {args.clients} clients: binary {on_b.rps:.0f}/{off_b.rps:.0f} req/s = {rb:.2f}x "
+        f"(best: {on_b.label.rsplit(' ', 1)[-1]}), JSON {on_j.rps:.0f}/{off_j.rps:.0f} = {rj:.2f}x"
+    )
     if name == "mlp":
         print(f"  target: MLP batching >= 3x no batching: {rb:.2f}x -> {mark(rb >= 3)}")
     ratios, behind = [], []
@@ -833,8 +973,10 @@ def report(name: str, i: dict, rows: list[Row], candidate: str, threads: int, ar
             if r.rps < ref.rps:
                 behind.append(r.label)
     print("Kiln vs hand-written (rows/s, same concurrency): " + "; ".join(ratios))
-    print(f"  target: Kiln ahead of the hand-written eager server on every row -> {mark(not behind)}"
-          + (f" (behind: {'; '.join(behind)})" if behind else ""))
+    print(
+        f"  target: Kiln ahead of the hand-written eager server on every row -> {mark(not behind)}"
+        + (f" (behind: {'; '.join(behind)})" if behind else "")
+    )
     disturbed = [r.label for r in rows if r.cpu and r.cpu.other > 0.1]
     if disturbed:
         print(f"  warning: other processes used > 0.1 core during: {'; '.join(disturbed)}")

@@ -23,8 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.conftest import ZOO, zoo_signature  # noqa: E402
-from workers import engine  # noqa: E402
+from tests.conftest import ZOO, zoo_signature  # noqa: E402 - after the sys.path entry above
+from workers import engine  # noqa: E402 - after the sys.path entry above
 
 MAX_INFLATION = 1.25
 
@@ -36,12 +36,17 @@ def _spin() -> None:  # pragma: no cover - a hog process
 
 def convert(model: str, out: Path, bench_seconds: float) -> dict[str, tuple[float, float, float, bool]]:
     shutil.copyfile(ZOO / f"{model}.py", out.parent / f"{model}.py")
-    ctx = engine.convert(out.parent / f"{model}.py", out, signature=zoo_signature(model),
-                         options={"targets": ["onnxruntime", "torchscript"], "precisions": ["fp32"],
-                                  "bench_seconds": bench_seconds})
+    ctx = engine.convert(
+        out.parent / f"{model}.py",
+        out,
+        signature=zoo_signature(model),
+        options={"targets": ["onnxruntime", "torchscript"], "precisions": ["fp32"], "bench_seconds": bench_seconds},
+    )
     cond = ctx.benchmark_conditions
-    print(f"  {model}: {cond.get('rounds')} rounds, load {cond['load_before']['load_1m']:.2f} -> "
-          f"{cond['load_after']['load_1m']:.2f}; selected {ctx.selection.candidate}: {ctx.selection.reason}")
+    print(
+        f"  {model}: {cond.get('rounds')} rounds, load {cond['load_before']['load_1m']:.2f} -> "
+        f"{cond['load_after']['load_1m']:.2f}; selected {ctx.selection.candidate}: {ctx.selection.reason}"
+    )
     return {c.id: (c.speedup, c.speedup_low, c.speedup_high, c.noisy) for c in ctx.candidates if c.speedup}
 
 
@@ -70,8 +75,10 @@ def main() -> int:
                 for h in hogs:
                     h.kill()
     print()
-    print(f"| model | candidate | quiet speed-up | loaded speed-up | loaded within its interval of quiet, or noisy "
-          f"| loaded <= {MAX_INFLATION}x quiet |")
+    print(
+        f"| model | candidate | quiet speed-up | loaded speed-up | loaded within its interval of quiet, or noisy "
+        f"| loaded <= {MAX_INFLATION}x quiet |"
+    )
     print("|---|---|---|---|---|---|")
     ok = True
     for model in models:
@@ -82,9 +89,11 @@ def main() -> int:
             within = ln or (ll <= q <= lh)
             bounded = ld <= MAX_INFLATION * q
             ok &= within and bounded
-            print(f"| {model} | {cid} | {q:.2f}x ({ql:.2f}-{qh:.2f}){' noisy' if qn else ''} | "
-                  f"{ld:.2f}x ({ll:.2f}-{lh:.2f}){' noisy' if ln else ''} | {'yes' if within else 'NO'} | "
-                  f"{'yes' if bounded else 'NO'} ({ld / q:.2f}) |")
+            print(
+                f"| {model} | {cid} | {q:.2f}x ({ql:.2f}-{qh:.2f}){' noisy' if qn else ''} | "
+                f"{ld:.2f}x ({ll:.2f}-{lh:.2f}){' noisy' if ln else ''} | {'yes' if within else 'NO'} | "
+                f"{'yes' if bounded else 'NO'} ({ld / q:.2f}) |"
+            )
     print()
     print("aims met" if ok else "AIMS MISSED")
     return 0 if ok else 1

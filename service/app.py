@@ -29,9 +29,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         with db.session_scope() as session:
             token = auth.bootstrap(session, settings.data_dir)
         if token:
-            logger.warning("created the admin token and saved it in %s (readable only by its owner); "
-                           "the kiln CLI on this machine reads it from there",
-                           settings.data_dir.resolve() / auth.ADMIN_TOKEN_FILE)
+            logger.warning(
+                "created the admin token and saved it in %s (readable only by its owner); "
+                "the kiln CLI on this machine reads it from there",
+                settings.data_dir.resolve() / auth.ADMIN_TOKEN_FILE,
+            )
     app.state.manager = Manager(get_store())
     app.state.sync = sync = SyncLoop(app.state.manager)  # loads every deployment again after a restart
     sync.start()
@@ -54,11 +56,22 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 def create_app() -> FastAPI:
     settings = get_settings()
-    app = FastAPI(title="Kiln", version=__version__, lifespan=lifespan,
-                  description="Convert PyTorch models into fast, validated inference services.")
+    app = FastAPI(
+        title="Kiln",
+        version=__version__,
+        lifespan=lifespan,
+        description="Convert PyTorch models into fast, validated inference services.",
+    )
     errors.install(app)
-    for router in (health.router, models.router, jobs.router, candidates.router, deployments.router,
-                   tokens.router, v2.router):
+    for router in (
+        health.router,
+        models.router,
+        jobs.router,
+        candidates.router,
+        deployments.router,
+        tokens.router,
+        v2.router,
+    ):
         app.include_router(router)
     app.include_router(dashboard.router)  # the HTML dashboard at / with its static files (service/dashboard)
 
@@ -71,9 +84,13 @@ def create_app() -> FastAPI:
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_credentials=False,
-                           allow_methods=["*"], allow_headers=["Authorization", "Content-Type",
-                                                               "Inference-Header-Content-Length"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_credentials=False,
+            allow_methods=["*"],
+            allow_headers=["Authorization", "Content-Type", "Inference-Header-Content-Length"],
+        )
 
     app.add_middleware(RequestGate, settings=settings)
     return app

@@ -58,8 +58,9 @@ class ArtifactStore:
     def exists(self, sha256: str) -> bool:
         return self.local_path(sha256).is_file()
 
-    def put_stream(self, stream: BinaryIO | Iterator[bytes], *, limit: int | None = None,
-                   created: list[str] | None = None) -> tuple[str, int]:
+    def put_stream(
+        self, stream: BinaryIO | Iterator[bytes], *, limit: int | None = None, created: list[str] | None = None
+    ) -> tuple[str, int]:
         """Store what a stream yields; returns (sha256, size). Refuses past `limit` bytes. Appends the
         sha256 to `created` when the content was not in the store before."""
         tmp, sha, size = self._spool(stream, limit)
@@ -128,8 +129,9 @@ class ArtifactStore:
 
     def put_directory(self, directory: Path) -> dict[str, str]:
         """Store every plain file of a flat directory (never what a link points at); returns {file name: sha256}."""
-        return {p.name: self.put_file(p) for p in sorted(Path(directory).iterdir())
-                if p.is_file() and not p.is_symlink()}
+        return {
+            p.name: self.put_file(p) for p in sorted(Path(directory).iterdir()) if p.is_file() and not p.is_symlink()
+        }
 
     def open(self, sha256: str) -> BinaryIO:
         try:
@@ -185,8 +187,9 @@ class S3Store(ArtifactStore):
         if not bucket:
             raise ValueError(f"KILN_ARTIFACT_URL {url!r} names no bucket")
         self.bucket, self.prefix = bucket, prefix.strip("/")
-        self.s3 = boto3.client("s3", endpoint_url=endpoint_url,
-                               config=Config(retries={"max_attempts": 5, "mode": "standard"}))
+        self.s3 = boto3.client(
+            "s3", endpoint_url=endpoint_url, config=Config(retries={"max_attempts": 5, "mode": "standard"})
+        )
 
     def key(self, sha256: str) -> str:
         sha256 = _check(sha256)

@@ -59,8 +59,9 @@ def create(session: Session, *, owner: str, name: str, scopes: list[str]) -> tup
     if not owner or len(owner) > 100:
         raise BadRequest("owner (team) must be 1-100 characters")
     token = PREFIX + secrets.token_urlsafe(32)
-    row = ApiToken(id=new_id(), owner=owner, name=name, prefix=token[:12], token_hash=hash_token(token),
-                   scopes=sorted(set(scopes)))
+    row = ApiToken(
+        id=new_id(), owner=owner, name=name, prefix=token[:12], token_hash=hash_token(token), scopes=sorted(set(scopes))
+    )
     session.add(row)
     session.flush()
     return row, token

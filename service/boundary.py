@@ -46,8 +46,10 @@ from service.errors import SandboxUnavailable
 
 INSECURE_SETTING = "KILN_INSECURE_NO_SANDBOX"
 UNISOLATED_NOTE = f"ran UNISOLATED: {INSECURE_SETTING}=true, so model code could reach this host"
-INSTALL_HINT = ("install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap; Fedora: dnf install bubblewrap); "
-                "in a container, allow user namespaces (see docker-compose.yml)")
+INSTALL_HINT = (
+    "install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap; Fedora: dnf install bubblewrap); "
+    "in a container, allow user namespaces (see docker-compose.yml)"
+)
 # Where Kiln's own packages appear inside the box when they are not installed in the environment.
 KILN_ROOT_INSIDE = "/opt/kiln"
 _PACKAGE_ROOT = Path(__file__).resolve().parent.parent
@@ -56,6 +58,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 
 # --- the machine ---------------------------------------------------------------------------------
+
 
 def total_memory_bytes() -> int:
     """This host's RAM, or the memory limit of the cgroup this process runs in when that is lower."""
@@ -87,6 +90,7 @@ def _own_cgroup_memory_limit() -> int | None:
 
 
 # --- what a box is -------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Box:
@@ -165,8 +169,10 @@ def check() -> None:
     run inside the boundary here or running it unisolated was asked for."""
     why = _probe()
     if why is not None and not insecure():
-        raise SandboxUnavailable(f"refusing to run untrusted model code: {why}; or, on a single-user machine "
-                                 f"only, set {INSECURE_SETTING}=true to run it without isolation")
+        raise SandboxUnavailable(
+            f"refusing to run untrusted model code: {why}; or, on a single-user machine "
+            f"only, set {INSECURE_SETTING}=true to run it without isolation"
+        )
 
 
 def available() -> bool:
@@ -190,9 +196,15 @@ def _new_spawner() -> None:
 os.register_at_fork(after_in_child=_new_spawner)
 
 
-def start(argv: Sequence[str], box: Box, *, stdin: int | IO[Any] | None = subprocess.DEVNULL,
-          stdout: int | IO[Any] | None = None, stderr: int | IO[Any] | None = None,
-          pass_fds: Sequence[int] = ()) -> Boxed:
+def start(
+    argv: Sequence[str],
+    box: Box,
+    *,
+    stdin: int | IO[Any] | None = subprocess.DEVNULL,
+    stdout: int | IO[Any] | None = None,
+    stderr: int | IO[Any] | None = None,
+    pass_fds: Sequence[int] = (),
+) -> Boxed:
     """Start `argv` inside the boundary (or, when asked for loudly, unisolated). Raises
     SandboxUnavailable when neither is possible. `pass_fds` are inherited at the same numbers."""
     check()
@@ -207,9 +219,17 @@ def start(argv: Sequence[str], box: Box, *, stdin: int | IO[Any] | None = subpro
         preexec = _preexec(box, cgroups.procs_files() if cgroups else [])
         env = _environment(box, isolated)
         proc = _spawner.submit(
-            subprocess.Popen, command, env=env, cwd=str(box.chdir) if (box.chdir and not isolated) else None,
-            stdin=stdin, stdout=stdout, stderr=stderr, pass_fds=tuple(pass_fds),
-            start_new_session=True, preexec_fn=preexec).result()
+            subprocess.Popen,
+            command,
+            env=env,
+            cwd=str(box.chdir) if (box.chdir and not isolated) else None,
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+            pass_fds=tuple(pass_fds),
+            start_new_session=True,
+            preexec_fn=preexec,
+        ).result()
     except BaseException:
         if cgroups is not None:
             cgroups.remove()
@@ -222,8 +242,11 @@ def _grant_read(path: Path) -> None:
     private data directory): only boxes that bind it see it, and only read-only."""
     gid = sandbox_uid()
     for root, dirs, files in os.walk(path):
-        for name, extra in ((root, 0o050), *((os.path.join(root, d), 0o050) for d in dirs),
-                            *((os.path.join(root, f), 0o040) for f in files)):
+        for name, extra in (
+            (root, 0o050),
+            *((os.path.join(root, d), 0o050) for d in dirs),
+            *((os.path.join(root, f), 0o040) for f in files),
+        ):
             try:
                 st = os.lstat(name)
                 if (st.st_mode & 0o170000) == 0o120000:  # a link: its target is not ours to open up
@@ -247,11 +270,29 @@ def _environment(box: Box, isolated: bool) -> dict[str, str]:
 
 
 def _base_args() -> list[str]:
-    return ["--unshare-user", "--disable-userns", "--unshare-ipc", "--unshare-pid", "--unshare-net",
-            "--unshare-uts", "--unshare-cgroup-try", "--hostname", "kiln-sandbox",
-            "--uid", str(sandbox_uid()), "--gid", str(sandbox_uid()),
-            "--die-with-parent", "--new-session", "--cap-drop", "ALL",
-            "--proc", "/proc", "--dev", "/dev"]
+    return [
+        "--unshare-user",
+        "--disable-userns",
+        "--unshare-ipc",
+        "--unshare-pid",
+        "--unshare-net",
+        "--unshare-uts",
+        "--unshare-cgroup-try",
+        "--hostname",
+        "kiln-sandbox",
+        "--uid",
+        str(sandbox_uid()),
+        "--gid",
+        str(sandbox_uid()),
+        "--die-with-parent",
+        "--new-session",
+        "--cap-drop",
+        "ALL",
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+    ]
 
 
 def _system_binds() -> list[str]:
@@ -263,8 +304,14 @@ def _system_binds() -> list[str]:
         elif os.path.isdir(top):
             args += ["--ro-bind", top, top]
     # the dynamic loader's cache and the few /etc files libraries read; no passwd, no secrets
-    for path in ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime",
-                 "/etc/alternatives", "/etc/nsswitch.conf"):
+    for path in (
+        "/etc/ld.so.cache",
+        "/etc/ld.so.conf",
+        "/etc/ld.so.conf.d",
+        "/etc/localtime",
+        "/etc/alternatives",
+        "/etc/nsswitch.conf",
+    ):
         args += ["--ro-bind-try", path, path]
     # how many CPUs there are and their caches, for the thread pools of torch and ONNX Runtime
     args += ["--ro-bind-try", "/sys/devices/system/cpu", "/sys/devices/system/cpu"]
@@ -286,8 +333,11 @@ def _under_system(path: Path) -> bool:
 def kiln_packages() -> list[Path]:
     """Kiln's own packages, when they are not inside the Python environment (an editable install)."""
     inside = python_paths()
-    return [p for p in (_PACKAGE_ROOT / "service", _PACKAGE_ROOT / "workers")
-            if p.is_dir() and not any(base in p.parents for base in inside)]
+    return [
+        p
+        for p in (_PACKAGE_ROOT / "service", _PACKAGE_ROOT / "workers")
+        if p.is_dir() and not any(base in p.parents for base in inside)
+    ]
 
 
 def python_env(home: str) -> dict[str, str]:
@@ -295,7 +345,8 @@ def python_env(home: str) -> dict[str, str]:
     return {
         "HOME": home,
         "TMPDIR": "/tmp",
-        "USER": "kiln", "LOGNAME": "kiln",
+        "USER": "kiln",
+        "LOGNAME": "kiln",
         "PYTHONPATH": KILN_ROOT_INSIDE,
         "PYTHONNOUSERSITE": "1",
         "PYTHONDONTWRITEBYTECODE": "1",
@@ -323,8 +374,19 @@ def _bwrap_command(argv: Sequence[str], box: Box) -> list[str]:
         binds.append(("--bind", box.writable, str(box.writable)))
     # Every place the box may write is bounded: /tmp and /dev/shm are sized tmpfs, the root (a tmpfs
     # bwrap makes, which the box would own) goes read-only at the end.
-    args = ["bwrap", *_base_args(), *_system_binds(), "--size", str(box.tmp_bytes), "--tmpfs", "/tmp",
-            "--size", str(box.tmp_bytes), "--tmpfs", "/dev/shm"]
+    args = [
+        "bwrap",
+        *_base_args(),
+        *_system_binds(),
+        "--size",
+        str(box.tmp_bytes),
+        "--tmpfs",
+        "/tmp",
+        "--size",
+        str(box.tmp_bytes),
+        "--tmpfs",
+        "/dev/shm",
+    ]
     stage_lines: list[str] = []
     if os.geteuid() == 0:
         stage = _stage_dir([src for _, src, _ in binds])
@@ -345,8 +407,15 @@ def _bwrap_command(argv: Sequence[str], box: Box) -> list[str]:
     if os.geteuid() != 0:
         return command
     uid = str(sandbox_uid())
-    launcher = " && ".join(stage_lines) + " && exec setpriv --reuid " + uid + " --regid " + uid + \
-        " --clear-groups --pdeathsig KILL " + " ".join(shlex.quote(a) for a in command)
+    launcher = (
+        " && ".join(stage_lines)
+        + " && exec setpriv --reuid "
+        + uid
+        + " --regid "
+        + uid
+        + " --clear-groups --pdeathsig KILL "
+        + " ".join(shlex.quote(a) for a in command)
+    )
     return ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c", launcher]
 
 
@@ -399,6 +468,7 @@ def _preexec(box: Box, procs_files: list[bytes]) -> Callable[[], None]:
 
 
 # --- cgroups -------------------------------------------------------------------------------------
+
 
 class _Cgroups:
     """One box's cgroup: a v2 cgroup, or one directory per v1 controller (memory, pids, cpu)."""
@@ -465,8 +535,11 @@ class _Cgroups:
                 (dirs["memory"] / "memory.limit_in_bytes").write_text(str(memory))
                 _write_if(dirs["memory"] / "memory.memsw.limit_in_bytes", str(memory))
                 (dirs["pids"] / "pids.max").write_text(str(box.processes))
-                if box.cpus and not ("cpu" in dirs and _write_if(dirs["cpu"] / "cpu.cfs_period_us", str(cpu_period))
-                                     and _write_if(dirs["cpu"] / "cpu.cfs_quota_us", str(int(box.cpus * cpu_period)))):
+                if box.cpus and not (
+                    "cpu" in dirs
+                    and _write_if(dirs["cpu"] / "cpu.cfs_period_us", str(cpu_period))
+                    and _write_if(dirs["cpu"] / "cpu.cfs_quota_us", str(int(box.cpus * cpu_period)))
+                ):
                     notes.append("no cpu controller: the CPU limit is not applied")
         except OSError as exc:
             cg.remove()
@@ -496,8 +569,9 @@ class _Cgroups:
             try:
                 leaf.mkdir(exist_ok=True)
                 (leaf / "cgroup.procs").write_text(str(os.getpid()))
-                enable = " ".join(f"+{c}" for c in ("memory", "pids", "cpu")
-                                  if c in _read(parent / "cgroup.controllers").split())
+                enable = " ".join(
+                    f"+{c}" for c in ("memory", "pids", "cpu") if c in _read(parent / "cgroup.controllers").split()
+                )
                 (parent / "cgroup.subtree_control").write_text(enable)
             except OSError:
                 return None

@@ -50,9 +50,14 @@ class Bundle:
     manifest: dict[str, Any] = field(default_factory=dict)
 
     def describe(self) -> dict[str, Any]:
-        rel = lambda p: str(p.relative_to(self.root)) if p else None  # noqa: E731
-        return {"kind": self.kind, "entry": self.entry, "model_file": rel(self.model_file),
-                "weights": rel(self.weights), "samples": rel(self.samples)}
+        rel = lambda p: str(p.relative_to(self.root)) if p else None  # noqa: E731 - a one-line helper local to this function
+        return {
+            "kind": self.kind,
+            "entry": self.entry,
+            "model_file": rel(self.model_file),
+            "weights": rel(self.weights),
+            "samples": rel(self.samples),
+        }
 
 
 def sniff_kind(path: Path) -> str:
@@ -68,8 +73,10 @@ def sniff_kind(path: Path) -> str:
     if name.endswith(".py"):
         return PYTHON
     if name.endswith(ENGINE_SUFFIXES):
-        raise InvalidBundle(f"{path.name}: TensorRT engines are not accepted as uploads (an engine is native code "
-                            "for one GPU and TensorRT version); upload the model or its ONNX and Kiln builds the engine")
+        raise InvalidBundle(
+            f"{path.name}: TensorRT engines are not accepted as uploads (an engine is native code "
+            "for one GPU and TensorRT version); upload the model or its ONNX and Kiln builds the engine"
+        )
     if name.endswith(".onnx"):
         return ONNX
     if name.endswith(".pt2"):
@@ -81,16 +88,20 @@ def sniff_kind(path: Path) -> str:
             names = zf.namelist()
         if any("/code/" in n for n in names):
             return TORCHSCRIPT
-        raise InvalidBundle(f"{path.name} looks like a state dict, not a TorchScript module: upload it as weights "
-                            "together with the model's code")
+        raise InvalidBundle(
+            f"{path.name} looks like a state dict, not a TorchScript module: upload it as weights "
+            "together with the model's code"
+        )
     if name.endswith(".zip") or name.endswith((".tar.gz", ".tgz", ".tar")):
         return "archive"
     if head.startswith(b"PK\x03\x04"):
         return "archive"
     if head[:2] == b"\x1f\x8b":
         return "archive"
-    raise InvalidBundle(f"{path.name} is not a model bundle: expected a .py file, a .zip or .tar.gz of files, "
-                        "a TorchScript .pt, a torch.export .pt2 or an .onnx model")
+    raise InvalidBundle(
+        f"{path.name} is not a model bundle: expected a .py file, a .zip or .tar.gz of files, "
+        "a TorchScript .pt, a torch.export .pt2 or an .onnx model"
+    )
 
 
 def safe_extract(archive: Path, dest: Path, limits: ArchiveLimits = ArchiveLimits()) -> None:
@@ -152,8 +163,10 @@ def _check_members(archive: str, members: list[tuple[str, int, str]], compressed
     if total > limits.max_total_bytes:
         raise InvalidBundle(f"{archive} expands to {total} bytes, over the limit of {limits.max_total_bytes}")
     if total / compressed > limits.max_ratio and total > (1 << 20):
-        raise InvalidBundle(f"{archive} expands {total / compressed:.0f}x (over {limits.max_ratio:.0f}x): "
-                            "refused as a likely archive bomb")
+        raise InvalidBundle(
+            f"{archive} expands {total / compressed:.0f}x (over {limits.max_ratio:.0f}x): "
+            "refused as a likely archive bomb"
+        )
 
 
 def _copy_limited(src: Any, target: Path, declared: int) -> None:
@@ -167,9 +180,16 @@ def _copy_limited(src: Any, target: Path, declared: int) -> None:
             out.write(chunk)
 
 
-def prepare_bundle(upload: Path, root: Path, *, entry: str | None = None, weights: Path | None = None,
-                   samples: Path | None = None, signature: Signature | dict | str | None = None,
-                   limits: ArchiveLimits = ArchiveLimits()) -> Bundle:
+def prepare_bundle(
+    upload: Path,
+    root: Path,
+    *,
+    entry: str | None = None,
+    weights: Path | None = None,
+    samples: Path | None = None,
+    signature: Signature | dict | str | None = None,
+    limits: ArchiveLimits = ArchiveLimits(),
+) -> Bundle:
     """Lay an upload (and optional weights/samples files) out under `root` and describe it.
 
     Explicit arguments override what the bundle's manifest (kiln.yaml / kiln.json) says.
@@ -229,15 +249,27 @@ def prepare_bundle(upload: Path, root: Path, *, entry: str | None = None, weight
             if (root / "model.py").is_file():
                 entry = DEFAULT_ENTRY
             else:
-                raise InvalidBundle("the bundle has no model.py and no entry point was given; "
-                                    "pass --entry file.py:function or set 'entry' in kiln.yaml")
+                raise InvalidBundle(
+                    "the bundle has no model.py and no entry point was given; "
+                    "pass --entry file.py:function or set 'entry' in kiln.yaml"
+                )
         target = entry.partition(":")[0]
         if target.endswith(".py") and not (root / target).is_file():
-            raise InvalidBundle(f"entry point file {target!r} is not in the bundle "
-                                f"(it holds: {', '.join(sorted(p.name for p in root.iterdir())[:10])})")
+            raise InvalidBundle(
+                f"entry point file {target!r} is not in the bundle "
+                f"(it holds: {', '.join(sorted(p.name for p in root.iterdir())[:10])})"
+            )
         check_python_bundle(root, entry, sig)  # reads the source; runs none of it
-    return Bundle(kind=kind, root=root, entry=entry if kind == PYTHON else None, model_file=model_file,
-                  weights=weights_path, samples=samples_path, signature=sig, manifest=manifest)
+    return Bundle(
+        kind=kind,
+        root=root,
+        entry=entry if kind == PYTHON else None,
+        model_file=model_file,
+        weights=weights_path,
+        samples=samples_path,
+        signature=sig,
+        manifest=manifest,
+    )
 
 
 def _read_manifest(root: Path) -> dict[str, Any]:
@@ -245,8 +277,9 @@ def _read_manifest(root: Path) -> dict[str, Any]:
         path = root / name
         if path.is_file():
             if path.stat().st_size > MAX_MANIFEST_BYTES:
-                raise InvalidBundle(f"{name} is {path.stat().st_size} bytes; a manifest may have at most "
-                                    f"{MAX_MANIFEST_BYTES} bytes")
+                raise InvalidBundle(
+                    f"{name} is {path.stat().st_size} bytes; a manifest may have at most {MAX_MANIFEST_BYTES} bytes"
+                )
             try:
                 return load_mapping(path.read_text(), source=name)
             except Exception as exc:  # noqa: BLE001 - reported as a bundle problem

@@ -1,9 +1,9 @@
 """A small Python client for Kiln's /v1 API; the `kiln` command uses it, and apps can too.
 
-    client = KilnClient("http://127.0.0.1:8000")
-    version = client.push("model.py", name="resnet", signature={...})
-    job = client.create_job("resnet", targets=["onnxruntime"], precisions=["fp32", "int8"])
-    for event, data in client.events(job["id"]): ...
+client = KilnClient("http://127.0.0.1:8000")
+version = client.push("model.py", name="resnet", signature={...})
+job = client.create_job("resnet", targets=["onnxruntime"], precisions=["fp32", "int8"])
+for event, data in client.events(job["id"]): ...
 """
 
 from __future__ import annotations
@@ -20,8 +20,17 @@ from service import errors
 from service.local import DEFAULT_SERVER, default_server, running
 
 __all__ = ["DEFAULT_SERVER", "KilnClient", "local_admin_token"]
-_BY_STATUS = {400: errors.BadRequest, 401: errors.BadRequest, 403: errors.BadRequest, 404: errors.NotFound, 409: errors.Conflict, 413: errors.PayloadTooLarge,
-              422: errors.BadRequest, 503: errors.Unavailable, 507: errors.StorageFull}
+_BY_STATUS = {
+    400: errors.BadRequest,
+    401: errors.BadRequest,
+    403: errors.BadRequest,
+    404: errors.NotFound,
+    409: errors.Conflict,
+    413: errors.PayloadTooLarge,
+    422: errors.BadRequest,
+    503: errors.Unavailable,
+    507: errors.StorageFull,
+}
 
 
 def local_admin_token(server: str | None = None) -> str | None:
@@ -70,9 +79,16 @@ class KilnClient:
             raise errors.Unavailable(f"cannot reach Kiln at {self.server}: {exc}") from None
 
     # models
-    def push(self, bundle: str | Path, *, name: str, entry: str | None = None,
-             signature: dict | None = None, weights: str | Path | None = None,
-             samples: str | Path | None = None) -> dict:
+    def push(
+        self,
+        bundle: str | Path,
+        *,
+        name: str,
+        entry: str | None = None,
+        signature: dict | None = None,
+        weights: str | Path | None = None,
+        samples: str | Path | None = None,
+    ) -> dict:
         """Upload a bundle as a new model or version; returns the version."""
         data = {"name": name}
         if entry:
@@ -113,10 +129,14 @@ class KilnClient:
         self._request("DELETE", f"/v1/models/{name}/versions/{version}")
 
     # jobs
-    def create_job(self, model: str, *, version: int | None = None, idempotency_key: str | None = None,
-                   **options: Any) -> dict:
-        body = {"model": model, **({"version": version} if version else {}),
-                **{k: v for k, v in options.items() if v is not None}}
+    def create_job(
+        self, model: str, *, version: int | None = None, idempotency_key: str | None = None, **options: Any
+    ) -> dict:
+        body = {
+            "model": model,
+            **({"version": version} if version else {}),
+            **{k: v for k, v in options.items() if v is not None},
+        }
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return self._request("POST", "/v1/jobs", json=body, headers=headers).json()
 
@@ -175,13 +195,20 @@ class KilnClient:
         return self.job(job_id)
 
     # deployments and inference
-    def deploy(self, name: str, *, job: str | None = None, candidate: str | None = None, force: bool = False,
-               **options: Any) -> dict:
+    def deploy(
+        self, name: str, *, job: str | None = None, candidate: str | None = None, force: bool = False, **options: Any
+    ) -> dict:
         """Deploy a job's selected candidate (or a given candidate) as a new version of `name`."""
-        body = {"name": name, "job": job, "candidate": candidate, "force": force,
-                **{k: v for k, v in options.items() if v is not None}}
-        return self._request("POST", "/v1/deployments", json={k: v for k, v in body.items() if v is not None},
-                             timeout=None).json()
+        body = {
+            "name": name,
+            "job": job,
+            "candidate": candidate,
+            "force": force,
+            **{k: v for k, v in options.items() if v is not None},
+        }
+        return self._request(
+            "POST", "/v1/deployments", json={k: v for k, v in body.items() if v is not None}, timeout=None
+        ).json()
 
     def deployments(self) -> list[dict]:
         return self._request("GET", "/v1/deployments").json()
@@ -190,8 +217,7 @@ class KilnClient:
         return self._request("GET", f"/v1/deployments/{name}").json()
 
     def set_default(self, name: str, version: int) -> dict:
-        return self._request("PATCH", f"/v1/deployments/{name}", json={"default_version": version},
-                             timeout=None).json()
+        return self._request("PATCH", f"/v1/deployments/{name}", json={"default_version": version}, timeout=None).json()
 
     def rollback(self, name: str) -> dict:
         return self._request("POST", f"/v1/deployments/{name}/rollback", timeout=None).json()
@@ -209,16 +235,28 @@ class KilnClient:
 
         from service.serving.protocol import DTYPE_TO_V2, V2_TO_DTYPE
 
-        body = {"inputs": [{"name": k, "shape": list(np.shape(v)), "datatype": DTYPE_TO_V2[np.asarray(v).dtype.name],
-                            "data": np.asarray(v).ravel().tolist()} for k, v in inputs.items()]}
+        body = {
+            "inputs": [
+                {
+                    "name": k,
+                    "shape": list(np.shape(v)),
+                    "datatype": DTYPE_TO_V2[np.asarray(v).dtype.name],
+                    "data": np.asarray(v).ravel().tolist(),
+                }
+                for k, v in inputs.items()
+            ]
+        }
         path = f"/v2/models/{name}" + (f"/versions/{version}" if version else "") + "/infer"
         out = self._request("POST", path, json=body).json()
-        return {o["name"]: np.asarray(o["data"], dtype=V2_TO_DTYPE.get(o["datatype"], "float32")).reshape(o["shape"])
-                for o in out["outputs"]}
+        return {
+            o["name"]: np.asarray(o["data"], dtype=V2_TO_DTYPE.get(o["datatype"], "float32")).reshape(o["shape"])
+            for o in out["outputs"]
+        }
 
     def create_token(self, name: str, scopes: list[str], owner: str | None = None) -> dict:
-        return self._request("POST", "/v1/tokens", json={"name": name, "scopes": scopes,
-                                                          **({"owner": owner} if owner else {})}).json()
+        return self._request(
+            "POST", "/v1/tokens", json={"name": name, "scopes": scopes, **({"owner": owner} if owner else {})}
+        ).json()
 
     def tokens(self) -> list[dict]:
         return self._request("GET", "/v1/tokens").json()
@@ -226,7 +264,7 @@ class KilnClient:
     def revoke_token(self, token_id: str) -> None:
         self._request("DELETE", f"/v1/tokens/{token_id}")
 
-    def download(self, candidate_id: str, dest: str | Path, *, zip: bool = False) -> Path:  # noqa: A002
+    def download(self, candidate_id: str, dest: str | Path, *, zip: bool = False) -> Path:  # noqa: A002 - the API's own parameter name
         dest = Path(dest)
         params = {"format": "zip"} if zip else {}
         with self.http.stream("GET", f"/v1/candidates/{candidate_id}/artifact", params=params, timeout=None) as r:

@@ -82,7 +82,6 @@ class Settings(BaseSettings):
     # Threads for conversion benchmarks and CPU runtimes (None: the runtime's default).
     threads: int | None = None
 
-
     @property
     def database_url(self) -> str:
         return self.database_url_ or f"sqlite:///{(self.data_dir / 'kiln.db').resolve()}"

@@ -31,27 +31,39 @@ def candidate_for(session: Session, owner: str, candidate: str | None, job: str 
     return row
 
 
-def create(session: Session, *, owner: str, name: str, candidate: CandidateRow, options: dict[str, Any],
-           force: bool) -> Deployment:
+def create(
+    session: Session, *, owner: str, name: str, candidate: CandidateRow, options: dict[str, Any], force: bool
+) -> Deployment:
     """The next version of deployment `name` (not yet the default: it becomes so once it loaded)."""
     if not candidate.files:
         raise Conflict(f"candidate {candidate.name} has no artifact to serve ({candidate.status})")
     if not candidate.passed and not force:
         reason = (candidate.validation or {}).get("reason") or candidate.reason or "not validated"
         raise Conflict(f"candidate {candidate.name} failed validation ({reason}); set force to deploy it anyway")
-    number = (session.scalar(select(func.max(Deployment.version)).where(
-        Deployment.owner == owner, Deployment.name == name)) or 0) + 1
-    row = Deployment(id=new_id(), owner=owner, name=name, version=number, candidate_id=candidate.id,
-                     options={k: v for k, v in options.items() if k in OPTION_KEYS and v is not None},
-                     forced=force and not candidate.passed)
+    number = (
+        session.scalar(select(func.max(Deployment.version)).where(Deployment.owner == owner, Deployment.name == name))
+        or 0
+    ) + 1
+    row = Deployment(
+        id=new_id(),
+        owner=owner,
+        name=name,
+        version=number,
+        candidate_id=candidate.id,
+        options={k: v for k, v in options.items() if k in OPTION_KEYS and v is not None},
+        forced=force and not candidate.passed,
+    )
     session.add(row)
     session.flush()
     return row
 
 
 def versions(session: Session, owner: str, name: str) -> list[Deployment]:
-    rows = session.scalars(select(Deployment).where(Deployment.owner == owner, Deployment.name == name,
-                                                    Deployment.deleted.is_(False)).order_by(Deployment.version)).all()
+    rows = session.scalars(
+        select(Deployment)
+        .where(Deployment.owner == owner, Deployment.name == name, Deployment.deleted.is_(False))
+        .order_by(Deployment.version)
+    ).all()
     if not rows:
         raise NotFound(f"deployment {name!r} does not exist")
     return list(rows)
@@ -62,8 +74,12 @@ def set_default(session: Session, owner: str, name: str, version: int) -> Deploy
     target = next((r for r in rows if r.version == version), None)
     if target is None:
         raise NotFound(f"deployment {name!r} has no version {version}")
-    session.execute(update(Deployment).where(Deployment.owner == owner, Deployment.name == name)
-                    .values(is_default=False).execution_options(synchronize_session="fetch"))
+    session.execute(
+        update(Deployment)
+        .where(Deployment.owner == owner, Deployment.name == name)
+        .values(is_default=False)
+        .execution_options(synchronize_session="fetch")
+    )
     target.is_default = True
     session.flush()
     return target
@@ -84,8 +100,11 @@ def delete(session: Session, owner: str, name: str) -> None:
 
 
 def listing(session: Session, owner: str) -> dict[str, list[Deployment]]:
-    rows = session.scalars(select(Deployment).where(Deployment.owner == owner, Deployment.deleted.is_(False))
-                           .order_by(Deployment.name, Deployment.version)).all()
+    rows = session.scalars(
+        select(Deployment)
+        .where(Deployment.owner == owner, Deployment.deleted.is_(False))
+        .order_by(Deployment.name, Deployment.version)
+    ).all()
     grouped: dict[str, list[Deployment]] = {}
     for r in rows:
         grouped.setdefault(r.name, []).append(r)
@@ -94,7 +113,12 @@ def listing(session: Session, owner: str) -> dict[str, list[Deployment]]:
 
 def uses_version(session: Session, model_version_id: str) -> bool:
     """Whether any live deployment serves a candidate built from this model version."""
-    return bool(session.scalar(
-        select(func.count()).select_from(Deployment).join(CandidateRow, Deployment.candidate_id == CandidateRow.id)
-        .join(Job, CandidateRow.job_id == Job.id)
-        .where(Job.model_version_id == model_version_id, Deployment.deleted.is_(False))))
+    return bool(
+        session.scalar(
+            select(func.count())
+            .select_from(Deployment)
+            .join(CandidateRow, Deployment.candidate_id == CandidateRow.id)
+            .join(Job, CandidateRow.job_id == Job.id)
+            .where(Job.model_version_id == model_version_id, Deployment.deleted.is_(False))
+        )
+    )

@@ -32,8 +32,16 @@ def request_hash(body: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def create(session: Session, *, owner: str, version: ModelVersion, options: ConversionOptions,
-           idempotency_key: str | None = None, body_hash: str | None = None, retry_of: str | None = None) -> tuple[Job, bool]:
+def create(
+    session: Session,
+    *,
+    owner: str,
+    version: ModelVersion,
+    options: ConversionOptions,
+    idempotency_key: str | None = None,
+    body_hash: str | None = None,
+    retry_of: str | None = None,
+) -> tuple[Job, bool]:
     """A new queued job, or the job an earlier request with the same Idempotency-Key created.
 
     Returns (job, created). The same key with a different body is a Conflict.
@@ -44,16 +52,25 @@ def create(session: Session, *, owner: str, version: ModelVersion, options: Conv
             if existing.request_hash != body_hash:
                 raise Conflict(f"Idempotency-Key {idempotency_key!r} was already used with a different request body")
             return existing, False
-    job = Job(id=new_id(), owner=owner, model_version_id=version.id, options=options.model_dump(mode="json"),
-              queue=queue_for(options), idempotency_key=idempotency_key, request_hash=body_hash, retry_of=retry_of,
-              enqueued_at=now())
+    job = Job(
+        id=new_id(),
+        owner=owner,
+        model_version_id=version.id,
+        options=options.model_dump(mode="json"),
+        queue=queue_for(options),
+        idempotency_key=idempotency_key,
+        request_hash=body_hash,
+        retry_of=retry_of,
+        enqueued_at=now(),
+    )
     session.add(job)
     try:
         session.flush()
     except IntegrityError:  # a concurrent request with the same key won the race
         session.rollback()
-        return create(session, owner=owner, version=version, options=options, idempotency_key=idempotency_key,
-                      body_hash=body_hash)
+        return create(
+            session, owner=owner, version=version, options=options, idempotency_key=idempotency_key, body_hash=body_hash
+        )
     return job, True
 
 
@@ -64,8 +81,15 @@ def get(session: Session, owner: str, job_id: str) -> Job:
     return job
 
 
-def listing(session: Session, owner: str, *, status: str | None = None, model: str | None = None,
-            limit: int = 50, offset: int = 0) -> tuple[list[Job], int]:
+def listing(
+    session: Session,
+    owner: str,
+    *,
+    status: str | None = None,
+    model: str | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> tuple[list[Job], int]:
     q = select(Job).where(Job.owner == owner)
     if status:
         q = q.where(Job.status == status)
@@ -83,11 +107,15 @@ def cancel(session: Session, job: Job) -> Job:
     whichever lands first wins, and a claimed job then sees the cancel request."""
     if job.status in TERMINAL:
         raise Conflict(f"job {job.id} is already {job.status}")
-    session.execute(update(Job).where(Job.id == job.id).values(cancel_requested=True)
-                    .execution_options(synchronize_session=False))
-    session.execute(update(Job).where(Job.id == job.id, Job.status == "queued")
-                    .values(status="canceled", finished_at=now(), error="canceled before it started")
-                    .execution_options(synchronize_session=False))
+    session.execute(
+        update(Job).where(Job.id == job.id).values(cancel_requested=True).execution_options(synchronize_session=False)
+    )
+    session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status == "queued")
+        .values(status="canceled", finished_at=now(), error="canceled before it started")
+        .execution_options(synchronize_session=False)
+    )
     session.commit()
     session.refresh(job)
     return job
@@ -97,12 +125,14 @@ def retry(session: Session, job: Job) -> Job:
     """A new attempt of a failed or canceled job, as a new job that points at the old one."""
     if job.status not in ("failed", "canceled"):
         raise Conflict(f"only failed or canceled jobs can be retried; job {job.id} is {job.status}")
-    new, _ = create(session, owner=job.owner, version=job.version, options=ConversionOptions(**job.options),
-                    retry_of=job.id)
+    new, _ = create(
+        session, owner=job.owner, version=job.version, options=ConversionOptions(**job.options), retry_of=job.id
+    )
     return new
 
 
 # --- worker side ----------------------------------------------------------------------------------
+
 
 class ClaimRefused(Exception):
     """The job is not ours to run now: finished, canceled, or running on a live worker."""
@@ -119,14 +149,26 @@ def claim(session: Session, job_id: str, worker: str, *, stale_after: float) -> 
     died) can be taken over; one with a fresh heartbeat cannot, so a job never runs twice at once."""
     stale_before = now() - timedelta(seconds=stale_after)
     token = new_id()
-    changed = _updated(session,
+    changed = _updated(
+        session,
         update(Job)
-        .where(Job.id == job_id,
-               or_(Job.status == "queued",
-                   and_(Job.status == "running", or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale_before))))
-        .values(status="running", worker=worker, run_token=token, heartbeat_at=now(), attempts=Job.attempts + 1,
-                started_at=func.coalesce(Job.started_at, now()))
-        .execution_options(synchronize_session=False))
+        .where(
+            Job.id == job_id,
+            or_(
+                Job.status == "queued",
+                and_(Job.status == "running", or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale_before)),
+            ),
+        )
+        .values(
+            status="running",
+            worker=worker,
+            run_token=token,
+            heartbeat_at=now(),
+            attempts=Job.attempts + 1,
+            started_at=func.coalesce(Job.started_at, now()),
+        )
+        .execution_options(synchronize_session=False),
+    )
     session.commit()
     job = session.get(Job, job_id)
     if job is None:
@@ -139,8 +181,13 @@ def claim(session: Session, job_id: str, worker: str, *, stale_after: float) -> 
 
 def heartbeat(session: Session, job_id: str, token: str) -> tuple[bool, bool]:
     """Refresh the heartbeat; returns (still ours, cancel requested)."""
-    changed = _updated(session, update(Job).where(Job.id == job_id, Job.run_token == token, Job.status == "running")
-                       .values(heartbeat_at=now()).execution_options(synchronize_session=False))
+    changed = _updated(
+        session,
+        update(Job)
+        .where(Job.id == job_id, Job.run_token == token, Job.status == "running")
+        .values(heartbeat_at=now())
+        .execution_options(synchronize_session=False),
+    )
     session.commit()
     cancel = bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
     return changed == 1, cancel
@@ -150,11 +197,20 @@ def orphaned(session: Session, *, stale_after: float, queued_after: float) -> li
     """Jobs that need their message sent again: running with a dead worker, or queued so long that
     their message was probably lost (a broker restart, an API crash between commit and send)."""
     t = now()
-    return list(session.scalars(select(Job).where(or_(
-        and_(Job.status == "running", Job.heartbeat_at < t - timedelta(seconds=stale_after)),
-        and_(Job.status == "queued", Job.cancel_requested.is_(False),
-             or_(Job.enqueued_at.is_(None), Job.enqueued_at < t - timedelta(seconds=queued_after))),
-    ))).all())
+    return list(
+        session.scalars(
+            select(Job).where(
+                or_(
+                    and_(Job.status == "running", Job.heartbeat_at < t - timedelta(seconds=stale_after)),
+                    and_(
+                        Job.status == "queued",
+                        Job.cancel_requested.is_(False),
+                        or_(Job.enqueued_at.is_(None), Job.enqueued_at < t - timedelta(seconds=queued_after)),
+                    ),
+                )
+            )
+        ).all()
+    )
 
 
 def upsert_step(session: Session, job_id: str, position: int, record: dict[str, Any]) -> None:
@@ -171,12 +227,20 @@ def upsert_step(session: Session, job_id: str, position: int, record: dict[str, 
     step.error = record.get("error")
 
 
-def upsert_candidate(session: Session, job_id: str, position: int, cand: dict[str, Any],
-                     files: dict[str, str] | None = None) -> CandidateRow:
+def upsert_candidate(
+    session: Session, job_id: str, position: int, cand: dict[str, Any], files: dict[str, str] | None = None
+) -> CandidateRow:
     row = session.scalar(select(CandidateRow).where(CandidateRow.job_id == job_id, CandidateRow.name == cand["id"]))
     if row is None:
-        row = CandidateRow(job_id=job_id, position=position, name=cand["id"], target=cand["target"],
-                           precision=cand["precision"], variant=cand.get("variant"), status=cand["status"])
+        row = CandidateRow(
+            job_id=job_id,
+            position=position,
+            name=cand["id"],
+            target=cand["target"],
+            precision=cand["precision"],
+            variant=cand.get("variant"),
+            status=cand["status"],
+        )
         session.add(row)
     validation = cand.get("validation")
     row.status = cand["status"]
@@ -210,8 +274,11 @@ def add_logs(session: Session, job_id: str, lines: list[tuple[str, str]]) -> Non
 
 
 def logs(session: Session, job_id: str, after: int = 0, limit: int = 10_000) -> list[JobLog]:
-    return list(session.scalars(select(JobLog).where(JobLog.job_id == job_id, JobLog.seq > after)
-                                .order_by(JobLog.seq).limit(limit)).all())
+    return list(
+        session.scalars(
+            select(JobLog).where(JobLog.job_id == job_id, JobLog.seq > after).order_by(JobLog.seq).limit(limit)
+        ).all()
+    )
 
 
 WORKER_SEEN_S = 30.0
@@ -222,12 +289,15 @@ def waiting_reason(session: Session, job: Job) -> str | None:
     machine without GPU workers, say). None when one is, or the job is not queued."""
     if job.status != "queued":
         return None
-    recent = session.scalars(select(WorkerRow).where(
-        WorkerRow.last_seen > now() - timedelta(seconds=WORKER_SEEN_S))).all()
+    recent = session.scalars(
+        select(WorkerRow).where(WorkerRow.last_seen > now() - timedelta(seconds=WORKER_SEEN_S))
+    ).all()
     if any(job.queue in (w.queues or []) for w in recent):
         return None
-    return (f"waiting for a worker on the {job.queue} queue: none is online "
-            f"({'start one with: kiln worker --queues ' + job.queue}); the job can be canceled")
+    return (
+        f"waiting for a worker on the {job.queue} queue: none is online "
+        f"({'start one with: kiln worker --queues ' + job.queue}); the job can be canceled"
+    )
 
 
 def worker_seen(session: Session, name: str, host: str, queues: list[str]) -> None:

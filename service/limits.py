@@ -112,8 +112,10 @@ async def _refusal(headers: dict[bytes, bytes]) -> str | None:
     else:
         token = _cookie(headers.get(b"cookie", b""))
         if token is None:
-            return ("authentication required: send 'Authorization: Bearer <token>' "
-                    "(kiln up prints the admin token and keeps it in DATA_DIR/admin-token)")
+            return (
+                "authentication required: send 'Authorization: Bearer <token>' "
+                "(kiln up prints the admin token and keeps it in DATA_DIR/admin-token)"
+            )
     try:
         if auth.cached(token) is None:
             await run_in_threadpool(auth.authenticate, new_session, token)
@@ -137,11 +139,23 @@ def _detail(limit: int) -> str:
 async def answer(scope: Scope, send: Send, status: int, title: str, detail: str) -> None:
     """A problem detail (or the protocol's `{"error"}` on /v2), and the connection closed."""
     v2 = scope.get("path", "").startswith("/v2")
-    body = {"error": detail} if v2 else {"type": "about:blank", "title": title, "status": status,
-                                          "detail": detail, "instance": scope.get("path", "")[:200]}
+    body = (
+        {"error": detail}
+        if v2
+        else {
+            "type": "about:blank",
+            "title": title,
+            "status": status,
+            "detail": detail,
+            "instance": scope.get("path", "")[:200],
+        }
+    )
     data = json.dumps(body).encode()
-    headers = [(b"content-type", b"application/json" if v2 else b"application/problem+json"),
-               (b"content-length", str(len(data)).encode()), (b"connection", b"close")]
+    headers = [
+        (b"content-type", b"application/json" if v2 else b"application/problem+json"),
+        (b"content-length", str(len(data)).encode()),
+        (b"connection", b"close"),
+    ]
     if status == 401:
         headers.append((b"www-authenticate", b'Bearer realm="kiln"'))
     await send({"type": "http.response.start", "status": status, "headers": headers})

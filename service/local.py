@@ -50,8 +50,11 @@ def _read() -> list[dict]:
         entries = json.loads(registry_path().read_text())
     except (OSError, ValueError):
         return []
-    return [e for e in entries if isinstance(e, dict) and {"url", "data_dir", "pid"} <= e.keys()] \
-        if isinstance(entries, list) else []
+    return (
+        [e for e in entries if isinstance(e, dict) and {"url", "data_dir", "pid"} <= e.keys()]
+        if isinstance(entries, list)
+        else []
+    )
 
 
 def _write(entries: list[dict]) -> None:

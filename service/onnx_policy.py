@@ -30,18 +30,22 @@ def check_onnx(path: Path, *, error: type[KilnError] = InvalidBundle, external_i
     local = {(f.domain, f.name) for f in model.functions}
     for node in _nodes(model):
         if node.domain not in STANDARD_DOMAINS and (node.domain, node.op_type) not in local:
-            raise error(f"ONNX node {node.name or node.op_type!r} is the operator {node.op_type!r} of the custom "
-                        f"domain {node.domain!r}; only the standard domains (ai.onnx, ai.onnx.ml, com.microsoft) "
-                        "are accepted, since a custom operator needs its code loaded into the server")
+            raise error(
+                f"ONNX node {node.name or node.op_type!r} is the operator {node.op_type!r} of the custom "
+                f"domain {node.domain!r}; only the standard domains (ai.onnx, ai.onnx.ml, com.microsoft) "
+                "are accepted, since a custom operator needs its code loaded into the server"
+            )
     folder = path.parent.resolve()
     for tensor in _tensors(model):
         if uses_external_data(tensor) or tensor.data_location == onnx.TensorProto.EXTERNAL:
             where = next((e.value for e in tensor.external_data if e.key == "location"), "")
             if external_in_folder and where and (folder / where).resolve().is_relative_to(folder):
                 continue
-            raise error(f"ONNX tensor {tensor.name!r} keeps its data in another file ({where[:200]!r}); upload a "
-                        "model with its weights inside the .onnx file (onnx.save(..., "
-                        "save_as_external_data=False), up to 2 GB)")
+            raise error(
+                f"ONNX tensor {tensor.name!r} keeps its data in another file ({where[:200]!r}); upload a "
+                "model with its weights inside the .onnx file (onnx.save(..., "
+                "save_as_external_data=False), up to 2 GB)"
+            )
     return model
 
 

@@ -43,8 +43,14 @@ class Tolerance(BaseModel):
 #   regression (other): error bounds, cosine, relative error
 #   ids, mask: exact agreement of the elements
 OUTPUT_KINDS = ("scores", "embedding", "regression", "ids", "mask")
-KIND_ALIASES = {"logits": "scores", "probabilities": "scores", "hidden": "embedding", "features": "embedding",
-                "other": "regression", "labels": "ids"}
+KIND_ALIASES = {
+    "logits": "scores",
+    "probabilities": "scores",
+    "hidden": "embedding",
+    "features": "embedding",
+    "other": "regression",
+    "labels": "ids",
+}
 
 
 # Defaults per precision. int8 is judged by agreement (cosine, top-1) rather than absolute error.
@@ -97,8 +103,9 @@ class ConversionOptions(BaseModel):
     @field_validator("precisions")
     @classmethod
     def _precisions(cls, v: list[str]) -> list[str]:
-        return _known([{"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(p, p) for p in v],
-                      PRECISIONS, "precision")
+        return _known(
+            [{"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(p, p) for p in v], PRECISIONS, "precision"
+        )
 
     @field_validator("devices")
     @classmethod

@@ -61,8 +61,12 @@ def _top_level_names(tree: ast.Module) -> tuple[dict[str, ast.AST], bool]:
                         names[(alias.asname or alias.name).split(".")[0]] = sub
             elif isinstance(sub, ast.Expr) and isinstance(sub.value, ast.Call):
                 f = sub.value.func  # globals().update(...), setattr(sys.modules[...], ...)
-                if isinstance(f, ast.Attribute) and f.attr == "update" or isinstance(f, ast.Name) and f.id in (
-                        "setattr", "exec"):
+                if (
+                    isinstance(f, ast.Attribute)
+                    and f.attr == "update"
+                    or isinstance(f, ast.Name)
+                    and f.id in ("setattr", "exec")
+                ):
                     opaque = True
     return names, opaque
 
@@ -91,8 +95,12 @@ def _model_class(fn: ast.AST, classes: dict[str, ast.ClassDef]) -> ast.ClassDef 
     for node in ast.walk(fn):
         if isinstance(node, ast.Return) and node.value is not None:
             for sub in ast.walk(node.value):
-                if isinstance(sub, ast.Call) and isinstance(sub.func, ast.Name) and sub.func.id in classes \
-                        and _forward(classes[sub.func.id]) is not None:
+                if (
+                    isinstance(sub, ast.Call)
+                    and isinstance(sub.func, ast.Name)
+                    and sub.func.id in classes
+                    and _forward(classes[sub.func.id]) is not None
+                ):
                     found.add(sub.func.id)
     return classes[found.pop()] if len(found) == 1 else None
 
@@ -112,14 +120,15 @@ def check_forward(forward: ast.FunctionDef, cls_name: str, rel: Path, signature:
     given = [t.name for t in signature.inputs]
     shown = f"{cls_name}.forward({', '.join(positional)}) in {rel}:{forward.lineno}"
     if not required <= len(given) <= len(positional):
-        want = (f"{required}" if required == len(positional) else f"{required} to {len(positional)}")
-        raise InvalidSignature(f"the signature has {len(given)} input(s) ({', '.join(given)}) but "
-                               f"{shown} takes {want}")
+        want = f"{required}" if required == len(positional) else f"{required} to {len(positional)}"
+        raise InvalidSignature(f"the signature has {len(given)} input(s) ({', '.join(given)}) but {shown} takes {want}")
     wrong = [(i, g, p) for i, (g, p) in enumerate(zip(given, positional), 1) if g != p]
     if wrong:
-        raise InvalidSignature(f"the signature's inputs ({', '.join(given)}) do not match {shown}: "
-                               + ", ".join(f"input {i} is {g!r} where forward has {p!r}" for i, g, p in wrong)
-                               + " (inputs are passed in order; name them as forward does)")
+        raise InvalidSignature(
+            f"the signature's inputs ({', '.join(given)}) do not match {shown}: "
+            + ", ".join(f"input {i} is {g!r} where forward has {p!r}" for i, g, p in wrong)
+            + " (inputs are passed in order; name them as forward does)"
+        )
 
 
 def check_python_bundle(root: Path, entry: str, signature: Signature | None) -> None:
@@ -139,10 +148,15 @@ def check_python_bundle(root: Path, entry: str, signature: Signature | None) -> 
     if fn is None:
         if opaque:
             return
-        defined = sorted(n for n, node in names.items()
-                         if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not n.startswith("_"))
-        raise InvalidEntryPoint(f"entry point {entry!r}: {target} defines no {attr!r}"
-                                + (f" (it defines: {', '.join(defined[:12])})" if defined else ""))
+        defined = sorted(
+            n
+            for n, node in names.items()
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not n.startswith("_")
+        )
+        raise InvalidEntryPoint(
+            f"entry point {entry!r}: {target} defines no {attr!r}"
+            + (f" (it defines: {', '.join(defined[:12])})" if defined else "")
+        )
     if signature is None:
         return
     classes = {n: node for n, node in names.items() if isinstance(node, ast.ClassDef)}

@@ -45,11 +45,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         folder = settings.data_dir.resolve() / "broker"
         for sub in ("queue", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
-        conf["broker_transport_options"] = {"data_folder_in": str(folder / "queue"),
-                                            "data_folder_out": str(folder / "queue"),
-                                            "processed_folder": str(folder / "processed"),
-                                            "control_folder": str(folder / "control"),
-                                            "store_processed": False}
+        conf["broker_transport_options"] = {
+            "data_folder_in": str(folder / "queue"),
+            "data_folder_out": str(folder / "queue"),
+            "processed_folder": str(folder / "processed"),
+            "control_folder": str(folder / "control"),
+            "store_processed": False,
+        }
         conf["worker_enable_remote_control"] = False  # no broadcast exchange over files
     else:
         # Longer than the hard limit: Redis must not hand a running job to a second worker.

@@ -17,8 +17,16 @@ from service.signature import Signature
 from service.tables import CandidateRow, Deployment, Job, Model, ModelVersion, new_id
 
 
-def inspect_upload(store: ArtifactStore, *, filename: str, bundle_sha: str, entry: str | None,
-                   signature: str | None, weights: tuple[str, str] | None, samples_sha: str | None) -> dict:
+def inspect_upload(
+    store: ArtifactStore,
+    *,
+    filename: str,
+    bundle_sha: str,
+    entry: str | None,
+    signature: str | None,
+    weights: tuple[str, str] | None,
+    samples_sha: str | None,
+) -> dict:
     """Check an upload without running any of it: kind, entry point, manifest, signature.
 
     Unpacks into a throwaway directory (refusing unsafe archives) and returns what a version records.
@@ -33,12 +41,14 @@ def inspect_upload(store: ArtifactStore, *, filename: str, bundle_sha: str, entr
             weights_path = tmp / Path(weights[1]).name
             shutil.copyfile(store.path(weights[0]), weights_path)
         samples_path = store.path(samples_sha) if samples_sha else None
-        bundle = prepare_bundle(upload, tmp / "bundle", entry=entry, weights=weights_path, samples=samples_path,
-                                signature=signature)
+        bundle = prepare_bundle(
+            upload, tmp / "bundle", entry=entry, weights=weights_path, samples=samples_path, signature=signature
+        )
         sig = bundle.signature or (onnx_signature(bundle) if bundle.kind == ONNX else None)
         if sig is None:
-            raise InvalidSignature("no signature: send one in the 'signature' field (JSON) or put it in the "
-                                   "bundle's kiln.yaml")
+            raise InvalidSignature(
+                "no signature: send one in the 'signature' field (JSON) or put it in the bundle's kiln.yaml"
+            )
         if samples_path is not None:
             from service import samples as sample_io
 
@@ -48,28 +58,57 @@ def inspect_upload(store: ArtifactStore, *, filename: str, bundle_sha: str, entr
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def add_version(session: Session, *, owner: str, name: str, filename: str, bundle_sha: str, size: int,
-                info: dict, weights: tuple[str, str] | None, samples_sha: str | None) -> tuple[ModelVersion, bool]:
+def add_version(
+    session: Session,
+    *,
+    owner: str,
+    name: str,
+    filename: str,
+    bundle_sha: str,
+    size: int,
+    info: dict,
+    weights: tuple[str, str] | None,
+    samples_sha: str | None,
+) -> tuple[ModelVersion, bool]:
     """A new version of the model `name` (created if new), or the newest version when it is identical."""
-    combined = hashlib.sha256("|".join([bundle_sha, weights[0] if weights else "", samples_sha or "",
-                                        info.get("entry") or "", Signature.parse(info["signature"]).model_dump_json()])
-                              .encode()).hexdigest()
+    combined = hashlib.sha256(
+        "|".join(
+            [
+                bundle_sha,
+                weights[0] if weights else "",
+                samples_sha or "",
+                info.get("entry") or "",
+                Signature.parse(info["signature"]).model_dump_json(),
+            ]
+        ).encode()
+    ).hexdigest()
     model = session.scalar(select(Model).where(Model.owner == owner, Model.name == name))
     if model is None:
         model = Model(id=new_id(), name=name, owner=owner)
         session.add(model)
         session.flush()
     else:
-        latest = session.scalar(select(ModelVersion).where(ModelVersion.model_id == model.id)
-                                .order_by(ModelVersion.version.desc()).limit(1))
+        latest = session.scalar(
+            select(ModelVersion).where(ModelVersion.model_id == model.id).order_by(ModelVersion.version.desc()).limit(1)
+        )
         if latest is not None and latest.sha256 == combined:
             return latest, False
     number = (session.scalar(select(func.max(ModelVersion.version)).where(ModelVersion.model_id == model.id)) or 0) + 1
-    version = ModelVersion(id=new_id(), model_id=model.id, version=number, sha256=combined, bundle_sha256=bundle_sha,
-                           filename=Path(filename).name, kind=info["kind"], entry=info.get("entry"),
-                           signature=info["signature"], weights_sha256=weights[0] if weights else None,
-                           weights_filename=Path(weights[1]).name if weights else None, samples_sha256=samples_sha,
-                           size_bytes=size)
+    version = ModelVersion(
+        id=new_id(),
+        model_id=model.id,
+        version=number,
+        sha256=combined,
+        bundle_sha256=bundle_sha,
+        filename=Path(filename).name,
+        kind=info["kind"],
+        entry=info.get("entry"),
+        signature=info["signature"],
+        weights_sha256=weights[0] if weights else None,
+        weights_filename=Path(weights[1]).name if weights else None,
+        samples_sha256=samples_sha,
+        size_bytes=size,
+    )
     session.add(version)
     session.flush()
     return version, True
@@ -91,7 +130,9 @@ def get_version(session: Session, owner: str, name: str, version: int | None) ->
     for v in model.versions:
         if v.version == version:
             return v
-    raise NotFound(f"model {name!r} has no version {version} (it has {', '.join(str(v.version) for v in model.versions)})")
+    raise NotFound(
+        f"model {name!r} has no version {version} (it has {', '.join(str(v.version) for v in model.versions)})"
+    )
 
 
 def list_models(session: Session, owner: str, limit: int, offset: int) -> tuple[list[Model], int]:
@@ -104,8 +145,11 @@ def delete_version(session: Session, version: ModelVersion, in_use: bool) -> Non
     """Delete a version that no deployment uses and no job is converting."""
     if in_use:
         raise Conflict(f"version {version.version} of {version.model.name!r} is used by a deployment")
-    busy = session.scalar(select(func.count()).select_from(Job).where(
-        Job.model_version_id == version.id, Job.status.in_(("queued", "running"))))
+    busy = session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(Job.model_version_id == version.id, Job.status.in_(("queued", "running")))
+    )
     if busy:
         raise Conflict(f"version {version.version} of {version.model.name!r} has {busy} job(s) queued or running")
     # Deleted deployments keep their rows; those that served this version's candidates go with them
@@ -123,8 +167,17 @@ def delete_version(session: Session, version: ModelVersion, in_use: bool) -> Non
 
 def blob_in_use(session: Session, sha256: str) -> bool:
     """Whether a model version refers to this stored file (as its bundle, weights or samples)."""
-    query = select(ModelVersion.id).where(or_(ModelVersion.bundle_sha256 == sha256, ModelVersion.weights_sha256 == sha256,
-                                              ModelVersion.samples_sha256 == sha256)).limit(1)
+    query = (
+        select(ModelVersion.id)
+        .where(
+            or_(
+                ModelVersion.bundle_sha256 == sha256,
+                ModelVersion.weights_sha256 == sha256,
+                ModelVersion.samples_sha256 == sha256,
+            )
+        )
+        .limit(1)
+    )
     return session.scalar(query) is not None
 
 
@@ -132,8 +185,9 @@ def referenced_blobs(session: Session) -> set[str]:
     """Every stored file a row refers to: bundles, weights and samples of model versions, the files
     of built candidates."""
     found: set[str] = set()
-    for row in session.execute(select(ModelVersion.bundle_sha256, ModelVersion.weights_sha256,
-                                      ModelVersion.samples_sha256)):
+    for row in session.execute(
+        select(ModelVersion.bundle_sha256, ModelVersion.weights_sha256, ModelVersion.samples_sha256)
+    ):
         found.update(v for v in row if v)
     for (files,) in session.execute(select(CandidateRow.files)):
         found.update(v for v in (files or {}).values() if isinstance(v, str))

@@ -32,8 +32,10 @@ def requeue_orphans() -> list[str]:
             if job.status == "running":
                 if job.attempts >= jobs.MAX_ATTEMPTS:
                     job.status, job.finished_at = "failed", now()
-                    job.error = (f"the worker running this job died {job.attempts} times "
-                                 f"(last during step {job.current_step or 'start'}); not trying again")
+                    job.error = (
+                        f"the worker running this job died {job.attempts} times "
+                        f"(last during step {job.current_step or 'start'}); not trying again"
+                    )
                     logger.warning("job %s: %s", job.id, job.error)
                     continue
                 logger.warning("job %s: worker %s stopped answering; sending the job again", job.id, job.worker)

@@ -43,6 +43,7 @@ _MAX_HEADER = 16 << 20
 
 # --- framing (both sides) ------------------------------------------------------------------------
 
+
 class Channel:
     """One end of the socket pair: messages out, and messages in through a buffer, so that a small
     message costs one recv however many parts it has."""
@@ -70,21 +71,21 @@ class Channel:
         if self._end - self._start >= n:
             return
         if self._start:
-            self._buf[: self._end - self._start] = self._buf[self._start:self._end]
+            self._buf[: self._end - self._start] = self._buf[self._start : self._end]
             self._end -= self._start
             self._start = 0
         if n > len(self._buf):
             self._buf.extend(bytes(n - len(self._buf)))
         view = memoryview(self._buf)
         while self._end < n:
-            k = self.sock.recv_into(view[self._end:])
+            k = self.sock.recv_into(view[self._end :])
             if k == 0:
                 raise EOFError("the runner's channel closed")
             self._end += k
 
     def _take(self, n: int) -> memoryview:
         self._fill(n)
-        out = memoryview(self._buf)[self._start:self._start + n]
+        out = memoryview(self._buf)[self._start : self._start + n]
         self._start += n
         return out
 
@@ -92,7 +93,7 @@ class Channel:
         """n bytes in a buffer of their own (an array's data must outlive the channel's buffer)."""
         out = bytearray(n)
         have = min(n, self._end - self._start)
-        out[:have] = self._buf[self._start:self._start + have]
+        out[:have] = self._buf[self._start : self._start + have]
         self._start += have
         view, got = memoryview(out), have
         while got < n:
@@ -115,8 +116,13 @@ class Channel:
             try:
                 name, dtype, shape = item
                 dt = np.dtype(dtype)
-                ok = (isinstance(name, str) and dt.kind in "biufc" and isinstance(shape, list)
-                      and all(isinstance(d, int) and d >= 0 for d in shape) and len(shape) <= 64)
+                ok = (
+                    isinstance(name, str)
+                    and dt.kind in "biufc"
+                    and isinstance(shape, list)
+                    and all(isinstance(d, int) and d >= 0 for d in shape)
+                    and len(shape) <= 64
+                )
             except (TypeError, ValueError):
                 ok = False
             if not ok:
@@ -144,14 +150,16 @@ def _spec_json(spec: TensorSpec) -> dict[str, Any]:
 
 # --- the API / worker side -----------------------------------------------------------------------
 
+
 class IsolatedRuntime(Runtime):
     """A runtime whose artifact runs in a runner process inside the isolation boundary."""
 
     name = "isolated"
     library = "torch"
 
-    def __init__(self, path: Path, *, info: ArtifactInfo, threads: int | None = None, device: str = "cpu",
-                 spin: bool = True) -> None:
+    def __init__(
+        self, path: Path, *, info: ArtifactInfo, threads: int | None = None, device: str = "cpu", spin: bool = True
+    ) -> None:
         super().__init__(path, info=info, threads=threads, device=device, spin=spin)
         self.spin = spin
         self.directory = self.path.parent
@@ -176,12 +184,26 @@ class IsolatedRuntime(Runtime):
             # (OMP_WAIT_POLICY=PASSIVE made the CNN 5 % slower: every region then wakes its threads.)
             env["GOMP_SPINCOUNT"] = "20000"
         box = boundary.Box(
-            name=f"runner:{self.directory}:{id(self)}:{os.getpid()}", read_only=(self.directory,), env=env,
-            memory_bytes=settings.sandbox_memory_bytes, processes=settings.sandbox_processes,
-            cpus=settings.sandbox_cpus, gpu=self.device != "cpu", file_size_bytes=64 << 20)
+            name=f"runner:{self.directory}:{id(self)}:{os.getpid()}",
+            read_only=(self.directory,),
+            env=env,
+            memory_bytes=settings.sandbox_memory_bytes,
+            processes=settings.sandbox_processes,
+            cpus=settings.sandbox_cpus,
+            gpu=self.device != "cpu",
+            file_size_bytes=64 << 20,
+        )
         # the runner's end of the channel keeps its descriptor number in the box
-        argv = [sys.executable, "-P", "-m", "service.runner", str(self.directory), str(theirs.fileno()),
-                str(self.threads or 0), self.device]
+        argv = [
+            sys.executable,
+            "-P",
+            "-m",
+            "service.runner",
+            str(self.directory),
+            str(theirs.fileno()),
+            str(self.threads or 0),
+            self.device,
+        ]
         # model code's output would flood the API's log: the runner's goes to a bounded file, whose
         # tail explains a runner that did not start
         errors = tempfile.TemporaryFile()  # noqa: SIM115 - closed below, once the runner is up or failed
@@ -198,8 +220,9 @@ class IsolatedRuntime(Runtime):
             self._stop()
             errors.seek(max(0, errors.seek(0, os.SEEK_END) - 2000))
             tail = errors.read().decode(errors="replace").strip().splitlines()[-1:] or [str(exc)]
-            raise SandboxError(f"the isolated runner for {self.path.name} did not start: {tail[0][:500]}",
-                               outcome="crashed") from None
+            raise SandboxError(
+                f"the isolated runner for {self.path.name} did not start: {tail[0][:500]}", outcome="crashed"
+            ) from None
         finally:
             errors.close()
         if not header.get("ok"):
@@ -220,18 +243,22 @@ class IsolatedRuntime(Runtime):
             channel = self._channel
             assert channel is not None
             try:
-                channel.send({"outputs": list(outputs) if outputs else None, "tensors": _describe(arrays)},
-                             list(arrays.values()))
+                channel.send(
+                    {"outputs": list(outputs) if outputs else None, "tensors": _describe(arrays)}, list(arrays.values())
+                )
                 header, got = channel.recv()
             except Exception as exc:  # noqa: BLE001 - a runner that died, hung or spoke nonsense is stopped
                 self._stop()
                 why = "did not answer in time" if isinstance(exc, TimeoutError) else "failed"
-                raise SandboxError(f"the isolated runner {why} while running a batch "
-                                   f"({type(exc).__name__}: {str(exc)[:200]})", outcome="crashed") from None
+                raise SandboxError(
+                    f"the isolated runner {why} while running a batch ({type(exc).__name__}: {str(exc)[:200]})",
+                    outcome="crashed",
+                ) from None
             if not isinstance(header.get("ok"), bool) or (header["ok"] and not _answers(got, outputs)):
                 self._stop()
-                raise SandboxError("the isolated runner answered with something else than the outputs asked for",
-                                   outcome="crashed")
+                raise SandboxError(
+                    "the isolated runner answered with something else than the outputs asked for", outcome="crashed"
+                )
         if not header.get("ok"):
             raise _error(header)
         return dict(got)
@@ -267,6 +294,7 @@ def _error(header: dict[str, Any]) -> KilnError:
 
 # --- the runner, inside the box ------------------------------------------------------------------
 
+
 def main(directory: Path, fd: int, threads: int, device: str) -> None:
     """Load the artifact with its real runtime class and answer batches until the channel closes."""
     from service.runtimes import get
@@ -279,8 +307,9 @@ def main(directory: Path, fd: int, threads: int, device: str) -> None:
     except BaseException as exc:  # noqa: BLE001 - every failure goes back over the channel
         channel.send({"ok": False, "type": type(exc).__name__, "message": _message(exc)})
         return
-    channel.send({"ok": True, "inputs": [_spec_json(s) for s in rt.inputs],
-                  "outputs": [_spec_json(s) for s in rt.outputs]})
+    channel.send(
+        {"ok": True, "inputs": [_spec_json(s) for s in rt.inputs], "outputs": [_spec_json(s) for s in rt.outputs]}
+    )
     while True:
         try:
             header, arrays = channel.recv()

@@ -43,18 +43,33 @@ def generate(signature: Signature, seed: int = 0, min_rows: int = 0) -> list[tup
     samples = []
     for label, point, sign in plan:
         sizes = signature.sizes_at(point)
-        samples.append((label, {spec.name: _values(rng, spec.dtype or "float32",
-                                                    signature.concrete_shape(spec, sizes), spec.value_range, sign)
-                                for spec in signature.inputs}))
+        samples.append(
+            (
+                label,
+                {
+                    spec.name: _values(
+                        rng, spec.dtype or "float32", signature.concrete_shape(spec, sizes), spec.value_range, sign
+                    )
+                    for spec in signature.inputs
+                },
+            )
+        )
     have = sum(rows(signature, s) for _, s in samples)
     bd = signature.batch_dim
     while have < min_rows:
         batch = max(signature.dims[bd].min, min(signature.dims[bd].max, min_rows - have)) if bd else 1
         sizes = signature.sizes_at("opt", **({bd: batch} if bd else {}))
-        samples.append((f"rows{len(samples)}", {spec.name: _values(rng, spec.dtype or "float32",
-                                                                    signature.concrete_shape(spec, sizes),
-                                                                    spec.value_range, 0)
-                                                 for spec in signature.inputs}))
+        samples.append(
+            (
+                f"rows{len(samples)}",
+                {
+                    spec.name: _values(
+                        rng, spec.dtype or "float32", signature.concrete_shape(spec, sizes), spec.value_range, 0
+                    )
+                    for spec in signature.inputs
+                },
+            )
+        )
         have += batch
     return samples
 
@@ -112,12 +127,14 @@ def check_against(signature: Signature, samples: list[Sample], *, source: str = 
             arr = sample[spec.name]
             shape = spec.shape or []
             if arr.ndim != len(shape):
-                raise InvalidSignature(f"{source} #{i}: input {spec.name!r} has rank {arr.ndim}, "
-                                       f"the signature says {len(shape)} ({shape})")
+                raise InvalidSignature(
+                    f"{source} #{i}: input {spec.name!r} has rank {arr.ndim}, the signature says {len(shape)} ({shape})"
+                )
             for axis, (want, got) in enumerate(zip(shape, arr.shape)):
                 if isinstance(want, int) and want != got:
-                    raise InvalidSignature(f"{source} #{i}: input {spec.name!r} axis {axis} is {got}, "
-                                           f"the signature says {want}")
+                    raise InvalidSignature(
+                        f"{source} #{i}: input {spec.name!r} axis {axis} is {got}, the signature says {want}"
+                    )
 
 
 def at_batch(signature: Signature, batch: int, seed: int = 1) -> Sample:
@@ -125,8 +142,10 @@ def at_batch(signature: Signature, batch: int, seed: int = 1) -> Sample:
     rng = np.random.default_rng(seed)
     over = {signature.batch_dim: batch} if signature.batch_dim else {}
     sizes = signature.sizes_at("opt", **over)
-    return {s.name: _values(rng, s.dtype or "float32", signature.concrete_shape(s, sizes), s.value_range, 0)
-            for s in signature.inputs}
+    return {
+        s.name: _values(rng, s.dtype or "float32", signature.concrete_shape(s, sizes), s.value_range, 0)
+        for s in signature.inputs
+    }
 
 
 def batch_sizes(signature: Signature, requested: list[int] | None = None) -> list[int]:

@@ -41,9 +41,21 @@ class ModelVersionOut(BaseModel):
 
     @classmethod
     def of(cls, v: ModelVersion, existing: bool = False) -> ModelVersionOut:
-        return cls(id=v.id, name=v.model.name, version=v.version, sha256=v.sha256, kind=v.kind, filename=v.filename,
-                   entry=v.entry, signature=v.signature, weights=v.weights_filename, samples=bool(v.samples_sha256),
-                   size_bytes=v.size_bytes, created_at=v.created_at, existing=existing)
+        return cls(
+            id=v.id,
+            name=v.model.name,
+            version=v.version,
+            sha256=v.sha256,
+            kind=v.kind,
+            filename=v.filename,
+            entry=v.entry,
+            signature=v.signature,
+            weights=v.weights_filename,
+            samples=bool(v.samples_sha256),
+            size_bytes=v.size_bytes,
+            created_at=v.created_at,
+            existing=existing,
+        )
 
 
 class ModelOut(BaseModel):
@@ -58,8 +70,12 @@ class ModelOut(BaseModel):
 
 
 class JobCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"example": {
-        "model": "resnet", "version": 1, "targets": ["onnxruntime"], "precisions": ["fp32", "int8"]}})
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "example": {"model": "resnet", "version": 1, "targets": ["onnxruntime"], "precisions": ["fp32", "int8"]}
+        },
+    )
     model: str = Field(min_length=1, max_length=200)
     version: int | None = Field(None, ge=1, description="default: the newest version")
     targets: list[str] = Field(default_factory=lambda: ["onnxruntime", "torchscript"], max_length=8)
@@ -70,8 +86,12 @@ class JobCreate(BaseModel):
     batch_sizes: list[int] | None = Field(None, max_length=16)
     threads: int | None = Field(None, ge=1, le=256)
     bench_seconds: float | None = Field(None, gt=0, le=60)
-    memory_limit_bytes: int | None = Field(None, ge=1 << 30, description="the sandbox's memory limit for this "
-                                           "job's model code (default: KILN_SANDBOX_MEMORY_BYTES, half of RAM)")
+    memory_limit_bytes: int | None = Field(
+        None,
+        ge=1 << 30,
+        description="the sandbox's memory limit for this "
+        "job's model code (default: KILN_SANDBOX_MEMORY_BYTES, half of RAM)",
+    )
 
 
 class StepOut(BaseModel):
@@ -85,8 +105,15 @@ class StepOut(BaseModel):
 
     @classmethod
     def of(cls, s: JobStep) -> StepOut:
-        return cls(name=s.name, status=s.status, started_at=s.started_at, duration_s=s.duration_s, log=s.log,
-                   outputs=s.outputs or {}, error=s.error)
+        return cls(
+            name=s.name,
+            status=s.status,
+            started_at=s.started_at,
+            duration_s=s.duration_s,
+            log=s.log,
+            outputs=s.outputs or {},
+            error=s.error,
+        )
 
 
 class CandidateOut(BaseModel):
@@ -113,12 +140,28 @@ class CandidateOut(BaseModel):
 
     @classmethod
     def of(cls, c: CandidateRow) -> CandidateOut:
-        return cls(id=c.id, job_id=c.job_id, name=c.name, target=c.target, precision=c.precision, variant=c.variant,
-                   status=c.status, passed=c.passed, reason=c.reason, model_file=c.model_file, size_bytes=c.size_bytes,
-                   validation=c.validation, benchmark=c.benchmark or [], speedup=c.speedup,
-                   speedup_low=c.speedup_low, speedup_high=c.speedup_high, noisy=bool(c.noisy),
-                   lost_because=c.lost_because, notes=c.notes or [],
-                   artifact_url=f"/v1/candidates/{c.id}/artifact" if c.files else None)
+        return cls(
+            id=c.id,
+            job_id=c.job_id,
+            name=c.name,
+            target=c.target,
+            precision=c.precision,
+            variant=c.variant,
+            status=c.status,
+            passed=c.passed,
+            reason=c.reason,
+            model_file=c.model_file,
+            size_bytes=c.size_bytes,
+            validation=c.validation,
+            benchmark=c.benchmark or [],
+            speedup=c.speedup,
+            speedup_low=c.speedup_low,
+            speedup_high=c.speedup_high,
+            noisy=bool(c.noisy),
+            lost_because=c.lost_because,
+            notes=c.notes or [],
+            artifact_url=f"/v1/candidates/{c.id}/artifact" if c.files else None,
+        )
 
 
 class JobOut(BaseModel):
@@ -144,11 +187,17 @@ class JobOut(BaseModel):
     selected_candidate: str | None
     selection: dict[str, Any] | None
     hazards: list[dict[str, Any]]
-    degenerate: dict[str, str] = Field(default_factory=dict, description=(
-        "outputs whose eager reference cannot discriminate (one class for every input, near-constant "
-        "outputs), with why: validation against it proves little"))
-    benchmark_conditions: dict[str, Any] = Field(default_factory=dict, description=(
-        "how the figures were timed: interleaved rounds, threads, the machine's load, noisy candidates"))
+    degenerate: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "outputs whose eager reference cannot discriminate (one class for every input, near-constant "
+            "outputs), with why: validation against it proves little"
+        ),
+    )
+    benchmark_conditions: dict[str, Any] = Field(
+        default_factory=dict,
+        description=("how the figures were timed: interleaved rounds, threads, the machine's load, noisy candidates"),
+    )
     waiting: str | None = Field(None, description="why a queued job is not running yet")
 
     @classmethod
@@ -156,14 +205,32 @@ class JobOut(BaseModel):
         report = j.report or {}
         end = j.finished_at
         duration = (end - j.started_at).total_seconds() if end and j.started_at else None
-        return cls(id=j.id, model=j.version.model.name, version=j.version.version, status=j.status,
-                   progress=j.progress, current_step=j.current_step, options=j.options, queue=j.queue, error=j.error,
-                   attempts=j.attempts, retry_of=j.retry_of, cancel_requested=j.cancel_requested, worker=j.worker,
-                   created_at=j.created_at, started_at=j.started_at, finished_at=j.finished_at, duration_s=duration,
-                   steps=[StepOut.of(s) for s in j.steps], candidates=[CandidateOut.of(c) for c in j.candidates],
-                   selected_candidate=j.selected_candidate_id, selection=report.get("selection"),
-                   hazards=report.get("hazards") or [], degenerate=report.get("degenerate") or {},
-                   benchmark_conditions=report.get("benchmark_conditions") or {})
+        return cls(
+            id=j.id,
+            model=j.version.model.name,
+            version=j.version.version,
+            status=j.status,
+            progress=j.progress,
+            current_step=j.current_step,
+            options=j.options,
+            queue=j.queue,
+            error=j.error,
+            attempts=j.attempts,
+            retry_of=j.retry_of,
+            cancel_requested=j.cancel_requested,
+            worker=j.worker,
+            created_at=j.created_at,
+            started_at=j.started_at,
+            finished_at=j.finished_at,
+            duration_s=duration,
+            steps=[StepOut.of(s) for s in j.steps],
+            candidates=[CandidateOut.of(c) for c in j.candidates],
+            selected_candidate=j.selected_candidate_id,
+            selection=report.get("selection"),
+            hazards=report.get("hazards") or [],
+            degenerate=report.get("degenerate") or {},
+            benchmark_conditions=report.get("benchmark_conditions") or {},
+        )
 
 
 class JobSummary(BaseModel):
@@ -182,7 +249,17 @@ class JobSummary(BaseModel):
 
     @classmethod
     def of(cls, j: Job) -> JobSummary:
-        return cls(id=j.id, model=j.version.model.name, version=j.version.version, status=j.status, progress=j.progress,
-                   current_step=j.current_step, targets=j.options.get("targets", []),
-                   precisions=j.options.get("precisions", []), error=j.error, created_at=j.created_at,
-                   started_at=j.started_at, finished_at=j.finished_at)
+        return cls(
+            id=j.id,
+            model=j.version.model.name,
+            version=j.version.version,
+            status=j.status,
+            progress=j.progress,
+            current_step=j.current_step,
+            targets=j.options.get("targets", []),
+            precisions=j.options.get("precisions", []),
+            error=j.error,
+            created_at=j.created_at,
+            started_at=j.started_at,
+            finished_at=j.finished_at,
+        )

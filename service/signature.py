@@ -22,12 +22,26 @@ from service.options import KIND_ALIASES, OUTPUT_KINDS
 
 # Canonical dtype names, with the aliases people type.
 DTYPE_ALIASES: dict[str, str] = {
-    "float32": "float32", "fp32": "float32", "float": "float32", "f32": "float32",
-    "float16": "float16", "fp16": "float16", "half": "float16", "f16": "float16",
-    "bfloat16": "bfloat16", "bf16": "bfloat16",
-    "float64": "float64", "fp64": "float64", "double": "float64",
-    "int8": "int8", "int16": "int16", "int32": "int32", "int64": "int64", "long": "int64",
-    "uint8": "uint8", "bool": "bool",
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+    "f32": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "f16": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float64": "float64",
+    "fp64": "float64",
+    "double": "float64",
+    "int8": "int8",
+    "int16": "int16",
+    "int32": "int32",
+    "int64": "int64",
+    "long": "int64",
+    "uint8": "uint8",
+    "bool": "bool",
 }
 FLOAT_DTYPES = {"float32", "float16", "bfloat16", "float64"}
 DEFAULT_BATCH_RANGE = (1, 4, 16)
@@ -39,8 +53,18 @@ MAX_RANK = 32
 MAX_NAME = 128  # characters of a tensor or dimension name
 MAX_DIM = (1 << 31) - 1  # largest size of a dimension
 MAX_SAMPLE_BYTES = 1 << 30  # one sample with every dynamic dimension at its max, all inputs together
-ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 1, "int16": 2, "int32": 4,
-            "int64": 8, "uint8": 1, "bool": 1}
+ITEMSIZE = {
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "float64": 8,
+    "int8": 1,
+    "int16": 2,
+    "int32": 4,
+    "int64": 8,
+    "uint8": 1,
+    "bool": 1,
+}
 
 
 def canonical_dtype(name: str) -> str:
@@ -163,11 +187,15 @@ class Signature(BaseModel):
         for name in sorted(used - set(self.dims)):
             lo, opt, hi = DEFAULT_BATCH_RANGE if name == self.batch_dim_name(used) else DEFAULT_DIM_RANGE
             self.dims[name] = DimRange(min=lo, opt=opt, max=hi)
-        largest = sum(ITEMSIZE.get(t.dtype or "", 8) * math.prod(self.concrete_shape(t, self.sizes_at("max")))
-                      for t in self.inputs)
+        largest = sum(
+            ITEMSIZE.get(t.dtype or "", 8) * math.prod(self.concrete_shape(t, self.sizes_at("max")))
+            for t in self.inputs
+        )
         if largest > MAX_SAMPLE_BYTES:
-            raise ValueError(f"one sample at the dimensions' max sizes would take {largest / (1 << 30):.1f} GiB "
-                             f"(more than {MAX_SAMPLE_BYTES >> 30} GiB); lower the max of the dynamic dimensions")
+            raise ValueError(
+                f"one sample at the dimensions' max sizes would take {largest / (1 << 30):.1f} GiB "
+                f"(more than {MAX_SAMPLE_BYTES >> 30} GiB); lower the max of the dynamic dimensions"
+            )
         return self
 
     def batch_dim_name(self, used: set[str] | None = None) -> str | None:

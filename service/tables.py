@@ -40,8 +40,9 @@ class Model(Base):
     name: Mapped[str] = mapped_column(String(200))
     owner: Mapped[str] = mapped_column(String(100), default="default")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
-    versions: Mapped[list[ModelVersion]] = relationship(back_populates="model", order_by="ModelVersion.version",
-                                                          cascade="all, delete-orphan")
+    versions: Mapped[list[ModelVersion]] = relationship(
+        back_populates="model", order_by="ModelVersion.version", cascade="all, delete-orphan"
+    )
     __table_args__ = (UniqueConstraint("owner", "name"),)
 
 
@@ -94,8 +95,9 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     version: Mapped[ModelVersion] = relationship()
     steps: Mapped[list[JobStep]] = relationship(order_by="JobStep.position", cascade="all, delete-orphan")
-    candidates: Mapped[list[CandidateRow]] = relationship(order_by="CandidateRow.position",
-                                                            cascade="all, delete-orphan")
+    candidates: Mapped[list[CandidateRow]] = relationship(
+        order_by="CandidateRow.position", cascade="all, delete-orphan"
+    )
     __table_args__ = (Index("ix_jobs_status", "status"), UniqueConstraint("owner", "idempotency_key"))
 
 

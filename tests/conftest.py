@@ -28,9 +28,13 @@ def zoo_signature(name: str, attr: str = "SIGNATURE") -> dict:
         if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == attr for t in node.targets):
             value = node.value
             # VOCAB-style names inside literals are resolved from the same module's constants
-            consts = {n.targets[0].id: ast.literal_eval(n.value) for n in tree.body
-                      if isinstance(n, ast.Assign) and isinstance(n.value, ast.Constant)
-                      and isinstance(n.targets[0], ast.Name)}
+            consts = {
+                n.targets[0].id: ast.literal_eval(n.value)
+                for n in tree.body
+                if isinstance(n, ast.Assign)
+                and isinstance(n.value, ast.Constant)
+                and isinstance(n.targets[0], ast.Name)
+            }
             src = ast.unparse(value)
             return eval(src, {"__builtins__": {}}, consts)  # noqa: S307 - literals and constants only
     raise KeyError(attr)

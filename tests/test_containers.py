@@ -45,7 +45,11 @@ def compose_config(*options: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("COMPOSE_")}
     proc = subprocess.run(
         [binary, "-f", str(COMPOSE_FILE), "--project-directory", str(ROOT), *options, "config"],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=120,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
     )
     assert proc.returncode == 0, f"docker-compose config rejected {COMPOSE_FILE.name}:\n{proc.stderr}"
     return yaml.safe_load(proc.stdout)
@@ -91,8 +95,7 @@ def test_gpu_worker_runs_only_under_the_gpu_profile():
     assert worker_gpu["command"] == ["kiln", "worker", "--queues", "gpu"]
     devices = worker_gpu["deploy"]["resources"]["reservations"]["devices"]
     assert any(
-        d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) and d.get("count") == "all"
-        for d in devices
+        d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) and d.get("count") == "all" for d in devices
     ), devices
 
 
@@ -224,10 +227,7 @@ def test_dockerfile_is_multi_stage_with_a_gpu_target():
     assert len(stages) >= 2
     assert "gpu" in {name for name, _ in stages}
     # A builder stage hands its environment to the runtime stages.
-    assert any(
-        keyword == "COPY" and "--from=" in args
-        for _, instructions in stages for keyword, args in instructions
-    )
+    assert any(keyword == "COPY" and "--from=" in args for _, instructions in stages for keyword, args in instructions)
 
 
 def test_cpu_image_takes_torch_from_the_cpu_index():

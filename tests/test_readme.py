@@ -17,9 +17,13 @@ import pytest
 
 from tests.service.procs import ROOT, KilnUp, Processes, user_env
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not (shutil.which("curl") and shutil.which("jq")),
-                                 reason="the tour uses curl and jq (scripts/services installs them)")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not (shutil.which("curl") and shutil.which("jq")),
+        reason="the tour uses curl and jq (scripts/services installs them)",
+    ),
+]
 
 
 def tour_blocks(readme: str) -> list[str]:
@@ -58,8 +62,15 @@ def test_the_readme_tour_runs_as_written(tmp_path):
     script = script.replace("KILN=http://127.0.0.1:8000", f"KILN={up.url}")
     try:
         up.start()
-        run = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=work, env=env, text=True,
-                             capture_output=True, timeout=540, check=False)
+        run = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", script],
+            cwd=work,
+            env=env,
+            text=True,
+            capture_output=True,
+            timeout=540,
+            check=False,
+        )
         (tmp_path / "tour.out").write_text(run.stdout)
         shown = f"exit {run.returncode}\n--- stdout\n{run.stdout}\n--- stderr\n{run.stderr[-6000:]}\n{up.tail()}"
         assert run.returncode == 0, shown

@@ -39,7 +39,9 @@ def installs(repo) -> list[str]:
 @pytest.mark.skipif(shutil.which("bwrap") is None, reason="scripts/up would install bubblewrap")
 def test_scripts_up_installs_the_server_without_the_test_tools(tmp_path):
     repo = checkout(tmp_path)
-    run = subprocess.run(["scripts/up", "--port", "9"], cwd=repo, capture_output=True, text=True, timeout=60, check=False)
+    run = subprocess.run(
+        ["scripts/up", "--port", "9"], cwd=repo, capture_output=True, text=True, timeout=60, check=False
+    )
     assert run.returncode == 0, run.stderr
     assert installs(repo) == ["python -m pip install -q -c constraints.txt -e ."], installs(repo)
     assert "kiln up --port 9" in (repo / ".venv" / "calls.log").read_text()
@@ -59,7 +61,22 @@ def test_building_the_package_prints_no_warnings(tmp_path):
         shutil.copy(ROOT / name, src / name)
     for package in ("service", "workers"):
         shutil.copytree(ROOT / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
-    run = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w",
-                          str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300, check=False)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path / "dist"),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert run.returncode == 0, run.stderr
     assert "warning" not in (run.stdout + run.stderr).lower(), run.stdout + run.stderr

@@ -100,9 +100,15 @@ def _warm(fn: Callable[[], object], cap_s: float) -> float:
             prev, window = med, []
 
 
-def interleaved(contenders: dict[str, Callable[[], object]], *, batch: int, budget_s: float,
-                min_rounds: int = MIN_ROUNDS, pairs: list[tuple[str, str]] | None = None,
-                pause_s: float = 0.002) -> dict[str, Timings]:
+def interleaved(
+    contenders: dict[str, Callable[[], object]],
+    *,
+    batch: int,
+    budget_s: float,
+    min_rounds: int = MIN_ROUNDS,
+    pairs: list[tuple[str, str]] | None = None,
+    pause_s: float = 0.002,
+) -> dict[str, Timings]:
     """Time every contender at one batch size in interleaved rounds.
 
     Rounds go on until at least `min_rounds` are done and the budget is spent, or earlier once
@@ -119,7 +125,7 @@ def interleaved(contenders: dict[str, Callable[[], object]], *, batch: int, budg
     per_block = {n: max(1, min(200, round(block_s / max(settled[n], 1e-6)))) for n in names}
     out = {n: Timings(batch) for n in names}
     for r in range(MAX_ROUNDS):
-        order = names[r % len(names):] + names[:r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for n in order:
             fn, times = contenders[n], []
             for _ in range(per_block[n]):
@@ -144,7 +150,7 @@ def _agree(out: dict[str, Timings], pairs: list[tuple[str, str]]) -> bool:
         w = max(2, len(t.rounds) // 3)
         if len(t.rounds) < 2 * w:
             return False
-        last, before = np.median(t.rounds[-w:]), np.median(t.rounds[-2 * w:-w])
+        last, before = np.median(t.rounds[-w:]), np.median(t.rounds[-2 * w : -w])
         if abs(last - before) > 0.05 * before:
             return False
     for base, other in pairs:
@@ -163,8 +169,7 @@ def machine_load() -> dict[str, float | int | None]:
         one, five, _ = os.getloadavg()
     except OSError:
         one = five = None
-    return {"load_1m": one, "load_5m": five, "cpus": os.cpu_count(), "stall_us": cpu_stall_us(),
-            "at": time.monotonic()}
+    return {"load_1m": one, "load_5m": five, "cpus": os.cpu_count(), "stall_us": cpu_stall_us(), "at": time.monotonic()}
 
 
 def cpu_stall_us() -> int | None:

@@ -126,9 +126,15 @@ class BundleInfo(BaseModel):
 
     @classmethod
     def from_bundle(cls, b: Bundle) -> BundleInfo:
-        s = lambda p: str(p) if p else None  # noqa: E731
-        return cls(kind=b.kind, root=str(b.root), entry=b.entry, model_file=s(b.model_file),
-                   weights=s(b.weights), samples=s(b.samples))
+        s = lambda p: str(p) if p else None  # noqa: E731 - a one-line helper local to this function
+        return cls(
+            kind=b.kind,
+            root=str(b.root),
+            entry=b.entry,
+            model_file=s(b.model_file),
+            weights=s(b.weights),
+            samples=s(b.samples),
+        )
 
 
 class Context(BaseModel):

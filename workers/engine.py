@@ -20,9 +20,17 @@ from workers.pipeline import Canceled, Events, Pipeline
 from workers.steps import default_steps
 
 
-def prepare(bundle_path: Path, out_dir: Path, *, entry: str | None = None, weights: Path | None = None,
-            samples: Path | None = None, signature: Signature | dict | str | None = None,
-            options: ConversionOptions | dict | None = None, workdir: Path | None = None) -> Context:
+def prepare(
+    bundle_path: Path,
+    out_dir: Path,
+    *,
+    entry: str | None = None,
+    weights: Path | None = None,
+    samples: Path | None = None,
+    signature: Signature | dict | str | None = None,
+    options: ConversionOptions | dict | None = None,
+    workdir: Path | None = None,
+) -> Context:
     """Lay out a new conversion and check what can be checked without running user code."""
     out_dir = Path(out_dir).resolve()
     workdir = Path(workdir).resolve() if workdir else out_dir / ".work"
@@ -32,14 +40,18 @@ def prepare(bundle_path: Path, out_dir: Path, *, entry: str | None = None, weigh
     out_dir.mkdir(parents=True, exist_ok=True)
     opts = options if isinstance(options, ConversionOptions) else ConversionOptions.parse(options or {})
     check_devices(opts)
-    bundle = prepare_bundle(Path(bundle_path), workdir / "bundle", entry=entry, weights=weights,
-                            samples=samples, signature=signature)
+    bundle = prepare_bundle(
+        Path(bundle_path), workdir / "bundle", entry=entry, weights=weights, samples=samples, signature=signature
+    )
     sig = bundle.signature or (onnx_signature(bundle) if bundle.kind == ONNX else None)
     if sig is None:
-        raise InvalidSignature("no signature: give one (--signature FILE or --input 'x:float32[batch,3,224,224]') "
-                               "or put it in the bundle's kiln.yaml")
-    ctx = Context(workdir=str(workdir), out_dir=str(out_dir), bundle=BundleInfo.from_bundle(bundle),
-                  signature=sig, options=opts)
+        raise InvalidSignature(
+            "no signature: give one (--signature FILE or --input 'x:float32[batch,3,224,224]') "
+            "or put it in the bundle's kiln.yaml"
+        )
+    ctx = Context(
+        workdir=str(workdir), out_dir=str(out_dir), bundle=BundleInfo.from_bundle(bundle), signature=sig, options=opts
+    )
     ctx.save()
     return ctx
 
@@ -54,8 +66,10 @@ def check_devices(opts: ConversionOptions) -> None:
     cpu_targets = [t for t in opts.targets if t not in GPU_TARGETS]
     if not cpu_targets or opts.devices == ["cuda"]:
         asked = ", ".join(opts.targets) + (" on cuda" if opts.devices == ["cuda"] else "")
-        raise InvalidOptions(f"{asked} needs a CUDA GPU and this machine has none; convert with "
-                             "--target onnxruntime,torchscript here, or on a server with a GPU worker")
+        raise InvalidOptions(
+            f"{asked} needs a CUDA GPU and this machine has none; convert with "
+            "--target onnxruntime,torchscript here, or on a server with a GPU worker"
+        )
 
 
 def run(ctx: Context, *, events: Events | None = None, canceled: Callable[[], bool] | None = None) -> Context:
@@ -74,7 +88,13 @@ def resume(workdir: Path) -> Context | None:
     return Context.load(workdir) if (Path(workdir) / STATE_FILE).is_file() else None
 
 
-def convert(bundle_path: Path, out_dir: Path, *, events: Events | None = None,
-            canceled: Callable[[], bool] | None = None, **kwargs: Any) -> Context:
+def convert(
+    bundle_path: Path,
+    out_dir: Path,
+    *,
+    events: Events | None = None,
+    canceled: Callable[[], bool] | None = None,
+    **kwargs: Any,
+) -> Context:
     """prepare + run."""
     return run(prepare(bundle_path, out_dir, **kwargs), events=events, canceled=canceled)

@@ -149,13 +149,19 @@ class DbEvents:
 def run_job(job_id: str) -> str:
     """Claim and run a job; returns how it ended. Never raises for a job's own failure."""
     settings = get_settings()
+
     def take() -> tuple:
         with session_scope() as s:
             job = jobs.claim(s, job_id, worker_name(), stale_after=settings.job_stale_after_s)
             version = job.version
-            bundle = {"filename": version.filename, "sha": version.bundle_sha256, "entry": version.entry,
-                      "weights": (version.weights_sha256, version.weights_filename) if version.weights_sha256 else None,
-                      "samples": version.samples_sha256, "signature": version.signature}
+            bundle = {
+                "filename": version.filename,
+                "sha": version.bundle_sha256,
+                "entry": version.entry,
+                "weights": (version.weights_sha256, version.weights_filename) if version.weights_sha256 else None,
+                "samples": version.samples_sha256,
+                "signature": version.signature,
+            }
             return job.run_token, job.attempts, job.cancel_requested, bundle, dict(job.options)
 
     try:
@@ -192,8 +198,14 @@ def run_job(job_id: str) -> str:
 
     report = build_report(ctx)
     status = "succeeded" if report["status"] == "succeeded" else "failed"
-    _finish(job_id, token, status, report.get("error"), report=report,
-            selected=ctx.selection.candidate if ctx.selection else None)
+    _finish(
+        job_id,
+        token,
+        status,
+        report.get("error"),
+        report=report,
+        selected=ctx.selection.candidate if ctx.selection else None,
+    )
     shutil.rmtree(workdir, ignore_errors=True)
     return status
 
@@ -215,18 +227,27 @@ def _context(workdir: Path, bundle: dict, options: dict, store: ArtifactStore) -
     if bundle["samples"]:
         samples = inputs / "samples.npz"
         shutil.copyfile(store.path(bundle["samples"]), samples)
-    return engine.prepare(upload, out_dir, entry=bundle["entry"], weights=weights, samples=samples,
-                          signature=Signature.parse(bundle["signature"]), options=options,
-                          workdir=workdir / "engine")
+    return engine.prepare(
+        upload,
+        out_dir,
+        entry=bundle["entry"],
+        weights=weights,
+        samples=samples,
+        signature=Signature.parse(bundle["signature"]),
+        options=options,
+        workdir=workdir / "engine",
+    )
 
 
-def _finish(job_id: str, token: str, status: str, error: str | None, *, report: dict | None = None,
-            selected: str | None = None) -> None:
+def _finish(
+    job_id: str, token: str, status: str, error: str | None, *, report: dict | None = None, selected: str | None = None
+) -> None:
     retrying(lambda: _record_end(job_id, token, status, error, report, selected), what=f"finishing job {job_id}")
 
 
-def _record_end(job_id: str, token: str, status: str, error: str | None, report: dict | None,
-                selected: str | None) -> None:
+def _record_end(
+    job_id: str, token: str, status: str, error: str | None, report: dict | None, selected: str | None
+) -> None:
     from sqlalchemy import select
 
     from service.tables import CandidateRow

@@ -34,9 +34,13 @@ class StepLog:
     carries the run's cancellation check (`canceled`), for work inside a step that must stop when the
     conversion is canceled (a sandboxed op polls it and is killed)."""
 
-    def __init__(self, name: str, on_line: Callable[[str, str], None] | None = None,
-                 on_progress: Callable[[float, str], None] | None = None,
-                 canceled: Callable[[], bool] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        on_line: Callable[[str, str], None] | None = None,
+        on_progress: Callable[[float, str], None] | None = None,
+        canceled: Callable[[], bool] | None = None,
+    ) -> None:
         self.name = name
         self.lines: deque[str] = deque(maxlen=LOG_EXCERPT_LINES)
         self._on_line = on_line
@@ -100,8 +104,9 @@ class NoEvents:
 class Pipeline:
     """Runs steps in order. Finished steps (ok or skipped) are not run again on resume."""
 
-    def __init__(self, steps: Sequence[Step], events: Events | None = None,
-                 canceled: Callable[[], bool] | None = None) -> None:
+    def __init__(
+        self, steps: Sequence[Step], events: Events | None = None, canceled: Callable[[], bool] | None = None
+    ) -> None:
         self.steps = list(steps)
         self.events = events or NoEvents()
         self._canceled = canceled
@@ -129,9 +134,12 @@ class Pipeline:
         missing = [r for r in step.requires if (done := ctx.step(r)) is None or done.status != "ok"]
         record.status, record.started_at, record.error = "running", time.time(), None
         self.events.step_started(ctx, record, index, total)
-        log = StepLog(step.name, on_line=lambda s, line: self.events.log_line(ctx, s, line),
-                      on_progress=lambda f, m: self.events.step_progress(ctx, record, f, m),
-                      canceled=self._canceled)
+        log = StepLog(
+            step.name,
+            on_line=lambda s, line: self.events.log_line(ctx, s, line),
+            on_progress=lambda f, m: self.events.step_progress(ctx, record, f, m),
+            canceled=self._canceled,
+        )
         t0 = time.perf_counter()
         try:
             if missing:

@@ -15,8 +15,14 @@ class ConsoleEvents:
 
     def __init__(self, console: Console) -> None:
         self.console = console
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[note]}"),
-                                 TimeElapsedColumn(), console=console, transient=True)
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.fields[note]}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        )
         self.task: TaskID | None = None
 
     def __enter__(self) -> ConsoleEvents:
@@ -40,8 +46,12 @@ class ConsoleEvents:
         if record.status == "skipped" and (record.error or "").startswith("needs "):
             return  # after a failed step: its failure is the one line that matters
         note = f" - {record.error}" if record.error else ""
-        self.console.print(f"[{index + 1}/{total}] {record.name:<9} {MARKS.get(record.status, record.status)} "
-                           f"({record.duration_s or 0:.1f}s){note}", highlight=False, soft_wrap=True)
+        self.console.print(
+            f"[{index + 1}/{total}] {record.name:<9} {MARKS.get(record.status, record.status)} "
+            f"({record.duration_s or 0:.1f}s){note}",
+            highlight=False,
+            soft_wrap=True,
+        )
 
     def log_line(self, ctx: Context, step: str, line: str) -> None:
         self.console.print(f"    {line}", style="dim", highlight=False, soft_wrap=True, markup=False)

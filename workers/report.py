@@ -33,10 +33,19 @@ def environment() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    isa = sorted(f for f in flags if f in {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8",
-                                           "amx_tile", "avx_vnni"})
-    return {"python": platform.python_version(), "platform": platform.platform(), "cpu": cpu,
-            "cpu_count": os.cpu_count(), "isa": isa, "versions": versions}
+    isa = sorted(
+        f
+        for f in flags
+        if f in {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile", "avx_vnni"}
+    )
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "isa": isa,
+        "versions": versions,
+    }
 
 
 def build_report(ctx: Context) -> dict[str, Any]:
@@ -72,9 +81,13 @@ def summary(report: dict[str, Any]) -> str:
         lines += ["", "## Validation", ""]
         lines += [f"- **{name}**: {line}" for name, line in degenerate_lines(report)]
     eager = report.get("eager_benchmark") or []
-    lines += ["", "## Candidates", "",
-              "| candidate | status | max abs | cosine | top-1 | p50 b1 (ms) | speed-up | note |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Candidates",
+        "",
+        "| candidate | status | max abs | cosine | top-1 | p50 b1 (ms) | speed-up | note |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     if eager:
         lines.append(f"| eager PyTorch | baseline | | | | {eager[0]['p50_ms']:.3g} | 1.00x | |")
     for c in report["candidates"]:
@@ -87,8 +100,14 @@ def summary(report: dict[str, Any]) -> str:
         top1 = f"{min(top1s):.3f}" if top1s else ""
         p50 = f"{c['benchmark'][0]['p50_ms']:.3g}" if c.get("benchmark") else ""
         sp = speedup_text(c.get("speedup"), c.get("speedup_low"), c.get("speedup_high"), c.get("noisy", False))
-        note = (c.get("lost_because") or c.get("reason") or "selected" if c["id"] == (report.get("selection") or {}).get("candidate") else c.get("lost_because") or c.get("reason") or "")
-        lines.append(f"| {c['id']} | {status} | {max_abs} | {cos} | {top1} | {p50} | {sp} | {str(note).replace('|', '/')[:160]} |")
+        note = (
+            c.get("lost_because") or c.get("reason") or "selected"
+            if c["id"] == (report.get("selection") or {}).get("candidate")
+            else c.get("lost_because") or c.get("reason") or ""
+        )
+        lines.append(
+            f"| {c['id']} | {status} | {max_abs} | {cos} | {top1} | {p50} | {sp} | {str(note).replace('|', '/')[:160]} |"
+        )
     cond = report.get("benchmark_conditions") or {}
     if cond:
         lines += ["", conditions_line(cond)]
@@ -102,16 +121,23 @@ def conditions_line(cond: dict[str, Any]) -> str:
     """How the figures were taken, in one line: rounds, threads, the machine's load, the verdict."""
     threads = cond.get("threads") or {}
     before, after = cond.get("load_before") or {}, cond.get("load_after") or {}
-    load = (f"load {before.get('load_1m', 0):.2f} -> {after.get('load_1m', 0):.2f} on {before.get('cpus')} CPUs"
-            if before.get("load_1m") is not None else "load unknown")
+    load = (
+        f"load {before.get('load_1m', 0):.2f} -> {after.get('load_1m', 0):.2f} on {before.get('cpus')} CPUs"
+        if before.get("load_1m") is not None
+        else "load unknown"
+    )
     noisy = cond.get("noisy") or []
     busy = cond.get("cpu_busy_share")
-    why = (f"the machine was busy: other work waited for a CPU {busy:.0%} of the time"
-           if busy is not None and busy > (cond.get("busy_share_limit") or 1) else
-           f"interval wider than {cond.get('noisy_ratio')}x")
+    why = (
+        f"the machine was busy: other work waited for a CPU {busy:.0%} of the time"
+        if busy is not None and busy > (cond.get("busy_share_limit") or 1)
+        else f"interval wider than {cond.get('noisy_ratio')}x"
+    )
     verdict = f"NOISY: {', '.join(noisy)} ({why}); rerun on a quieter machine" if noisy else "figures settled"
-    return (f"Timed in {cond.get('rounds')} interleaved rounds, {threads.get('runtimes', '?')} thread(s), "
-            f"{load}; speed-ups are medians of per-round ratios with a ~95% interval; {verdict}.")
+    return (
+        f"Timed in {cond.get('rounds')} interleaved rounds, {threads.get('runtimes', '?')} thread(s), "
+        f"{load}; speed-ups are medians of per-round ratios with a ~95% interval; {verdict}."
+    )
 
 
 DEGENERATE = "the reference is degenerate; this validation proves little - give real samples (or real weights)"

@@ -118,20 +118,37 @@ def run_op(
     if limits.threads is not None:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(limits.threads)
     box = boundary.Box(
-        name=f"op:{workdir}", read_only=tuple(Path(p).resolve() for p in limits.readable), writable=workdir,
-        chdir=workdir, env=env, memory_bytes=limits.memory_bytes, processes=limits.processes, cpus=limits.cpus,
-        file_size_bytes=limits.file_size_bytes or disk_bytes, gpu=Path("/dev/nvidiactl").exists())
+        name=f"op:{workdir}",
+        read_only=tuple(Path(p).resolve() for p in limits.readable),
+        writable=workdir,
+        chdir=workdir,
+        env=env,
+        memory_bytes=limits.memory_bytes,
+        processes=limits.processes,
+        cpus=limits.cpus,
+        file_size_bytes=limits.file_size_bytes or disk_bytes,
+        gpu=Path("/dev/nvidiactl").exists(),
+    )
 
     started = time.monotonic()
     killed_for = None
     floor = _free(workdir) - disk_bytes  # deleted files still open take space that a walk does not see
     # The child's output goes straight into the log file, so RLIMIT_FSIZE bounds the log too. The
     # request comes in on stdin, the result goes out through an inherited descriptor.
-    with open(log_path, "wb") as log, open(control / "request.json", "rb") as request, \
-            open(control / "result.json", "wb") as result:
+    with (
+        open(log_path, "wb") as log,
+        open(control / "request.json", "rb") as request,
+        open(control / "result.json", "wb") as result,
+    ):
         # -P: the workdir (which holds the upload) must not shadow the modules the child imports
-        boxed = boundary.start([sys.executable, "-P", "-m", "workers.sandbox_child", str(workdir), str(result.fileno())],
-                               box, stdin=request, stdout=log, stderr=subprocess.STDOUT, pass_fds=(result.fileno(),))
+        boxed = boundary.start(
+            [sys.executable, "-P", "-m", "workers.sandbox_child", str(workdir), str(result.fileno())],
+            box,
+            stdin=request,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            pass_fds=(result.fileno(),),
+        )
     proc = boxed.proc
     feed = _LineFeed(log_path, on_output) if on_output else None
     try:
@@ -168,8 +185,9 @@ def run_op(
     reply = _read_reply(control / "result.json")
     if boxed.isolated and returncode > 128:  # bwrap ends with 128+N when the boxed process died of signal N
         returncode = -(returncode - 128)
-    outcome, reason = _classify(killed_for, reply, returncode, limits, oom=oom, disk_bytes=disk_bytes,
-                                file_size_bytes=box.file_size_bytes)
+    outcome, reason = _classify(
+        killed_for, reply, returncode, limits, oom=oom, disk_bytes=disk_bytes, file_size_bytes=box.file_size_bytes
+    )
     return SandboxResult(
         outcome=outcome,
         reason=reason,
@@ -283,8 +301,16 @@ def _read_reply(path: Path) -> dict[str, Any] | None:
     return reply if isinstance(reply.get(expected), dict) else None
 
 
-def _classify(killed_for: str | None, reply: dict | None, returncode: int, limits: Limits, *, oom: bool = False,
-              disk_bytes: int = 0, file_size_bytes: int | None = None) -> tuple[str, str]:
+def _classify(
+    killed_for: str | None,
+    reply: dict | None,
+    returncode: int,
+    limits: Limits,
+    *,
+    oom: bool = False,
+    disk_bytes: int = 0,
+    file_size_bytes: int | None = None,
+) -> tuple[str, str]:
     """The outcome and its one-line reason."""
     if killed_for == "disk":
         return "disk", f"model code wrote more than the {_size(disk_bytes)} disk quota and was killed"
@@ -307,7 +333,9 @@ def _classify(killed_for: str | None, reply: dict | None, returncode: int, limit
             return "file_size", file_size
         first_line = message.strip().splitlines()[0] if message.strip() else ""
         where = f" ({error['where']})" if isinstance(error.get("where"), str) and error["where"] else ""
-        return "error", (f"model code raised {kind}: {first_line}" if first_line else f"model code raised {kind}") + where
+        return "error", (
+            f"model code raised {kind}: {first_line}" if first_line else f"model code raised {kind}"
+        ) + where
     if returncode < 0:
         signum = -returncode
         if signum == signal.SIGXFSZ:

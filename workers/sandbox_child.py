@@ -37,7 +37,7 @@ def main(workdir: Path, result_fd: int) -> None:
         reply = json.dumps({"ok": False, "error": _describe(exc)})
     data = reply.encode()
     while data:
-        data = data[os.write(result_fd, data):]
+        data = data[os.write(result_fd, data) :]
     os.close(result_fd)
 
 
@@ -47,9 +47,13 @@ def _where(exc: BaseException) -> str | None:
     import sysconfig
 
     kiln = Path(__file__).resolve().parents[1]
-    skip = tuple({str(Path(p).resolve()) + os.sep for p in (sysconfig.get_path("stdlib"), sysconfig.get_path("purelib"),
-                                                            sysconfig.get_path("platlib"))}
-                 | {str(kiln / "service") + os.sep, str(kiln / "workers") + os.sep})
+    skip = tuple(
+        {
+            str(Path(p).resolve()) + os.sep
+            for p in (sysconfig.get_path("stdlib"), sysconfig.get_path("purelib"), sysconfig.get_path("platlib"))
+        }
+        | {str(kiln / "service") + os.sep, str(kiln / "workers") + os.sep}
+    )
     for frame in reversed(traceback.extract_tb(exc.__traceback__)):
         name = frame.filename
         if name.startswith("<") or name.startswith(skip) or str(Path(name).resolve()).startswith(skip):

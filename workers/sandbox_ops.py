@@ -44,6 +44,7 @@ def call_entry(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
 
 # --- helpers (child side) ---------------------------------------------------------------------
 
+
 def _setup_torch(args: dict[str, Any]) -> Any:
     import torch
 
@@ -63,8 +64,9 @@ def build_eager(bundle: dict[str, Any]) -> Any:
 
         model = import_entry(Path(bundle["root"]), bundle["entry"])()
         if not isinstance(model, torch.nn.Module):
-            raise InvalidEntryPoint(f"entry point {bundle['entry']!r} returned {type(model).__name__}, "
-                                    "not a torch.nn.Module")
+            raise InvalidEntryPoint(
+                f"entry point {bundle['entry']!r} returned {type(model).__name__}, not a torch.nn.Module"
+            )
         if bundle.get("weights"):
             _load_weights(model, Path(bundle["weights"]))
     elif kind == "torchscript":
@@ -89,8 +91,10 @@ def _load_weights(model: Any, path: Path) -> None:
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - anything but a plain state dict is refused
-            raise InvalidBundle(f"weights file {path.name} is not a plain state dict "
-                                f"(loaded with weights_only=True): {str(exc).splitlines()[0][:300]}") from None
+            raise InvalidBundle(
+                f"weights file {path.name} is not a plain state dict "
+                f"(loaded with weights_only=True): {str(exc).splitlines()[0][:300]}"
+            ) from None
     if not isinstance(state, dict):
         raise InvalidBundle(f"weights file {path.name} holds a {type(state).__name__}, not a state dict")
     try:
@@ -113,8 +117,10 @@ def describe(exc: BaseException) -> str:
 
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    telling = next((line for line in lines if re.search(r"not supported|[Uu]nsupported|no decomposition", line)),
-                   telling_line(text))
+    telling = next(
+        (line for line in lines if re.search(r"not supported|[Uu]nsupported|no decomposition", line)),
+        telling_line(text),
+    )
     cause = exc.__cause__ or exc.__context__
     tail = f" (caused by {describe(cause)})" if cause is not None and cause is not exc else ""
     return f"{type(exc).__name__}: {telling[:400]}{tail}"[:1200]
@@ -132,8 +138,10 @@ def export_hint(exc: BaseException) -> str | None:
     if calls:
         path, line, fn, code = calls[-1]
         where = f" at {Path(path).name}:{line} in {fn} (`{code.strip()[:120]}`)"
-    return (f"the model branches on tensor values{where}; torch.export needs that branch written with "
-            "torch.cond (or both sides computed and picked with torch.where)")
+    return (
+        f"the model branches on tensor values{where}; torch.export needs that branch written with "
+        "torch.cond (or both sides computed and picked with torch.where)"
+    )
 
 
 def _tensors(torch: Any, signature: Signature, sample: dict[str, np.ndarray]) -> tuple[Any, ...]:
@@ -235,6 +243,7 @@ def _load_reference(args: dict[str, Any], signature: Signature) -> tuple[list[di
 
 # --- load ---------------------------------------------------------------------------------------
 
+
 @op("load")
 def load(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
     """Build the eager model, run it on every sample, write the reference outputs."""
@@ -254,23 +263,34 @@ def load(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
             shapes = ", ".join(f"{k}{list(v.shape)}:{v.dtype}" for k, v in sample.items())
             raise InvalidSignature(f"the model failed on sample #{i} ({shapes}): {describe(exc)[:400]}") from None
         dict_names, flat = _outputs(value)
-        arrays = [t.detach().cpu().float().numpy() if t.dtype == torch.bfloat16 else t.detach().cpu().numpy()
-                  for t in flat]
+        arrays = [
+            t.detach().cpu().float().numpy() if t.dtype == torch.bfloat16 else t.detach().cpu().numpy() for t in flat
+        ]
         if names is None:
             declared = [o.name for o in signature.outputs]
             if declared and len(declared) != len(arrays):
-                raise InvalidSignature(f"the signature names {len(declared)} outputs ({', '.join(declared)}) "
-                                       f"but the model returned {len(arrays)}")
-            names = declared or dict_names or (["output"] if len(arrays) == 1
-                                               else [f"output_{k}" for k in range(len(arrays))])
+                raise InvalidSignature(
+                    f"the signature names {len(declared)} outputs ({', '.join(declared)}) "
+                    f"but the model returned {len(arrays)}"
+                )
+            names = (
+                declared
+                or dict_names
+                or (["output"] if len(arrays) == 1 else [f"output_{k}" for k in range(len(arrays))])
+            )
         references.append(dict(zip(names, arrays)))
     sample_io.save(Path(args["reference_file"]), references)
     n_params = sum(p.numel() for p in model.parameters()) if hasattr(model, "parameters") else None
-    return {"output_names": names, "build_s": build_s, "parameters": n_params,
-            "outputs": [[{"dtype": str(a.dtype), "shape": list(a.shape)} for a in r.values()] for r in references]}
+    return {
+        "output_names": names,
+        "build_s": build_s,
+        "parameters": n_params,
+        "outputs": [[{"dtype": str(a.dtype), "shape": list(a.shape)} for a in r.values()] for r in references],
+    }
 
 
 # --- capture ------------------------------------------------------------------------------------
+
 
 def _check(torch: Any, module: Any, signature: Signature, samples: list, refs: list, labels: list[str]) -> dict:
     worst, bad = 0.0, []
@@ -291,8 +311,7 @@ def _check(torch: Any, module: Any, signature: Signature, samples: list, refs: l
 
 def export_dynamic_shapes(torch: Any, signature: Signature) -> dict[str, dict[int, Any]]:
     dims = {name: torch.export.Dim(name, min=r.min, max=r.max) for name, r in signature.dims.items()}
-    return {s.name: {i: dims[d] for i, d in enumerate(s.shape or []) if isinstance(d, str)}
-            for s in signature.inputs}
+    return {s.name: {i: dims[d] for i, d in enumerate(s.shape or []) if isinstance(d, str)} for s in signature.inputs}
 
 
 @op("capture")
@@ -317,43 +336,85 @@ def capture(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
                 captured = fn()
             except Exception as exc:  # noqa: BLE001 - a failed capture is recorded, not raised
                 hint = export_hint(exc) if method == "export" else None
-                records.append({"method": method, "ok": False, "seconds": time.perf_counter() - t0,
-                                "error": describe(exc), **({"hint": hint} if hint else {})})
+                records.append(
+                    {
+                        "method": method,
+                        "ok": False,
+                        "seconds": time.perf_counter() - t0,
+                        "error": describe(exc),
+                        **({"hint": hint} if hint else {}),
+                    }
+                )
                 return
-            caught = [f"{w.category.__name__}: {str(w.message).splitlines()[0][:300]}" for w in seen
-                      if "Tracer" in w.category.__name__]
+            caught = [
+                f"{w.category.__name__}: {str(w.message).splitlines()[0][:300]}"
+                for w in seen
+                if "Tracer" in w.category.__name__
+            ]
         path = out / filename
         save(captured, path)
-        rec = {"method": method, "ok": True, "file": str(path), "warnings": sorted(set(caught)),
-               "seconds": time.perf_counter() - t0}
+        rec = {
+            "method": method,
+            "ok": True,
+            "file": str(path),
+            "warnings": sorted(set(caught)),
+            "seconds": time.perf_counter() - t0,
+        }
         rec.update(_check(torch, captured, signature, samples, refs, labels))
         records.append(rec)
 
     kind = args["bundle"]["kind"]
     if kind == "python":
         flat = flat_module(torch, model)
-        attempt("trace", lambda: torch.jit.trace(flat, _tensors(torch, signature, example), check_trace=False),
-                lambda m, p: m.save(str(p)), "traced.pt")
+        attempt(
+            "trace",
+            lambda: torch.jit.trace(flat, _tensors(torch, signature, example), check_trace=False),
+            lambda m, p: m.save(str(p)),
+            "traced.pt",
+        )
         attempt("script", lambda: torch.jit.script(model), lambda m, p: m.save(str(p)), "scripted.pt")
-        attempt("export", lambda: torch.export.export(
-                    flat, _tensors(torch, signature, example),
-                    dynamic_shapes=flat_dynamic_shapes(torch, signature)),
-                lambda ep, p: torch.export.save(ep, str(p)), "exported.pt2")
+        attempt(
+            "export",
+            lambda: torch.export.export(
+                flat, _tensors(torch, signature, example), dynamic_shapes=flat_dynamic_shapes(torch, signature)
+            ),
+            lambda ep, p: torch.export.save(ep, str(p)),
+            "exported.pt2",
+        )
         # an ExportedProgram is checked through its module
         for r in records:
             if r["method"] == "export" and r["ok"]:
                 ep = torch.export.load(r["file"])
                 r.update(_check(torch, ep.module(), signature, samples, refs, labels))
     elif kind == "torchscript":
-        records.append({"method": "script", "ok": True, "file": args["bundle"]["model_file"], "agrees": True,
-                        "max_abs": 0.0, "warnings": [], "seconds": 0.0})
+        records.append(
+            {
+                "method": "script",
+                "ok": True,
+                "file": args["bundle"]["model_file"],
+                "agrees": True,
+                "max_abs": 0.0,
+                "warnings": [],
+                "seconds": 0.0,
+            }
+        )
     elif kind == "export":
-        records.append({"method": "export", "ok": True, "file": args["bundle"]["model_file"], "agrees": True,
-                        "max_abs": 0.0, "warnings": [], "seconds": 0.0})
+        records.append(
+            {
+                "method": "export",
+                "ok": True,
+                "file": args["bundle"]["model_file"],
+                "agrees": True,
+                "max_abs": 0.0,
+                "warnings": [],
+                "seconds": 0.0,
+            }
+        )
     return {"captures": records}
 
 
 # --- TorchScript candidates ---------------------------------------------------------------------
+
 
 def retarget_device_constants(graph: Any, device: str) -> int:
     """Point the graph's constant CPU devices at `device`; return how many there were.
@@ -363,8 +424,7 @@ def retarget_device_constants(graph: Any, device: str) -> int:
     weights."""
     count = 0
     for node in graph.findAllNodes("prim::Constant", True):
-        if (node.output().type().kind() == "DeviceObjType" and node.hasAttribute("value")
-                and node.s("value") == "cpu"):
+        if node.output().type().kind() == "DeviceObjType" and node.hasAttribute("value") and node.s("value") == "cpu":
             node.s_("value", device)
             count += 1
     return count
@@ -397,6 +457,7 @@ def build_torchscript(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
 
 # --- export to ONNX -----------------------------------------------------------------------------
 
+
 @op("export_onnx")
 def export_onnx(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
     """ONNX export: torch.export-based first, then TorchScript-based from the faithful capture.
@@ -414,8 +475,11 @@ def export_onnx(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     in_names = [s.name for s in signature.inputs]
     out_names = [o.name for o in signature.outputs]
-    dynamic_axes = {t.name: {i: d for i, d in enumerate(t.shape or []) if isinstance(d, str)}
-                    for t in signature.inputs + signature.outputs if t.shape}
+    dynamic_axes = {
+        t.name: {i: d for i, d in enumerate(t.shape or []) if isinstance(d, str)}
+        for t in signature.inputs + signature.outputs
+        if t.shape
+    }
     dynamic_axes = {k: v for k, v in dynamic_axes.items() if v}
     attempts: list[dict[str, Any]] = []
 
@@ -454,8 +518,7 @@ def export_onnx(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
     kind = args["bundle"]["kind"]
     captures = {c["method"]: c for c in args.get("captures", []) if c.get("ok")}
     if kind in ("python", "export"):
-        model = build_eager(args["bundle"]) if kind == "python" else torch.export.load(
-            args["bundle"]["model_file"])
+        model = build_eager(args["bundle"]) if kind == "python" else torch.export.load(args["bundle"]["model_file"])
 
         def dynamo(path: Path) -> None:
             shapes: Any
@@ -463,8 +526,17 @@ def export_onnx(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
                 target, shapes = flat_module(torch, model), flat_dynamic_shapes(torch, signature)
             else:  # an uploaded ExportedProgram: its own inputs and outputs
                 target, shapes = model, tuple(export_dynamic_shapes(torch, signature).values())
-            torch.onnx.export(target, example, str(path), dynamo=True, external_data=False,
-                              input_names=in_names, output_names=out_names, dynamic_shapes=shapes, verbose=False)
+            torch.onnx.export(
+                target,
+                example,
+                str(path),
+                dynamo=True,
+                external_data=False,
+                input_names=in_names,
+                output_names=out_names,
+                dynamic_shapes=shapes,
+                verbose=False,
+            )
 
         if attempt("dynamo", "eager" if kind == "python" else "export", dynamo):
             return {"attempts": attempts, "chosen": attempts[-1]}
@@ -477,8 +549,16 @@ def export_onnx(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
         module = torch.jit.load(cap["file"], map_location="cpu")
 
         def legacy(path: Path, module: Any = module) -> None:
-            torch.onnx.export(module, example, str(path), dynamo=False, input_names=in_names,
-                              output_names=out_names, dynamic_axes=dynamic_axes, opset_version=17)
+            torch.onnx.export(
+                module,
+                example,
+                str(path),
+                dynamo=False,
+                input_names=in_names,
+                output_names=out_names,
+                dynamic_axes=dynamic_axes,
+                opset_version=17,
+            )
 
         if attempt("torchscript", method, legacy):
             return {"attempts": attempts, "chosen": attempts[-1]}
@@ -488,8 +568,16 @@ def export_onnx(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
         eager = flat_module(torch, build_eager(args["bundle"]))
 
         def legacy_eager(path: Path) -> None:
-            torch.onnx.export(eager, example, str(path), dynamo=False, input_names=in_names,
-                              output_names=out_names, dynamic_axes=dynamic_axes, opset_version=17)
+            torch.onnx.export(
+                eager,
+                example,
+                str(path),
+                dynamo=False,
+                input_names=in_names,
+                output_names=out_names,
+                dynamic_axes=dynamic_axes,
+                opset_version=17,
+            )
 
         if attempt("torchscript", "eager", legacy_eager):
             return {"attempts": attempts, "chosen": attempts[-1]}
@@ -497,6 +585,7 @@ def export_onnx(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
 
 
 # --- eager benchmark ----------------------------------------------------------------------------
+
 
 @op("benchmark")
 def benchmark(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
@@ -535,8 +624,13 @@ def benchmark(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
     for spec in eager:
         device, precision = spec.get("device", "cpu"), spec.get("precision", "fp32")
         try:
-            makers[spec["id"]] = _eager_call(torch, signature, base_model if (device, precision) == ("cpu", "fp32")
-                                             else copy.deepcopy(base_model), device, precision)
+            makers[spec["id"]] = _eager_call(
+                torch,
+                signature,
+                base_model if (device, precision) == ("cpu", "fp32") else copy.deepcopy(base_model),
+                device,
+                precision,
+            )
         except Exception as exc:  # noqa: BLE001 - one baseline failing leaves the others' figures
             errors[spec["id"]] = describe(exc)
     for spec in args.get("artifacts") or []:
@@ -568,16 +662,28 @@ def benchmark(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
     finally:
         for close in closers:
             close()
-    return {"points": {n: p for n, p in points.items() if n not in errors}, "errors": errors,
-            "threads": {"torch": torch.get_num_threads(), "torch_interop": torch.get_num_interop_threads(),
-                        "runtimes": threads, "busy_wait": False if passive else "unknown",
-                        "env": {k: v for k, v in os.environ.items()
-                                if k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}},
-            "load_before": load_before, "load_after": machine_load()}
+    return {
+        "points": {n: p for n, p in points.items() if n not in errors},
+        "errors": errors,
+        "threads": {
+            "torch": torch.get_num_threads(),
+            "torch_interop": torch.get_num_interop_threads(),
+            "runtimes": threads,
+            "busy_wait": False if passive else "unknown",
+            "env": {
+                k: v
+                for k, v in os.environ.items()
+                if k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
+            },
+        },
+        "load_before": load_before,
+        "load_after": machine_load(),
+    }
 
 
 def _runtime_call(rt: Any) -> Callable[[dict[str, np.ndarray]], Callable[[], None]]:
     """A maker of timed calls of a loaded candidate."""
+
     def make(inputs: dict[str, np.ndarray]) -> Callable[[], None]:
         def call() -> None:
             rt.run(inputs)
@@ -587,10 +693,12 @@ def _runtime_call(rt: Any) -> Callable[[dict[str, np.ndarray]], Callable[[], Non
     return make
 
 
-def _eager_call(torch: Any, signature: Signature, model: Any, device: str,
-                precision: str) -> Callable[[dict[str, np.ndarray]], Callable[[], None]]:
+def _eager_call(
+    torch: Any, signature: Signature, model: Any, device: str, precision: str
+) -> Callable[[dict[str, np.ndarray]], Callable[[], None]]:
     """A maker of timed calls of the eager model on `device` at `precision`."""
     if (device, precision) == ("cpu", "fp32"):
+
         def make_cpu(sample: dict[str, np.ndarray]) -> Callable[[], None]:
             inputs = _tensors(torch, signature, sample)
 

@@ -33,7 +33,9 @@ def produced(ctx: Context, path: str) -> Path:
     except OSError:
         plain = False
     if not plain or not p.resolve().is_relative_to(root):
-        raise ConversionError(f"the sandbox reported a file that is not a plain file in its directory: {str(path)[:200]!r}")
+        raise ConversionError(
+            f"the sandbox reported a file that is not a plain file in its directory: {str(path)[:200]!r}"
+        )
     return p
 
 
@@ -43,19 +45,31 @@ def limits(ctx: Context, readable: list[Path] | tuple[Path, ...] = ()) -> Limits
     tokens, other jobs), not the artifact store; `readable` adds paths it may read (built candidates)."""
     s = get_settings()
     memory = ctx.options.memory_limit_bytes or s.sandbox_memory_bytes
-    return Limits(timeout_s=s.sandbox_timeout_s, memory_bytes=memory, disk_bytes=s.sandbox_disk_bytes,
-                  processes=s.sandbox_processes, cpus=s.sandbox_cpus, threads=ctx.options.threads or s.threads,
-                  readable=(ctx.work, *readable))
+    return Limits(
+        timeout_s=s.sandbox_timeout_s,
+        memory_bytes=memory,
+        disk_bytes=s.sandbox_disk_bytes,
+        processes=s.sandbox_processes,
+        cpus=s.sandbox_cpus,
+        threads=ctx.options.threads or s.threads,
+        readable=(ctx.work, *readable),
+    )
 
 
-def sandboxed(ctx: Context, op: str, args: dict[str, Any], log: StepLog,
-              readable: list[Path] | tuple[Path, ...] = ()) -> dict[str, Any]:
+def sandboxed(
+    ctx: Context, op: str, args: dict[str, Any], log: StepLog, readable: list[Path] | tuple[Path, ...] = ()
+) -> dict[str, Any]:
     """Run one op in the sandbox with the context's bundle and signature; raise on failure.
     `readable` are further paths the op may read. A cancel of the run
     (`log.canceled`) kills the op."""
-    base = {"bundle": ctx.bundle.model_dump(), "signature": ctx.signature.to_json(),
-            "samples_file": ctx.samples_file, "reference_file": ctx.reference_file,
-            "sample_labels": ctx.sample_labels, "threads": ctx.options.threads or get_settings().threads}
+    base = {
+        "bundle": ctx.bundle.model_dump(),
+        "signature": ctx.signature.to_json(),
+        "samples_file": ctx.samples_file,
+        "reference_file": ctx.reference_file,
+        "sample_labels": ctx.sample_labels,
+        "threads": ctx.options.threads or get_settings().threads,
+    }
     result = run_op(op, {**base, **args}, sandbox_dir(ctx), limits=limits(ctx, readable), cancel=log.canceled)
     # the report says how model code was contained, loudly when it was not
     ctx.environment["isolation"] = "bubblewrap" if result.isolated else "NONE (KILN_INSECURE_NO_SANDBOX)"

@@ -84,9 +84,11 @@ def check_exposure(host: str) -> None:
 
     settings = get_settings()
     if not settings.auth and not settings.open_network and not is_loopback(host):
-        raise InvalidOptions(f"authentication is off, so Kiln listens only on a loopback address, not {host}; "
-                             "turn authentication on, or set KILN_OPEN_NETWORK=true if something in front of "
-                             "Kiln authenticates every request")
+        raise InvalidOptions(
+            f"authentication is off, so Kiln listens only on a loopback address, not {host}; "
+            "turn authentication on, or set KILN_OPEN_NETWORK=true if something in front of "
+            "Kiln authenticates every request"
+        )
 
 
 def run_api(host: str, port: int) -> None:
@@ -105,10 +107,17 @@ def run_api(host: str, port: int) -> None:
         os.environ.setdefault("KILN_GRPC_HOST", host)
         get_settings.cache_clear()
     settings = get_settings()
-    uvicorn.run(create_app(), host=host, port=port, log_level="info", access_log=False,
-                timeout_graceful_shutdown=10, http=header_timeout_protocol(settings.header_timeout_s),
-                timeout_keep_alive=int(max(1, settings.keep_alive_timeout_s)),
-                limit_concurrency=settings.max_connections)
+    uvicorn.run(
+        create_app(),
+        host=host,
+        port=port,
+        log_level="info",
+        access_log=False,
+        timeout_graceful_shutdown=10,
+        http=header_timeout_protocol(settings.header_timeout_s),
+        timeout_keep_alive=int(max(1, settings.keep_alive_timeout_s)),
+        limit_concurrency=settings.max_connections,
+    )
 
 
 def header_timeout_protocol(seconds: float) -> type:
@@ -164,8 +173,20 @@ def run_worker(queues: list[str], concurrency: int, name: str | None = None) -> 
     # Kiln's queues accept JSON only, and model code runs as the sandbox's unprivileged user.
     warnings.filterwarnings("ignore", message="You're running the worker with superuser privileges")
     migrate()
-    argv = ["worker", "--queues", ",".join(queues), "--concurrency", str(concurrency), "--pool", "prefork",
-            "--loglevel", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"]
+    argv = [
+        "worker",
+        "--queues",
+        ",".join(queues),
+        "--concurrency",
+        str(concurrency),
+        "--pool",
+        "prefork",
+        "--loglevel",
+        "INFO",
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+    ]
     if name:
         argv += ["--hostname", name]
     presence = Presence(queues)
@@ -188,8 +209,16 @@ class Supervisor:
     """Keeps a worker subprocess alive beside the API of `kiln up`; stops it on exit."""
 
     def __init__(self, queues: list[str], concurrency: int) -> None:
-        self.cmd = [sys.executable, "-m", "workers.cli", "worker", "--queues", ",".join(queues),
-                    "--concurrency", str(concurrency)]
+        self.cmd = [
+            sys.executable,
+            "-m",
+            "workers.cli",
+            "worker",
+            "--queues",
+            ",".join(queues),
+            "--concurrency",
+            str(concurrency),
+        ]
         self.proc: subprocess.Popen | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kiln-worker-supervisor", daemon=True)

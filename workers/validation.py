@@ -121,9 +121,19 @@ class OutputComparison:
             failed.append(f"top-{TOP_K} agreement {topk:.4f} < {tol.min_topk} over {self.top1_total} rows")
         if not np.isfinite(self.max_abs):
             failed.append("non-finite outputs")
-        return OutputMetrics(max_abs=self.max_abs, rel=self.rel, cosine=self.cosine, top1=top1, topk=topk,
-                             exact=exact, rows=self.top1_total or None, kind=self.kind,
-                             passed=not failed, tolerance=tol, failed_checks=failed)
+        return OutputMetrics(
+            max_abs=self.max_abs,
+            rel=self.rel,
+            cosine=self.cosine,
+            top1=top1,
+            topk=topk,
+            exact=exact,
+            rows=self.top1_total or None,
+            kind=self.kind,
+            passed=not failed,
+            tolerance=tol,
+            failed_checks=failed,
+        )
 
 
 def degenerate_reference(kind: str, refs: list[np.ndarray]) -> str | None:
@@ -146,7 +156,7 @@ def degenerate_reference(kind: str, refs: list[np.ndarray]) -> str | None:
     for r in refs:
         m = r.reshape(r.shape[0], -1) if r.ndim >= 2 else r.reshape(1, -1)
         rows.setdefault(m.shape[1], []).extend(m.astype(np.float64))
-    spread, magnitude = 0.0, float(np.sqrt(np.mean(flat ** 2))) or 1.0
+    spread, magnitude = 0.0, float(np.sqrt(np.mean(flat**2))) or 1.0
     for group in rows.values():
         if len(group) >= 2:
             spread = max(spread, float(np.mean(np.std(np.stack(group), axis=0))))
@@ -171,8 +181,7 @@ def validate_artifact(ctx: Context, directory: Path, precision: str, samples: li
             try:
                 got = rt.run(sample)
             except Exception as exc:  # noqa: BLE001 - e.g. a shape the artifact froze
-                return Validation(passed=False, samples=0,
-                                  reason=f"failed on sample {label}: {_line(exc)}")
+                return Validation(passed=False, samples=0, reason=f"failed on sample {label}: {_line(exc)}")
             for name, comp in comps.items():
                 try:
                     comp.add(got[name], ref[name], tols[name])
@@ -182,8 +191,7 @@ def validate_artifact(ctx: Context, directory: Path, precision: str, samples: li
         rt.close()
     outputs = {n: c.result(tols[n]) for n, c in comps.items()}
     failed = [f"{n}: {'; '.join(m.failed_checks)}" for n, m in outputs.items() if not m.passed]
-    return Validation(passed=not failed, samples=len(samples), outputs=outputs,
-                      reason="; ".join(failed) or None)
+    return Validation(passed=not failed, samples=len(samples), outputs=outputs, reason="; ".join(failed) or None)
 
 
 def _line(exc: BaseException) -> str:

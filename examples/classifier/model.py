@@ -1,5 +1,6 @@
 """A ResNet-style CNN. `build_model` is ResNet-18-sized for 224x224 images; `build_small` is a
 narrow one for quick tests."""
+
 import torch
 from torch import nn
 
@@ -27,10 +28,16 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    def __init__(self, widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2), classes: int = 1000, stem_stride: int = 2) -> None:
+    def __init__(
+        self, widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2), classes: int = 1000, stem_stride: int = 2
+    ) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 7, stem_stride, 3, bias=False), nn.BatchNorm2d(widths[0]),
-                                  nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1) if stem_stride == 2 else nn.Identity())
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, widths[0], 7, stem_stride, 3, bias=False),
+            nn.BatchNorm2d(widths[0]),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, 2, 1) if stem_stride == 2 else nn.Identity(),
+        )
         layers, cin = [], widths[0]
         for i, (w, n) in enumerate(zip(widths, blocks)):
             for j in range(n):

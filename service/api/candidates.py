@@ -31,10 +31,18 @@ def read(candidate_id: str, session: SessionDep, owner: Owner) -> CandidateOut:
     return CandidateOut.of(get_candidate(session, owner, candidate_id))
 
 
-@router.get("/{candidate_id}/artifact", summary="Download the built artifact",
-            response_description="the model file, or with format=zip the whole artifact directory")
-def artifact(candidate_id: str, session: SessionDep, owner: Owner, store: StoreDep,
-             format: Annotated[str, Query(pattern="^(file|zip)$")] = "file"):  # noqa: A002 - the query parameter's public name
+@router.get(
+    "/{candidate_id}/artifact",
+    summary="Download the built artifact",
+    response_description="the model file, or with format=zip the whole artifact directory",
+)
+def artifact(
+    candidate_id: str,
+    session: SessionDep,
+    owner: Owner,
+    store: StoreDep,
+    format: Annotated[str, Query(pattern="^(file|zip)$")] = "file",  # noqa: A002 - the query parameter's name in the API
+):
     row = get_candidate(session, owner, candidate_id)
     if not row.files:
         raise NotFound(f"candidate {row.name} has no artifact ({row.status}: {row.reason or 'not built'})")
@@ -44,7 +52,8 @@ def artifact(candidate_id: str, session: SessionDep, owner: Owner, store: StoreD
             for name, sha in row.files.items():
                 zf.write(store.path(sha), f"{row.name}/{name}")
         buf.seek(0)
-        return StreamingResponse(buf, media_type="application/zip",
-                                 headers={"Content-Disposition": f'attachment; filename="{row.name}.zip"'})
+        return StreamingResponse(
+            buf, media_type="application/zip", headers={"Content-Disposition": f'attachment; filename="{row.name}.zip"'}
+        )
     name = row.model_file or next(iter(row.files))
     return FileResponse(store.path(row.files[name]), filename=name, media_type="application/octet-stream")

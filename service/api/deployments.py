@@ -20,10 +20,12 @@ router = APIRouter(prefix="/v1/deployments", tags=["deployments"])
 
 class ServingOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    max_batch_size: int | None = Field(None, ge=1, le=4096, description="rows joined per run (default: the "
-                                                                           "batch dimension's max)")
-    max_queue_delay_ms: float | None = Field(None, ge=0, le=10_000, description="how long to wait for more "
-                                                                                 "requests to batch (default 0)")
+    max_batch_size: int | None = Field(
+        None, ge=1, le=4096, description="rows joined per run (default: the batch dimension's max)"
+    )
+    max_queue_delay_ms: float | None = Field(
+        None, ge=0, le=10_000, description="how long to wait for more requests to batch (default 0)"
+    )
     instances: int | None = Field(None, ge=1, le=64, description="runtime instances run in parallel")
     threads: int | None = Field(None, ge=1, le=256, description="threads per runtime instance")
 
@@ -73,31 +75,53 @@ def _changed(request: Request) -> None:
 
 def _out(request: Request, owner: str, name: str, rows: list[Deployment]) -> DeploymentOut:
     mgr = _manager(request)
-    held = {r["version"] for r in kept([{"owner": owner, "name": name, "version": r.version,
-                                         "is_default": r.is_default} for r in rows])}
+    held = {
+        r["version"]
+        for r in kept([{"owner": owner, "name": name, "version": r.version, "is_default": r.is_default} for r in rows])
+    }
     items = []
     for r in rows:
         served = mgr.served.get((owner, name), {}).get(r.version)
         state = served.state if served else ("loading" if r.version in held else "standby")
-        items.append(VersionOut(version=r.version, candidate=r.candidate_id, candidate_name=r.candidate.name,
-                                runtime=r.candidate.target, options=r.options or {}, default=r.is_default,
-                                forced=r.forced, state=state,
-                                error=served.error if served else None,
-                                batching=served.batching if served else None,
-                                batching_note=served.batching_note if served else None,
-                                max_batch_size=served.max_batch if served else None))
+        items.append(
+            VersionOut(
+                version=r.version,
+                candidate=r.candidate_id,
+                candidate_name=r.candidate.name,
+                runtime=r.candidate.target,
+                options=r.options or {},
+                default=r.is_default,
+                forced=r.forced,
+                state=state,
+                error=served.error if served else None,
+                batching=served.batching if served else None,
+                batching_note=served.batching_note if served else None,
+                max_batch_size=served.max_batch if served else None,
+            )
+        )
     default = next((v for v in items if v.default), None)
-    return DeploymentOut(name=name, default_version=default.version if default else None,
-                         state=default.state if default else "failed", versions=items)
+    return DeploymentOut(
+        name=name,
+        default_version=default.version if default else None,
+        state=default.state if default else "failed",
+        versions=items,
+    )
 
 
 @router.post("", status_code=201, response_model=DeploymentOut, summary="Deploy a candidate (a new version)")
-async def create(body: DeploymentCreate, request: Request, session: SessionDep, owner: Owner,
-                 response: Response) -> DeploymentOut:
+async def create(
+    body: DeploymentCreate, request: Request, session: SessionDep, owner: Owner, response: Response
+) -> DeploymentOut:
     check_name(body.name)
     cand = deployments.candidate_for(session, owner, body.candidate, body.job)
-    row = deployments.create(session, owner=owner, name=body.name, candidate=cand,
-                             options=body.model_dump(include=set(deployments.OPTION_KEYS)), force=body.force)
+    row = deployments.create(
+        session,
+        owner=owner,
+        name=body.name,
+        candidate=cand,
+        options=body.model_dump(include=set(deployments.OPTION_KEYS)),
+        force=body.force,
+    )
     session.commit()
     served = await run_in_threadpool(_manager(request).load, row_dict(row))
     if served.state == "ready":  # a load that fails leaves the previous version serving
@@ -120,8 +144,7 @@ def read(name: str, request: Request, session: SessionDep, owner: Owner) -> Depl
 
 
 @router.patch("/{name}", response_model=DeploymentOut, summary="Choose the default version or change options")
-async def patch(name: str, body: DeploymentPatch, request: Request, session: SessionDep,
-                owner: Owner) -> DeploymentOut:
+async def patch(name: str, body: DeploymentPatch, request: Request, session: SessionDep, owner: Owner) -> DeploymentOut:
     rows = deployments.versions(session, owner, name)
     changes = body.model_dump(include=set(deployments.OPTION_KEYS), exclude_none=True)
     if body.default_version is None and not changes:
@@ -173,6 +196,3 @@ def delete(name: str, request: Request, session: SessionDep, owner: Owner) -> Re
     _manager(request).unload(owner, name)
     _changed(request)
     return Response(status_code=204)
-
-
-

@@ -63,8 +63,10 @@ def _token(request: Request) -> str | None:
         if request.method not in SAFE_METHODS and request.headers.get(CSRF_HEADER) != auth.csrf_token(cookie):
             raise auth.Forbidden("missing or wrong CSRF token (send the X-CSRF-Token header the dashboard gives)")
         return cookie
-    raise auth.Unauthorized("authentication required: send 'Authorization: Bearer <token>' "
-                            "(kiln up prints the admin token and keeps it in DATA_DIR/admin-token)")
+    raise auth.Unauthorized(
+        "authentication required: send 'Authorization: Bearer <token>' "
+        "(kiln up prints the admin token and keeps it in DATA_DIR/admin-token)"
+    )
 
 
 def _allowed(who: auth.Principal, scope: str) -> auth.Principal:

@@ -25,8 +25,14 @@ def problem(request: Request, status: int, title: str, detail: str, **extra: obj
     headers = {"WWW-Authenticate": 'Bearer realm="kiln"'} if status == 401 else None
     if request.url.path.startswith("/v2"):
         return JSONResponse({"error": detail}, status_code=status, headers=headers)
-    body = {"type": "about:blank", "title": title, "status": status, "detail": detail,
-            "instance": request.url.path[:200], **extra}
+    body = {
+        "type": "about:blank",
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "instance": request.url.path[:200],
+        **extra,
+    }
     return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
 
 
@@ -43,8 +49,13 @@ def install(app: FastAPI) -> None:
     async def kiln_error(request: Request, exc: KilnError) -> JSONResponse:
         if exc.status >= 500:
             logger.error("%s %s: %s", request.method, request.url.path, exc.detail)
-        return problem(request, exc.status, exc.title, exc.detail, **{k: v for k, v in exc.extra.items()
-                                                                         if isinstance(v, (str, int, float, bool))})
+        return problem(
+            request,
+            exc.status,
+            exc.title,
+            exc.detail,
+            **{k: v for k, v in exc.extra.items() if isinstance(v, (str, int, float, bool))},
+        )
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -59,8 +70,9 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(OperationalError)
     async def database_down(request: Request, exc: OperationalError) -> JSONResponse:
-        logger.warning("database unavailable on %s %s: %s", request.method, request.url.path,
-                       str(exc).splitlines()[0][:200])
+        logger.warning(
+            "database unavailable on %s %s: %s", request.method, request.url.path, str(exc).splitlines()[0][:200]
+        )
         return problem(request, 503, "Service unavailable", "the database cannot be reached right now; try again")
 
     @app.exception_handler(RecursionError)

@@ -26,5 +26,6 @@ async def readyz() -> JSONResponse:
         except Exception as exc:  # noqa: BLE001 - any failure means not ready
             checks[name] = f"unreachable: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}"
     ready = all(v == "ok" for v in checks.values())
-    return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks},
-                        status_code=200 if ready else 503)
+    return JSONResponse(
+        {"status": "ready" if ready else "not ready", "checks": checks}, status_code=200 if ready else 503
+    )

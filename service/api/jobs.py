@@ -35,13 +35,23 @@ def send(job_id: str, queue_name: str) -> None:
 
 
 @router.post("", status_code=202, response_model=JobOut, summary="Start a conversion job")
-def create_job(body: JobCreate, session: SessionDep, owner: Owner, response: Response,
-               idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JobOut:
+def create_job(
+    body: JobCreate,
+    session: SessionDep,
+    owner: Owner,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> JobOut:
     options = ConversionOptions.parse(body.model_dump(exclude={"model", "version"}, exclude_none=True))
     version = registry.get_version(session, owner, body.model, body.version)
-    job, created = jobs.create(session, owner=owner, version=version, options=options,
-                               idempotency_key=idempotency_key,
-                               body_hash=jobs.request_hash(body.model_dump(mode="json")))
+    job, created = jobs.create(
+        session,
+        owner=owner,
+        version=version,
+        options=options,
+        idempotency_key=idempotency_key,
+        body_hash=jobs.request_hash(body.model_dump(mode="json")),
+    )
     session.commit()
     if created:
         send(job.id, job.queue)
@@ -56,11 +66,14 @@ def _out(session: Session, job: Job) -> JobOut:
 
 
 @router.get("", response_model=Page[JobSummary], summary="List jobs")
-def list_jobs(session: SessionDep, owner: Owner,
-              status: Annotated[str | None, Query(description="queued, running, succeeded, failed, canceled")] = None,
-              model: Annotated[str | None, Query(max_length=200)] = None,
-              limit: Annotated[int, Query(ge=1, le=500)] = 50,
-              offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0) -> Page[JobSummary]:
+def list_jobs(
+    session: SessionDep,
+    owner: Owner,
+    status: Annotated[str | None, Query(description="queued, running, succeeded, failed, canceled")] = None,
+    model: Annotated[str | None, Query(max_length=200)] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
+) -> Page[JobSummary]:
     if status is not None and status not in jobs.STATUSES:
         raise BadRequest(f"unknown status {status!r}; use one of {', '.join(jobs.STATUSES)}")
     items, total = jobs.listing(session, owner, status=status, model=model, limit=limit, offset=offset)
@@ -81,8 +94,9 @@ def get_report(job_id: str, session: SessionDep, owner: Owner) -> dict:
 
 
 @router.get("/{job_id}/logs", response_class=PlainTextResponse, summary="The job's log lines")
-def get_logs(job_id: str, session: SessionDep, owner: Owner,
-             after: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0) -> str:
+def get_logs(
+    job_id: str, session: SessionDep, owner: Owner, after: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0
+) -> str:
     jobs.get(session, owner, job_id)
     return "".join(f"[{line.step}] {line.line}\n" for line in jobs.logs(session, job_id, after))
 
@@ -102,23 +116,34 @@ def retry_job(job_id: str, session: SessionDep, owner: Owner, response: Response
     return JobOut.of(new)
 
 
-@router.get("/{job_id}/events", summary="Progress as server-sent events",
-            response_class=StreamingResponse,
-            responses={200: {"content": {"text/event-stream": {}},
-                             "description": "events `job` (the job summary when it changes), `log` (new lines), "
-                                            "`end` (the job finished)"}})
+@router.get(
+    "/{job_id}/events",
+    summary="Progress as server-sent events",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "content": {"text/event-stream": {}},
+            "description": "events `job` (the job summary when it changes), `log` (new lines), "
+            "`end` (the job finished)",
+        }
+    },
+)
 async def job_events(job_id: str, request: Request, owner: Owner, session: SessionDep) -> StreamingResponse:
     jobs.get(session, owner, job_id)  # 404 before the stream starts
-    return StreamingResponse(_events(job_id, owner, request), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        _events(job_id, owner, request),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 def _snapshot(job_id: str, owner: str, after: int) -> tuple[dict, list[dict]]:
     with session_scope() as s:
         job = jobs.get(s, owner, job_id)
         summary = JobSummary.of(job).model_dump(mode="json")
-        summary["steps"] = [{"name": st.name, "status": st.status, "duration_s": st.duration_s, "error": st.error}
-                            for st in job.steps]
+        summary["steps"] = [
+            {"name": st.name, "status": st.status, "duration_s": st.duration_s, "error": st.error} for st in job.steps
+        ]
         lines = [{"seq": line.seq, "step": line.step, "line": line.line} for line in jobs.logs(s, job_id, after, 500)]
         return summary, lines
 

@@ -19,15 +19,24 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 def check_name(name: str) -> str:
     if not NAME.match(name):
-        raise BadRequest(f"model name {name!r} must be 1-128 letters, digits, '.', '_' or '-', starting with a "
-                         "letter or digit")
+        raise BadRequest(
+            f"model name {name!r} must be 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
     return name
 
 
-@router.post("", status_code=201, response_model=ModelVersionOut,
-             summary="Upload a bundle as a new model, or a new version of one")
+@router.post(
+    "",
+    status_code=201,
+    response_model=ModelVersionOut,
+    summary="Upload a bundle as a new model, or a new version of one",
+)
 async def upload(
-    session: SessionDep, store: StoreDep, settings: SettingsDep, owner: Owner, response: Response,
+    session: SessionDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    owner: Owner,
+    response: Response,
     file: Annotated[UploadFile, File(description="The bundle: .py, .zip, .tar.gz, TorchScript .pt, .pt2 or .onnx")],
     name: Annotated[str, Form(description="Model name")],
     entry: Annotated[str | None, Form(description="Entry point, e.g. model.py:build_model")] = None,
@@ -50,11 +59,27 @@ async def upload(
         if samples is not None and samples.filename:
             samples_sha, s_size = await run_in_threadpool(store.put_stream, samples.file, limit=limit, created=stored)
             size += s_size
-        info = await run_in_threadpool(registry.inspect_upload, store, filename=file.filename, bundle_sha=bundle_sha,
-                                       entry=entry, signature=signature, weights=weights_ref, samples_sha=samples_sha)
-        version, created = registry.add_version(session, owner=owner, name=name, filename=file.filename,
-                                                bundle_sha=bundle_sha, size=size, info=info, weights=weights_ref,
-                                                samples_sha=samples_sha)
+        info = await run_in_threadpool(
+            registry.inspect_upload,
+            store,
+            filename=file.filename,
+            bundle_sha=bundle_sha,
+            entry=entry,
+            signature=signature,
+            weights=weights_ref,
+            samples_sha=samples_sha,
+        )
+        version, created = registry.add_version(
+            session,
+            owner=owner,
+            name=name,
+            filename=file.filename,
+            bundle_sha=bundle_sha,
+            size=size,
+            info=info,
+            weights=weights_ref,
+            samples_sha=samples_sha,
+        )
     except BaseException:
         session.rollback()
         for sha in stored:
@@ -68,8 +93,12 @@ async def upload(
 
 
 @router.get("", response_model=Page[ModelOut], summary="List models")
-def list_models(session: SessionDep, owner: Owner, limit: Annotated[int, Query(ge=1, le=500)] = 50,
-                offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0) -> Page[ModelOut]:
+def list_models(
+    session: SessionDep,
+    owner: Owner,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
+) -> Page[ModelOut]:
     models, total = registry.list_models(session, owner, limit, offset)
     return Page(items=[ModelOut.of(m) for m in models], total=total, limit=limit, offset=offset)
 

@@ -17,9 +17,12 @@ router = APIRouter(prefix="/v1/tokens", tags=["tokens"])
 class TokenCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=200)
-    scopes: list[str] = Field(default_factory=lambda: ["infer"], max_length=4,
-                              description="infer (the /v2 API only), manage (the /v1 API), admin, metrics "
-                                          "(only /metrics: a Prometheus scraper's token)")
+    scopes: list[str] = Field(
+        default_factory=lambda: ["infer"],
+        max_length=4,
+        description="infer (the /v2 API only), manage (the /v1 API), admin, metrics "
+        "(only /metrics: a Prometheus scraper's token)",
+    )
     owner: str | None = Field(None, max_length=100, description="team; only an admin may name another")
 
 
@@ -36,8 +39,17 @@ class TokenOut(BaseModel):
 
     @classmethod
     def of(cls, row: ApiToken, token: str | None = None) -> TokenOut:
-        return cls(id=row.id, name=row.name, owner=row.owner, prefix=row.prefix, scopes=row.scopes,
-                   created_at=row.created_at, last_used_at=row.last_used_at, revoked_at=row.revoked_at, token=token)
+        return cls(
+            id=row.id,
+            name=row.name,
+            owner=row.owner,
+            prefix=row.prefix,
+            scopes=row.scopes,
+            created_at=row.created_at,
+            last_used_at=row.last_used_at,
+            revoked_at=row.revoked_at,
+            token=token,
+        )
 
 
 @router.post("", status_code=201, response_model=TokenOut, summary="Create a token (shown once)")

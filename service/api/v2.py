@@ -76,8 +76,9 @@ def version_ready(name: str, version: str, request: Request) -> JSONResponse:
 
 def _ready(served: Served) -> JSONResponse:
     ok = served.state == "ready"
-    return JSONResponse({"name": served.name, "version": str(served.version), "ready": ok},
-                        status_code=200 if ok else 503)
+    return JSONResponse(
+        {"name": served.name, "version": str(served.version), "ready": ok}, status_code=200 if ok else 503
+    )
 
 
 def _version(text: str) -> int:
@@ -135,8 +136,9 @@ def _request(served: Served, body: bytes, request: Request) -> protocol.InferReq
     if req.outputs is not None:
         unknown = [o for o in req.outputs if o not in served.output_dtypes]
         if unknown:
-            raise InvalidInput(f"unknown output(s) {', '.join(unknown)}; the model has "
-                               f"{', '.join(served.output_dtypes)}")
+            raise InvalidInput(
+                f"unknown output(s) {', '.join(unknown)}; the model has {', '.join(served.output_dtypes)}"
+            )
     return req
 
 
@@ -144,7 +146,6 @@ def _reason(exc: Exception) -> str:
     """One line saying why a runtime failed."""
     line = telling_line(str(exc))
     return f"{type(exc).__name__}: {line[:300]}" if line else type(exc).__name__
-
 
 
 class InferFastPath:

@@ -30,5 +30,6 @@ def response(name: str) -> FileResponse:
     path = FILES.get(name)
     if path is None:
         raise NotFound(f"no dashboard file {name!r}")
-    return FileResponse(path, media_type=_TYPES[path.suffix],
-                        headers={"Cache-Control": "public, max-age=604800, immutable"})
+    return FileResponse(
+        path, media_type=_TYPES[path.suffix], headers={"Cache-Control": "public, max-age=604800, immutable"}
+    )

@@ -13,8 +13,7 @@ from markupsafe import Markup, escape
 from service.dashboard.formatting import ms, num, speedup
 
 # Colour-blind-safe (Okabe-Ito, then Tableau), dark enough for white backgrounds.
-PALETTE = ("#0072b2", "#d55e00", "#009e73", "#cc79a7", "#e69f00", "#56b4e9", "#8c564b", "#7f7f7f",
-           "#bcbd22", "#17becf")
+PALETTE = ("#0072b2", "#d55e00", "#009e73", "#cc79a7", "#e69f00", "#56b4e9", "#8c564b", "#7f7f7f", "#bcbd22", "#17becf")
 EAGER_COLOR = "#334155"
 WIDTH, HEIGHT = 560, 300
 PAD = {"left": 64, "right": 20, "top": 16, "bottom": 48}
@@ -62,18 +61,25 @@ def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
 
 
 def _frame(kind: str, label: str) -> list[str]:
-    return [f'<svg class="chart chart-{kind}" viewBox="0 0 {WIDTH} {HEIGHT}" role="img" aria-label="{escape(label)}" '
-            f'xmlns="http://www.w3.org/2000/svg">', f"<title>{escape(label)}</title>"]
+    return [
+        f'<svg class="chart chart-{kind}" viewBox="0 0 {WIDTH} {HEIGHT}" role="img" aria-label="{escape(label)}" '
+        f'xmlns="http://www.w3.org/2000/svg">',
+        f"<title>{escape(label)}</title>",
+    ]
 
 
 def _axes(parts: list[str], x_label: str, y_label: str) -> None:
     x0, y0 = PAD["left"], HEIGHT - PAD["bottom"]
     parts.append(f'<line class="axis" x1="{x0}" y1="{PAD["top"]}" x2="{x0}" y2="{y0}"/>')
     parts.append(f'<line class="axis" x1="{x0}" y1="{y0}" x2="{WIDTH - PAD["right"]}" y2="{y0}"/>')
-    parts.append(f'<text class="axis-label" x="{(x0 + WIDTH - PAD["right"]) / 2}" y="{HEIGHT - 8}" '
-                 f'text-anchor="middle">{escape(x_label)}</text>')
-    parts.append(f'<text class="axis-label" transform="translate(14 {(PAD["top"] + y0) / 2}) rotate(-90)" '
-                 f'text-anchor="middle">{escape(y_label)}</text>')
+    parts.append(
+        f'<text class="axis-label" x="{(x0 + WIDTH - PAD["right"]) / 2}" y="{HEIGHT - 8}" '
+        f'text-anchor="middle">{escape(x_label)}</text>'
+    )
+    parts.append(
+        f'<text class="axis-label" transform="translate(14 {(PAD["top"] + y0) / 2}) rotate(-90)" '
+        f'text-anchor="middle">{escape(y_label)}</text>'
+    )
 
 
 def _empty(kind: str, label: str, message: str) -> Markup:
@@ -114,10 +120,13 @@ def latency_chart(series: list[Series], batch_sizes: list[int]) -> Markup:
         parts.append(f'<g class="series" data-name="{escape(s.name)}">')
         parts.append(f'<path d="{path}" fill="none" stroke="{s.color}" stroke-width="2"{dash}/>')
         for cx, cy, b, p in coords:
-            tip = (f"{s.name}, batch {b}: p50 {ms(p['p50_ms'])} ms, p90 {ms(p.get('p90_ms'))} ms, "
-                   f"p99 {ms(p.get('p99_ms'))} ms")
-            parts.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="3.5" fill="{s.color}"><title>{escape(tip)}</title>'
-                         "</circle>")
+            tip = (
+                f"{s.name}, batch {b}: p50 {ms(p['p50_ms'])} ms, p90 {ms(p.get('p90_ms'))} ms, "
+                f"p99 {ms(p.get('p99_ms'))} ms"
+            )
+            parts.append(
+                f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="3.5" fill="{s.color}"><title>{escape(tip)}</title></circle>'
+            )
         parts.append("</g>")
     parts.append("</svg>")
     return Markup("".join(parts))
@@ -150,7 +159,7 @@ def tradeoff_chart(points: list[Point], has_eager: bool = True) -> Markup:
     parts = _frame("tradeoff", label)
     step = max(1, (hi_exp - lo_exp) // 6)
     for e in range(lo_exp, hi_exp + 1, step):
-        yy = y(10.0 ** e)
+        yy = y(10.0**e)
         parts.append(f'<line class="grid" x1="{x0}" y1="{yy:.1f}" x2="{x1}" y2="{yy:.1f}"/>')
         text = "0" if e == lo_exp else f"1e{e}"
         parts.append(f'<text class="tick" x="{x0 - 6}" y="{yy + 4:.1f}" text-anchor="end">{text}</text>')
@@ -159,28 +168,38 @@ def tradeoff_chart(points: list[Point], has_eager: bool = True) -> Markup:
     _axes(parts, "speed-up against eager PyTorch (batch 1, p50) →", "worst relative error (log)")
     if has_eager:
         ex = x(1.0)
-        parts.append(f'<g class="eager"><line x1="{ex:.1f}" y1="{y1}" x2="{ex:.1f}" y2="{y0}" stroke="{EAGER_COLOR}" '
-                     'stroke-dasharray="6 4" stroke-width="1.5"/>')
-        parts.append(f'<path d="M{ex:.1f},{y0 - 8} l7,7 l-7,7 l-7,-7 z" fill="{EAGER_COLOR}" '
-                     f'transform="translate(0 -7)"><title>eager PyTorch: 1× speed, the reference (no error)</title>'
-                     "</path>")
+        parts.append(
+            f'<g class="eager"><line x1="{ex:.1f}" y1="{y1}" x2="{ex:.1f}" y2="{y0}" stroke="{EAGER_COLOR}" '
+            'stroke-dasharray="6 4" stroke-width="1.5"/>'
+        )
+        parts.append(
+            f'<path d="M{ex:.1f},{y0 - 8} l7,7 l-7,7 l-7,-7 z" fill="{EAGER_COLOR}" '
+            f'transform="translate(0 -7)"><title>eager PyTorch: 1× speed, the reference (no error)</title>'
+            "</path>"
+        )
         # labelled on the floor beside its diamond, where no candidate with an error can be
         parts.append(f'<text class="point-label eager-label" x="{ex + 11:.1f}" y="{y0 - 4}">eager PyTorch</text></g>')
     for p in sorted(points, key=lambda p: p.selected):  # the winner drawn last, on top
         px, py = x(p.speedup), y(p.error)
         tip = f"{p.name}: {speedup(p.speedup)} eager, relative error {num(p.error)}, {'pass' if p.passed else 'FAIL'}"
-        parts.append(f'<g class="point {"pass" if p.passed else "fail"}" data-name="{escape(p.name)}">'
-                     f"<title>{escape(tip)}</title>")
+        parts.append(
+            f'<g class="point {"pass" if p.passed else "fail"}" data-name="{escape(p.name)}">'
+            f"<title>{escape(tip)}</title>"
+        )
         if p.selected:
-            parts.append(f'<circle cx="{px:.1f}" cy="{py:.1f}" r="11" fill="none" stroke="{p.color}" '
-                         'stroke-width="2"/>')
+            parts.append(
+                f'<circle cx="{px:.1f}" cy="{py:.1f}" r="11" fill="none" stroke="{p.color}" stroke-width="2"/>'
+            )
         if p.passed:
             parts.append(f'<circle cx="{px:.1f}" cy="{py:.1f}" r="6" fill="{p.color}"/>')
         else:
-            parts.append(f'<path d="M{px - 6:.1f},{py - 6:.1f} l12,12 m0,-12 l-12,12" stroke="{p.color}" '
-                         'stroke-width="3"/>')
+            parts.append(
+                f'<path d="M{px - 6:.1f},{py - 6:.1f} l12,12 m0,-12 l-12,12" stroke="{p.color}" stroke-width="3"/>'
+            )
         anchor, dx = ("end", -10) if px > x1 - 140 else ("start", 10)
-        parts.append(f'<text class="point-label" x="{px + dx:.1f}" y="{py - 8:.1f}" text-anchor="{anchor}">'
-                     f"{escape(p.name)}</text></g>")
+        parts.append(
+            f'<text class="point-label" x="{px + dx:.1f}" y="{py - 8:.1f}" text-anchor="{anchor}">'
+            f"{escape(p.name)}</text></g>"
+        )
     parts.append("</svg>")
     return Markup("".join(parts))

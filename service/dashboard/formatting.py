@@ -19,7 +19,7 @@ def num(value: float | None, digits: int = 3) -> str:
         return "∞" if v > 0 else ("-∞" if v < 0 else "NaN")
     if v == 0:
         return "0"
-    if abs(v) >= 10 ** digits:
+    if abs(v) >= 10**digits:
         return f"{v:,.0f}"
     return f"{v:.{digits}g}"
 
@@ -156,6 +156,20 @@ def short_id(value: str | None) -> str:
     return (value or "")[:8]
 
 
-FILTERS = {"num": num, "ms": ms, "cosine": cosine, "percent": percent, "speedup": speedup, "size": size,
-           "duration": duration, "iso": iso, "when": when, "tensor": tensor, "tolerance": tolerance, "tolerance_checks": tolerance_checks,
-           "short_id": short_id, "step_outputs": step_outputs, "log_tail": log_tail}
+FILTERS = {
+    "num": num,
+    "ms": ms,
+    "cosine": cosine,
+    "percent": percent,
+    "speedup": speedup,
+    "size": size,
+    "duration": duration,
+    "iso": iso,
+    "when": when,
+    "tensor": tensor,
+    "tolerance": tolerance,
+    "tolerance_checks": tolerance_checks,
+    "short_id": short_id,
+    "step_outputs": step_outputs,
+    "log_tail": log_tail,
+}

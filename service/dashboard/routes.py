@@ -28,20 +28,29 @@ router = APIRouter(include_in_schema=False)
 router.include_router(session.router)
 templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
 templates.env.filters.update(formatting.FILTERS)
-templates.env.globals.update(static=assets.url, statuses=jobs.STATUSES, targets=TARGETS, gpu_targets=GPU_TARGETS,
-                             precisions=PRECISIONS, policies=POLICIES)
+templates.env.globals.update(
+    static=assets.url,
+    statuses=jobs.STATUSES,
+    targets=TARGETS,
+    gpu_targets=GPU_TARGETS,
+    precisions=PRECISIONS,
+    policies=POLICIES,
+)
 
 PAGE_SIZE = 25
 LOG_TAIL = 400  # log lines a job page starts with; later ones arrive on the event stream
 # Scripts only from our own files (no inline script, no CDN); inline styles are used for bar widths.
-CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
-       "connect-src 'self'; frame-ancestors 'none'; base-uri 'self'; form-action 'self'")
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+    "connect-src 'self'; frame-ancestors 'none'; base-uri 'self'; form-action 'self'"
+)
 
 
 def render(request: Request, template: str, viewer: Viewer, status_code: int = 200, **context: Any) -> HTMLResponse:
     # The page's fetch() helper (static/kiln.js) sends csrf_token with every change it asks the API for.
-    response = templates.TemplateResponse(request, template, {"viewer": viewer, "csrf_token": viewer.csrf_token,
-                                                              **context}, status_code=status_code)
+    response = templates.TemplateResponse(
+        request, template, {"viewer": viewer, "csrf_token": viewer.csrf_token, **context}, status_code=status_code
+    )
     response.headers["Content-Security-Policy"] = CSP
     response.headers["Cache-Control"] = "no-store"  # pages are live views
     return response
@@ -56,8 +65,14 @@ def sign_in_page(request: Request, viewer: Viewer) -> HTMLResponse:
     tried = request.cookies.get(SESSION_COOKIE) or request.headers.get("authorization")
     refused = viewer.refused or Unauthorized("authentication required")
     # "authentication required" says nothing to someone who has not tried yet; a refused token does
-    return render(request, "sign_in.html", viewer, status_code=refused.status, nav=None,
-                  problem=refused if tried or refused.status != 401 else None)
+    return render(
+        request,
+        "sign_in.html",
+        viewer,
+        status_code=refused.status,
+        nav=None,
+        problem=refused if tried or refused.status != 401 else None,
+    )
 
 
 @router.get(f"{assets.PREFIX}/{{name}}")
@@ -66,21 +81,39 @@ def static_file(name: str) -> Response:
 
 
 @router.get("/", response_class=HTMLResponse)
-def jobs_page(request: Request, session: SessionDep, viewer: ViewerDep, status: str = "", model: str = "",
-              offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0, limit: Annotated[int, Query(ge=1, le=200)] = PAGE_SIZE,
-              highlight: str = "") -> HTMLResponse:
+def jobs_page(
+    request: Request,
+    session: SessionDep,
+    viewer: ViewerDep,
+    status: str = "",
+    model: str = "",
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
+    limit: Annotated[int, Query(ge=1, le=200)] = PAGE_SIZE,
+    highlight: str = "",
+) -> HTMLResponse:
     if viewer.refused:
         return sign_in_page(request, viewer)
     owner, problem = viewer.owner, None
     if status and status not in jobs.STATUSES:
         problem, status = f"unknown status {status!r}; use one of {', '.join(jobs.STATUSES)}", ""
-    items, total = jobs.listing(session, owner, status=status or None, model=model or None, limit=limit,
-                                offset=offset)
+    items, total = jobs.listing(session, owner, status=status or None, model=model or None, limit=limit, offset=offset)
     models, _ = registry.list_models(session, owner, 500, 0)
     rows = [views.job_row(j, jobs.waiting_reason(session, j)) for j in items]
-    return render(request, "jobs.html", viewer, nav="jobs", rows=rows, total=total,
-                  offset=offset, page_size=limit, status=status, model=model, highlight=highlight,
-                  model_names=[m.name for m in models], problem=problem)
+    return render(
+        request,
+        "jobs.html",
+        viewer,
+        nav="jobs",
+        rows=rows,
+        total=total,
+        offset=offset,
+        page_size=limit,
+        status=status,
+        model=model,
+        highlight=highlight,
+        model_names=[m.name for m in models],
+        problem=problem,
+    )
 
 
 @router.get("/jobs/{job_id}", response_class=HTMLResponse)
@@ -116,8 +149,15 @@ def deployments_page(request: Request, session: SessionDep, viewer: ViewerDep) -
     for dep in listed:
         versions = rows[dep.name]
         current = next((r for r in versions if r.is_default), versions[-1])
-        jobs_of = {v.candidate: row.job_id for v in dep.versions
-                   if (row := session.get(CandidateRow, v.candidate)) is not None}
-        cards.append({"dep": dep, "jobs": jobs_of, "example": tryit.example_request(row_dict(current)["signature"]),
-                      "can_roll_back": any(v.version < (dep.default_version or 0) for v in dep.versions)})
+        jobs_of = {
+            v.candidate: row.job_id for v in dep.versions if (row := session.get(CandidateRow, v.candidate)) is not None
+        }
+        cards.append(
+            {
+                "dep": dep,
+                "jobs": jobs_of,
+                "example": tryit.example_request(row_dict(current)["signature"]),
+                "can_roll_back": any(v.version < (dep.default_version or 0) for v in dep.versions),
+            }
+        )
     return render(request, "deployments.html", viewer, nav="deployments", cards=cards)

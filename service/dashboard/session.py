@@ -55,18 +55,21 @@ async def sign_in(request: Request) -> Response:
     """Check a token and keep it in the session cookie. JSON only: a cross-site form cannot send
     application/json without a CORS preflight, which Kiln refuses unless configured."""
     if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
-        raise BadRequest("send the token as JSON: {\"token\": \"kiln_...\"}")
+        raise BadRequest('send the token as JSON: {"token": "kiln_..."}')
     try:
         token = str((await request.json())["token"]).strip()
     except (ValueError, KeyError, TypeError):
-        raise BadRequest("send the token as JSON: {\"token\": \"kiln_...\"}") from None
+        raise BadRequest('send the token as JSON: {"token": "kiln_..."}') from None
     who = auth.authenticate(new_session, token)
     if not who.allows("manage"):
-        raise auth.Forbidden(f"this token's scopes ({', '.join(sorted(who.scopes))}) do not allow the dashboard; "
-                             "it needs manage or admin")
+        raise auth.Forbidden(
+            f"this token's scopes ({', '.join(sorted(who.scopes))}) do not allow the dashboard; "
+            "it needs manage or admin"
+        )
     response = JSONResponse({"owner": who.owner, "scopes": sorted(who.scopes)})
-    response.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="strict", path="/",
-                        secure=request.url.scheme == "https")
+    response.set_cookie(
+        SESSION_COOKIE, token, httponly=True, samesite="strict", path="/", secure=request.url.scheme == "https"
+    )
     return response
 
 

@@ -66,12 +66,19 @@ def _worst(validation: dict[str, Any] | None) -> dict[str, Any]:
         return {}
     top1s = [o["top1"] for o in outs if o.get("top1") is not None]
     tolerances = [o.get("tolerance") for o in outs]
-    return {"outputs": len(outs), "max_abs": max(o["max_abs"] for o in outs), "rel": max(o["rel"] for o in outs),
-            "cosine": min(o["cosine"] for o in outs), "top1": min(top1s) if top1s else None,
-            # one tolerance when every output is held to the same one, else the first's (noted in the page)
-            "tolerance": tolerances[0], "mixed_tolerances": any(t != tolerances[0] for t in tolerances),
-            "failed_checks": [f"{name}: {c}" if len(outs) > 1 else c
-                              for name, o in by_name.items() for c in o.get("failed_checks", [])]}
+    return {
+        "outputs": len(outs),
+        "max_abs": max(o["max_abs"] for o in outs),
+        "rel": max(o["rel"] for o in outs),
+        "cosine": min(o["cosine"] for o in outs),
+        "top1": min(top1s) if top1s else None,
+        # one tolerance when every output is held to the same one, else the first's (noted in the page)
+        "tolerance": tolerances[0],
+        "mixed_tolerances": any(t != tolerances[0] for t in tolerances),
+        "failed_checks": [
+            f"{name}: {c}" if len(outs) > 1 else c for name, o in by_name.items() for c in o.get("failed_checks", [])
+        ],
+    }
 
 
 def candidate_view(c: CandidateOut, index: int, selected_id: str | None) -> CandidateView:
@@ -79,20 +86,47 @@ def candidate_view(c: CandidateOut, index: int, selected_id: str | None) -> Cand
     result = "not built" if c.status != "built" else "pass" if c.passed else "fail"
     reason = c.reason or ((c.validation or {}).get("reason") if result == "fail" else None)
     return CandidateView(
-        id=c.id, name=c.name, target=c.target, precision=c.precision, variant=c.variant, result=result,
-        reason=reason, tolerance=worst.get("tolerance"), failed_checks=worst.get("failed_checks", []),
-        outputs=worst.get("outputs", 0), max_abs=worst.get("max_abs"), rel=worst.get("rel"),
-        cosine=worst.get("cosine"), top1=worst.get("top1"),
-        latency={int(p["batch"]): p for p in c.benchmark}, speedup=c.speedup, speedup_low=c.speedup_low,
-        speedup_high=c.speedup_high, noisy=c.noisy, size_bytes=c.size_bytes, artifact_url=c.artifact_url, selected=c.id == selected_id, lost_because=c.lost_because,
-        notes=[str(n) for n in c.notes], color=charts.color(index))
+        id=c.id,
+        name=c.name,
+        target=c.target,
+        precision=c.precision,
+        variant=c.variant,
+        result=result,
+        reason=reason,
+        tolerance=worst.get("tolerance"),
+        failed_checks=worst.get("failed_checks", []),
+        outputs=worst.get("outputs", 0),
+        max_abs=worst.get("max_abs"),
+        rel=worst.get("rel"),
+        cosine=worst.get("cosine"),
+        top1=worst.get("top1"),
+        latency={int(p["batch"]): p for p in c.benchmark},
+        speedup=c.speedup,
+        speedup_low=c.speedup_low,
+        speedup_high=c.speedup_high,
+        noisy=c.noisy,
+        size_bytes=c.size_bytes,
+        artifact_url=c.artifact_url,
+        selected=c.id == selected_id,
+        lost_because=c.lost_because,
+        notes=[str(n) for n in c.notes],
+        color=charts.color(index),
+    )
 
 
 def eager_view(points: list[dict[str, Any]]) -> CandidateView | None:
     if not points:
         return None
-    return CandidateView(id=None, name="eager PyTorch", target="pytorch", precision="fp32", variant=None,
-                         result="baseline", latency={int(p["batch"]): p for p in points}, speedup=1.0)
+    return CandidateView(
+        id=None,
+        name="eager PyTorch",
+        target="pytorch",
+        precision="fp32",
+        variant=None,
+        result="baseline",
+        latency={int(p["batch"]): p for p in points},
+        speedup=1.0,
+    )
 
 
 @dataclass
@@ -131,18 +165,29 @@ def job_page(job: JobOut, report: dict[str, Any] | None) -> JobPage:
     selected = next((r for r in rows if r.selected), None)
     series = [charts.Series(r.name, r.color, [(b, r.latency[b]) for b in sorted(r.latency)]) for r in rows if r.latency]
     if eager:
-        series.append(charts.Series(eager.name, eager.color, [(b, eager.latency[b]) for b in sorted(eager.latency)],
-                                    dashed=True))
-    points = [charts.Point(r.name, r.color, r.speedup, r.rel, passed=r.result == "pass", selected=r.selected)
-              for r in rows if r.speedup is not None and r.rel is not None]
+        series.append(
+            charts.Series(eager.name, eager.color, [(b, eager.latency[b]) for b in sorted(eager.latency)], dashed=True)
+        )
+    points = [
+        charts.Point(r.name, r.color, r.speedup, r.rel, passed=r.result == "pass", selected=r.selected)
+        for r in rows
+        if r.speedup is not None and r.rel is not None
+    ]
     return JobPage(
-        job=job, candidates=rows, eager=eager, batch_sizes=batches, selected=selected,
+        job=job,
+        candidates=rows,
+        eager=eager,
+        batch_sizes=batches,
+        selected=selected,
         losers=[r for r in rows if not r.selected and r.lost_because],
-        captures=report.get("captures") or [], preferred_capture=report.get("preferred_capture"),
+        captures=report.get("captures") or [],
+        preferred_capture=report.get("preferred_capture"),
         exporter=report.get("onnx_exporter"),
         latency_chart=charts.latency_chart(series, batches),
         tradeoff_chart=charts.tradeoff_chart(points, has_eager=eager is not None),
-        total_step_s=sum(s.duration_s or 0 for s in job.steps), has_report=bool(report))
+        total_step_s=sum(s.duration_s or 0 for s in job.steps),
+        has_report=bool(report),
+    )
 
 
 @dataclass
@@ -163,5 +208,10 @@ class JobRow:
 def job_row(job: Job, waiting: str | None = None) -> JobRow:
     winner = next((c for c in job.candidates if c.id == job.selected_candidate_id), None)
     duration = elapsed(job.started_at, job.finished_at) if job.finished_at else None
-    return JobRow(job=JobSummary.of(job), duration_s=duration, winner=winner.name if winner else None,
-                  winner_speedup=winner.speedup if winner else None, waiting=waiting)
+    return JobRow(
+        job=JobSummary.of(job),
+        duration_s=duration,
+        winner=winner.name if winner else None,
+        winner_speedup=winner.speedup if winner else None,
+        waiting=waiting,
+    )

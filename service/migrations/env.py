@@ -11,7 +11,6 @@ if connection is None:  # invoked by the alembic command line
 
     connection = get_engine(config.get_main_option("sqlalchemy.url")).connect()
 
-context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True,
-                  compare_type=True)
+context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True, compare_type=True)
 with context.begin_transaction():
     context.run_migrations()

@@ -30,12 +30,14 @@ def get(name: str) -> type[Runtime]:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise RuntimeUnavailable(f"runtime {name!r} is not available on this host "
-                                 f"(available: {', '.join(available()) or 'none'})") from None
+        raise RuntimeUnavailable(
+            f"runtime {name!r} is not available on this host (available: {', '.join(available()) or 'none'})"
+        ) from None
 
 
-def load(directory: Path, *, threads: int | None = None, device: str | None = None, spin: bool = True,
-         isolated: bool = True) -> Runtime:
+def load(
+    directory: Path, *, threads: int | None = None, device: str | None = None, spin: bool = True, isolated: bool = True
+) -> Runtime:
     """Load a built artifact directory (model file + kiln-artifact.json) with its runtime. An artifact
     that can run code (TorchScript) runs in an isolated runner process (service/runner.py), unless
     `isolated` is False: only for a caller that is itself inside the boundary (a sandbox op)."""
@@ -44,8 +46,9 @@ def load(directory: Path, *, threads: int | None = None, device: str | None = No
     if cls.runs_code and isolated:
         from service.runner import IsolatedRuntime
 
-        return IsolatedRuntime(Path(directory) / info.file, info=info, threads=threads,
-                               device=device or info.device, spin=spin)
+        return IsolatedRuntime(
+            Path(directory) / info.file, info=info, threads=threads, device=device or info.device, spin=spin
+        )
     return cls(Path(directory) / info.file, info=info, threads=threads, device=device or info.device, spin=spin)
 
 

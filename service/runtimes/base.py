@@ -58,8 +58,15 @@ class Runtime(ABC):
     # inside the isolation boundary (service/runner.py), never in the API or worker process.
     runs_code: ClassVar[bool] = False
 
-    def __init__(self, path: Path, *, info: ArtifactInfo | None = None, threads: int | None = None,
-                 device: str = "cpu", spin: bool = True) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        info: ArtifactInfo | None = None,
+        threads: int | None = None,
+        device: str = "cpu",
+        spin: bool = True,
+    ) -> None:
         """`spin`: let idle intra-op threads busy-wait for the next run (lowest latency for one caller;
         a server with many requests in flight gives those cores to other work instead). Runtimes
         whose library has no such switch ignore it."""

@@ -16,9 +16,16 @@ from service.signature import TensorSpec
 
 # ONNX Runtime's type strings -> Kiln's dtype names.
 ORT_DTYPES = {
-    "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
-    "tensor(bfloat16)": "bfloat16", "tensor(int8)": "int8", "tensor(int16)": "int16",
-    "tensor(int32)": "int32", "tensor(int64)": "int64", "tensor(uint8)": "uint8", "tensor(bool)": "bool",
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(double)": "float64",
+    "tensor(bfloat16)": "bfloat16",
+    "tensor(int8)": "int8",
+    "tensor(int16)": "int16",
+    "tensor(int32)": "int32",
+    "tensor(int64)": "int64",
+    "tensor(uint8)": "uint8",
+    "tensor(bool)": "bool",
 }
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 # Caches of ONNX Runtime's TensorRT provider, under the data directory (engines are per GPU and version).
@@ -49,8 +56,15 @@ class OnnxRuntime(Runtime):
     name = "onnxruntime"
     library = "onnxruntime"
 
-    def __init__(self, path: Path, *, info: ArtifactInfo | None = None, threads: int | None = None,
-                 spin: bool = True, device: str = "cpu") -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        info: ArtifactInfo | None = None,
+        threads: int | None = None,
+        spin: bool = True,
+        device: str = "cpu",
+    ) -> None:
         super().__init__(path, info=info, threads=threads, device=device, spin=spin)
         import onnxruntime as ort
 
@@ -58,17 +72,20 @@ class OnnxRuntime(Runtime):
         wanted = PROVIDERS.get(device, device)
         if wanted != "CPUExecutionProvider":
             _load_gpu_libraries(device)
-        self.session = ort.InferenceSession(str(self.path), session_options(threads, spin=spin),
-                                            providers=providers(device, info))
+        self.session = ort.InferenceSession(
+            str(self.path), session_options(threads, spin=spin), providers=providers(device, info)
+        )
         # ONNX Runtime falls back to the CPU, with a log line, when a provider cannot start (its CUDA
         # libraries missing): a GPU artifact must not quietly run, validate or serve on the CPU.
         got = self.session.get_providers()
         if not got or got[0] != wanted:
             self.session = None
             available = ", ".join(ort.get_available_providers())
-            raise RuntimeUnavailable(f"{wanted} was asked for but ONNX Runtime could only start {', '.join(got)} "
-                                     f"(providers in this build: {available}); on a GPU host, onnxruntime-gpu "
-                                     "needs the CUDA and cuDNN libraries of its CUDA version")
+            raise RuntimeUnavailable(
+                f"{wanted} was asked for but ONNX Runtime could only start {', '.join(got)} "
+                f"(providers in this build: {available}); on a GPU host, onnxruntime-gpu "
+                "needs the CUDA and cuDNN libraries of its CUDA version"
+            )
         self._inputs = [_spec(a) for a in self.session.get_inputs()]
         self._outputs = [_spec(a) for a in self.session.get_outputs()]
 
@@ -94,8 +111,13 @@ def providers(device: str, info: ArtifactInfo | None) -> list[Any]:
 
         cache = get_settings().data_dir.resolve() / ORT_TRT_CACHE
         cache.mkdir(parents=True, exist_ok=True)
-        options = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
-                   "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache), **options}
+        options = {
+            "trt_engine_cache_enable": True,
+            "trt_engine_cache_path": str(cache),
+            "trt_timing_cache_enable": True,
+            "trt_timing_cache_path": str(cache),
+            **options,
+        }
         return [("TensorrtExecutionProvider", options), "CUDAExecutionProvider", "CPUExecutionProvider"]
     return [PROVIDERS.get(device, device), "CPUExecutionProvider"]
 
@@ -121,6 +143,8 @@ def _load_gpu_libraries(device: str) -> None:
 
 
 def _spec(arg: Any) -> TensorSpec:
-    shape = [d if isinstance(d, int) and d >= 0 else (d if isinstance(d, str) and d.isidentifier() else "dyn")
-             for d in (arg.shape or [])]
+    shape = [
+        d if isinstance(d, int) and d >= 0 else (d if isinstance(d, str) and d.isidentifier() else "dyn")
+        for d in (arg.shape or [])
+    ]
     return TensorSpec(name=arg.name, dtype=ORT_DTYPES.get(arg.type), shape=shape)

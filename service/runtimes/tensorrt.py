@@ -28,11 +28,20 @@ Shape = tuple[int, ...]
 Profile = dict[str, tuple[Shape, Shape, Shape]]
 
 # TensorRT's DataType member names -> Kiln's dtype names.
-TRT_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT8": "int8", "INT32": "int32",
-              "INT64": "int64", "BOOL": "bool", "UINT8": "uint8"}
+TRT_DTYPES = {
+    "FLOAT": "float32",
+    "HALF": "float16",
+    "BF16": "bfloat16",
+    "INT8": "int8",
+    "INT32": "int32",
+    "INT64": "int64",
+    "BOOL": "bool",
+    "UINT8": "uint8",
+}
 
 
 # --- profiles -----------------------------------------------------------------------------------
+
 
 def optimization_profiles(signature: Signature, *, latency_profile: bool = True) -> list[Profile]:
     """Optimization profiles from the signature's min/opt/max of every dynamic dimension.
@@ -41,6 +50,7 @@ def optimization_profiles(signature: Signature, *, latency_profile: bool = True)
     opt, profile 1 covers min..opt and is tuned for min, so that small requests (batch 1) run
     kernels chosen for them rather than for the opt size.
     """
+
     def shapes(point: str, **over: int) -> dict[str, Shape]:
         sizes = signature.sizes_at(point, **over)
         return {s.name: signature.concrete_shape(s, sizes) for s in signature.inputs}
@@ -80,8 +90,11 @@ def choose_profile(profiles: Sequence[Profile], shapes: Mapping[str, Shape]) -> 
     for i, profile in enumerate(profiles):
         if not fits(profile, shapes):
             continue
-        distance = sum(abs(math.log(max(s, 1)) - math.log(max(o, 1)))
-                       for name, shape in shapes.items() for s, o in zip(shape, profile[name][1]))
+        distance = sum(
+            abs(math.log(max(s, 1)) - math.log(max(o, 1)))
+            for name, shape in shapes.items()
+            for s, o in zip(shape, profile[name][1])
+        )
         if distance < best_distance:
             best, best_distance = i, distance
     if best < 0:
@@ -97,12 +110,12 @@ def shape_bucket(profile: Profile, shapes: Mapping[str, Shape]) -> dict[str, Sha
     out: dict[str, Shape] = {}
     for name, shape in shapes.items():
         lo, _, hi = profile[name]
-        out[name] = tuple(s if a == b else min(b, 1 << max(s - 1, 0).bit_length())
-                          for s, a, b in zip(shape, lo, hi))
+        out[name] = tuple(s if a == b else min(b, 1 << max(s - 1, 0).bit_length()) for s, a, b in zip(shape, lo, hi))
     return out
 
 
 # --- engines and the hosts they belong to -------------------------------------------------------
+
 
 def engine_stamp(gpu: str, compute_capability: str, tensorrt_version: str) -> dict[str, str]:
     """What an engine is tied to; recorded with it and compared before it is loaded."""
@@ -113,14 +126,18 @@ def engine_mismatch(recorded: Mapping[str, Any] | None, current: Mapping[str, An
     """Why an engine built under `recorded` must not be loaded under `current`, or None when it may."""
     if not recorded:
         return "the engine does not record the GPU and TensorRT version it was built for"
-    problems = [f"{what} {recorded.get(key)!r} (this host: {current.get(key)!r})"
-                for key, what in (("gpu", "GPU"), ("compute_capability", "compute capability"),
-                                  ("tensorrt", "TensorRT"))
-                if recorded.get(key) != current.get(key)]
+    problems = [
+        f"{what} {recorded.get(key)!r} (this host: {current.get(key)!r})"
+        for key, what in (("gpu", "GPU"), ("compute_capability", "compute capability"), ("tensorrt", "TensorRT"))
+        if recorded.get(key) != current.get(key)
+    ]
     if not problems:
         return None
-    return ("the engine was built for " + ", ".join(problems)
-            + "; TensorRT engines only run where they were built: rebuild it on this host")
+    return (
+        "the engine was built for "
+        + ", ".join(problems)
+        + "; TensorRT engines only run where they were built: rebuild it on this host"
+    )
 
 
 def current_stamp() -> dict[str, str]:
@@ -145,14 +162,22 @@ def dtype_name(trt_dtype: Any) -> str:
 
 # --- the runtime --------------------------------------------------------------------------------
 
+
 class TensorRTRuntime(Runtime):
     """Runs a serialized TensorRT engine on the GPU with execute_async_v3."""
 
     name = "tensorrt"
     library = "tensorrt"
 
-    def __init__(self, path: Path, *, info: ArtifactInfo | None = None, threads: int | None = None,
-                 spin: bool = True, device: str = "cuda") -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        info: ArtifactInfo | None = None,
+        threads: int | None = None,
+        spin: bool = True,
+        device: str = "cuda",
+    ) -> None:
         super().__init__(path, info=info, threads=threads, device=device, spin=spin)
         import tensorrt as trt
         import torch
@@ -173,18 +198,30 @@ class TensorRTRuntime(Runtime):
         self._input_names = [n for n in names if is_input[n]]
         self._output_names = [n for n in names if not is_input[n]]
         self.profiles: list[Profile] = [
-            {n: tuple(tuple(int(d) for d in s) for s in self.engine.get_tensor_profile_shape(n, p))  # type: ignore[misc]
-             for n in self._input_names}
-            for p in range(self.engine.num_optimization_profiles)]
+            {
+                n: tuple(tuple(int(d) for d in s) for s in self.engine.get_tensor_profile_shape(n, p))  # type: ignore[misc]
+                for n in self._input_names
+            }
+            for p in range(self.engine.num_optimization_profiles)
+        ]
         self._active: int | None = None
         self._buffers: dict[tuple[int, tuple[tuple[str, Shape], ...]], dict[str, Any]] = {}
         sig = self.signature()
-        self._inputs = list(sig.inputs) if sig else [
-            TensorSpec(name=n, dtype=self._dtypes[n],
-                       shape=[int(d) if d >= 0 else "dyn" for d in self.engine.get_tensor_shape(n)])
-            for n in self._input_names]
-        self._outputs = list(sig.outputs) if sig else [TensorSpec(name=n, dtype=self._dtypes[n])
-                                                       for n in self._output_names]
+        self._inputs = (
+            list(sig.inputs)
+            if sig
+            else [
+                TensorSpec(
+                    name=n,
+                    dtype=self._dtypes[n],
+                    shape=[int(d) if d >= 0 else "dyn" for d in self.engine.get_tensor_shape(n)],
+                )
+                for n in self._input_names
+            ]
+        )
+        self._outputs = (
+            list(sig.outputs) if sig else [TensorSpec(name=n, dtype=self._dtypes[n]) for n in self._output_names]
+        )
 
     def _torch_dtype(self, name: str) -> Any:
         from service.runtimes.torchscript import torch_dtype
@@ -203,8 +240,9 @@ class TensorRTRuntime(Runtime):
         for name in self._output_names:
             shape = tuple(int(d) for d in self.context.get_tensor_shape(name))
             if any(d < 0 for d in shape):
-                raise RuntimeUnavailable(f"output {name} has a data-dependent shape, which Kiln's TensorRT "
-                                         "runtime does not support")
+                raise RuntimeUnavailable(
+                    f"output {name} has a data-dependent shape, which Kiln's TensorRT runtime does not support"
+                )
             buffers[name] = torch.empty(max(math.prod(shape), 1), dtype=self._torch_dtype(name), device="cuda")
         return buffers
 
@@ -214,9 +252,12 @@ class TensorRTRuntime(Runtime):
         missing = [n for n in self._input_names if n not in inputs]
         if missing:
             raise InvalidInput(f"missing input(s): {', '.join(missing)}")
-        arrays = {n: np.ascontiguousarray(inputs[n], dtype=numpy_dtype(self._dtypes[n])
-                                          if self._dtypes[n] != "bfloat16" else None)
-                  for n in self._input_names}
+        arrays = {
+            n: np.ascontiguousarray(
+                inputs[n], dtype=numpy_dtype(self._dtypes[n]) if self._dtypes[n] != "bfloat16" else None
+            )
+            for n in self._input_names
+        }
         shapes = {n: tuple(a.shape) for n, a in arrays.items()}
         p = choose_profile(self.profiles, shapes)
         if p != self._active:
@@ -238,8 +279,10 @@ class TensorRTRuntime(Runtime):
                 shape = tuple(int(d) for d in self.context.get_tensor_shape(name))
                 n = math.prod(shape)
                 if n > buffers[name].numel():
-                    raise RuntimeUnavailable(f"output {name} of shape {list(shape)} is larger than its bucket's "
-                                             "buffer (an output that grows faster than the inputs)")
+                    raise RuntimeUnavailable(
+                        f"output {name} of shape {list(shape)} is larger than its bucket's "
+                        "buffer (an output that grows faster than the inputs)"
+                    )
                 views[name] = buffers[name][:n].view(shape)
                 self.context.set_tensor_address(name, views[name].data_ptr())
             if not self.context.execute_async_v3(self.stream.cuda_stream):

@@ -15,9 +15,18 @@ from service.signature import TensorSpec
 def torch_dtype(name: str) -> Any:
     import torch
 
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-            "float64": torch.float64, "int8": torch.int8, "int16": torch.int16, "int32": torch.int32,
-            "int64": torch.int64, "uint8": torch.uint8, "bool": torch.bool}[name]
+    return {
+        "float32": torch.float32,
+        "float16": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "float64": torch.float64,
+        "int8": torch.int8,
+        "int16": torch.int16,
+        "int32": torch.int32,
+        "int64": torch.int64,
+        "uint8": torch.uint8,
+        "bool": torch.bool,
+    }[name]
 
 
 def telling_line(text: str) -> str:
@@ -52,8 +61,15 @@ class TorchScriptRuntime(Runtime):
     library = "torch"
     runs_code = True  # TorchScript is code: torch.from_file is scriptable
 
-    def __init__(self, path: Path, *, info: ArtifactInfo | None = None, threads: int | None = None,
-                 spin: bool = True, device: str = "cpu") -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        info: ArtifactInfo | None = None,
+        threads: int | None = None,
+        spin: bool = True,
+        device: str = "cpu",
+    ) -> None:
         super().__init__(path, info=info, threads=threads, device=device, spin=spin)
         import torch
 
@@ -101,4 +117,3 @@ class TorchScriptRuntime(Runtime):
         if outputs:
             return {n: result[n] for n in outputs}
         return result
-

@@ -32,8 +32,15 @@ class Batcher:
     thread at a time. With batching off (max_batch 1, or a model whose rows depend on each other)
     every request runs alone, still off the event loop."""
 
-    def __init__(self, runners: list[Callable[[Arrays], Arrays]], *, max_batch: int, max_delay_s: float,
-                 batching: bool, labels: tuple[str, str]) -> None:
+    def __init__(
+        self,
+        runners: list[Callable[[Arrays], Arrays]],
+        *,
+        max_batch: int,
+        max_delay_s: float,
+        batching: bool,
+        labels: tuple[str, str],
+    ) -> None:
         self.runners = runners
         self.max_batch = max(1, max_batch) if batching else 1
         self.max_delay_s = max_delay_s
@@ -193,7 +200,7 @@ class Batcher:
                 if len(batch) == 1:
                     item.future.set_result(outputs)
                 else:
-                    item.future.set_result({n: v[offset:offset + item.rows] for n, v in outputs.items()})
+                    item.future.set_result({n: v[offset : offset + item.rows] for n, v in outputs.items()})
             offset += item.rows
 
     def wait_idle(self, timeout: float) -> None:

@@ -26,16 +26,33 @@ from service.serving.proto import inference_pb2 as pb
 logger = logging.getLogger("kiln.grpc")
 
 # HTTP status of a Kiln error -> gRPC status code
-CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
-         403: grpc.StatusCode.PERMISSION_DENIED, 404: grpc.StatusCode.NOT_FOUND,
-         409: grpc.StatusCode.FAILED_PRECONDITION, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
-         422: grpc.StatusCode.INVALID_ARGUMENT, 429: grpc.StatusCode.RESOURCE_EXHAUSTED,
-         503: grpc.StatusCode.UNAVAILABLE}
+CODES = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
+    404: grpc.StatusCode.NOT_FOUND,
+    409: grpc.StatusCode.FAILED_PRECONDITION,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    422: grpc.StatusCode.INVALID_ARGUMENT,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    503: grpc.StatusCode.UNAVAILABLE,
+}
 # typed contents field per Kiln dtype, for requests that send values rather than raw bytes
-CONTENTS = {"bool": "bool_contents", "int8": "int_contents", "int16": "int_contents", "int32": "int_contents",
-            "int64": "int64_contents", "uint8": "uint_contents", "uint16": "uint_contents",
-            "uint32": "uint_contents", "uint64": "uint64_contents", "float16": "fp32_contents",
-            "bfloat16": "fp32_contents", "float32": "fp32_contents", "float64": "fp64_contents"}
+CONTENTS = {
+    "bool": "bool_contents",
+    "int8": "int_contents",
+    "int16": "int_contents",
+    "int32": "int_contents",
+    "int64": "int64_contents",
+    "uint8": "uint_contents",
+    "uint16": "uint_contents",
+    "uint32": "uint_contents",
+    "uint64": "uint64_contents",
+    "float16": "fp32_contents",
+    "bfloat16": "fp32_contents",
+    "float32": "fp32_contents",
+    "float64": "fp64_contents",
+}
 
 
 async def _principal(context: grpc.aio.ServicerContext, scope: str = "infer") -> auth.Principal:
@@ -89,20 +106,27 @@ def inputs_of(request: Any, served: Served) -> dict[str, np.ndarray]:
 
 SERVICE = "inference.GRPCInferenceService"
 # method -> (request type, response type)
-METHODS: dict[str, tuple[Any, Any]] = {"ServerLive": (pb.ServerLiveRequest, pb.ServerLiveResponse),
-           "ServerReady": (pb.ServerReadyRequest, pb.ServerReadyResponse),
-           "ModelReady": (pb.ModelReadyRequest, pb.ModelReadyResponse),
-           "ServerMetadata": (pb.ServerMetadataRequest, pb.ServerMetadataResponse),
-           "ModelMetadata": (pb.ModelMetadataRequest, pb.ModelMetadataResponse),
-           "ModelInfer": (pb.ModelInferRequest, pb.ModelInferResponse)}
+METHODS: dict[str, tuple[Any, Any]] = {
+    "ServerLive": (pb.ServerLiveRequest, pb.ServerLiveResponse),
+    "ServerReady": (pb.ServerReadyRequest, pb.ServerReadyResponse),
+    "ModelReady": (pb.ModelReadyRequest, pb.ModelReadyResponse),
+    "ServerMetadata": (pb.ServerMetadataRequest, pb.ServerMetadataResponse),
+    "ModelMetadata": (pb.ModelMetadataRequest, pb.ModelMetadataResponse),
+    "ModelInfer": (pb.ModelInferRequest, pb.ModelInferResponse),
+}
 
 
 def handler(service: InferenceService) -> grpc.GenericRpcHandler:
     """The protocol's unary methods at their paths (/inference.GRPCInferenceService/<Method>)."""
-    return grpc.method_handlers_generic_handler(SERVICE, {
-        name: grpc.unary_unary_rpc_method_handler(getattr(service, name), request_deserializer=req.FromString,
-                                                  response_serializer=resp.SerializeToString)
-        for name, (req, resp) in METHODS.items()})
+    return grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            name: grpc.unary_unary_rpc_method_handler(
+                getattr(service, name), request_deserializer=req.FromString, response_serializer=resp.SerializeToString
+            )
+            for name, (req, resp) in METHODS.items()
+        },
+    )
 
 
 class InferenceService:
@@ -142,9 +166,13 @@ class InferenceService:
             versions = sorted(s.version for s in self.manager.all() if s.name == request.name and s.owner == who.owner)
             meta = served.metadata(versions)
             tensor = pb.ModelMetadataResponse.TensorMetadata
-            return pb.ModelMetadataResponse(name=meta["name"], versions=meta["versions"], platform=meta["platform"],
-                                            inputs=[tensor(**t) for t in meta["inputs"]],
-                                            outputs=[tensor(**t) for t in meta["outputs"]])
+            return pb.ModelMetadataResponse(
+                name=meta["name"],
+                versions=meta["versions"],
+                platform=meta["platform"],
+                inputs=[tensor(**t) for t in meta["inputs"]],
+                outputs=[tensor(**t) for t in meta["outputs"]],
+            )
         except Exception as exc:  # noqa: BLE001 - answered as a status
             await self._guard(context, exc)
 
@@ -167,8 +195,9 @@ class InferenceService:
             wanted = [o.name for o in request.outputs]
             unknown = [o for o in wanted if o not in served.output_dtypes]
             if unknown:
-                raise InvalidInput(f"unknown output(s) {', '.join(unknown)}; the model has "
-                                   f"{', '.join(served.output_dtypes)}")
+                raise InvalidInput(
+                    f"unknown output(s) {', '.join(unknown)}; the model has {', '.join(served.output_dtypes)}"
+                )
             response = pb.ModelInferResponse(model_name=served.name, model_version=str(served.version), id=request.id)
             for name in wanted or list(outputs):
                 arr = outputs[name]
@@ -194,8 +223,9 @@ def _kiln_version() -> str:
 async def start(manager: Manager, host: str, port: int) -> grpc.aio.Server | None:
     """Serve the protocol on host:port (None, with a logged reason, when the port cannot be bound)."""
     limit = get_settings().max_infer_bytes
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
-                                      ("grpc.max_send_message_length", limit)])
+    server = grpc.aio.server(
+        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+    )
     server.add_generic_rpc_handlers((handler(InferenceService(manager)),))
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:

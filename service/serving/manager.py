@@ -68,15 +68,23 @@ class Served:
 
     def metadata(self, versions: list[int]) -> dict[str, Any]:
         """The protocol's model metadata (dynamic sizes as -1), for HTTP and gRPC alike."""
+
         def shape(spec: TensorSpec) -> list[int]:
             return [d if isinstance(d, int) else -1 for d in spec.shape or []]
 
-        return {"name": self.name, "versions": [str(v) for v in versions],
-                "platform": PLATFORMS.get(self.runtime, self.runtime),
-                "inputs": [{"name": s.name, "datatype": protocol.DTYPE_TO_V2[self.input_dtypes[s.name]],
-                            "shape": shape(s)} for s in self.signature.inputs],
-                "outputs": [{"name": s.name, "datatype": protocol.DTYPE_TO_V2.get(s.dtype or "float32", "FP32"),
-                             "shape": shape(s)} for s in self.signature.outputs]}
+        return {
+            "name": self.name,
+            "versions": [str(v) for v in versions],
+            "platform": PLATFORMS.get(self.runtime, self.runtime),
+            "inputs": [
+                {"name": s.name, "datatype": protocol.DTYPE_TO_V2[self.input_dtypes[s.name]], "shape": shape(s)}
+                for s in self.signature.inputs
+            ],
+            "outputs": [
+                {"name": s.name, "datatype": protocol.DTYPE_TO_V2.get(s.dtype or "float32", "FP32"), "shape": shape(s)}
+                for s in self.signature.outputs
+            ],
+        }
 
     def check(self, inputs: dict[str, np.ndarray]) -> None:
         """Every input present, with the signature's rank, static sizes and dynamic ranges."""
@@ -87,21 +95,26 @@ class Served:
         for spec in self.signature.inputs:
             arr, shape = inputs[spec.name], spec.shape or []
             if arr.ndim != len(shape):
-                raise InvalidInput(f"input {spec.name!r} has shape {list(arr.shape)}; the model takes rank "
-                                   f"{len(shape)} {_show(shape)}")
+                raise InvalidInput(
+                    f"input {spec.name!r} has shape {list(arr.shape)}; the model takes rank {len(shape)} {_show(shape)}"
+                )
             for axis, (want, got) in enumerate(zip(shape, arr.shape)):
                 if isinstance(want, int):
                     if want != got:
-                        raise InvalidInput(f"input {spec.name!r} axis {axis} is {got}; the model takes {want} "
-                                           f"{_show(shape)}")
+                        raise InvalidInput(
+                            f"input {spec.name!r} axis {axis} is {got}; the model takes {want} {_show(shape)}"
+                        )
                     continue
                 r = self.signature.dims[want]
                 if not r.min <= got <= r.max:
-                    raise InvalidInput(f"input {spec.name!r} axis {axis} ({want}) is {got}, outside this "
-                                       f"deployment's range {r.min}..{r.max}")
+                    raise InvalidInput(
+                        f"input {spec.name!r} axis {axis} ({want}) is {got}, outside this "
+                        f"deployment's range {r.min}..{r.max}"
+                    )
                 if sizes.setdefault(want, got) != got:
-                    raise InvalidInput(f"dimension {want!r} is {sizes[want]} in one input and {got} in "
-                                       f"{spec.name!r}; they must agree")
+                    raise InvalidInput(
+                        f"dimension {want!r} is {sizes[want]} in one input and {got} in {spec.name!r}; they must agree"
+                    )
 
     def close(self) -> None:
         """Unload: the batcher answers what it accepted; the runtimes go once that has run."""
@@ -148,15 +161,17 @@ def batching_check(run: Callable[[sample_io.Sample], dict[str, np.ndarray]], sig
             continue
         together = run(sample)
         for i in range(rows):
-            alone = run({n: a[i:i + 1] for n, a in sample.items()})
+            alone = run({n: a[i : i + 1] for n, a in sample.items()})
             for name, value in alone.items():
-                ref = together[name][i:i + 1].astype(np.float64)
+                ref = together[name][i : i + 1].astype(np.float64)
                 diff = float(np.max(np.abs(value.astype(np.float64) - ref))) if value.size else 0.0
                 scale = float(np.max(np.abs(ref))) if ref.size else 0.0
                 worst = max(worst, diff)
                 if diff > 1e-4 + 1e-3 * scale:
-                    return False, (f"rows are not independent: output {name!r} of row {i} differs by {diff:.3g} "
-                                   "when run together with other rows; serving unbatched")
+                    return False, (
+                        f"rows are not independent: output {name!r} of row {i} differs by {diff:.3g} "
+                        "when run together with other rows; serving unbatched"
+                    )
     return True, f"rows run alone match rows run together (max diff {worst:.2g})"
 
 
@@ -192,8 +207,10 @@ class Manager:
     def ready(self) -> bool:
         """Loaded what the database says, and every default version is ready."""
         with self.lock:
-            return self.synced and all(self.served.get(k, {}).get(v) is not None
-                                       and self.served[k][v].state == "ready" for k, v in self.defaults.items())
+            return self.synced and all(
+                self.served.get(k, {}).get(v) is not None and self.served[k][v].state == "ready"
+                for k, v in self.defaults.items()
+            )
 
     # --- loading ----------------------------------------------------------------------------------
     def load(self, row: dict[str, Any], *, replace: bool = True) -> Served:
@@ -203,13 +220,26 @@ class Manager:
         is left alone: a request that is loading it right now must not see its work thrown away."""
         opts = {**DEFAULT_OPTIONS, **(row.get("options") or {})}
         sig = Signature.parse(row["signature"])
-        served = Served(owner=row["owner"], name=row["name"], version=row["version"], deployment_id=row["id"],
-                        candidate_id=row["candidate_id"], candidate_name=row["candidate_name"],
-                        runtime=row["runtime"], signature=sig, options=opts, updated=row["updated"])
+        served = Served(
+            owner=row["owner"],
+            name=row["name"],
+            version=row["version"],
+            deployment_id=row["id"],
+            candidate_id=row["candidate_id"],
+            candidate_name=row["candidate_name"],
+            runtime=row["runtime"],
+            signature=sig,
+            options=opts,
+            updated=row["updated"],
+        )
         with self.lock:
             old = self.served.setdefault((served.owner, served.name), {}).get(served.version)
-            if (not replace and old is not None and old.options == opts
-                    and not (old.state == "failed" and row["updated"] > old.updated)):
+            if (
+                not replace
+                and old is not None
+                and old.options == opts
+                and not (old.state == "failed" and row["updated"] > old.updated)
+            ):
                 return old
             self.served[(served.owner, served.name)][served.version] = served
         if old is not None:
@@ -231,18 +261,33 @@ class Manager:
             bd_max = sig.dims[sig.batch_dim].max if sig.batch_dim else 1
             served.max_batch = min(int(opts["max_batch_size"] or bd_max), bd_max)
             if opts["max_batch_size"] and int(opts["max_batch_size"]) > bd_max:
-                served.batching_note += (f"; max_batch_size {opts['max_batch_size']} is above the signature's "
-                                         f"{sig.batch_dim} max, so batches stop at {bd_max}")
+                served.batching_note += (
+                    f"; max_batch_size {opts['max_batch_size']} is above the signature's "
+                    f"{sig.batch_dim} max, so batches stop at {bd_max}"
+                )
             if served.max_batch <= 1:
                 served.batching = False
-            served.batcher = Batcher([rt.run for rt in served.instances], max_batch=served.max_batch,
-                                     max_delay_s=float(opts["max_queue_delay_ms"] or 0) / 1e3,
-                                     batching=served.batching, labels=(served.name, str(served.version)))
+            served.batcher = Batcher(
+                [rt.run for rt in served.instances],
+                max_batch=served.max_batch,
+                max_delay_s=float(opts["max_queue_delay_ms"] or 0) / 1e3,
+                batching=served.batching,
+                labels=(served.name, str(served.version)),
+            )
             served.state = "ready"
-            logger.info("deployment %s v%d ready (%s, batching %s: %s)", served.name, served.version,
-                        served.candidate_name, "on" if served.batching else "off", served.batching_note)
+            logger.info(
+                "deployment %s v%d ready (%s, batching %s: %s)",
+                served.name,
+                served.version,
+                served.candidate_name,
+                "on" if served.batching else "off",
+                served.batching_note,
+            )
         except Exception as exc:  # noqa: BLE001 - a load that fails is reported, never raised into serving
-            served.state, served.error = "failed", f"{type(exc).__name__}: {str(exc).splitlines()[0][:400] if str(exc) else ''}"
+            served.state, served.error = (
+                "failed",
+                f"{type(exc).__name__}: {str(exc).splitlines()[0][:400] if str(exc) else ''}",
+            )
             served.close()
             logger.warning("deployment %s v%d failed to load: %s", served.name, served.version, served.error)
         self._count()
@@ -282,8 +327,11 @@ class Manager:
                 self.unload(key[0], key[1], key[2])
         for key, row in want.items():
             served = have.get(key)
-            if (served is None or served.options != {**DEFAULT_OPTIONS, **row["options"]}
-                    or (served.state == "failed" and row["updated"] > served.updated)):
+            if (
+                served is None
+                or served.options != {**DEFAULT_OPTIONS, **row["options"]}
+                or (served.state == "failed" and row["updated"] > served.updated)
+            ):
                 self.load(row, replace=False)
         # Loads can take seconds: the defaults come from a fresh read, not the one before them.
         fresh = desired_rows()
@@ -321,10 +369,20 @@ def desired_rows() -> list[dict[str, Any]]:
 
 def row_dict(r: Deployment) -> dict[str, Any]:
     c = r.candidate
-    return {"id": r.id, "owner": r.owner, "name": r.name, "version": r.version, "candidate_id": r.candidate_id,
-            "candidate_name": c.name, "runtime": c.target, "files": c.files,
-            "signature": _signature_of(r), "options": r.options or {},
-            "is_default": r.is_default, "updated": r.updated_at.timestamp()}
+    return {
+        "id": r.id,
+        "owner": r.owner,
+        "name": r.name,
+        "version": r.version,
+        "candidate_id": r.candidate_id,
+        "candidate_name": c.name,
+        "runtime": c.target,
+        "files": c.files,
+        "signature": _signature_of(r),
+        "options": r.options or {},
+        "is_default": r.is_default,
+        "updated": r.updated_at.timestamp(),
+    }
 
 
 def _signature_of(r: Deployment) -> dict:
@@ -378,8 +436,10 @@ class SyncLoop:
 async def infer(served: Served, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Run a checked request through the deployment's batcher."""
     if served.state != "ready" or served.batcher is None:
-        raise Unavailable(f"model {served.name!r} version {served.version} is not ready"
-                          + (f": {served.error}" if served.error else ""))
+        raise Unavailable(
+            f"model {served.name!r} version {served.version} is not ready"
+            + (f": {served.error}" if served.error else "")
+        )
     start = time.perf_counter()
     metrics.IN_FLIGHT.labels(served.name, str(served.version)).inc()
     try:
@@ -387,5 +447,3 @@ async def infer(served: Served, inputs: dict[str, np.ndarray]) -> dict[str, np.n
     finally:
         metrics.IN_FLIGHT.labels(served.name, str(served.version)).dec()
         metrics.REQUEST.labels(served.name, str(served.version)).observe(time.perf_counter() - start)
-
-

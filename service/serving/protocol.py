@@ -15,9 +15,21 @@ from service.errors import InvalidInput
 from service.signature import numpy_dtype
 
 # protocol datatype <-> Kiln dtype name
-V2_TO_DTYPE = {"BOOL": "bool", "UINT8": "uint8", "UINT16": "uint16", "UINT32": "uint32", "UINT64": "uint64",
-               "INT8": "int8", "INT16": "int16", "INT32": "int32", "INT64": "int64", "FP16": "float16",
-               "FP32": "float32", "FP64": "float64", "BF16": "bfloat16"}
+V2_TO_DTYPE = {
+    "BOOL": "bool",
+    "UINT8": "uint8",
+    "UINT16": "uint16",
+    "UINT32": "uint32",
+    "UINT64": "uint64",
+    "INT8": "int8",
+    "INT16": "int16",
+    "INT32": "int32",
+    "INT64": "int64",
+    "FP16": "float16",
+    "FP32": "float32",
+    "FP64": "float64",
+    "BF16": "bfloat16",
+}
 DTYPE_TO_V2 = {v: k for k, v in V2_TO_DTYPE.items()}
 HEADER_LENGTH = "inference-header-content-length"
 MAX_JSON_DEPTH = 64
@@ -43,8 +55,9 @@ def parse(body: bytes, header_length: str | None, expected: dict[str, str]) -> I
     """Parse an /infer body. `expected` maps input names to the dtypes the model takes."""
     if header_length is not None:
         if not (header_length.isascii() and header_length.isdigit()) or int(header_length) > len(body):
-            raise InvalidInput(f"Inference-Header-Content-Length {header_length[:40]!r} does not fit a body of "
-                               f"{len(body)} bytes")
+            raise InvalidInput(
+                f"Inference-Header-Content-Length {header_length[:40]!r} does not fit a body of {len(body)} bytes"
+            )
         n = int(header_length)
         header, binary = body[:n], memoryview(body)[n:]
     else:
@@ -61,19 +74,23 @@ def parse(body: bytes, header_length: str | None, expected: dict[str, str]) -> I
     for item in doc["inputs"]:
         if not isinstance(item, dict):
             raise InvalidInput("each input must be an object with name, shape, datatype and data")
-        name, shape, dtype, count = check_input(item.get("name"), item.get("shape"), item.get("datatype"), expected,
-                                                inputs)
+        name, shape, dtype, count = check_input(
+            item.get("name"), item.get("shape"), item.get("datatype"), expected, inputs
+        )
         datatype = DTYPE_TO_V2[dtype]
         size = (item.get("parameters") or {}).get("binary_data_size")
         if size is not None:
             itemsize = np_dtype(dtype).itemsize
             if not isinstance(size, int) or size != count * itemsize:
-                raise InvalidInput(f"input {name!r}: binary_data_size {size} does not match shape {shape} of "
-                                   f"{datatype} ({count * itemsize} bytes)")
+                raise InvalidInput(
+                    f"input {name!r}: binary_data_size {size} does not match shape {shape} of "
+                    f"{datatype} ({count * itemsize} bytes)"
+                )
             if offset + size > len(binary):
-                raise InvalidInput(f"input {name!r}: the body holds {len(binary) - offset} more bytes, "
-                                   f"binary_data_size says {size}")
-            arr = np.frombuffer(binary[offset:offset + size], dtype=np_dtype(dtype)).reshape(shape)
+                raise InvalidInput(
+                    f"input {name!r}: the body holds {len(binary) - offset} more bytes, binary_data_size says {size}"
+                )
+            arr = np.frombuffer(binary[offset : offset + size], dtype=np_dtype(dtype)).reshape(shape)
             offset += size
         else:
             if "data" not in item:
@@ -94,13 +111,19 @@ def parse(body: bytes, header_length: str | None, expected: dict[str, str]) -> I
                 binary_outputs.add(o["name"])
     params: dict[str, Any] = doc["parameters"] if isinstance(doc.get("parameters"), dict) else {}
     rid = doc.get("id")
-    return InferRequest(id=str(rid) if rid is not None else None, inputs=inputs, outputs=outputs,
-                        binary_outputs=binary_outputs, binary_all=bool(params.get("binary_data_output")),
-                        parameters=params)
+    return InferRequest(
+        id=str(rid) if rid is not None else None,
+        inputs=inputs,
+        outputs=outputs,
+        binary_outputs=binary_outputs,
+        binary_all=bool(params.get("binary_data_output")),
+        parameters=params,
+    )
 
 
-def check_input(name: Any, shape: Any, datatype: Any, expected: dict[str, str],
-                seen: dict[str, np.ndarray]) -> tuple[str, list[int], str, int]:
+def check_input(
+    name: Any, shape: Any, datatype: Any, expected: dict[str, str], seen: dict[str, np.ndarray]
+) -> tuple[str, list[int], str, int]:
     """One input tensor's name, shape and datatype checked against the model (for JSON and gRPC
     requests alike): its name, shape, Kiln dtype and element count."""
     if not isinstance(name, str):
@@ -109,16 +132,16 @@ def check_input(name: Any, shape: Any, datatype: Any, expected: dict[str, str],
         raise InvalidInput(f"input {name!r} is given twice")
     if name not in expected:
         raise InvalidInput(f"unknown input {name!r}; the model takes {', '.join(expected)}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                              for d in shape):
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise InvalidInput(f"input {name!r}: 'shape' must be a list of non-negative integers")
     if len(shape) > MAX_RANK:
         raise InvalidInput(f"input {name!r}: rank {len(shape)} is more than the {MAX_RANK} dimensions accepted")
     if math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS:  # numpy refuses such shapes even when one is 0
         raise InvalidInput(f"input {name!r}: shape {shape} is too large (over {MAX_ELEMENTS} elements)")
     if datatype not in V2_TO_DTYPE:
-        raise InvalidInput(f"input {name!r}: datatype {datatype!r} is not supported; use one of "
-                           f"{', '.join(V2_TO_DTYPE)}")
+        raise InvalidInput(
+            f"input {name!r}: datatype {datatype!r} is not supported; use one of {', '.join(V2_TO_DTYPE)}"
+        )
     dtype = V2_TO_DTYPE[datatype]
     want = expected[name]
     if dtype != want:
@@ -130,8 +153,9 @@ def from_raw(name: str, raw: bytes | memoryview, dtype: str, shape: list[int], c
     """An input from its raw little-endian bytes (Triton's binary extension, gRPC raw contents)."""
     itemsize = np_dtype(dtype).itemsize
     if len(raw) != count * itemsize:
-        raise InvalidInput(f"input {name!r}: {len(raw)} bytes given, shape {shape} of "
-                           f"{DTYPE_TO_V2[dtype]} needs {count * itemsize}")
+        raise InvalidInput(
+            f"input {name!r}: {len(raw)} bytes given, shape {shape} of {DTYPE_TO_V2[dtype]} needs {count * itemsize}"
+        )
     return np.frombuffer(raw, dtype=np_dtype(dtype)).reshape(shape)
 
 
@@ -158,8 +182,13 @@ def _check_depth(doc: Any) -> None:
             stack.extend((v, depth + 1) for v in obj)
 
 
-def encode(model: str, version: str, request: InferRequest, outputs: dict[str, np.ndarray],
-           out_dtypes: Mapping[str, str | None]) -> tuple[bytes, dict[str, str]]:
+def encode(
+    model: str,
+    version: str,
+    request: InferRequest,
+    outputs: dict[str, np.ndarray],
+    out_dtypes: Mapping[str, str | None],
+) -> tuple[bytes, dict[str, str]]:
     """The response body and headers: JSON, or JSON header + binary tensors where asked for."""
     items, blobs = [], []
     for name, arr in outputs.items():
@@ -178,5 +207,4 @@ def encode(model: str, version: str, request: InferRequest, outputs: dict[str, n
     header = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
     if not blobs:
         return header, {"content-type": "application/json"}
-    return header + b"".join(blobs), {"content-type": "application/octet-stream",
-                                      HEADER_LENGTH: str(len(header))}
+    return header + b"".join(blobs), {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(header))}

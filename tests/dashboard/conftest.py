@@ -20,16 +20,25 @@ import pytest
 
 from tests.conftest import ARTIFACTS
 
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--disable-quic"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
 VIEWPORT = {"width": 1440, "height": 900}
 
 
 def chromium_path() -> str:
     path = os.environ.get("KILN_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
     if not Path(path).exists():
-        pytest.fail(f"no chromium at {path}: the dashboard tests need Debian's chromium (apt-get install chromium) "
-                    "or KILN_CHROMIUM set to a Chromium binary")
+        pytest.fail(
+            f"no chromium at {path}: the dashboard tests need Debian's chromium (apt-get install chromium) "
+            "or KILN_CHROMIUM set to a Chromium binary"
+        )
     return path
 
 
@@ -126,8 +135,10 @@ def browser():
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        pytest.fail("the dashboard tests need the playwright Python package (pip install playwright); "
-                    "never `playwright install`: they use the system's chromium")
+        pytest.fail(
+            "the dashboard tests need the playwright Python package (pip install playwright); "
+            "never `playwright install`: they use the system's chromium"
+        )
     executable = chromium_path()
     with sync_playwright() as pw:
         b = pw.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)

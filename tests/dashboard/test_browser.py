@@ -45,8 +45,9 @@ SMALL_SIGNATURE = {"inputs": ["x:float32[batch,4]"], "outputs": ["y"], "dims": {
 
 def upload_and_start(kiln, name: str, source: str | bytes, filename: str, signature: dict, **options) -> str:
     """A model uploaded and its job started through the API (for tests about other pages)."""
-    r = kiln.http.post("/v1/models", data={"name": name, "signature": json.dumps(signature)},
-                       files={"file": (filename, source)})
+    r = kiln.http.post(
+        "/v1/models", data={"name": name, "signature": json.dumps(signature)}, files={"file": (filename, source)}
+    )
     assert r.status_code in (200, 201), r.text
     r = kiln.http.post("/v1/jobs", json={"model": name, **options})
     assert r.status_code == 202, r.text
@@ -142,8 +143,11 @@ def test_sign_in_and_out(kiln, browser, shots):
 
 def test_api_errors_are_shown_with_their_detail(kiln, page):
     bad = {"inputs": ["image:float99[batch,3,32,32]"], "outputs": ["logits"]}
-    r = kiln.http.post("/v1/models", data={"name": "broken-sig", "signature": json.dumps(bad)},
-                       files={"file": ("cnn.py", (ZOO / "cnn.py").read_bytes())})
+    r = kiln.http.post(
+        "/v1/models",
+        data={"name": "broken-sig", "signature": json.dumps(bad)},
+        files={"file": ("cnn.py", (ZOO / "cnn.py").read_bytes())},
+    )
     assert r.status_code == 400
     detail = r.json()["detail"]
     page.goto("/models")
@@ -192,10 +196,18 @@ def test_job_page_shows_the_reports_numbers(cnn_job, kiln, page, shots):
             continue
         assert row.get_attribute("data-result") == ("pass" if validation["passed"] else "fail")
         outs = list(validation["outputs"].values())
-        want = {"max_abs": max(o["max_abs"] for o in outs), "rel": max(o["rel"] for o in outs),
-                "cosine": min(o["cosine"] for o in outs), "top1": min(o["top1"] for o in outs)}
-        shown = {"max_abs": formatting.num, "rel": formatting.num, "cosine": formatting.cosine,
-                 "top1": formatting.percent}
+        want = {
+            "max_abs": max(o["max_abs"] for o in outs),
+            "rel": max(o["rel"] for o in outs),
+            "cosine": min(o["cosine"] for o in outs),
+            "top1": min(o["top1"] for o in outs),
+        }
+        shown = {
+            "max_abs": formatting.num,
+            "rel": formatting.num,
+            "cosine": formatting.cosine,
+            "top1": formatting.percent,
+        }
         for metric, value in want.items():
             cell = row.locator(f"[data-metric={metric}]")
             assert float(cell.get_attribute("data-value")) == value, (cand["id"], metric)
@@ -214,14 +226,18 @@ def test_job_page_shows_the_reports_numbers(cnn_job, kiln, page, shots):
         assert interval in text and text.endswith("noisy") == cand["noisy"], text
     # how the figures were taken, and which references cannot discriminate, as the report says
     conditions = report["benchmark_conditions"]
-    expect(page.locator("[data-field=conditions]")).to_contain_text(f"Timed in {conditions['rounds']} interleaved rounds")
+    expect(page.locator("[data-field=conditions]")).to_contain_text(
+        f"Timed in {conditions['rounds']} interleaved rounds"
+    )
     flagged = page.locator("[data-field=degenerate]").evaluate_all("els => els.map(e => e.dataset.output)")
     assert sorted(flagged) == sorted(report["degenerate"]), (flagged, report["degenerate"])
 
     eager = table.locator("tr[data-candidate=eager]")
     for point in report["eager_benchmark"]:
-        assert float(eager.locator(f"[data-metric=p50][data-batch='{point['batch']}']").get_attribute("data-value")) \
+        assert (
+            float(eager.locator(f"[data-metric=p50][data-batch='{point['batch']}']").get_attribute("data-value"))
             == point["p50_ms"]
+        )
 
     winner = report["selection"]["candidate"]
     assert table.locator("tr.selected").get_attribute("data-candidate") == winner
@@ -282,8 +298,9 @@ def test_deploy_try_it_roll_back_and_undeploy(cnn_job, kiln, page, shots):
     expect(v1.locator("[data-figure=p50]")).not_to_have_text("—")
     expect(v1.locator("[data-figure=errors]")).to_have_text("0")
     # a request the model refuses: the /v2 error, as the API words it
-    card.locator(".tryit textarea").fill(json.dumps({"inputs": [{"name": "image", "shape": [1, 3], "datatype": "FP32",
-                                                                 "data": [0, 0, 0]}]}))
+    card.locator(".tryit textarea").fill(
+        json.dumps({"inputs": [{"name": "image", "shape": [1, 3], "datatype": "FP32", "data": [0, 0, 0]}]})
+    )
     card.locator("[data-send]").click()
     expect(card.locator(".response-error")).to_contain_text("the model takes rank 4")
     expect(card.locator("[data-field=response-meta]")).to_have_text("HTTP 400")
@@ -341,8 +358,15 @@ def test_a_failed_step_shows_its_log_and_the_job_can_be_retried(kiln, page, shot
 
 
 def test_a_frozen_branch_is_shown_with_what_kiln_did(kiln, page, shots):
-    job_id = upload_and_start(kiln, "controlflow", (ZOO / "controlflow.py").read_bytes(), "controlflow.py",
-                              zoo_signature("controlflow"), targets=["onnxruntime", "torchscript"], **FAST)
+    job_id = upload_and_start(
+        kiln,
+        "controlflow",
+        (ZOO / "controlflow.py").read_bytes(),
+        "controlflow.py",
+        zoo_signature("controlflow"),
+        targets=["onnxruntime", "torchscript"],
+        **FAST,
+    )
     page.goto(f"/jobs/{job_id}")
     expect(page.locator("#job-head [data-field=status]")).to_have_text("succeeded", timeout=120_000)
     hazards = kiln.http.get(f"/v1/jobs/{job_id}").json()["hazards"]

@@ -15,11 +15,25 @@ from enum import IntEnum
 from typing import Any
 
 # ONNX op type -> TensorRT LayerType member, for the kinds the fp32 fallback looks at.
-_KINDS = {"Softmax": "SOFTMAX", "LayerNormalization": "NORMALIZATION", "ReduceMean": "REDUCE", "Exp": "UNARY",
-          "Sqrt": "UNARY", "Conv": "CONVOLUTION", "MatMul": "MATRIX_MULTIPLY", "Gemm": "MATRIX_MULTIPLY",
-          "Relu": "ACTIVATION", "Add": "ELEMENTWISE", "Mul": "ELEMENTWISE", "Div": "ELEMENTWISE",
-          "Constant": "CONSTANT", "Shape": "SHAPE", "Cast": "CAST", "QuantizeLinear": "QUANTIZE",
-          "DequantizeLinear": "DEQUANTIZE"}
+_KINDS = {
+    "Softmax": "SOFTMAX",
+    "LayerNormalization": "NORMALIZATION",
+    "ReduceMean": "REDUCE",
+    "Exp": "UNARY",
+    "Sqrt": "UNARY",
+    "Conv": "CONVOLUTION",
+    "MatMul": "MATRIX_MULTIPLY",
+    "Gemm": "MATRIX_MULTIPLY",
+    "Relu": "ACTIVATION",
+    "Add": "ELEMENTWISE",
+    "Mul": "ELEMENTWISE",
+    "Div": "ELEMENTWISE",
+    "Constant": "CONSTANT",
+    "Shape": "SHAPE",
+    "Cast": "CAST",
+    "QuantizeLinear": "QUANTIZE",
+    "DequantizeLinear": "DEQUANTIZE",
+}
 
 
 def make(*, weak: bool = True, version: str = "10.16.1.11") -> types.ModuleType:
@@ -32,7 +46,8 @@ def make(*, weak: bool = True, version: str = "10.16.1.11") -> types.ModuleType:
         flags += ["FP16", "BF16", "INT8", "OBEY_PRECISION_CONSTRAINTS", "PREFER_PRECISION_CONSTRAINTS"]
     trt.BuilderFlag = IntEnum("BuilderFlag", flags, start=0)
     trt.NetworkDefinitionCreationFlag = IntEnum(
-        "NetworkDefinitionCreationFlag", (["EXPLICIT_BATCH"] if weak else []) + ["STRONGLY_TYPED"], start=0)
+        "NetworkDefinitionCreationFlag", (["EXPLICIT_BATCH"] if weak else []) + ["STRONGLY_TYPED"], start=0
+    )
     trt.DataType = IntEnum("DataType", ["FLOAT", "HALF", "INT8", "INT32", "BOOL", "UINT8", "BF16", "INT64"], start=0)
     trt.float32, trt.float16, trt.bfloat16 = trt.DataType.FLOAT, trt.DataType.HALF, trt.DataType.BF16
     trt.int8, trt.int32, trt.int64 = trt.DataType.INT8, trt.DataType.INT32, trt.DataType.INT64
@@ -218,15 +233,20 @@ def make(*, weak: bool = True, version: str = "10.16.1.11") -> types.ModuleType:
             if "UnsupportedByBuilder" in network.op_types:
                 self.logger.log(ILogger.Severity.ERROR, "no implementation for UnsupportedByBuilder")
                 return None
-            return json.dumps({
-                "strongly_typed": strongly, "flags": sorted(config.flags_set), "op_types": network.op_types,
-                "profiles": [{n: [list(s) for s in v] for n, v in p.shapes.items()} for p in config.profiles],
-                "fp32_layers": sorted(layer.name for layer in network.layers
-                                      if layer.precision == trt.DataType.FLOAT),
-                "calibrator": weak and config.int8_calibrator is not None,
-                "calibration_profile": config.calibration_profile is not None,
-                "timing_cache_loaded": config.timing_cache.data.decode() if config.timing_cache else None,
-            }).encode()
+            return json.dumps(
+                {
+                    "strongly_typed": strongly,
+                    "flags": sorted(config.flags_set),
+                    "op_types": network.op_types,
+                    "profiles": [{n: [list(s) for s in v] for n, v in p.shapes.items()} for p in config.profiles],
+                    "fp32_layers": sorted(
+                        layer.name for layer in network.layers if layer.precision == trt.DataType.FLOAT
+                    ),
+                    "calibrator": weak and config.int8_calibrator is not None,
+                    "calibration_profile": config.calibration_profile is not None,
+                    "timing_cache_loaded": config.timing_cache.data.decode() if config.timing_cache else None,
+                }
+            ).encode()
 
     class Runtime:
         def __init__(self, logger: Any) -> None:
@@ -235,11 +255,23 @@ def make(*, weak: bool = True, version: str = "10.16.1.11") -> types.ModuleType:
         def deserialize_cuda_engine(self, data: bytes) -> Any:
             raise RuntimeError("the fake TensorRT has no GPU to run engines on")
 
-    for cls in (ILogger, Logger, ITensor, ILayer, INetworkDefinition, OnnxParser, IOptimizationProfile,
-                ITimingCache, IBuilderConfig, Builder, Runtime):
+    for cls in (
+        ILogger,
+        Logger,
+        ITensor,
+        ILayer,
+        INetworkDefinition,
+        OnnxParser,
+        IOptimizationProfile,
+        ITimingCache,
+        IBuilderConfig,
+        Builder,
+        Runtime,
+    ):
         setattr(trt, cls.__name__, cls)
 
     if weak:
+
         class IInt8EntropyCalibrator2:
             def __init__(self) -> None:
                 pass

@@ -26,8 +26,11 @@ def test_gpu_candidates_are_variants_of_their_target():
     assert ort.variants("fp32", ["cpu"]) == [None]
     assert ts.variants("bf16", both) == [None, "cuda"] and ts.variants("int8", both) == []
     assert trt.variants("fp16", ["cpu"]) == [None]  # engines are GPU-only whatever the devices
-    assert [candidate_id("onnxruntime", "fp16", v) for v in ort.variants("fp16", both)] == \
-        ["onnxruntime-fp16", "onnxruntime-fp16-cuda", "onnxruntime-fp16-trt"]
+    assert [candidate_id("onnxruntime", "fp16", v) for v in ort.variants("fp16", both)] == [
+        "onnxruntime-fp16",
+        "onnxruntime-fp16-cuda",
+        "onnxruntime-fp16-trt",
+    ]
     assert candidate_id("torchscript", "bf16", "cuda") == "torchscript-bf16-cuda"
 
 
@@ -56,9 +59,12 @@ def test_onnxruntime_refuses_to_run_a_cuda_artifact_on_the_cpu(tmp_path):
     import onnx
     from onnx import TensorProto, helper
 
-    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save(model, str(tmp_path / "m.onnx"))
@@ -66,8 +72,10 @@ def test_onnxruntime_refuses_to_run_a_cuda_artifact_on_the_cpu(tmp_path):
 
     if "CUDAExecutionProvider" in __import__("onnxruntime").get_available_providers():
         pytest.skip("this ONNX Runtime has the CUDA provider; the refusal is for builds or hosts without it")
-    with pytest.raises(RuntimeUnavailable, match="CUDAExecutionProvider was asked for but ONNX Runtime could only "
-                                                 "start CPUExecutionProvider"):
+    with pytest.raises(
+        RuntimeUnavailable,
+        match="CUDAExecutionProvider was asked for but ONNX Runtime could only start CPUExecutionProvider",
+    ):
         OnnxRuntime(tmp_path / "m.onnx", device="cuda")
     assert OnnxRuntime(tmp_path / "m.onnx").run({"x": -np.ones((1, 4), np.float32)})["y"].max() == 0
 
@@ -79,6 +87,7 @@ def test_traced_cpu_device_constants_are_retargeted():
 
     from tests.conftest import ZOO
     from workers.sandbox_ops import retarget_device_constants
+
     spec = importlib.util.spec_from_file_location("zoo_transformer", ZOO / "transformer.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -91,17 +100,38 @@ def test_traced_cpu_device_constants_are_retargeted():
 
 
 def test_gpu_candidates_are_unavailable_here_and_the_cpu_ones_complete(tmp_path):
-    ctx = engine.convert(zoo_bundle(tmp_path, "mlp"), tmp_path / "out", signature=zoo_signature("mlp"),
-                         options={"targets": ["onnxruntime", "torchscript", "tensorrt"], "precisions": ["fp32", "fp16"],
-                                  "devices": ["cpu", "cuda"], "bench_seconds": 0.05, "threads": 1})
+    ctx = engine.convert(
+        zoo_bundle(tmp_path, "mlp"),
+        tmp_path / "out",
+        signature=zoo_signature("mlp"),
+        options={
+            "targets": ["onnxruntime", "torchscript", "tensorrt"],
+            "precisions": ["fp32", "fp16"],
+            "devices": ["cpu", "cuda"],
+            "bench_seconds": 0.05,
+            "threads": 1,
+        },
+    )
     by_id = {c.id: c for c in ctx.candidates}
-    assert set(by_id) == {"onnxruntime-fp32", "onnxruntime-fp32-cuda", "onnxruntime-fp32-trt",
-                          "onnxruntime-fp16", "onnxruntime-fp16-cuda", "onnxruntime-fp16-trt",
-                          "torchscript-fp32", "torchscript-fp32-cuda", "torchscript-fp16", "torchscript-fp16-cuda",
-                          "tensorrt-fp32", "tensorrt-fp16"}
+    assert set(by_id) == {
+        "onnxruntime-fp32",
+        "onnxruntime-fp32-cuda",
+        "onnxruntime-fp32-trt",
+        "onnxruntime-fp16",
+        "onnxruntime-fp16-cuda",
+        "onnxruntime-fp16-trt",
+        "torchscript-fp32",
+        "torchscript-fp32-cuda",
+        "torchscript-fp16",
+        "torchscript-fp16-cuda",
+        "tensorrt-fp32",
+        "tensorrt-fp16",
+    }
     for cid in ("onnxruntime-fp16-cuda", "onnxruntime-fp32-trt", "torchscript-fp16-cuda"):
         assert by_id[cid].status == "unavailable" and by_id[cid].reason == "no CUDA device on this machine"
-    assert by_id["tensorrt-fp16"].status == "unavailable" and "TensorRT is not installed" in by_id["tensorrt-fp16"].reason
+    assert (
+        by_id["tensorrt-fp16"].status == "unavailable" and "TensorRT is not installed" in by_id["tensorrt-fp16"].reason
+    )
     for cid in ("onnxruntime-fp32", "onnxruntime-fp16", "torchscript-fp32", "torchscript-fp16"):
         assert by_id[cid].passed, (cid, by_id[cid].reason, by_id[cid].validation)
     assert ctx.step("compile").outputs["devices"] == ["cpu", "cuda"]
@@ -116,12 +146,22 @@ def test_benchmark_op_times_eager_at_several_precisions_and_a_candidate_in_one_r
 
     bundle = {"kind": "python", "root": str(tmp_path), "entry": "mlp.py:build_model"}
     zoo_bundle(tmp_path, "mlp")
-    result = sandbox_ops.benchmark({"bundle": bundle, "signature": Signature.parse(zoo_signature("mlp")).to_json(),
-                                    "batch_sizes": [1, 2], "budget_s": 0.05, "threads": 1,
-                                    "eager": [{"id": "eager", "device": "cpu", "precision": "fp32"},
-                                              {"id": "eager-bf16", "device": "cpu", "precision": "bf16"}],
-                                    "artifacts": [{"id": "missing", "dir": str(tmp_path / "nothing")}],
-                                    "pairs": [["eager", "eager-bf16"]]}, tmp_path)
+    result = sandbox_ops.benchmark(
+        {
+            "bundle": bundle,
+            "signature": Signature.parse(zoo_signature("mlp")).to_json(),
+            "batch_sizes": [1, 2],
+            "budget_s": 0.05,
+            "threads": 1,
+            "eager": [
+                {"id": "eager", "device": "cpu", "precision": "fp32"},
+                {"id": "eager-bf16", "device": "cpu", "precision": "bf16"},
+            ],
+            "artifacts": [{"id": "missing", "dir": str(tmp_path / "nothing")}],
+            "pairs": [["eager", "eager-bf16"]],
+        },
+        tmp_path,
+    )
     assert set(result["points"]) == {"eager", "eager-bf16"} and "missing" in result["errors"]
     for points in result["points"].values():
         assert [p["batch"] for p in points] == [1, 2]

@@ -25,9 +25,13 @@ def _relu_matmul(path):
     from onnx import TensorProto, helper, numpy_helper
 
     w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32), "w")
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["y"])],
-                              "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 32])], [w])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 32])],
+        [w],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save(model, str(path))
@@ -53,10 +57,17 @@ def _expect_gpu_candidate(cand, available: bool, why: str) -> None:
 
 
 def test_small_cnn_on_every_gpu_candidate_with_eager_cuda_baselines(tmp_path, cuda):
-    ctx = engine.convert(zoo_bundle(tmp_path, "cnn"), tmp_path / "out", entry="cnn.py:build_small",
-                         signature=zoo_signature("cnn", "SMALL_SIGNATURE"),
-                         options={"targets": ["onnxruntime", "torchscript", "tensorrt"],
-                                  "precisions": ["fp32", "fp16", "bf16", "int8"], **FAST})
+    ctx = engine.convert(
+        zoo_bundle(tmp_path, "cnn"),
+        tmp_path / "out",
+        entry="cnn.py:build_small",
+        signature=zoo_signature("cnn", "SMALL_SIGNATURE"),
+        options={
+            "targets": ["onnxruntime", "torchscript", "tensorrt"],
+            "precisions": ["fp32", "fp16", "bf16", "int8"],
+            **FAST,
+        },
+    )
     by_id = {c.id: c for c in ctx.candidates}
     assert not any(c.variant is None and c.target != "tensorrt" for c in ctx.candidates)  # devices: cuda only
     for cid in ("torchscript-fp32-cuda", "torchscript-fp16-cuda"):
@@ -87,9 +98,13 @@ def test_small_cnn_on_every_gpu_candidate_with_eager_cuda_baselines(tmp_path, cu
 
 
 def test_small_transformer_on_cuda_keeps_its_dynamic_sequence(tmp_path, cuda):
-    ctx = engine.convert(zoo_bundle(tmp_path, "transformer"), tmp_path / "out", entry="transformer.py:build_small",
-                         signature=zoo_signature("transformer", "SMALL_SIGNATURE"),
-                         options={"targets": ["onnxruntime", "torchscript"], "precisions": ["fp32", "fp16"], **FAST})
+    ctx = engine.convert(
+        zoo_bundle(tmp_path, "transformer"),
+        tmp_path / "out",
+        entry="transformer.py:build_small",
+        signature=zoo_signature("transformer", "SMALL_SIGNATURE"),
+        options={"targets": ["onnxruntime", "torchscript"], "precisions": ["fp32", "fp16"], **FAST},
+    )
     ts = ctx.candidate("torchscript-fp16-cuda")
     assert ts.passed, (ts.reason, ts.validation)
     rt = runtimes.load(tmp_path / "out" / "torchscript-fp32-cuda")
@@ -100,8 +115,12 @@ def test_small_transformer_on_cuda_keeps_its_dynamic_sequence(tmp_path, cuda):
 
 
 def test_tensorrt_engine_profiles_buckets_and_refusal_elsewhere(tmp_path, tensorrt):
-    ctx = engine.convert(zoo_bundle(tmp_path, "mlp"), tmp_path / "out", signature=zoo_signature("mlp"),
-                         options={"targets": ["tensorrt"], "precisions": ["fp32", "fp16", "int8"], **FAST})
+    ctx = engine.convert(
+        zoo_bundle(tmp_path, "mlp"),
+        tmp_path / "out",
+        signature=zoo_signature("mlp"),
+        options={"targets": ["tensorrt"], "precisions": ["fp32", "fp16", "int8"], **FAST},
+    )
     for cid in ("tensorrt-fp32", "tensorrt-fp16"):
         assert ctx.candidate(cid).passed, (cid, ctx.candidate(cid).reason, ctx.candidate(cid).validation)
     out = tmp_path / "out" / "tensorrt-fp16"

@@ -28,6 +28,7 @@ T = TypeVar("T")
 
 # --- small helpers ----------------------------------------------------------------------------------
 
+
 def read_response(sock: socket.socket) -> tuple[int, bytes]:
     """Status and body of one HTTP/1.1 response with a Content-Length, read from a raw socket
     (for tests that need to control exactly when each byte of a request is sent)."""
@@ -47,7 +48,7 @@ def read_response(sock: socket.socket) -> tuple[int, bytes]:
 
 def metric(text: str, series: str) -> float:
     """The value of one exact series (name with its labels) in a /metrics page; 0 when absent."""
-    return next((float(line[len(series) + 1:]) for line in text.splitlines() if line.startswith(series + " ")), 0.0)
+    return next((float(line[len(series) + 1 :]) for line in text.splitlines() if line.startswith(series + " ")), 0.0)
 
 
 @contextmanager
@@ -77,8 +78,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.2,
-             diagnose: Callable[[], str] | None = None) -> T:
+def wait_for(
+    predicate: Callable[[], T],
+    timeout: float,
+    what: str,
+    interval: float = 0.2,
+    diagnose: Callable[[], str] | None = None,
+) -> T:
     """Poll `predicate` until it returns something truthy (which is returned), or fail after `timeout`."""
     deadline = time.monotonic() + timeout
     last_exc: BaseException | None = None
@@ -101,6 +107,7 @@ def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: fl
 
 # --- /proc -------------------------------------------------------------------------------------------
 
+
 def _stat(pid: int) -> tuple[str, int] | None:
     """(state, ppid) of a process, or None when it is gone."""
     try:
@@ -108,7 +115,7 @@ def _stat(pid: int) -> tuple[str, int] | None:
     except OSError:
         return None
     # the command name is in parentheses and may hold spaces: split after the last ')'
-    fields = data[data.rindex(")") + 2:].split()
+    fields = data[data.rindex(")") + 2 :].split()
     return fields[0], int(fields[1])
 
 
@@ -205,6 +212,7 @@ def kill_tree(root: int, sig: int = signal.SIGKILL) -> list[int]:
 
 # --- processes ---------------------------------------------------------------------------------------
 
+
 class Proc:
     """One subprocess in its own session, its output in a log file."""
 
@@ -223,8 +231,15 @@ class Proc:
         with open(self.log, "ab") as out:
             out.write(f"\n===== {time.strftime('%H:%M:%S')} start {' '.join(self.argv)}\n".encode())
             out.flush()
-            self.popen = subprocess.Popen(self.argv, cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL,
-                                          stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            self.popen = subprocess.Popen(
+                self.argv,
+                cwd=self.cwd,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         return self
 
     def running(self) -> bool:
@@ -252,8 +267,24 @@ class Proc:
 
 class RedisServer(Proc):
     def __init__(self, port: int, log: Path) -> None:
-        super().__init__("redis", ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                   "--appendonly", "no", "--daemonize", "no"], dict(os.environ), log)
+        super().__init__(
+            "redis",
+            [
+                "redis-server",
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+            ],
+            dict(os.environ),
+            log,
+        )
         self.port = port
         self.url = f"redis://127.0.0.1:{port}/0"
 
@@ -282,8 +313,12 @@ class KilnApi(Proc):
     def start(self, wait: bool = True) -> KilnApi:
         super().start()
         if wait:
-            wait_for(lambda: self.running() and self.healthy() or not self.running(), 60,
-                     "the API to answer /healthz", diagnose=self.tail)
+            wait_for(
+                lambda: self.running() and self.healthy() or not self.running(),
+                60,
+                "the API to answer /healthz",
+                diagnose=self.tail,
+            )
             assert self.running(), f"the API exited with code {self.popen.returncode}\n{self.tail()}"
         return self
 
@@ -296,11 +331,13 @@ class KilnWorker(Proc):
         offset = self.log.stat().st_size if self.log.exists() else 0
         super().start()
         if wait:  # Celery prints "celery@host ready." once it consumes from the broker
+
             def ready() -> bool:
                 assert self.running(), f"the worker exited with code {self.popen.returncode}"
                 with open(self.log, "rb") as f:
                     f.seek(offset)
                     return b" ready." in f.read()
+
             wait_for(ready, 60, "the worker to be ready", diagnose=self.tail)
         return self
 
@@ -366,14 +403,22 @@ class KilnUp(Proc):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.data_dir = data_dir
-        super().__init__("up", [sys.executable, "-m", "workers.cli", "up", "--port", str(self.port),
-                                "--data-dir", str(data_dir), *args], env, log)
+        super().__init__(
+            "up",
+            [sys.executable, "-m", "workers.cli", "up", "--port", str(self.port), "--data-dir", str(data_dir), *args],
+            env,
+            log,
+        )
 
     def start(self, wait: bool = True) -> KilnUp:
         super().start()
         if wait:
-            wait_for(lambda: not self.running() or (self.data_dir / "admin-token").exists() and answers(self.url),
-                     120, "kiln up to answer", diagnose=self.tail)
+            wait_for(
+                lambda: not self.running() or (self.data_dir / "admin-token").exists() and answers(self.url),
+                120,
+                "kiln up to answer",
+                diagnose=self.tail,
+            )
             assert self.running(), f"kiln up exited with code {self.popen.returncode}\n{self.tail()}"
         return self
 
@@ -383,5 +428,11 @@ class KilnUp(Proc):
 
 def kiln_cli(*args: str, env: dict[str, str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run this checkout's `kiln` command as a user would (from `cwd`, output captured)."""
-    return subprocess.run([sys.executable, "-m", "workers.cli", *args], cwd=cwd, text=True, capture_output=True,
-                          env={**env, "PYTHONPATH": str(ROOT)}, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "workers.cli", *args],
+        cwd=cwd,
+        text=True,
+        capture_output=True,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        timeout=timeout,
+    )

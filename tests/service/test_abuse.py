@@ -44,8 +44,11 @@ def kiln(tmp_path_factory):
         tokens = {}
         for team in ("team-a", "team-b"):
             for scope in ("manage", "infer"):
-                r = httpx.post(f"{api.url}/v1/tokens", headers=admin,
-                               json={"name": f"{team}-{scope}", "owner": team, "scopes": [scope]})
+                r = httpx.post(
+                    f"{api.url}/v1/tokens",
+                    headers=admin,
+                    json={"name": f"{team}-{scope}", "owner": team, "scopes": [scope]},
+                )
                 assert r.status_code == 201, r.text
                 tokens[f"{team}-{scope}"] = {"Authorization": f"Bearer {r.json()['token']}"}
         yield api, admin, tokens, tmp
@@ -54,8 +57,10 @@ def kiln(tmp_path_factory):
 
 
 def _post_head(port: int, path: str, length: int, headers: str = "") -> bytes:
-    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {length}\r\n{headers}\r\n").encode()
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {length}\r\n{headers}\r\n"
+    ).encode()
 
 
 def test_a_big_body_without_a_token_is_refused_from_its_headers(kiln):
@@ -65,7 +70,7 @@ def test_a_big_body_without_a_token_is_refused_from_its_headers(kiln):
     with socket.create_connection(("127.0.0.1", api.port), timeout=10) as sock:
         started = time.perf_counter()
         sock.sendall(_post_head(api.port, "/v1/jobs", len(body)))
-        sock.sendall(body[:1 << 16])  # the start of it; the answer must not wait for the rest
+        sock.sendall(body[: 1 << 16])  # the start of it; the answer must not wait for the rest
         status, answer = read_response(sock)
         elapsed = time.perf_counter() - started
     assert status == 401 and b"authentication required" in answer
@@ -83,7 +88,9 @@ def test_a_big_body_without_a_token_is_refused_from_its_headers(kiln):
 def test_a_big_json_body_with_a_token_is_a_413_and_echoes_nothing(kiln):
     api, _, tokens, _ = kiln
     with socket.create_connection(("127.0.0.1", api.port), timeout=10) as sock:
-        sock.sendall(_post_head(api.port, "/v1/jobs", 64 << 20, f"Authorization: {tokens['team-a-manage']['Authorization']}\r\n"))
+        sock.sendall(
+            _post_head(api.port, "/v1/jobs", 64 << 20, f"Authorization: {tokens['team-a-manage']['Authorization']}\r\n")
+        )
         status, answer = read_response(sock)
     assert status == 413 and b"larger than the limit of 1048576 bytes" in answer
     # under the limit but long: the detail quotes only the start of it
@@ -102,18 +109,28 @@ def _zip_with_manifest(manifest: dict) -> bytes:
 
 def test_a_manifest_with_a_million_inputs_is_refused_at_once(kiln):
     api, _, tokens, _ = kiln
-    inputs = [{"name": f"x{i}", "dtype": "float32", "shape": ["batch", 4]} for i in range(10 ** 6)]
+    inputs = [{"name": f"x{i}", "dtype": "float32", "shape": ["batch", 4]} for i in range(10**6)]
     payload = _zip_with_manifest({"entry": "mlp.py:build_model", "signature": {"inputs": inputs}})
     started = time.perf_counter()
-    r = httpx.post(f"{api.url}/v1/models", headers=tokens["team-a-manage"], data={"name": "many"},
-                   files={"file": ("many.zip", payload)}, timeout=60)
+    r = httpx.post(
+        f"{api.url}/v1/models",
+        headers=tokens["team-a-manage"],
+        data={"name": "many"},
+        files={"file": ("many.zip", payload)},
+        timeout=60,
+    )
     elapsed = time.perf_counter() - started
     assert r.status_code == 400, r.text
     assert elapsed < 1.0, f"{elapsed:.2f} s"
     # and 10,000 inputs given as a field: refused by count, fast
     small = {"inputs": inputs[:10_000]}
-    r = httpx.post(f"{api.url}/v1/models", headers=tokens["team-a-manage"], data={"name": "many", "signature": json.dumps(small)},
-                   files={"file": ("mlp.py", (ZOO / "mlp.py").read_bytes())}, timeout=60)
+    r = httpx.post(
+        f"{api.url}/v1/models",
+        headers=tokens["team-a-manage"],
+        data={"name": "many", "signature": json.dumps(small)},
+        files={"file": ("mlp.py", (ZOO / "mlp.py").read_bytes())},
+        timeout=60,
+    )
     assert r.status_code == 400 and "at most 256 inputs" in r.json()["detail"]
 
 
@@ -122,9 +139,13 @@ def test_a_dimension_range_whose_samples_would_not_fit_is_refused_at_upload(kiln
     store = tmp / "data" / "artifacts"
     before = sorted(p.name for p in store.rglob("*") if p.is_file())
     sig = zoo_signature("mlp")
-    sig["dims"] = {"batch": [1, 4, 10 ** 9]}
-    r = httpx.post(f"{api.url}/v1/models", headers=tokens["team-a-manage"], data={"name": "huge", "signature": json.dumps(sig)},
-                   files={"file": ("mlp.py", (ZOO / "mlp.py").read_bytes())})
+    sig["dims"] = {"batch": [1, 4, 10**9]}
+    r = httpx.post(
+        f"{api.url}/v1/models",
+        headers=tokens["team-a-manage"],
+        data={"name": "huge", "signature": json.dumps(sig)},
+        files={"file": ("mlp.py", (ZOO / "mlp.py").read_bytes())},
+    )
     assert r.status_code == 400 and "GiB" in r.json()["detail"], r.text
     assert sorted(p.name for p in store.rglob("*") if p.is_file()) == before  # nothing refused is kept
 
@@ -144,8 +165,22 @@ def test_metrics_are_for_admins_and_scrapers_not_teams(kiln):
 
 
 # as they go in the query string: percent-escapes included (%ff is not UTF-8)
-NASTY = ["9223372036854775808", str(2 ** 63 * 4), "-1", "1e309", "NaN", "%C3%A9%C3%A9", "%00", "x" * 5000, "",
-         "0x10", "%5B%5D", "%7B%7D", "%ff", "%ff%fe%80"]
+NASTY = [
+    "9223372036854775808",
+    str(2**63 * 4),
+    "-1",
+    "1e309",
+    "NaN",
+    "%C3%A9%C3%A9",
+    "%00",
+    "x" * 5000,
+    "",
+    "0x10",
+    "%5B%5D",
+    "%7B%7D",
+    "%ff",
+    "%ff%fe%80",
+]
 
 
 def _operations(api) -> list[tuple[str, str, list[str]]]:
@@ -167,14 +202,23 @@ def test_nasty_query_strings_are_4xx_on_every_route(kiln):
         concrete = path.replace("{", "").replace("}", "")
         for name in names + ["offset", "limit"]:
             for value in NASTY:
-                r = httpx.request(method, f"{api.url}{concrete}?{name}={value}", headers=admin,
-                                  json={} if method in ("POST", "PATCH") else None, timeout=30)
+                r = httpx.request(
+                    method,
+                    f"{api.url}{concrete}?{name}={value}",
+                    headers=admin,
+                    json={} if method in ("POST", "PATCH") else None,
+                    timeout=30,
+                )
                 tried += 1
                 assert r.status_code < 500, (method, path, name, value, r.status_code, r.text[:300])
     # the two that were 500s, on the dashboard too
-    for path, param in (("/v1/jobs", "offset"), ("/v1/models", "offset"), ("/", "offset"),
-                        ("/v1/jobs/x/logs", "after")):
-        r = httpx.get(f"{api.url}{path}", params={param: str(2 ** 63)}, headers=admin)
+    for path, param in (
+        ("/v1/jobs", "offset"),
+        ("/v1/models", "offset"),
+        ("/", "offset"),
+        ("/v1/jobs/x/logs", "after"),
+    ):
+        r = httpx.get(f"{api.url}{path}", params={param: str(2**63)}, headers=admin)
         assert 400 <= r.status_code < 500, (path, param, r.status_code)
     assert tried > 100
 
@@ -183,13 +227,26 @@ def test_arbitrary_header_bytes_are_4xx(kiln):
     api, admin, tokens, _ = kiln
     values = [b"\xb2", b"\xff\xfe", "²".encode(), b"1" * 300, b"-5", b"\x00", b"12\xb2"]
     for value in values:
-        for header in (b"Inference-Header-Content-Length", b"Authorization", b"Content-Length", b"Cookie",
-                       b"X-CSRF-Token", b"Idempotency-Key"):
+        for header in (
+            b"Inference-Header-Content-Length",
+            b"Authorization",
+            b"Content-Length",
+            b"Cookie",
+            b"X-CSRF-Token",
+            b"Idempotency-Key",
+        ):
             with socket.create_connection(("127.0.0.1", api.port), timeout=10) as sock:
                 auth = b"" if header == b"Authorization" else f"Authorization: {admin['Authorization']}\r\n".encode()
-                sock.sendall(b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\n" + auth + header + b": " + value
-                             + b"\r\nContent-Type: application/json\r\n"
-                             + (b"" if header == b"Content-Length" else b"Content-Length: 2\r\n") + b"\r\n{}")
+                sock.sendall(
+                    b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\n"
+                    + auth
+                    + header
+                    + b": "
+                    + value
+                    + b"\r\nContent-Type: application/json\r\n"
+                    + (b"" if header == b"Content-Length" else b"Content-Length: 2\r\n")
+                    + b"\r\n{}"
+                )
                 try:
                     status, _ = read_response(sock)
                 except (ConnectionError, AssertionError):
@@ -223,13 +280,22 @@ def test_kiln_up_keeps_its_files_private_and_its_token_out_of_a_log(tmp_path):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("KILN_")}
     data = tmp_path / "data"
-    up = Proc("up", [sys.executable, "-m", "workers.cli", "up", "--port", str(port), "--data-dir", str(data)], env,
-              tmp_path / "up.log")  # stdout is a file, not a terminal
+    up = Proc(
+        "up",
+        [sys.executable, "-m", "workers.cli", "up", "--port", str(port), "--data-dir", str(data)],
+        env,
+        tmp_path / "up.log",
+    )  # stdout is a file, not a terminal
     procs = Processes()
     procs.add(up)
     try:
         up.start()
-        wait_for(lambda: (data / "admin-token").exists() and answers(f"http://127.0.0.1:{port}"), 120, "kiln up", diagnose=up.tail)
+        wait_for(
+            lambda: (data / "admin-token").exists() and answers(f"http://127.0.0.1:{port}"),
+            120,
+            "kiln up",
+            diagnose=up.tail,
+        )
         token = (data / "admin-token").read_text().strip()
         wait_for(lambda: "admin-token" in up.log.read_text(), 20, "the line saying where the token is")
         assert token not in up.log.read_text() and token[:12] not in up.log.read_text()

@@ -56,14 +56,17 @@ def test_upload_creates_versions_and_recognises_identical_uploads(api):
     assert_problem(api.get("/v1/models/nope"), 404, "'nope' does not exist")
 
 
-@pytest.mark.parametrize("filename, content, needle", [
-    ("garbage.bin", b"\x00\x01\x02 not a model", "not a model bundle"),
-    ("empty.py", b"", "empty (0 bytes)"),
-    ("evil.zip", zip_bytes({"model.py": MLP, "../../evil.py": b"x"}), "outside the bundle directory"),
-    ("bomb.zip", zip_bytes({"model.py": MLP, "zeros": b"\0" * (64 << 20)}), "archive bomb"),
-    ("broken.zip", b"PK\x03\x04 truncated", "neither a zip nor a tar"),
-    ("noentry.zip", zip_bytes({"other.py": MLP}), "no model.py"),
-])
+@pytest.mark.parametrize(
+    "filename, content, needle",
+    [
+        ("garbage.bin", b"\x00\x01\x02 not a model", "not a model bundle"),
+        ("empty.py", b"", "empty (0 bytes)"),
+        ("evil.zip", zip_bytes({"model.py": MLP, "../../evil.py": b"x"}), "outside the bundle directory"),
+        ("bomb.zip", zip_bytes({"model.py": MLP, "zeros": b"\0" * (64 << 20)}), "archive bomb"),
+        ("broken.zip", b"PK\x03\x04 truncated", "neither a zip nor a tar"),
+        ("noentry.zip", zip_bytes({"other.py": MLP}), "no model.py"),
+    ],
+)
 def test_bad_uploads_are_clear_400s(api, filename, content, needle):
     assert_problem(upload(api, content=content, filename=filename), 400, needle)
     assert api.get("/v1/models").json()["total"] == 0
@@ -102,8 +105,11 @@ def test_jobs_create_idempotency_cancel_retry(api):
     assert (job["status"], job["queue"], job["version"], job["progress"]) == ("queued", "cpu", 1, 0.0)
     same = api.post("/v1/jobs", json=body, headers={"Idempotency-Key": "k1"})
     assert same.status_code == 202 and same.json()["id"] == job["id"]
-    assert_problem(api.post("/v1/jobs", json={**body, "precisions": ["fp16"]}, headers={"Idempotency-Key": "k1"}),
-                   409, "different request body")
+    assert_problem(
+        api.post("/v1/jobs", json={**body, "precisions": ["fp16"]}, headers={"Idempotency-Key": "k1"}),
+        409,
+        "different request body",
+    )
     other = api.post("/v1/jobs", json=body).json()
     assert other["id"] != job["id"]
     page = api.get("/v1/jobs", params={"limit": 1}).json()
@@ -119,15 +125,18 @@ def test_jobs_create_idempotency_cancel_retry(api):
     assert_problem(api.get(f"/v1/jobs/{job['id']}/report"), 404, "no report yet")
 
 
-@pytest.mark.parametrize("body, status, needle", [
-    ({"model": "mlp", "targets": ["tflite"]}, 400, "unknown target 'tflite'"),
-    ({"model": "mlp", "precisions": ["int4"]}, 400, "unknown precision 'int4'"),
-    ({"model": "mlp", "policy": "vibes"}, 400, "policy"),
-    ({"model": "nope"}, 404, "model 'nope' does not exist"),
-    ({"model": "mlp", "version": 7}, 404, "no version 7"),
-    ({"model": "mlp", "frobnicate": 1}, 422, "frobnicate"),
-    ({"targets": ["onnxruntime"]}, 422, "model"),
-])
+@pytest.mark.parametrize(
+    "body, status, needle",
+    [
+        ({"model": "mlp", "targets": ["tflite"]}, 400, "unknown target 'tflite'"),
+        ({"model": "mlp", "precisions": ["int4"]}, 400, "unknown precision 'int4'"),
+        ({"model": "mlp", "policy": "vibes"}, 400, "policy"),
+        ({"model": "nope"}, 404, "model 'nope' does not exist"),
+        ({"model": "mlp", "version": 7}, 404, "no version 7"),
+        ({"model": "mlp", "frobnicate": 1}, 422, "frobnicate"),
+        ({"targets": ["onnxruntime"]}, 422, "model"),
+    ],
+)
 def test_bad_job_requests(api, body, status, needle):
     upload(api)
     assert_problem(api.post("/v1/jobs", json=body), status, needle)

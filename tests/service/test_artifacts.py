@@ -58,8 +58,10 @@ def test_materialize_onto_another_filesystem_than_the_store(tmp_path):
     """Artifacts on their own volume, the serving cache in the data directory: the folder appears whole."""
     with tmpfs(tmp_path / "volume", "4m") as mounted:
         store = ArtifactStore(mounted)
-        files = {"model.onnx": store.put_stream(io.BytesIO(b"graph"))[0],
-                 "kiln-artifact.json": store.put_stream(io.BytesIO(b"{}"))[0]}
+        files = {
+            "model.onnx": store.put_stream(io.BytesIO(b"graph"))[0],
+            "kiln-artifact.json": store.put_stream(io.BytesIO(b"{}"))[0],
+        }
         dest = store.materialize(files, tmp_path / "cache" / "abc")
         assert sorted(p.name for p in dest.iterdir()) == ["kiln-artifact.json", "model.onnx"]
         assert (dest / "model.onnx").read_bytes() == b"graph"
@@ -77,9 +79,19 @@ def _free_port() -> int:
 def s3_endpoint():
     """moto's S3 server on a loopback port, with a bucket."""
     port = _free_port()
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    env = {
+        **os.environ,
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 30
     while True:

@@ -33,9 +33,12 @@ def bearer(token):
 
 
 def upload(api, token, name="mlp"):
-    return api.post("/v1/models", headers=bearer(token),
-                    data={"name": name, "signature": json.dumps(zoo_signature("mlp"))},
-                    files={"file": ("mlp.py", (ZOO / "mlp.py").read_bytes())})
+    return api.post(
+        "/v1/models",
+        headers=bearer(token),
+        data={"name": name, "signature": json.dumps(zoo_signature("mlp"))},
+        files={"file": ("mlp.py", (ZOO / "mlp.py").read_bytes())},
+    )
 
 
 def test_first_start_makes_an_admin_token_only_its_owner_can_read(secure):
@@ -52,8 +55,9 @@ def test_first_start_makes_an_admin_token_only_its_owner_can_read(secure):
         assert token not in (row.token_hash, row.prefix) and len(row.token_hash) == 64
 
 
-@pytest.mark.parametrize("path", ["/v1/models", "/v1/jobs", "/v1/deployments", "/v1/tokens", "/metrics",
-                                  "/v2/models/mlp"])
+@pytest.mark.parametrize(
+    "path", ["/v1/models", "/v1/jobs", "/v1/deployments", "/v1/tokens", "/metrics", "/v2/models/mlp"]
+)
 def test_everything_but_health_needs_a_token(secure, path):
     api, _, _ = secure
     r = api.get(path)
@@ -94,12 +98,15 @@ def test_scopes_and_revocation(secure):
 
 def test_teams_cannot_see_each_others_models_jobs_or_deployments(secure):
     api, admin, _ = secure
-    a = api.post("/v1/tokens", headers=bearer(admin), json={"name": "a", "owner": "team-a", "scopes": ["manage"]}).json()
-    b = api.post("/v1/tokens", headers=bearer(admin), json={"name": "b", "owner": "team-b", "scopes": ["manage"]}).json()
+    a = api.post(
+        "/v1/tokens", headers=bearer(admin), json={"name": "a", "owner": "team-a", "scopes": ["manage"]}
+    ).json()
+    b = api.post(
+        "/v1/tokens", headers=bearer(admin), json={"name": "b", "owner": "team-b", "scopes": ["manage"]}
+    ).json()
     assert upload(api, a["token"]).status_code == 201
     job = api.post("/v1/jobs", headers=bearer(a["token"]), json={"model": "mlp"}).json()
-    for path in ("/v1/models/mlp", "/v1/models/mlp/versions/1", f"/v1/jobs/{job['id']}",
-                 f"/v1/jobs/{job['id']}/logs"):
+    for path in ("/v1/models/mlp", "/v1/models/mlp/versions/1", f"/v1/jobs/{job['id']}", f"/v1/jobs/{job['id']}/logs"):
         assert api.get(path, headers=bearer(a["token"])).status_code == 200, path
         r = api.get(path, headers=bearer(b["token"]))
         assert r.status_code == 404, path  # not 403: nothing says it exists
@@ -116,12 +123,19 @@ def test_teams_cannot_see_or_touch_each_others_candidates_or_deployments(secure)
     from workers.jobrunner import run_job
 
     api, admin, _ = secure
-    a = api.post("/v1/tokens", headers=bearer(admin), json={"name": "a", "owner": "team-a", "scopes": ["manage"]}).json()
-    b = api.post("/v1/tokens", headers=bearer(admin), json={"name": "b", "owner": "team-b", "scopes": ["manage"]}).json()
+    a = api.post(
+        "/v1/tokens", headers=bearer(admin), json={"name": "a", "owner": "team-a", "scopes": ["manage"]}
+    ).json()
+    b = api.post(
+        "/v1/tokens", headers=bearer(admin), json={"name": "b", "owner": "team-b", "scopes": ["manage"]}
+    ).json()
     b_app = api.post("/v1/tokens", headers=bearer(b["token"]), json={"name": "b-app", "scopes": ["infer"]}).json()
     assert upload(api, a["token"]).status_code == 201
-    job = api.post("/v1/jobs", headers=bearer(a["token"]),
-                   json={"model": "mlp", "targets": ["onnxruntime"], "bench_seconds": 0.05, "threads": 1}).json()
+    job = api.post(
+        "/v1/jobs",
+        headers=bearer(a["token"]),
+        json={"model": "mlp", "targets": ["onnxruntime"], "bench_seconds": 0.05, "threads": 1},
+    ).json()
     assert run_job(job["id"]) == "succeeded"
     cand = api.get(f"/v1/jobs/{job['id']}", headers=bearer(a["token"])).json()["selected_candidate"]
     r = api.post("/v1/deployments", headers=bearer(a["token"]), json={"name": "mlp", "job": job["id"]})
@@ -135,11 +149,16 @@ def test_teams_cannot_see_or_touch_each_others_candidates_or_deployments(secure)
         assert api.post("/v2/models/mlp/versions/1/infer", headers=bearer(token), json=x).status_code == 404
     theirs = bearer(b["token"])
     assert api.get("/v1/deployments", headers=theirs).json() == []
-    for method, path, body in (("GET", "/v1/deployments/mlp", None), ("PATCH", "/v1/deployments/mlp", {"default_version": 1}),
-                               ("POST", "/v1/deployments/mlp/rollback", None), ("DELETE", "/v1/deployments/mlp", None),
-                               ("GET", f"/v1/candidates/{cand}", None), ("GET", f"/v1/candidates/{cand}/artifact", None),
-                               ("POST", "/v1/deployments", {"name": "stolen", "job": job["id"]}),
-                               ("POST", "/v1/deployments", {"name": "stolen", "candidate": cand})):
+    for method, path, body in (
+        ("GET", "/v1/deployments/mlp", None),
+        ("PATCH", "/v1/deployments/mlp", {"default_version": 1}),
+        ("POST", "/v1/deployments/mlp/rollback", None),
+        ("DELETE", "/v1/deployments/mlp", None),
+        ("GET", f"/v1/candidates/{cand}", None),
+        ("GET", f"/v1/candidates/{cand}/artifact", None),
+        ("POST", "/v1/deployments", {"name": "stolen", "job": job["id"]}),
+        ("POST", "/v1/deployments", {"name": "stolen", "candidate": cand}),
+    ):
         r = api.request(method, path, headers=theirs, json=body)
         assert r.status_code == 404, (method, path, r.status_code, r.text)  # not 403: nothing says it exists
     # and team a's deployment is untouched
@@ -186,11 +205,14 @@ def test_no_api_takes_a_server_path_or_url(secure):
     assert suspicious == []
 
 
-@pytest.mark.parametrize("argv, env", [
-    (["up", "--open", "--host", "0.0.0.0"], {}),
-    (["up", "--host", "0.0.0.0"], {"KILN_AUTH": "false"}),
-    (["api", "--host", "10.1.2.3"], {"KILN_AUTH": "false"}),
-])
+@pytest.mark.parametrize(
+    "argv, env",
+    [
+        (["up", "--open", "--host", "0.0.0.0"], {}),
+        (["up", "--host", "0.0.0.0"], {"KILN_AUTH": "false"}),
+        (["api", "--host", "10.1.2.3"], {"KILN_AUTH": "false"}),
+    ],
+)
 def test_without_authentication_kiln_listens_only_on_loopback(argv, env, tmp_path):
     import os
     import subprocess
@@ -198,8 +220,13 @@ def test_without_authentication_kiln_listens_only_on_loopback(argv, env, tmp_pat
 
     full = {k: v for k, v in os.environ.items() if not k.startswith("KILN_")}
     full.update(env, KILN_DATA_DIR=str(tmp_path / "data"))
-    r = subprocess.run([sys.executable, "-m", "workers.cli", *argv, "--port", "1"], env=full, capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "workers.cli", *argv, "--port", "1"],
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     said = " ".join((r.stdout + r.stderr).split())
     assert r.returncode == 2, (r.returncode, said)
     assert "only on a loopback address" in said and argv[argv.index("--host") + 1] in said, said

@@ -20,8 +20,13 @@ def double(inputs):
 
 
 def batcher(**kw) -> Batcher:
-    return Batcher([double], max_batch=kw.pop("max_batch", 8), max_delay_s=kw.pop("max_delay_s", 0.005),
-                   batching=kw.pop("batching", True), labels=("m", "1"))
+    return Batcher(
+        [double],
+        max_batch=kw.pop("max_batch", 8),
+        max_delay_s=kw.pop("max_delay_s", 0.005),
+        batching=kw.pop("batching", True),
+        labels=("m", "1"),
+    )
 
 
 def test_closed_before_its_first_request_it_refuses_instead_of_running_on_a_dead_pool():
@@ -122,4 +127,3 @@ def test_a_batch_stays_open_no_longer_than_the_queue_delay():
 
     asyncio.run(scenario())
     assert calls == [1, 1, 2]  # the late one was not joined to a batch whose delay had passed
-

@@ -29,8 +29,10 @@ def test_single_file_bundle_defaults_entry(tmp_path):
 
 
 def test_zip_bundle_with_manifest(tmp_path):
-    z = _zip(tmp_path / "m.zip", {"model.py": MODEL, "kiln.yaml": "entry: model.py:build_model\n"
-                                  "signature:\n  inputs: ['x:float32[batch,4]']\n"})
+    z = _zip(
+        tmp_path / "m.zip",
+        {"model.py": MODEL, "kiln.yaml": "entry: model.py:build_model\nsignature:\n  inputs: ['x:float32[batch,4]']\n"},
+    )
     b = prepare_bundle(z, tmp_path / "b")
     assert b.entry == "model.py:build_model"
     assert b.signature.inputs[0].name == "x"
@@ -80,12 +82,15 @@ def test_too_many_members(tmp_path):
         prepare_bundle(z, tmp_path / "b", limits=ArchiveLimits(max_members=10))
 
 
-@pytest.mark.parametrize("name, data, message", [
-    ("empty.py", b"", "empty"),
-    ("garbage.bin", b"\x00\x01garbage", "not a model bundle"),
-    ("broken.zip", b"PK\x03\x04broken", "neither a zip nor a tar"),
-    ("legacy.pt", b"\x80\x02legacy pickle", "legacy pickled"),
-])
+@pytest.mark.parametrize(
+    "name, data, message",
+    [
+        ("empty.py", b"", "empty"),
+        ("garbage.bin", b"\x00\x01garbage", "not a model bundle"),
+        ("broken.zip", b"PK\x03\x04broken", "neither a zip nor a tar"),
+        ("legacy.pt", b"\x80\x02legacy pickle", "legacy pickled"),
+    ],
+)
 def test_not_a_bundle(tmp_path, name, data, message):
     path = tmp_path / name
     path.write_bytes(data)
@@ -128,8 +133,13 @@ def _onnx_matmul(weight_location: str | None = None, in_constant: bool = False) 
     if in_constant:
         nodes.insert(0, helper.make_node("Constant", [], ["W"], value=w))
         inits = []
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])],
+        inits,
+    )
     return helper.make_model(graph).SerializeToString()
 
 
@@ -139,8 +149,10 @@ def test_onnx_with_weights_inside_is_accepted(tmp_path):
     assert prepare_bundle(path, tmp_path / "b").kind == ONNX
 
 
-@pytest.mark.parametrize("location, in_constant", [
-    ("../../../../etc/passwd", False), ("/etc/shadow", False), ("weights.bin", False), ("/etc/passwd", True)])
+@pytest.mark.parametrize(
+    "location, in_constant",
+    [("../../../../etc/passwd", False), ("/etc/shadow", False), ("weights.bin", False), ("/etc/passwd", True)],
+)
 def test_onnx_external_data_is_refused_at_upload(tmp_path, location, in_constant):
     path = tmp_path / "m.onnx"
     path.write_bytes(_onnx_matmul(location, in_constant))

@@ -62,6 +62,7 @@ TERMINAL = ("succeeded", "failed", "canceled")
 
 # --- databases and data directories (one of each per database kind, for this module) -----------------
 
+
 @pytest.fixture(scope="module")
 def postgresql_db() -> Iterator[str]:
     name = f"kiln_e2e_{uuid.uuid4().hex[:10]}"
@@ -93,6 +94,7 @@ def database(request, stores: dict[str, Path], tmp_path_factory, kind: str) -> t
 
 
 # --- one Kiln per test: Redis, the API, workers --------------------------------------------------------
+
 
 class Kiln:
     """A running Kiln made of real processes, and a few HTTP helpers around its API."""
@@ -145,8 +147,11 @@ class Kiln:
         return events
 
     def push(self, path: Path, name: str, entry: str, signature: dict) -> dict:
-        r = self.post("/v1/models", data={"name": name, "entry": entry, "signature": json.dumps(signature)},
-                      files={"file": (path.name, path.read_bytes())})
+        r = self.post(
+            "/v1/models",
+            data={"name": name, "entry": entry, "signature": json.dumps(signature)},
+            files={"file": (path.name, path.read_bytes())},
+        )
         assert r.status_code in (200, 201), r.text
         return r.json()
 
@@ -154,8 +159,9 @@ class Kiln:
         return self.push(CNN, "cnn-small", "cnn.py:build_small", CNN_SIGNATURE)
 
     def create_job(self, version: dict, **options: Any) -> dict:
-        r = self.post("/v1/jobs", json={"model": version["name"], "version": version["version"],
-                                        **(options or JOB_OPTIONS)})
+        r = self.post(
+            "/v1/jobs", json={"model": version["name"], "version": version["version"], **(options or JOB_OPTIONS)}
+        )
         assert r.status_code == 202, r.text
         return r.json()
 
@@ -168,6 +174,7 @@ class Kiln:
         def probe() -> dict | None:
             job = self.job(job_id)
             return job if check(job) else None
+
         return wait_for(probe, timeout, f"job {job_id}: {what}", interval=0.25, diagnose=self.diagnose)
 
     def wait_done(self, job_id: str, timeout: float = JOB_TIMEOUT_S) -> dict:
@@ -175,8 +182,12 @@ class Kiln:
 
     def wait_sandboxed_step(self, job_id: str, steps: tuple[str, ...] = ("capture", "export")) -> dict:
         """Wait until the job runs one of `steps` with its model code in a live sandbox process."""
-        return self.wait_job(job_id, lambda j: j["status"] == "running" and j["current_step"] in steps
-                             and bool(sandboxes(job_id)), f"running {' or '.join(steps)} in a sandbox", 120)
+        return self.wait_job(
+            job_id,
+            lambda j: j["status"] == "running" and j["current_step"] in steps and bool(sandboxes(job_id)),
+            f"running {' or '.join(steps)} in a sandbox",
+            120,
+        )
 
 
 @pytest.fixture
@@ -208,8 +219,12 @@ def make_kiln(request, stores, tmp_path_factory, tmp_path):
         for kiln in made:
             engine = create_engine(kiln.database_url)
             with engine.begin() as conn:
-                conn.execute(text("UPDATE jobs SET status = 'canceled', cancel_requested = true "
-                                  "WHERE status IN ('queued', 'running')"))
+                conn.execute(
+                    text(
+                        "UPDATE jobs SET status = 'canceled', cancel_requested = true "
+                        "WHERE status IN ('queued', 'running')"
+                    )
+                )
             engine.dispose()
 
 
@@ -227,6 +242,7 @@ def assert_succeeded(job: dict, attempts: int) -> None:
 
 
 # --- 1. the whole flow -------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
 def test_end_to_end_upload_convert_follow_download_and_run(make_kiln, kind, tmp_path):
@@ -253,7 +269,10 @@ def test_end_to_end_upload_convert_follow_download_and_run(make_kiln, kind, tmp_
     job = kiln.job(job_id)
     assert_succeeded(job, attempts=1)
     assert {(c["target"], c["precision"]) for c in job["candidates"]} >= {
-        ("onnxruntime", "fp32"), ("onnxruntime", "int8"), ("torchscript", "fp32")}
+        ("onnxruntime", "fp32"),
+        ("onnxruntime", "int8"),
+        ("torchscript", "fp32"),
+    }
 
     report = kiln.get(f"/v1/jobs/{job_id}/report")
     assert report.status_code == 200, report.text
@@ -290,6 +309,7 @@ def test_end_to_end_upload_convert_follow_download_and_run(make_kiln, kind, tmp_
 
 
 # --- 2. a worker killed mid-job -------------------------------------------------------------------------
+
 
 def test_worker_killed_mid_job_is_taken_over_by_a_new_worker(make_kiln):
     kiln = make_kiln("postgresql")
@@ -333,8 +353,11 @@ def test_kill_9_of_the_worker_alone_leaves_no_sandbox_alive(make_kiln):
     doomed = [*worker.pool_children(), *sandboxes(job_id), *processes_matching("bwrap", job_id)]
     assert sandboxes(job_id) and worker.pool_children()
     os.kill(worker.pid, signal.SIGKILL)
-    wait_for(lambda: not [p for p in doomed if alive(p)] and not sandboxes(job_id), 5,
-             "the pool process and the sandbox to die with the worker")
+    wait_for(
+        lambda: not [p for p in doomed if alive(p)] and not sandboxes(job_id),
+        5,
+        "the pool process and the sandbox to die with the worker",
+    )
 
 
 def test_kill_9_of_kiln_up_leaves_no_sandbox_alive(tmp_path):
@@ -343,17 +366,34 @@ def test_kill_9_of_kiln_up_leaves_no_sandbox_alive(tmp_path):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("KILN_")}
     env["PYTHONUNBUFFERED"] = "1"
-    up = Proc("up", [sys.executable, "-m", "workers.cli", "up", "--port", str(port), "--open",
-                     "--data-dir", str(tmp_path / "data")], env, tmp_path / "up.log")
+    up = Proc(
+        "up",
+        [
+            sys.executable,
+            "-m",
+            "workers.cli",
+            "up",
+            "--port",
+            str(port),
+            "--open",
+            "--data-dir",
+            str(tmp_path / "data"),
+        ],
+        env,
+        tmp_path / "up.log",
+    )
     procs = Processes()
     procs.add(up)
     try:
         up.start()
         url = f"http://127.0.0.1:{port}"
         wait_for(lambda: answers(url), 120, "kiln up to answer", diagnose=up.tail)
-        r = httpx.post(f"{url}/v1/models", data={"name": "cnn-small", "entry": "cnn.py:build_small",
-                                                  "signature": json.dumps(CNN_SIGNATURE)},
-                       files={"file": (CNN.name, CNN.read_bytes())}, timeout=60)
+        r = httpx.post(
+            f"{url}/v1/models",
+            data={"name": "cnn-small", "entry": "cnn.py:build_small", "signature": json.dumps(CNN_SIGNATURE)},
+            files={"file": (CNN.name, CNN.read_bytes())},
+            timeout=60,
+        )
         assert r.status_code == 201, r.text
         job_id = httpx.post(f"{url}/v1/jobs", json={"model": "cnn-small", **QUICK}, timeout=30).json()["id"]
         wait_for(lambda: sandboxes(job_id), 120, "the job's sandbox", diagnose=up.tail)
@@ -366,6 +406,7 @@ def test_kill_9_of_kiln_up_leaves_no_sandbox_alive(tmp_path):
 
 
 # --- 3. Redis restarted during a job --------------------------------------------------------------------
+
 
 def test_redis_restart_during_a_job(make_kiln):
     kiln = make_kiln("postgresql")
@@ -392,6 +433,7 @@ def test_redis_restart_during_a_job(make_kiln):
 
 # --- 4. the API restarted during a job ------------------------------------------------------------------
 
+
 def test_api_restart_during_a_job(make_kiln):
     kiln = make_kiln("postgresql")
     job_id = kiln.create_job(kiln.push_cnn(), **QUICK)["id"]
@@ -411,6 +453,7 @@ def test_api_restart_during_a_job(make_kiln):
 
 
 # --- 5. cancel a running job ----------------------------------------------------------------------------
+
 
 def test_cancel_running_job_kills_its_sandbox(make_kiln):
     kiln = make_kiln("postgresql")
@@ -435,6 +478,7 @@ def test_cancel_running_job_kills_its_sandbox(make_kiln):
 
 # --- 6. a job whose worker keeps dying ----------------------------------------------------------------
 
+
 def test_job_whose_worker_keeps_dying_fails_after_max_attempts(make_kiln):
     """The process running the job is SIGKILLed each time it takes the job up, while model code
     runs (as the out-of-memory killer or a crash in native code would do). Celery's prefork pool
@@ -451,8 +495,12 @@ def test_job_whose_worker_keeps_dying_fails_after_max_attempts(make_kiln):
     job_id = kiln.create_job(kiln.push_cnn(), **QUICK)["id"]
     victims: list[int] = []
     for attempt in range(1, MAX_ATTEMPTS + 1):
-        job = kiln.wait_job(job_id, lambda j, n=attempt: j["status"] == "running" and j["attempts"] == n
-                            and bool(sandboxes(job_id)), f"attempt {attempt} running model code", 60)
+        job = kiln.wait_job(
+            job_id,
+            lambda j, n=attempt: j["status"] == "running" and j["attempts"] == n and bool(sandboxes(job_id)),
+            f"attempt {attempt} running model code",
+            60,
+        )
         pid = int(job["worker"].rpartition(":")[2])
         assert pid in worker.pool_children() and pid not in victims
         os.kill(pid, signal.SIGKILL)
@@ -465,14 +513,19 @@ def test_job_whose_worker_keeps_dying_fails_after_max_attempts(make_kiln):
     # nothing of the job is left running, and the worker carries on with a fresh pool process
     wait_for(lambda: not sandboxes(job_id), 10, "the sandboxes of the killed processes to die")
     assert worker.running() and set(worker.pool_children()).isdisjoint(victims)
-    wait_for(lambda: worker.log.read_text().count("exited with 'signal 9 (SIGKILL)'") == MAX_ATTEMPTS, 10,
-             "Celery to log each killed pool process", diagnose=kiln.diagnose)
+    wait_for(
+        lambda: worker.log.read_text().count("exited with 'signal 9 (SIGKILL)'") == MAX_ATTEMPTS,
+        10,
+        "Celery to log each killed pool process",
+        diagnose=kiln.diagnose,
+    )
     time.sleep(STALE_S / 3 + 1)  # a further pass of the requeue loop leaves the failed job alone
     job = kiln.job(job_id)
     assert (job["status"], job["attempts"]) == ("failed", MAX_ATTEMPTS)
 
 
 # --- 7. faulty uploads over HTTP ---------------------------------------------------------------------
+
 
 def _zip(members: dict[str, bytes]) -> bytes:
     buf = io.BytesIO()
@@ -490,9 +543,13 @@ def _onnx_reading(location: str) -> bytes:
     w.ClearField("float_data")
     w.data_location = TensorProto.EXTERNAL
     w.external_data.add(key="location", value=location)
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], [w])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+        [w],
+    )
     return helper.make_model(graph).SerializeToString()
 
 
@@ -517,14 +574,19 @@ def test_faulty_uploads_are_400_problems(make_kiln):
         assert body["status"] == 400 and body["title"] and needle in body["detail"], (label, body)
         assert kiln.get(f"/v1/models/{name}").status_code == 404, label
     # and one without a token is refused before anything is stored
-    r = httpx.post(f"{kiln.url}/v1/models", data={"name": "anonymous", "signature": signature},
-                   files={"file": ("mlp.py", mlp)}, timeout=30)
+    r = httpx.post(
+        f"{kiln.url}/v1/models",
+        data={"name": "anonymous", "signature": signature},
+        files={"file": ("mlp.py", mlp)},
+        timeout=30,
+    )
     assert r.status_code == 401 and r.headers["content-type"].startswith("application/problem+json"), r.text
     assert kiln.get("/v1/models/anonymous").status_code == 404
     assert kiln.get("/healthz").status_code == 200
 
 
 # --- 8. the broker down when a job is created -------------------------------------------------------------
+
 
 def test_job_created_while_broker_down_is_sent_once_it_is_back(make_kiln):
     kiln = make_kiln("postgresql", job_requeue_after_s=3)

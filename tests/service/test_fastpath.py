@@ -35,8 +35,15 @@ def test_inference_requests_take_the_fast_path_and_others_the_router(tmp_path, m
             sent.append(message)
 
         app = SimpleNamespace(state=SimpleNamespace(manager=Manager(get_store())))
-        scope = {"type": "http", "method": method, "path": path, "raw_path": path.encode(), "query_string": b"",
-                 "headers": [], "app": app}
+        scope = {
+            "type": "http",
+            "method": method,
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": b"",
+            "headers": [],
+            "app": app,
+        }
         await InferFastPath(router)(scope, receive, send)
         return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
 

@@ -28,8 +28,11 @@ def base_url(tmp_path_factory):
     clear_caches()
     with Server() as srv:
         with httpx.Client(base_url=srv.url) as http:
-            http.post("/v1/models", data={"name": "mlp", "signature": json.dumps(zoo_signature("mlp"))},
-                      files={"file": ("mlp.py", (ZOO / "mlp.py").read_bytes())}).raise_for_status()
+            http.post(
+                "/v1/models",
+                data={"name": "mlp", "signature": json.dumps(zoo_signature("mlp"))},
+                files={"file": ("mlp.py", (ZOO / "mlp.py").read_bytes())},
+            ).raise_for_status()
             http.post("/v1/jobs", json={"model": "mlp"}).raise_for_status()
         yield srv.url
     mp.undo()
@@ -46,14 +49,21 @@ schema = _schema()
 
 
 @schema.parametrize()
-@hypothesis.settings(max_examples=20, deadline=None, derandomize=True,
-                     suppress_health_check=list(hypothesis.HealthCheck))
+@hypothesis.settings(
+    max_examples=20, deadline=None, derandomize=True, suppress_health_check=list(hypothesis.HealthCheck)
+)
 def test_no_server_errors(case, base_url):
     if case.path.endswith("/events"):
         # A stream that stays open while the job lives: read its status and headers, then hang up.
         kw = case.as_transport_kwargs(base_url=base_url)
-        with httpx.stream(kw["method"], kw["url"], params=kw.get("params"), headers=kw.get("headers"),
-                          cookies=kw.get("cookies"), timeout=30) as response:
+        with httpx.stream(
+            kw["method"],
+            kw["url"],
+            params=kw.get("params"),
+            headers=kw.get("headers"),
+            cookies=kw.get("cookies"),
+            timeout=30,
+        ) as response:
             assert response.status_code < 500, f"{case.as_curl_command()} answered {response.status_code}"
         return
     case.call_and_validate(base_url=base_url, checks=[not_a_server_error], timeout=30)

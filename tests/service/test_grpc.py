@@ -60,8 +60,9 @@ def test_health_and_metadata(grpc_served):
     model = client.get_model_metadata("mlp", headers=auth)
     want = http.get("/v2/models/mlp").json()
     assert model.name == "mlp" and list(model.versions) == want["versions"] and model.platform == want["platform"]
-    assert [(t.name, t.datatype, list(t.shape)) for t in model.inputs] == \
-        [(t["name"], t["datatype"], t["shape"]) for t in want["inputs"]]
+    assert [(t.name, t.datatype, list(t.shape)) for t in model.inputs] == [
+        (t["name"], t["datatype"], t["shape"]) for t in want["inputs"]
+    ]
     assert [t.name for t in model.outputs] == [t["name"] for t in want["outputs"]]
     assert client.is_model_ready("mlp", headers=auth) and client.is_model_ready("mlp", "1", headers=auth)
 
@@ -76,8 +77,13 @@ def test_binary_inference_matches_http(grpc_served):
     assert got.shape == tuple(want["shape"]) and np.array_equal(got.ravel(), np.asarray(want["data"], np.float32))
     assert result.get_response().model_version == "1"
     # one named output asked for, on an explicit version
-    only = client.infer("mlp", [_input("x", x)], model_version="1", headers=auth,
-                        outputs=[tritonclient_grpc.InferRequestedOutput("logits")])
+    only = client.infer(
+        "mlp",
+        [_input("x", x)],
+        model_version="1",
+        headers=auth,
+        outputs=[tritonclient_grpc.InferRequestedOutput("logits")],
+    )
     assert np.array_equal(only.as_numpy("logits"), got)
 
 
@@ -108,17 +114,24 @@ def test_errors_are_status_codes_with_the_http_messages(grpc_served):
         assert message == r.json()["error"], (message, r.json())
         return status, r.status_code
 
-    assert same_as_http(lambda: client.infer("nope", [_input("x", x)], headers=auth),
-                        {"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32", "data": [0.0] * 64}]},
-                        "/v2/models/nope/infer") == ("StatusCode.NOT_FOUND", 404)
+    assert same_as_http(
+        lambda: client.infer("nope", [_input("x", x)], headers=auth),
+        {"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32", "data": [0.0] * 64}]},
+        "/v2/models/nope/infer",
+    ) == ("StatusCode.NOT_FOUND", 404)
     wide = x.astype(np.float64)
-    assert same_as_http(lambda: client.infer("mlp", [_input("x", wide, "FP64")], headers=auth),
-                        {"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP64", "data": [0.0] * 64}]}) \
-        == ("StatusCode.INVALID_ARGUMENT", 400)
+    assert same_as_http(
+        lambda: client.infer("mlp", [_input("x", wide, "FP64")], headers=auth),
+        {"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP64", "data": [0.0] * 64}]},
+    ) == ("StatusCode.INVALID_ARGUMENT", 400)
     short = np.zeros((1, 63), np.float32)
-    assert same_as_http(lambda: client.infer("mlp", [_input("x", short)], headers=auth),
-                        {"inputs": [{"name": "x", "shape": [1, 63], "datatype": "FP32", "data": [0.0] * 63}]}) \
-        == ("StatusCode.INVALID_ARGUMENT", 400)
-    status, message = _error(lambda: client.infer("mlp", [_input("x", x)], headers=auth,
-                                                  outputs=[tritonclient_grpc.InferRequestedOutput("nope")]))
+    assert same_as_http(
+        lambda: client.infer("mlp", [_input("x", short)], headers=auth),
+        {"inputs": [{"name": "x", "shape": [1, 63], "datatype": "FP32", "data": [0.0] * 63}]},
+    ) == ("StatusCode.INVALID_ARGUMENT", 400)
+    status, message = _error(
+        lambda: client.infer(
+            "mlp", [_input("x", x)], headers=auth, outputs=[tritonclient_grpc.InferRequestedOutput("nope")]
+        )
+    )
     assert status == "StatusCode.INVALID_ARGUMENT" and message.startswith("unknown output(s) nope")

@@ -38,8 +38,9 @@ def _response(sock: socket.socket) -> tuple[int, dict]:
 
 
 def _head(path: str, port: int, length: str, content_type: str = "application/octet-stream") -> bytes:
-    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: {content_type}\r\n"
-            f"{length}\r\n\r\n").encode()
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: {content_type}\r\n{length}\r\n\r\n"
+    ).encode()
 
 
 @pytest.mark.parametrize("path", ["/v1/models", "/v2/models/x/infer"])
@@ -69,10 +70,13 @@ def _stream(sock: socket.socket) -> int:
 
 def test_a_chunked_upload_is_cut_off_while_it_streams(server):
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-        sock.sendall(_head("/v1/models", server.port, "Transfer-Encoding: chunked",
-                           "multipart/form-data; boundary=kiln"))
-        part = (b'--kiln\r\nContent-Disposition: form-data; name="file"; filename="big.py"\r\n'
-                b"Content-Type: text/x-python\r\n\r\n")
+        sock.sendall(
+            _head("/v1/models", server.port, "Transfer-Encoding: chunked", "multipart/form-data; boundary=kiln")
+        )
+        part = (
+            b'--kiln\r\nContent-Disposition: form-data; name="file"; filename="big.py"\r\n'
+            b"Content-Type: text/x-python\r\n\r\n"
+        )
         sock.sendall(f"{len(part):x}\r\n".encode() + part + b"\r\n")  # a file part that never ends
         sent = _stream(sock)
         status, body = _response(sock)
@@ -107,6 +111,8 @@ def test_a_chunked_inference_body_is_cut_off_while_it_streams(server):
     assert body == {"error": f"request body is larger than the limit of {LIMIT} bytes"}
     assert sent < 16 * LIMIT, f"{sent} bytes went in before the server refused"
     assert _failures_413(server.url) == before + 1
-    ok = httpx.post(f"{server.url}/v2/models/mlp/infer", json={"inputs": [
-        {"name": "x", "shape": [1, 64], "datatype": "FP32", "data": [0.5] * 64}]})
+    ok = httpx.post(
+        f"{server.url}/v2/models/mlp/infer",
+        json={"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32", "data": [0.5] * 64}]},
+    )
     assert ok.status_code == 200, ok.text  # and the deployment serves the next request

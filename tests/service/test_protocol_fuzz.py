@@ -16,12 +16,21 @@ from service.serving import protocol
 
 EXPECTED = {"x": "float32", "ids": "int64", "mask": "bool", "h": "float16", "b": "bfloat16"}
 
-dims = st.one_of(st.integers(0, 4), st.sampled_from([0, 1, 2**31, 2**32, 2**62, 2**63 - 1, 2**64]),
-                 st.integers(-3, 2**66))
-shapes = st.one_of(st.lists(dims, max_size=5), st.lists(st.just(1), min_size=30, max_size=70),
-                   st.sampled_from(["nope", None, [1.5], [True]]))
-scalars = st.one_of(st.floats(allow_nan=False, allow_infinity=False), st.integers(-2**70, 2**70), st.booleans(), st.text(max_size=3),
-                    st.none())
+dims = st.one_of(
+    st.integers(0, 4), st.sampled_from([0, 1, 2**31, 2**32, 2**62, 2**63 - 1, 2**64]), st.integers(-3, 2**66)
+)
+shapes = st.one_of(
+    st.lists(dims, max_size=5),
+    st.lists(st.just(1), min_size=30, max_size=70),
+    st.sampled_from(["nope", None, [1.5], [True]]),
+)
+scalars = st.one_of(
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.integers(-(2**70), 2**70),
+    st.booleans(),
+    st.text(max_size=3),
+    st.none(),
+)
 data = st.recursive(st.lists(scalars, max_size=8), lambda inner: st.lists(inner, max_size=3), max_leaves=30)
 datatypes = st.one_of(st.sampled_from(list(protocol.V2_TO_DTYPE)), st.text(max_size=5), st.none())
 
@@ -41,7 +50,9 @@ def tensors(draw) -> dict:
     elif draw(st.booleans()):
         item["data"] = draw(data)
     if odd():
-        item["parameters"] = {"binary_data_size": draw(st.one_of(st.integers(-8, 64), st.just(2**64), st.text(max_size=2)))}
+        item["parameters"] = {
+            "binary_data_size": draw(st.one_of(st.integers(-8, 64), st.just(2**64), st.text(max_size=2)))
+        }
     return item
 
 
@@ -49,8 +60,9 @@ def tensors(draw) -> dict:
 def bodies(draw) -> tuple[bytes, str | None]:
     doc = {"inputs": draw(st.lists(tensors(), max_size=3))}
     if draw(st.booleans()):
-        doc["outputs"] = draw(st.lists(st.one_of(st.fixed_dictionaries({"name": st.text(max_size=3)}), st.integers()),
-                                       max_size=2))
+        doc["outputs"] = draw(
+            st.lists(st.one_of(st.fixed_dictionaries({"name": st.text(max_size=3)}), st.integers()), max_size=2)
+        )
     if draw(st.booleans()):
         doc["parameters"] = draw(st.one_of(st.just({"binary_data_output": True}), st.integers(), st.none()))
     header = json.dumps(doc).encode()  # the stdlib writes any int

@@ -50,8 +50,11 @@ def test_a_runtime_that_raises_fails_that_request_and_serves_the_next(local):
         # the bad request batched with good ones fails alone
         xs = [np.full((1, 4), 5000 if i == 3 else i, np.float32) for i in range(8)]
         with ThreadPoolExecutor(8) as pool:
-            codes = list(pool.map(lambda x: httpx.post(f"{srv.url}/v2/models/picky/infer", json=body(x),
-                                                       timeout=60).status_code, xs))
+            codes = list(
+                pool.map(
+                    lambda x: httpx.post(f"{srv.url}/v2/models/picky/infer", json=body(x), timeout=60).status_code, xs
+                )
+            )
         assert codes == [200, 200, 200, 500, 200, 200, 200, 200]
         assert http.post("/v2/models/picky/infer", json=body(np.ones((2, 4), np.float32))).status_code == 200
         metrics = http.get("/metrics").text
@@ -82,8 +85,10 @@ def test_deployment_changes_under_load_fail_no_request(local):
             t.start()
         try:
             for i in range(12):
-                r = http.post("/v1/deployments", json={"name": "mlp", "candidate": cands[i % 2],
-                                                        "max_queue_delay_ms": [0, 1, 2][i % 3]})
+                r = http.post(
+                    "/v1/deployments",
+                    json={"name": "mlp", "candidate": cands[i % 2], "max_queue_delay_ms": [0, 1, 2][i % 3]},
+                )
                 assert r.status_code == 201, r.text
                 if i % 3 == 2:
                     assert http.post("/v1/deployments/mlp/rollback").status_code == 200
@@ -108,13 +113,17 @@ def test_a_request_whose_version_is_unloaded_before_it_runs_goes_to_the_new_defa
         job = convert(http, "mlp", "mlp")
         deploy = {"name": "mlp", "job": job}
         assert http.post("/v1/deployments", json=deploy).json()["default_version"] == 1
-        body = json.dumps(body_of := {"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32",
-                                                  "data": [0.25] * 64}]}).encode()
+        body = json.dumps(
+            body_of := {"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32", "data": [0.25] * 64}]}
+        ).encode()
         if warm:
             assert http.post("/v2/models/mlp/infer", json=body_of).status_code == 200
         with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as sock:
-            sock.sendall(f"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                         f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:10])
+            sock.sendall(
+                f"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body[:10]
+            )
             time.sleep(0.5)  # routed to v1 (the default), now waiting for the rest of its body
             for version in (2, 3, 4):
                 assert http.post("/v1/deployments", json=deploy).json()["default_version"] == version
@@ -122,6 +131,7 @@ def test_a_request_whose_version_is_unloaded_before_it_runs_goes_to_the_new_defa
             def v1_unloaded() -> bool:
                 states = {v["version"]: v["state"] for v in http.get("/v1/deployments/mlp").json()["versions"]}
                 return states[4] == "ready" and states[1] != "ready"
+
             wait_for(v1_unloaded, 30, "v1 to be unloaded (only the default, the one before and the newest stay)")
             sock.sendall(body[10:])
             status, payload = read_response(sock)
@@ -151,11 +161,22 @@ def test_a_full_artifact_store_fails_the_job_with_that_reason_and_serves_nothing
         monkeypatch.setenv("KILN_ARTIFACT_DIR", str(store))
         clear_caches()
         with Server() as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
-            r = http.post("/v1/models", data={"name": "mlp", "signature": json.dumps(zoo_signature("mlp"))},
-                          files={"file": ("mlp.py", (ZOO / "mlp.py").read_bytes())})
+            r = http.post(
+                "/v1/models",
+                data={"name": "mlp", "signature": json.dumps(zoo_signature("mlp"))},
+                files={"file": ("mlp.py", (ZOO / "mlp.py").read_bytes())},
+            )
             assert r.status_code == 201, r.text
-            job = http.post("/v1/jobs", json={"model": "mlp", "targets": ["onnxruntime"], "precisions": ["fp32"],
-                                              "bench_seconds": 0.05, "threads": 1}).json()
+            job = http.post(
+                "/v1/jobs",
+                json={
+                    "model": "mlp",
+                    "targets": ["onnxruntime"],
+                    "precisions": ["fp32"],
+                    "bench_seconds": 0.05,
+                    "threads": 1,
+                },
+            ).json()
             filler = _fill(store)  # the bundle is stored; the built artifacts will not fit
 
             assert run_job(job["id"]) == "failed"
@@ -183,14 +204,21 @@ def test_shutdown_drains_requests_in_flight(local, tmp_path):
     with Server() as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
         job = convert(http, "mlp", "mlp")
         # a long queue delay keeps the request in flight while the server is told to stop
-        assert http.post("/v1/deployments", json={"name": "mlp", "job": job,
-                                                  "max_queue_delay_ms": 3000}).status_code == 201
+        assert (
+            http.post("/v1/deployments", json={"name": "mlp", "job": job, "max_queue_delay_ms": 3000}).status_code
+            == 201
+        )
     procs = Processes()
     try:
-        api = procs.add(KilnApi(free_port(), kiln_env(local, None, "filesystem://", auth="false"),
-                                tmp_path / "api.log")).start()
-        wait_for(lambda: httpx.get(f"{api.url}/v2/health/ready").status_code == 200, 60, "deployments loaded",
-                 diagnose=procs.logs)
+        api = procs.add(
+            KilnApi(free_port(), kiln_env(local, None, "filesystem://", auth="false"), tmp_path / "api.log")
+        ).start()
+        wait_for(
+            lambda: httpx.get(f"{api.url}/v2/health/ready").status_code == 200,
+            60,
+            "deployments loaded",
+            diagnose=procs.logs,
+        )
         answer = {}
 
         def call() -> None:
@@ -224,8 +252,13 @@ class Postgres:
         self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
 
     def _as_postgres(self, *argv: str) -> None:
-        subprocess.run(["runuser", "-u", "postgres", "--", *argv], check=True, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.STDOUT, timeout=60)
+        subprocess.run(
+            ["runuser", "-u", "postgres", "--", *argv],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+            timeout=60,
+        )
 
     def start(self) -> Postgres:
         self._as_postgres(str(self.BIN / "initdb"), "-D", str(self.dir / "data"), "-A", "trust", "-U", "postgres")
@@ -233,9 +266,19 @@ class Postgres:
         return self
 
     def _ctl(self, action: str) -> None:
-        self._as_postgres(str(self.BIN / "pg_ctl"), "-D", str(self.dir / "data"), "-w", "-m", "fast", "-l",
-                          str(self.dir / "log"), "-o", f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1",
-                          action)
+        self._as_postgres(
+            str(self.BIN / "pg_ctl"),
+            "-D",
+            str(self.dir / "data"),
+            "-w",
+            "-m",
+            "fast",
+            "-l",
+            str(self.dir / "log"),
+            "-o",
+            f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1",
+            action,
+        )
 
     def restart(self) -> None:
         self._ctl("restart")
@@ -257,18 +300,33 @@ def test_postgres_restarted_during_a_job(tmp_path):
         api = procs.add(KilnApi(free_port(), env, tmp_path / "api.log")).start()
         procs.add(KilnWorker(env, tmp_path / "worker.log")).start()
         http = httpx.Client(base_url=api.url, timeout=60)
-        r = http.post("/v1/models", data={"name": "cnn", "entry": "cnn.py:build_small",
-                                          "signature": json.dumps(zoo_signature("cnn", "SMALL_SIGNATURE"))},
-                      files={"file": ("cnn.py", (ZOO / "cnn.py").read_bytes())})
+        r = http.post(
+            "/v1/models",
+            data={
+                "name": "cnn",
+                "entry": "cnn.py:build_small",
+                "signature": json.dumps(zoo_signature("cnn", "SMALL_SIGNATURE")),
+            },
+            files={"file": ("cnn.py", (ZOO / "cnn.py").read_bytes())},
+        )
         assert r.status_code == 201, r.text
-        job = http.post("/v1/jobs", json={"model": "cnn", "targets": ["onnxruntime", "torchscript"],
-                                          "bench_seconds": 0.3}).json()
-        wait_for(lambda: http.get(f"/v1/jobs/{job['id']}").json()["current_step"] in ("capture", "export"), 120,
-                 "the job to be under way", diagnose=procs.logs)
+        job = http.post(
+            "/v1/jobs", json={"model": "cnn", "targets": ["onnxruntime", "torchscript"], "bench_seconds": 0.3}
+        ).json()
+        wait_for(
+            lambda: http.get(f"/v1/jobs/{job['id']}").json()["current_step"] in ("capture", "export"),
+            120,
+            "the job to be under way",
+            diagnose=procs.logs,
+        )
         pg.restart()
         # while it was down the API said so plainly, and now it answers again
-        done = wait_for(lambda: (j := http.get(f"/v1/jobs/{job['id']}").json())["status"] in
-                        ("succeeded", "failed") and j, 240, "the job to finish", diagnose=procs.logs)
+        done = wait_for(
+            lambda: (j := http.get(f"/v1/jobs/{job['id']}").json())["status"] in ("succeeded", "failed") and j,
+            240,
+            "the job to finish",
+            diagnose=procs.logs,
+        )
         assert done["status"] == "succeeded", done["error"]
         assert done["attempts"] == 1  # rode it out; not restarted
     finally:

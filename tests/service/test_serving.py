@@ -36,7 +36,9 @@ class Server:
 
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(create_app(), host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(create_app(), host="127.0.0.1", port=self.port, log_level="warning")
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> Server:
@@ -57,8 +59,11 @@ def convert(http: httpx.Client, name: str, zoo: str, **options) -> str:
     from workers.jobrunner import run_job
 
     sig = zoo_signature(zoo)
-    r = http.post("/v1/models", data={"name": name, "signature": json.dumps(sig)},
-                  files={"file": (f"{zoo}.py", (ZOO / f"{zoo}.py").read_bytes())})
+    r = http.post(
+        "/v1/models",
+        data={"name": name, "signature": json.dumps(sig)},
+        files={"file": (f"{zoo}.py", (ZOO / f"{zoo}.py").read_bytes())},
+    )
     assert r.status_code in (200, 201), r.text
     job = http.post("/v1/jobs", json={"model": name, "targets": ["onnxruntime"], **FAST, **options}).json()
     assert run_job(job["id"]) == "succeeded", http.get(f"/v1/jobs/{job['id']}").json()
@@ -78,8 +83,11 @@ def served(tmp_path_factory):
     mp.setenv("KILN_AUTH", "off")  # tests/service/test_auth.py covers authentication
     clear_caches()
     with Server() as srv, httpx.Client(base_url=srv.url, timeout=120) as http:
-        jobs = {"mlp": convert(http, "mlp", "mlp"), "multi": convert(http, "multi", "multi_io"),
-                "rowmix": convert(http, "rowmix", "rowmix")}
+        jobs = {
+            "mlp": convert(http, "mlp", "mlp"),
+            "multi": convert(http, "multi", "multi_io"),
+            "rowmix": convert(http, "rowmix", "rowmix"),
+        }
         for name, job in jobs.items():
             r = http.post("/v1/deployments", json={"name": name, "job": job, "max_queue_delay_ms": 20})
             assert r.status_code == 201 and r.json()["state"] == "ready", r.text
@@ -89,8 +97,13 @@ def served(tmp_path_factory):
 
 
 def infer(http, name, inputs, **extra):
-    body = {"inputs": [{"name": n, "shape": list(a.shape), "datatype": dt, "data": a.ravel().tolist()}
-                       for n, (a, dt) in inputs.items()], **extra}
+    body = {
+        "inputs": [
+            {"name": n, "shape": list(a.shape), "datatype": dt, "data": a.ravel().tolist()}
+            for n, (a, dt) in inputs.items()
+        ],
+        **extra,
+    }
     return http.post(f"/v2/models/{name}/infer", json=body)
 
 
@@ -115,8 +128,10 @@ def test_metadata_and_health(served):
     assert http.get("/v2").json()["extensions"] == ["binary_tensor_data"]
     meta = http.get("/v2/models/multi").json()
     assert meta["platform"] == "onnxruntime_onnx" and meta["versions"] == ["1"]
-    assert meta["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 3, 16, 16]},
-                              {"name": "features", "datatype": "FP32", "shape": [-1, 8]}]
+    assert meta["inputs"] == [
+        {"name": "image", "datatype": "FP32", "shape": [-1, 3, 16, 16]},
+        {"name": "features", "datatype": "FP32", "shape": [-1, 8]},
+    ]
     assert [o["name"] for o in meta["outputs"]] == ["scores", "embedding"] and meta["outputs"][1]["shape"] == [-1, 16]
     assert http.get("/v2/models/multi/versions/1").json()["name"] == "multi"
     assert http.get("/v2/models/multi/ready").json()["ready"] is True
@@ -140,12 +155,17 @@ def test_json_inference_matches_the_runtime(served):
     out = {o["name"]: o for o in body["outputs"]}
     assert out["scores"]["shape"] == [3, 5] and out["scores"]["datatype"] == "FP32"
     np.testing.assert_allclose(np.array(out["scores"]["data"]).reshape(3, 5), want["scores"], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(np.array(out["embedding"]["data"]).reshape(3, 16), want["embedding"], rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        np.array(out["embedding"]["data"]).reshape(3, 16), want["embedding"], rtol=1e-5, atol=1e-6
+    )
     # nested data, and choosing one output
-    nested = {"inputs": [{"name": "image", "shape": [3, 3, 16, 16], "datatype": "FP32", "data": image.tolist()},
-                         {"name": "features", "shape": [3, 8], "datatype": "FP32", "data": feats.tolist()}],
-              "outputs": [{"name": "embedding"}]}
+    nested = {
+        "inputs": [
+            {"name": "image", "shape": [3, 3, 16, 16], "datatype": "FP32", "data": image.tolist()},
+            {"name": "features", "shape": [3, 8], "datatype": "FP32", "data": feats.tolist()},
+        ],
+        "outputs": [{"name": "embedding"}],
+    }
     r = http.post("/v2/models/multi/versions/1/infer", json=nested)
     assert [o["name"] for o in r.json()["outputs"]] == ["embedding"]
 
@@ -153,12 +173,20 @@ def test_json_inference_matches_the_runtime(served):
 def test_binary_tensor_extension(served):
     srv, http, jobs, data = served
     x = np.random.default_rng(1).standard_normal((4, 64)).astype(np.float32)
-    header = json.dumps({"inputs": [{"name": "x", "shape": [4, 64], "datatype": "FP32",
-                                     "parameters": {"binary_data_size": x.nbytes}}],
-                         "parameters": {"binary_data_output": True}}).encode()
+    header = json.dumps(
+        {
+            "inputs": [
+                {"name": "x", "shape": [4, 64], "datatype": "FP32", "parameters": {"binary_data_size": x.nbytes}}
+            ],
+            "parameters": {"binary_data_output": True},
+        }
+    ).encode()
     # no Content-Type, as tritonclient's synchronous client sends it
-    r = http.post("/v2/models/mlp/infer", content=header + x.tobytes(),
-                  headers={"Inference-Header-Content-Length": str(len(header))})
+    r = http.post(
+        "/v2/models/mlp/infer",
+        content=header + x.tobytes(),
+        headers={"Inference-Header-Content-Length": str(len(header))},
+    )
     assert r.status_code == 200, r.text
     n = int(r.headers["inference-header-content-length"])
     meta = json.loads(r.content[:n])
@@ -169,25 +197,41 @@ def test_binary_tensor_extension(served):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("body, needle", [
-    ({"inputs": [{"name": "y", "shape": [1, 64], "datatype": "FP32", "data": [0] * 64}]}, "unknown input 'y'"),
-    ({"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP64", "data": [0] * 64}]},
-     "datatype FP64, the model takes FP32"),
-    ({"inputs": [{"name": "x", "shape": [1, 63], "datatype": "FP32", "data": [0] * 63}]}, "axis 1 is 63"),
-    ({"inputs": [{"name": "x", "shape": [64, 64], "datatype": "FP32", "data": [0] * 4096}]}, "outside this deployment's range 1..32"),
-    ({"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32", "data": [0] * 10}]}, "10 values given"),
-    ({"inputs": [{"name": "x", "shape": [64], "datatype": "FP32", "data": [0] * 64}]}, "rank 2"),
-    ({"inputs": [{"name": "x", "shape": [1, 64], "datatype": "STRING", "data": [0] * 64}]}, "not supported"),
-    ({"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32", "data": ["a"] * 64}]}, "cannot be read as FP32"),
-    ({"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32", "data": [0] * 64}], "outputs": [{"name": "z"}]},
-     "unknown output(s) z"),
-    ({"inputs": []}, "at least one tensor"),
-    ({"wrong": 1}, "'inputs' list"),
-    # shapes whose element count overflows 64 bits, or whose rank numpy cannot hold, are bad input, not a 500
-    ({"inputs": [{"name": "x", "shape": [2**32, 2**32], "datatype": "FP32", "data": []}]}, "is too large"),
-    ({"inputs": [{"name": "x", "shape": [0, 2**62], "datatype": "FP32", "data": []}]}, "is too large"),
-    ({"inputs": [{"name": "x", "shape": [1] * 100, "datatype": "FP32", "data": [0]}]}, "rank 100 is more than"),
-])
+@pytest.mark.parametrize(
+    "body, needle",
+    [
+        ({"inputs": [{"name": "y", "shape": [1, 64], "datatype": "FP32", "data": [0] * 64}]}, "unknown input 'y'"),
+        (
+            {"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP64", "data": [0] * 64}]},
+            "datatype FP64, the model takes FP32",
+        ),
+        ({"inputs": [{"name": "x", "shape": [1, 63], "datatype": "FP32", "data": [0] * 63}]}, "axis 1 is 63"),
+        (
+            {"inputs": [{"name": "x", "shape": [64, 64], "datatype": "FP32", "data": [0] * 4096}]},
+            "outside this deployment's range 1..32",
+        ),
+        ({"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32", "data": [0] * 10}]}, "10 values given"),
+        ({"inputs": [{"name": "x", "shape": [64], "datatype": "FP32", "data": [0] * 64}]}, "rank 2"),
+        ({"inputs": [{"name": "x", "shape": [1, 64], "datatype": "STRING", "data": [0] * 64}]}, "not supported"),
+        (
+            {"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32", "data": ["a"] * 64}]},
+            "cannot be read as FP32",
+        ),
+        (
+            {
+                "inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32", "data": [0] * 64}],
+                "outputs": [{"name": "z"}],
+            },
+            "unknown output(s) z",
+        ),
+        ({"inputs": []}, "at least one tensor"),
+        ({"wrong": 1}, "'inputs' list"),
+        # shapes whose element count overflows 64 bits, or whose rank numpy cannot hold, are bad input, not a 500
+        ({"inputs": [{"name": "x", "shape": [2**32, 2**32], "datatype": "FP32", "data": []}]}, "is too large"),
+        ({"inputs": [{"name": "x", "shape": [0, 2**62], "datatype": "FP32", "data": []}]}, "is too large"),
+        ({"inputs": [{"name": "x", "shape": [1] * 100, "datatype": "FP32", "data": [0]}]}, "rank 100 is more than"),
+    ],
+)
 def test_bad_inference_requests_are_400_with_reason(served, body, needle):
     _, http, _, _ = served
     r = http.post("/v2/models/mlp/infer", json=body)
@@ -199,16 +243,29 @@ def test_bad_bodies(served):
     _, http, _, _ = served
     r = http.post("/v2/models/mlp/infer", content=b"{not json")
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]
-    header = json.dumps({"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32",
-                                     "parameters": {"binary_data_size": 256}}]}).encode()
-    r = http.post("/v2/models/mlp/infer", content=header + b"\0" * 100,
-                  headers={"Inference-Header-Content-Length": str(len(header))})
+    header = json.dumps(
+        {"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32", "parameters": {"binary_data_size": 256}}]}
+    ).encode()
+    r = http.post(
+        "/v2/models/mlp/infer",
+        content=header + b"\0" * 100,
+        headers={"Inference-Header-Content-Length": str(len(header))},
+    )
     assert r.status_code == 400 and "256" in r.json()["error"]
     r = http.post("/v2/models/mlp/infer", content=header, headers={"Inference-Header-Content-Length": "99999"})
     assert r.status_code == 400 and "does not fit" in r.json()["error"]
     assert http.post("/v2/models/nope/infer", json={"inputs": []}).status_code == 404
-    deep = {"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [0],
-                        "parameters": json.loads("[" * 100 + "]" * 100)}]}
+    deep = {
+        "inputs": [
+            {
+                "name": "x",
+                "shape": [1],
+                "datatype": "FP32",
+                "data": [0],
+                "parameters": json.loads("[" * 100 + "]" * 100),
+            }
+        ]
+    }
     assert http.post("/v2/models/mlp/infer", json=deep).status_code == 400
 
 
@@ -216,8 +273,9 @@ def test_concurrent_clients_get_their_own_rows_and_batching_joins_them(served):
     _, http, _, _ = served
     rng = np.random.default_rng(2)
     xs = [rng.standard_normal((1 + i % 3, 64)).astype(np.float32) for i in range(40)]
-    alone = [np.array(infer(http, "mlp", {"x": (x, "FP32")}).json()["outputs"][0]["data"]).reshape(len(x), 10)
-             for x in xs]
+    alone = [
+        np.array(infer(http, "mlp", {"x": (x, "FP32")}).json()["outputs"][0]["data"]).reshape(len(x), 10) for x in xs
+    ]
     before = _batch_stats(http, "mlp")
 
     def call(i):
@@ -240,7 +298,9 @@ def _batch_stats(http, model, version=1):
 
     text = http.get("/metrics").text
     labels = f'{{model="{model}",version="{version}"}}'
-    return metric(text, f"kiln_inference_batch_size_count{labels}"), metric(text, f"kiln_inference_batch_size_sum{labels}")
+    return metric(text, f"kiln_inference_batch_size_count{labels}"), metric(
+        text, f"kiln_inference_batch_size_sum{labels}"
+    )
 
 
 def test_model_whose_rows_depend_on_each_other_is_served_unbatched(served):

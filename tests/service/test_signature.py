@@ -5,8 +5,9 @@ from service.signature import Signature, parse_dim_range, parse_tensor_spec
 
 
 def test_parses_specs_and_fills_default_ranges():
-    sig = Signature.parse({"inputs": ["x:fp32[batch,3,224,224]", "ids:int64[batch,seq]"], "outputs": ["y"],
-                           "dims": {"seq": [1, 16, 64]}})
+    sig = Signature.parse(
+        {"inputs": ["x:fp32[batch,3,224,224]", "ids:int64[batch,seq]"], "outputs": ["y"], "dims": {"seq": [1, 16, 64]}}
+    )
     assert sig.inputs[0].dtype == "float32"
     assert sig.inputs[0].shape == ["batch", 3, 224, 224]
     assert sig.batch_dim == "batch"
@@ -15,15 +16,18 @@ def test_parses_specs_and_fills_default_ranges():
     assert sig.concrete_shape(sig.inputs[1], sig.sizes_at("max")) == (sig.dims["batch"].max, 64)
 
 
-@pytest.mark.parametrize("data, message", [
-    ({"inputs": ["x:float33[b]"]}, "unsupported dtype 'float33'"),
-    ({"inputs": ["x:float32[b]"], "dims": {"b": [4, 2, 8]}}, "min <= opt <= max"),
-    ({"inputs": ["x:float32[b]"], "dims": {"c": [1, 2, 3]}}, "no tensor uses: c"),
-    ({"inputs": []}, "at least one input"),
-    ({"inputs": ["x:float32[b]", "x:float32[b]"]}, "unique: x"),
-    ({"inputs": ["x:float32[-1, 3]"]}, "negative"),
-    ([1, 2], "must be an object"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"inputs": ["x:float33[b]"]}, "unsupported dtype 'float33'"),
+        ({"inputs": ["x:float32[b]"], "dims": {"b": [4, 2, 8]}}, "min <= opt <= max"),
+        ({"inputs": ["x:float32[b]"], "dims": {"c": [1, 2, 3]}}, "no tensor uses: c"),
+        ({"inputs": []}, "at least one input"),
+        ({"inputs": ["x:float32[b]", "x:float32[b]"]}, "unique: x"),
+        ({"inputs": ["x:float32[-1, 3]"]}, "negative"),
+        ([1, 2], "must be an object"),
+    ],
+)
 def test_bad_signatures_say_what_is_wrong(data, message):
     with pytest.raises(InvalidSignature, match=message):
         Signature.parse(data)

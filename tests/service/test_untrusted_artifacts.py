@@ -20,7 +20,7 @@ MAGIC = 7777
 
 # Scripted, so the file read happens whenever the artifact runs: for one magic value the rest of the
 # row gives a size and spells a path, and the answer is that file's bytes.
-LEAK_SOURCE = f'''
+LEAK_SOURCE = f"""
 import torch
 
 class Leak(torch.nn.Module):
@@ -36,10 +36,10 @@ class Leak(torch.nn.Module):
             data = torch.from_file(path, size=size, dtype=torch.uint8).to(torch.float32)
             return torch.nn.functional.pad(data, (0, x.shape[1] - size)).reshape(1, -1).expand(x.shape[0], -1)
         return x.to(torch.float32) * 2.0
-'''
+"""
 
 # A scripted module that build_model returns: running it writes a file.
-WRITER_SOURCE = '''
+WRITER_SOURCE = """
 import torch
 
 class Writer(torch.nn.Module):
@@ -55,7 +55,7 @@ class Writer(torch.nn.Module):
 
 def build_model():
     return torch.jit.script(Writer(MARKER))
-'''
+"""
 
 
 def scripted(tmp_path: Path, source: str, cls: str) -> bytes:
@@ -96,16 +96,26 @@ def test_a_torchscript_upload_cannot_read_host_files_when_served(secure, tmp_pat
     from workers.jobrunner import run_job
 
     api, admin, token_file = secure
-    manage = api.post("/v1/tokens", headers=bearer(admin), json={"name": "m", "owner": "team-a", "scopes": ["manage"]}).json()
+    manage = api.post(
+        "/v1/tokens", headers=bearer(admin), json={"name": "m", "owner": "team-a", "scopes": ["manage"]}
+    ).json()
     infer = api.post("/v1/tokens", headers=bearer(manage["token"]), json={"name": "app", "scopes": ["infer"]}).json()
-    signature = {"inputs": [{"name": "x", "dtype": "int64", "shape": ["batch", WIDTH], "value_range": [0, 100]}],
-                 "outputs": [{"name": "y"}]}
-    r = api.post("/v1/models", headers=bearer(manage["token"]), data={"name": "leak", "signature": json.dumps(signature)},
-                 files={"file": ("leak.pt", scripted(tmp_path, LEAK_SOURCE, "Leak"))})
+    signature = {
+        "inputs": [{"name": "x", "dtype": "int64", "shape": ["batch", WIDTH], "value_range": [0, 100]}],
+        "outputs": [{"name": "y"}],
+    }
+    r = api.post(
+        "/v1/models",
+        headers=bearer(manage["token"]),
+        data={"name": "leak", "signature": json.dumps(signature)},
+        files={"file": ("leak.pt", scripted(tmp_path, LEAK_SOURCE, "Leak"))},
+    )
     assert r.status_code == 201, r.text
-    job = api.post("/v1/jobs", headers=bearer(manage["token"]),
-                   json={"model": "leak", "targets": ["torchscript"], "precisions": ["fp32"], "bench_seconds": 0.05,
-                         "threads": 1}).json()
+    job = api.post(
+        "/v1/jobs",
+        headers=bearer(manage["token"]),
+        json={"model": "leak", "targets": ["torchscript"], "precisions": ["fp32"], "bench_seconds": 0.05, "threads": 1},
+    ).json()
     assert run_job(job["id"]) == "succeeded", api.get(f"/v1/jobs/{job['id']}", headers=bearer(manage["token"])).text
     r = api.post("/v1/deployments", headers=bearer(manage["token"]), json={"name": "leak", "job": job["id"]})
     assert r.status_code == 201 and r.json()["state"] == "ready", r.text
@@ -132,15 +142,29 @@ def test_torchscript_that_reads_a_host_file_at_validation_gets_nothing(api, tmp_
     fails, with no byte of the secret anywhere in what it reports."""
     from workers.jobrunner import run_job
 
-    source = LEAK_SOURCE.replace(f"if int(x[0, 0]) == {MAGIC}:", "if True:").replace(
-        "size = int(x[0, 1])", f"size = {host_secret.stat().st_size}").replace(
-        'path = ""', f"path = {str(host_secret)!r}").replace("for i in range(2, x.shape[1]):", "for i in range(0):")
+    source = (
+        LEAK_SOURCE.replace(f"if int(x[0, 0]) == {MAGIC}:", "if True:")
+        .replace("size = int(x[0, 1])", f"size = {host_secret.stat().st_size}")
+        .replace('path = ""', f"path = {str(host_secret)!r}")
+        .replace("for i in range(2, x.shape[1]):", "for i in range(0):")
+    )
     signature = {"inputs": [{"name": "x", "dtype": "int64", "shape": ["batch", WIDTH], "value_range": [0, 100]}]}
-    r = api.post("/v1/models", data={"name": "reader", "signature": json.dumps(signature)},
-                 files={"file": ("reader.pt", scripted(tmp_path, source, "Leak"))})
+    r = api.post(
+        "/v1/models",
+        data={"name": "reader", "signature": json.dumps(signature)},
+        files={"file": ("reader.pt", scripted(tmp_path, source, "Leak"))},
+    )
     assert r.status_code == 201, r.text
-    job = api.post("/v1/jobs", json={"model": "reader", "targets": ["torchscript", "onnxruntime"],
-                                     "precisions": ["fp32"], "bench_seconds": 0.05, "threads": 1}).json()
+    job = api.post(
+        "/v1/jobs",
+        json={
+            "model": "reader",
+            "targets": ["torchscript", "onnxruntime"],
+            "precisions": ["fp32"],
+            "bench_seconds": 0.05,
+            "threads": 1,
+        },
+    ).json()
     assert run_job(job["id"]) == "failed"
     report = api.get(f"/v1/jobs/{job['id']}").text + api.get(f"/v1/jobs/{job['id']}/logs").text
     assert "No such file" in report, report[-2000:]  # the model's own error, its telling line
@@ -155,9 +179,17 @@ def test_a_scripted_module_from_build_model_writes_nothing_outside_the_box(tmp_p
     bundle.write_text(WRITER_SOURCE.replace("MARKER", repr(str(marker))))
     signature = {"inputs": [{"name": "x", "dtype": "float32", "shape": ["batch", 8]}], "outputs": [{"name": "y"}]}
     try:
-        ctx = convert(bundle, tmp_path / "out", signature=signature,
-                      options={"targets": ["torchscript", "onnxruntime"], "precisions": ["fp32"],
-                               "bench_seconds": 0.05, "threads": 1})
+        ctx = convert(
+            bundle,
+            tmp_path / "out",
+            signature=signature,
+            options={
+                "targets": ["torchscript", "onnxruntime"],
+                "precisions": ["fp32"],
+                "bench_seconds": 0.05,
+                "threads": 1,
+            },
+        )
         ran = [c for c in ctx.candidates if c.target == "torchscript" and c.validation is not None]
         assert ran, [(c.id, c.status, c.reason) for c in ctx.candidates]  # the module did run, in the box
         assert not marker.exists(), "a scripted module wrote a file on the host"
@@ -169,9 +201,15 @@ def _onnx_with_custom_op() -> bytes:
     from onnx import TensorProto, helper
 
     node = helper.make_node("Exfiltrate", ["x"], ["y"], domain="com.evil.ops")
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.evil.ops", 1)])
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.evil.ops", 1)]
+    )
     return model.SerializeToString()
 
 
@@ -205,17 +243,26 @@ def test_a_file_an_op_reports_must_be_a_plain_file_in_its_sandbox(tmp_path):
     from workers.context import BundleInfo, Context
     from workers.sandboxed import produced, sandbox_dir
 
-    ctx = Context(workdir=str(tmp_path / "work"), out_dir=str(tmp_path / "out"),
-                  bundle=BundleInfo(kind="python", root=str(tmp_path)), signature={"inputs": [
-                      {"name": "x", "dtype": "float32", "shape": [1]}]})
+    ctx = Context(
+        workdir=str(tmp_path / "work"),
+        out_dir=str(tmp_path / "out"),
+        bundle=BundleInfo(kind="python", root=str(tmp_path)),
+        signature={"inputs": [{"name": "x", "dtype": "float32", "shape": [1]}]},
+    )
     box = sandbox_dir(ctx)
     (box / "ok.onnx").write_bytes(b"x")
     (box / "sub").mkdir()
     (box / "link.onnx").symlink_to("/etc/passwd")
     (box / "dirlink").symlink_to("/etc")
     assert produced(ctx, str(box / "ok.onnx")) == box / "ok.onnx"
-    for bad in ("/etc/passwd", str(box / "link.onnx"), str(box / "dirlink" / "passwd"), str(box / "sub"),
-                str(box / ".." / "work" / "sandbox" / "ok.onnx") + "/..", "relative.onnx"):
+    for bad in (
+        "/etc/passwd",
+        str(box / "link.onnx"),
+        str(box / "dirlink" / "passwd"),
+        str(box / "sub"),
+        str(box / ".." / "work" / "sandbox" / "ok.onnx") + "/..",
+        "relative.onnx",
+    ):
         with pytest.raises(ConversionError):
             produced(ctx, bad)
 
@@ -227,8 +274,13 @@ def test_a_runner_that_speaks_nonsense_is_cut_off(tmp_path):
 
     from service.runner import _HEADER, Channel, ChannelError
 
-    for header in ({"tensors": [["y", "<f4", [1 << 50]]]}, {"tensors": [["y", "<f4", [-1]]]},
-                   {"tensors": [["y", "|O", [1]]]}, [1, 2], {"tensors": [["y", "<f4"]]}):
+    for header in (
+        {"tensors": [["y", "<f4", [1 << 50]]]},
+        {"tensors": [["y", "<f4", [-1]]]},
+        {"tensors": [["y", "|O", [1]]]},
+        [1, 2],
+        {"tensors": [["y", "<f4"]]},
+    ):
         a, b = socket.socketpair()
         body = orjson.dumps(header)
         a.sendall(_HEADER.pack(len(body)) + body)

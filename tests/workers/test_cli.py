@@ -13,7 +13,7 @@ from tests.service.procs import KilnUp, Processes, kiln_cli, user_env
 
 pytestmark = pytest.mark.slow
 
-BROKEN = '''\
+BROKEN = """\
 import torch
 
 
@@ -24,7 +24,7 @@ class Net(torch.nn.Module):
 
 def build_model():
     raise RuntimeError("broken on purpose")
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +35,9 @@ def up(tmp_path_factory):
     home.mkdir()
     procs = Processes()
     # a data directory whose path is longer than a line of 80 columns (the banner must not wrap in it)
-    server = procs.add(KilnUp(root / "data" / ("a-data-directory-with-a-rather-long-name-" * 2), user_env(home),
-                              root / "up.log"))
+    server = procs.add(
+        KilnUp(root / "data" / ("a-data-directory-with-a-rather-long-name-" * 2), user_env(home), root / "up.log")
+    )
     server.home, server.elsewhere = home, root / "elsewhere"
     server.elsewhere.mkdir()
     try:
@@ -62,8 +63,11 @@ def test_every_command_that_talks_to_a_server_takes_server_and_token():
                 yield " ".join((*path, name)), {p.name: p for p in cmd.params}
 
     commands = dict(walk(typer.main.get_command(app)))
-    talking = {name: params for name, params in commands.items()
-               if ("server" in params or "remote" in params) and name != "token admin"}  # that one reads a file
+    talking = {
+        name: params
+        for name, params in commands.items()
+        if ("server" in params or "remote" in params) and name != "token admin"
+    }  # that one reads a file
     assert {"push", "job create", "job list", "job watch", "token create", "convert"} <= talking.keys()
     for name, params in talking.items():
         assert "token" in params, f"kiln {name} has no --token"
@@ -108,7 +112,7 @@ def test_job_create_watch_exits_1_when_the_job_fails(up, tmp_path):
     assert r.returncode == 1, r.stdout + r.stderr
 
 
-ONE_INPUT = '''\
+ONE_INPUT = """\
 import torch
 
 
@@ -119,17 +123,30 @@ class Net(torch.nn.Module):
 
 def build_model():
     return Net()
-'''
+"""
 
 
-@pytest.mark.parametrize("source, inputs, says", [
-    ("import torch\n\ndef build_model(:\n    pass\n", ["x:float32[1,4]"],
-     ["model.py:3", "SyntaxError", "def build_model(:"]),
-    (ONE_INPUT, ["x:float32[1,4]", "y:float32[1,4]"], ["2 input(s) (x, y)", "Net.forward(x)", "model.py:5", "takes 1"]),
-    (ONE_INPUT, ["image:float32[1,4]"], ["input 1 is 'image' where forward has 'x'", "Net.forward(x)"]),
-    (ONE_INPUT.replace("def build_model", "def make_model"), ["x:float32[1,4]"],
-     ["defines no 'build_model'", "make_model"]),
-])
+@pytest.mark.parametrize(
+    "source, inputs, says",
+    [
+        (
+            "import torch\n\ndef build_model(:\n    pass\n",
+            ["x:float32[1,4]"],
+            ["model.py:3", "SyntaxError", "def build_model(:"],
+        ),
+        (
+            ONE_INPUT,
+            ["x:float32[1,4]", "y:float32[1,4]"],
+            ["2 input(s) (x, y)", "Net.forward(x)", "model.py:5", "takes 1"],
+        ),
+        (ONE_INPUT, ["image:float32[1,4]"], ["input 1 is 'image' where forward has 'x'", "Net.forward(x)"]),
+        (
+            ONE_INPUT.replace("def build_model", "def make_model"),
+            ["x:float32[1,4]"],
+            ["defines no 'build_model'", "make_model"],
+        ),
+    ],
+)
 def test_bad_bundles_are_refused_at_upload_in_one_line(up, tmp_path, source, inputs, says):
     folder = tmp_path / "bundle"
     folder.mkdir()
@@ -146,8 +163,12 @@ def test_bad_bundles_are_refused_at_upload_in_one_line(up, tmp_path, source, inp
     assert r.status_code == 404, r.text
     # the API's problem detail is the same one line
     sig = {"inputs": inputs}
-    r = httpx.post(f"{up.url}/v1/models", headers=headers, data={"name": "refused", "signature": json.dumps(sig)},
-                   files={"file": ("model.py", source.encode())})
+    r = httpx.post(
+        f"{up.url}/v1/models",
+        headers=headers,
+        data={"name": "refused", "signature": json.dumps(sig)},
+        files={"file": ("model.py", source.encode())},
+    )
     assert r.status_code == 400 and r.headers["content-type"] == "application/problem+json", r.text
     assert "\n" not in r.json()["detail"] and all(part in r.json()["detail"] for part in says), r.text
     r = kiln(up, "convert", str(folder), *args, "--out", str(tmp_path / "out"))
@@ -164,8 +185,16 @@ def test_what_the_source_cannot_tell_is_left_to_the_sandbox(up, tmp_path):
 def test_a_local_run_of_a_model_that_raises_says_where_in_one_line(tmp_path):
     bundle = tmp_path / "broken.py"
     bundle.write_text(BROKEN)
-    r = kiln_cli("convert", str(bundle), "--input", "x:float32[1,4]", "--out", str(tmp_path / "out"),
-                 env=user_env(tmp_path), cwd=tmp_path)
+    r = kiln_cli(
+        "convert",
+        str(bundle),
+        "--input",
+        "x:float32[1,4]",
+        "--out",
+        str(tmp_path / "out"),
+        env=user_env(tmp_path),
+        cwd=tmp_path,
+    )
     assert r.returncode == 1, r.stdout + r.stderr
     last = r.stderr.strip().splitlines()[-1]
     assert last == "no candidate passed: model code raised RuntimeError: broken on purpose (broken.py:10)", r.stderr
@@ -209,8 +238,18 @@ def test_a_local_tensorrt_conversion_without_a_gpu_is_refused_at_once(tmp_path):
     bundle = tmp_path / "one.py"
     bundle.write_text(ONE_INPUT)
     started = time.monotonic()
-    r = kiln_cli("convert", str(bundle), "--input", "x:float32[1,4]", "--target", "tensorrt",
-                 "--out", str(tmp_path / "out"), env=user_env(tmp_path), cwd=tmp_path)
+    r = kiln_cli(
+        "convert",
+        str(bundle),
+        "--input",
+        "x:float32[1,4]",
+        "--target",
+        "tensorrt",
+        "--out",
+        str(tmp_path / "out"),
+        env=user_env(tmp_path),
+        cwd=tmp_path,
+    )
     assert r.returncode == 2, r.stdout + r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "needs a CUDA GPU" in r.stderr, r.stderr
     assert "worker" not in r.stderr.split("needs")[0] and "load" not in r.stdout, r.stdout + r.stderr
@@ -224,9 +263,13 @@ def tiny_onnx(path):
     from onnx import TensorProto, helper, numpy_helper
 
     w = numpy_helper.from_array(np.arange(12, dtype=np.float32).reshape(4, 3) / 10, "W")
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["m"]), helper.make_node("Relu", ["m"], ["y"])],
-                              "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])], [w])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["m"]), helper.make_node("Relu", ["m"], ["y"])],
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
+        [w],
+    )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     return path
 
@@ -284,8 +327,23 @@ def test_models_deployments_and_inference_from_the_cli(up, tmp_path):
 def test_convert_remote_writes_what_a_local_run_writes(up, tmp_path):
     model = tiny_onnx(tmp_path / "tiny.onnx")
     out = tmp_path / "out"
-    r = kiln(up, "convert", str(model), "--remote", up.url, "--name", "tiny-remote", "--target", "onnxruntime",
-             "--precision", "fp32,fp16", "--bench-seconds", "0.05", "--out", str(out))
+    r = kiln(
+        up,
+        "convert",
+        str(model),
+        "--remote",
+        up.url,
+        "--name",
+        "tiny-remote",
+        "--target",
+        "onnxruntime",
+        "--precision",
+        "fp32,fp16",
+        "--bench-seconds",
+        "0.05",
+        "--out",
+        str(out),
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert (out / "report.json").is_file() and (out / "summary.md").is_file()
     assert "onnxruntime-fp32" in (out / "summary.md").read_text()
@@ -297,7 +355,13 @@ def test_kiln_up_says_nothing_a_user_should_not_see(up):
     """Run last in this module, after jobs that failed and succeeded: the log of `kiln up` (a file, not a
     terminal) has no third-party warnings, no Celery task lines, no escape codes, and an unbroken banner."""
     log = up.log.read_text()
-    for noise in ("SecurityWarning", "superuser privileges", "No hostname was supplied", "succeeded in",
-                  "Warning:", "\x1b["):
+    for noise in (
+        "SecurityWarning",
+        "superuser privileges",
+        "No hostname was supplied",
+        "succeeded in",
+        "Warning:",
+        "\x1b[",
+    ):
         assert noise not in log, f"{noise!r} in the log of kiln up:\n{log[-3000:]}"
     assert f"  data:     {up.data_dir.resolve()}\n" in log, log[:2000]

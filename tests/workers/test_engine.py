@@ -18,12 +18,25 @@ from workers import engine
 FAST = {"bench_seconds": 0.05, "threads": 1}
 
 
-def convert(tmp_path, name, *, entry=None, signature=None, targets=("onnxruntime", "torchscript"),
-            precisions=("fp32",), **kwargs):
+def convert(
+    tmp_path,
+    name,
+    *,
+    entry=None,
+    signature=None,
+    targets=("onnxruntime", "torchscript"),
+    precisions=("fp32",),
+    **kwargs,
+):
     bundle = zoo_bundle(tmp_path, name)
-    return engine.convert(bundle, tmp_path / "out", entry=f"{name}.py:{entry}" if entry else None,
-                          signature=signature or zoo_signature(name),
-                          options={"targets": list(targets), "precisions": list(precisions), **FAST}, **kwargs)
+    return engine.convert(
+        bundle,
+        tmp_path / "out",
+        entry=f"{name}.py:{entry}" if entry else None,
+        signature=signature or zoo_signature(name),
+        options={"targets": list(targets), "precisions": list(precisions), **FAST},
+        **kwargs,
+    )
 
 
 def statuses(ctx):
@@ -32,8 +45,9 @@ def statuses(ctx):
 
 def test_mlp_every_step_and_precision(tmp_path):
     ctx = convert(tmp_path, "mlp", precisions=("fp32", "fp16", "bf16", "int8"))
-    assert statuses(ctx) == {s: "ok" for s in
-                             ("load", "capture", "export", "compile", "validate", "benchmark", "select", "report")}
+    assert statuses(ctx) == {
+        s: "ok" for s in ("load", "capture", "export", "compile", "validate", "benchmark", "select", "report")
+    }
     by_id = {c.id: c for c in ctx.candidates}
     for cid in ("onnxruntime-fp32", "onnxruntime-fp16", "torchscript-fp32", "torchscript-bf16", "torchscript-fp16"):
         assert by_id[cid].passed, (cid, by_id[cid].reason, by_id[cid].validation)
@@ -94,8 +108,14 @@ def test_control_flow_trace_hazard_is_caught_and_both_branches_survive(tmp_path)
 
 
 def test_transformer_dynamic_sequence(tmp_path):
-    ctx = convert(tmp_path, "transformer", entry="build_small", signature=zoo_signature("transformer", "SMALL_SIGNATURE"),
-                  targets=("onnxruntime",), precisions=("fp32", "int8"))
+    ctx = convert(
+        tmp_path,
+        "transformer",
+        entry="build_small",
+        signature=zoo_signature("transformer", "SMALL_SIGNATURE"),
+        targets=("onnxruntime",),
+        precisions=("fp32", "int8"),
+    )
     fp32 = ctx.candidate("onnxruntime-fp32")
     assert fp32.passed, fp32.validation
     model = onnx.load(ctx.onnx_file)
@@ -126,8 +146,14 @@ def test_unexportable_model_fails_export_with_reason_but_torchscript_passes(tmp_
 
 
 def test_small_cnn_int8_static_and_dynamic(tmp_path):
-    ctx = convert(tmp_path, "cnn", entry="build_small", signature=zoo_signature("cnn", "SMALL_SIGNATURE"),
-                  targets=("onnxruntime",), precisions=("fp32", "int8"))
+    ctx = convert(
+        tmp_path,
+        "cnn",
+        entry="build_small",
+        signature=zoo_signature("cnn", "SMALL_SIGNATURE"),
+        targets=("onnxruntime",),
+        precisions=("fp32", "int8"),
+    )
     static = ctx.candidate("onnxruntime-int8")
     assert static.status == "built" and "static quantization" in static.notes[0]
     assert static.validation.outputs["logits"].top1 is not None
@@ -136,9 +162,11 @@ def test_small_cnn_int8_static_and_dynamic(tmp_path):
     assert ctx.candidate("onnxruntime-int8-dynamic").status == "built"
     # both paths quantize weights to 7 bits, which CPUs without VNNI need to avoid saturating
     for variant in ("onnxruntime-int8", "onnxruntime-int8-dynamic"):
-        weights = [onnx.numpy_helper.to_array(t) for t in
-                   onnx.load(str(tmp_path / "out" / variant / "model.onnx")).graph.initializer
-                   if t.data_type == onnx.TensorProto.INT8 and t.dims and np.prod(t.dims) > 8]
+        weights = [
+            onnx.numpy_helper.to_array(t)
+            for t in onnx.load(str(tmp_path / "out" / variant / "model.onnx")).graph.initializer
+            if t.data_type == onnx.TensorProto.INT8 and t.dims and np.prod(t.dims) > 8
+        ]
         assert weights, variant
         assert all(w.min() >= -64 and w.max() <= 64 for w in weights), (variant, [(w.min(), w.max()) for w in weights])
 
@@ -152,15 +180,25 @@ def test_weights_from_safetensors_and_mismatch(tmp_path):
     good = torch.nn.Linear(4, 3)
     save_file(good.state_dict(), str(tmp_path / "w.safetensors"))
     sig = {"inputs": ["x:float32[batch,4]"], "dims": {"batch": [1, 2, 4]}}
-    ctx = engine.convert(tmp_path / "m.py", tmp_path / "out", weights=tmp_path / "w.safetensors", signature=sig,
-                         options={"targets": ["onnxruntime"], **FAST})
+    ctx = engine.convert(
+        tmp_path / "m.py",
+        tmp_path / "out",
+        weights=tmp_path / "w.safetensors",
+        signature=sig,
+        options={"targets": ["onnxruntime"], **FAST},
+    )
     x = np.ones((1, 4), np.float32)
     got = runtimes.load(tmp_path / "out" / "onnxruntime-fp32").run({"x": x})["output"]
     with torch.no_grad():
         assert np.allclose(got, good(torch.from_numpy(x)).numpy(), atol=1e-5)
     save_file({"weight": torch.zeros(2, 2)}, str(tmp_path / "bad.safetensors"))
-    ctx = engine.convert(tmp_path / "m.py", tmp_path / "out2", weights=tmp_path / "bad.safetensors", signature=sig,
-                         options={"targets": ["onnxruntime"], **FAST})
+    ctx = engine.convert(
+        tmp_path / "m.py",
+        tmp_path / "out2",
+        weights=tmp_path / "bad.safetensors",
+        signature=sig,
+        options={"targets": ["onnxruntime"], **FAST},
+    )
     assert ctx.step("load").status == "failed" and "do not match the model" in ctx.step("load").error
 
 
@@ -171,7 +209,9 @@ def test_captured_uploads_torchscript_and_onnx(tmp_path):
     sig = zoo_signature("mlp")
     ctx = engine.convert(ts_capture, tmp_path / "ts", signature=sig, options={"targets": ["torchscript"], **FAST})
     assert ctx.bundle.kind == "torchscript" and ctx.candidate("torchscript-fp32").passed
-    ctx = engine.convert(onnx_file, tmp_path / "onnx", options={"targets": ["onnxruntime"], "precisions": ["fp32", "int8"], **FAST})
+    ctx = engine.convert(
+        onnx_file, tmp_path / "onnx", options={"targets": ["onnxruntime"], "precisions": ["fp32", "int8"], **FAST}
+    )
     assert ctx.bundle.kind == "onnx" and ctx.signature.inputs[0].shape == ["batch", 64]
     assert ctx.step("capture").status == "skipped" and ctx.candidate("onnxruntime-fp32").passed
 
@@ -185,10 +225,13 @@ def test_signature_that_does_not_match_the_model(tmp_path):
     assert report["status"] == "failed" and "sample" in report["error"]
 
 
-@pytest.mark.parametrize("entry, message", [
-    ("build_raises", "ValueError: this model refuses to be built"),
-    ("build_not_a_module", "returned dict, not a torch.nn.Module"),
-])
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ("build_raises", "ValueError: this model refuses to be built"),
+        ("build_not_a_module", "returned dict, not a torch.nn.Module"),
+    ],
+)
 def test_misbehaving_model_code_fails_load_with_reason(tmp_path, entry, message):
     ctx = convert(tmp_path, "misbehaving", entry=entry)
     assert ctx.step("load").status == "failed"
@@ -202,10 +245,15 @@ def test_bad_input_is_refused_before_running_anything(tmp_path):
         engine.prepare(zoo_bundle(tmp_path, "mlp"), tmp_path / "out", entry="nope.py:f", signature=zoo_signature("mlp"))
     # read from the source, not run: an entry point the file does not define
     with pytest.raises(InvalidEntryPoint, match="misbehaving.py defines no 'no_such_function'"):
-        engine.prepare(zoo_bundle(tmp_path, "misbehaving"), tmp_path / "out",
-                       entry="misbehaving.py:no_such_function", signature=zoo_signature("misbehaving"))
+        engine.prepare(
+            zoo_bundle(tmp_path, "misbehaving"),
+            tmp_path / "out",
+            entry="misbehaving.py:no_such_function",
+            signature=zoo_signature("misbehaving"),
+        )
     with pytest.raises(InvalidEntryPoint, match="must look like"):
         from workers.modelcode import import_entry
+
         import_entry(tmp_path, "model.py")
 
 
@@ -238,8 +286,9 @@ def test_cancel_reaches_the_sandboxed_op_that_is_running(tmp_path):
     from workers.pipeline import Canceled
 
     bundle = tmp_path / "slow.py"
-    bundle.write_text("import time\nimport torch\n\n\ndef build_model():\n    time.sleep(120)\n"
-                      "    return torch.nn.Linear(4, 2)\n")
+    bundle.write_text(
+        "import time\nimport torch\n\n\ndef build_model():\n    time.sleep(120)\n    return torch.nn.Linear(4, 2)\n"
+    )
     calls = []
 
     def canceled() -> bool:  # the pipeline asks once before the load step; every later call is the op's,
@@ -248,9 +297,13 @@ def test_cancel_reaches_the_sandboxed_op_that_is_running(tmp_path):
 
     t0 = time.monotonic()
     with pytest.raises(Canceled):
-        engine.convert(bundle, tmp_path / "out", signature={"inputs": ["x:float32[batch,4]"], "outputs": ["y"],
-                                                             "dims": {"batch": [1, 2, 4]}},
-                       options={"targets": ["onnxruntime"], **FAST}, canceled=canceled)
+        engine.convert(
+            bundle,
+            tmp_path / "out",
+            signature={"inputs": ["x:float32[batch,4]"], "outputs": ["y"], "dims": {"batch": [1, 2, 4]}},
+            options={"targets": ["onnxruntime"], **FAST},
+            canceled=canceled,
+        )
     assert time.monotonic() - t0 < 60, "the sandboxed op ran on after the cancel"
     assert len(calls) > 2, "the sandbox never polled the run's cancel check"
     report = json.loads((tmp_path / "out" / "report.json").read_text())  # written whatever happens

@@ -20,8 +20,11 @@ from workers.report import summary
 from workers.steps.compile import scratch
 from workers.validation import OutputComparison, degenerate_reference, output_kind
 
-LINEAR = {"inputs": [{"name": "x", "dtype": "float32", "shape": ["batch", 16]}], "outputs": ["logits"],
-          "dims": {"batch": [1, 4, 16]}}
+LINEAR = {
+    "inputs": [{"name": "x", "dtype": "float32", "shape": ["batch", 16]}],
+    "outputs": ["logits"],
+    "dims": {"batch": [1, 4, 16]},
+}
 
 
 def _bundle(tmp_path: Path, source: str) -> Path:
@@ -32,8 +35,9 @@ def _bundle(tmp_path: Path, source: str) -> Path:
 
 def _convert(tmp_path: Path, source: str, signature: dict, **options):
     opts = {"targets": ["onnxruntime"], "precisions": ["fp32"], "threads": 1, "batch_sizes": [1], **options}
-    return engine.convert(_bundle(tmp_path, source), tmp_path / "out", entry="model.py:build_model",
-                          signature=signature, options=opts)
+    return engine.convert(
+        _bundle(tmp_path, source), tmp_path / "out", entry="model.py:build_model", signature=signature, options=opts
+    )
 
 
 # --- timing -------------------------------------------------------------------------------------
@@ -51,8 +55,9 @@ def test_median_interval_and_paired_ratio():
 
 def test_interleaved_rounds_take_turns_and_stop_when_settled():
     calls: list[str] = []
-    out = interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, batch=1, budget_s=0.2,
-                      pairs=[("a", "b")])
+    out = interleaved(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, batch=1, budget_s=0.2, pairs=[("a", "b")]
+    )
     assert len(out["a"].rounds) == len(out["b"].rounds) >= 7
     # turns: the calls come in alternating blocks, at least one switch per round (the order rotates,
     # so a round's last block and the next round's first are the same contender's)
@@ -111,8 +116,13 @@ def build_model():
 
 def test_a_candidate_slower_than_eager_is_not_presented_as_a_speedup(tmp_path):
     sig = {"inputs": [{"name": "x", "dtype": "float32", "shape": [1, 8, 64, 64]}], "outputs": ["image"]}
-    ctx = _convert(tmp_path, SLOW_IN_ORT, sig, bench_seconds=0.5,
-                   tolerances={"fp32": {"atol": 1e-3, "rtol": 1e-3, "min_cosine": 0.9999}})
+    ctx = _convert(
+        tmp_path,
+        SLOW_IN_ORT,
+        sig,
+        bench_seconds=0.5,
+        tolerances={"fp32": {"atol": 1e-3, "rtol": 1e-3, "min_cosine": 0.9999}},
+    )
     cand = ctx.candidate("onnxruntime-fp32")
     assert cand.passed, cand.validation
     assert cand.speedup_low is not None and cand.speedup_low < 1, (cand.speedup, cand.speedup_low)
@@ -139,13 +149,21 @@ def test_output_kinds_by_default_and_as_declared():
     assert output_kind(TensorSpec(name="last_hidden_state", shape=["batch", "seq", 32]), hidden) == "embedding"
     assert output_kind(TensorSpec(name="logits", shape=["batch", 10]), np.zeros((2, 10), np.float32)) == "scores"
     # 2-D and class-sized but not named like scores: never an argmax by default
-    assert output_kind(TensorSpec(name="pooler_output", shape=["batch", 32]), np.zeros((2, 32), np.float32)) == "embedding"
+    assert (
+        output_kind(TensorSpec(name="pooler_output", shape=["batch", 32]), np.zeros((2, 32), np.float32)) == "embedding"
+    )
     assert output_kind(TensorSpec(name="ids", shape=["batch"]), np.zeros(2, np.int64)) == "ids"
     assert output_kind(TensorSpec(name="h", kind="logits"), hidden) == "scores"  # declared wins, aliases resolve
     with pytest.raises(ValueError, match="unknown output kind 'vibes'"):
         TensorSpec(name="h", kind="vibes")
-    assert Signature.parse({"inputs": [{"name": "x", "dtype": "float32", "shape": [1]}],
-                            "outputs": [{"name": "y", "kind": "hidden"}]}).outputs[0].kind == "embedding"
+    assert (
+        Signature.parse(
+            {"inputs": [{"name": "x", "dtype": "float32", "shape": [1]}], "outputs": [{"name": "y", "kind": "hidden"}]}
+        )
+        .outputs[0]
+        .kind
+        == "embedding"
+    )
 
 
 def test_an_embedding_int8_candidate_with_high_cosine_passes_where_argmax_checks_would_refuse_it():
@@ -252,12 +270,25 @@ def test_an_int8_conversion_leaves_nothing_outside_its_directories(tmp_path, mon
     monkeypatch.chdir(cwd)
     job = tmp_path / "job"
     job.mkdir()
-    sig = {"inputs": [{"name": "x", "dtype": "float32", "shape": ["batch", 16]}], "outputs": ["embedding"],
-           "dims": {"batch": [1, 4, 16]}}
+    sig = {
+        "inputs": [{"name": "x", "dtype": "float32", "shape": ["batch", 16]}],
+        "outputs": ["embedding"],
+        "dims": {"batch": [1, 4, 16]},
+    }
     src = "import torch\ndef build_model():\n    return torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 32))\n"
-    ctx = engine.convert(_bundle(job, src), job / "out", entry="model.py:build_model", signature=sig,
-                         options={"targets": ["onnxruntime"], "precisions": ["fp32", "int8"], "threads": 1,
-                                  "bench_seconds": 0.05, "batch_sizes": [1]})
+    ctx = engine.convert(
+        _bundle(job, src),
+        job / "out",
+        entry="model.py:build_model",
+        signature=sig,
+        options={
+            "targets": ["onnxruntime"],
+            "precisions": ["fp32", "int8"],
+            "threads": 1,
+            "bench_seconds": 0.05,
+            "batch_sizes": [1],
+        },
+    )
     assert ctx.selection and ctx.selection.candidate
     by_id = {c.id: c for c in ctx.candidates}
     assert by_id["onnxruntime-int8-dynamic"].passed, by_id["onnxruntime-int8-dynamic"].validation

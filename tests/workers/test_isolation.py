@@ -24,11 +24,17 @@ def attack(tmp_path: Path, body: str, *, limits: Limits | None = None, work: Pat
     """Run `body` as a model's build function; it returns a dict of what it managed."""
     bundle = tmp_path / "bundle"
     bundle.mkdir(exist_ok=True)
-    (bundle / "model.py").write_text("import os, socket, signal, subprocess, pickle, time\n"
-                                     "def build_model():\n" + textwrap.indent(body, "    ") + "\n")
+    (bundle / "model.py").write_text(
+        "import os, socket, signal, subprocess, pickle, time\n"
+        "def build_model():\n" + textwrap.indent(body, "    ") + "\n"
+    )
     limits = limits or Limits(memory_bytes=MIN_MEMORY_BYTES * 2, timeout_s=60)
-    res = run_op("call_entry", {"bundle_dir": str(bundle), "entry": "model.py:build_model"}, work or tmp_path / "work",
-                 limits=Limits(**{**limits.__dict__, "readable": (bundle,)}))
+    res = run_op(
+        "call_entry",
+        {"bundle_dir": str(bundle), "entry": "model.py:build_model"},
+        work or tmp_path / "work",
+        limits=Limits(**{**limits.__dict__, "readable": (bundle,)}),
+    )
     assert res.isolated and not any("UNISOLATED" in n for n in res.notes), res.notes
     return res
 
@@ -49,7 +55,9 @@ def host_secret():
 def test_host_files_outside_the_bundle_cannot_be_read(tmp_path, host_secret):
     log = tmp_path / "kiln-up.log"  # what `kiln up > kiln-up.log` leaves: it holds the admin token
     log.write_text("admin token: kiln_s3cret\n")
-    res = attack(tmp_path, textwrap.dedent(f"""\
+    res = attack(
+        tmp_path,
+        textwrap.dedent(f"""\
         found = {{}}
         for path in ({str(host_secret)!r}, {str(log)!r}, '/root/.bash_history', '/etc/shadow', '/etc/hostname'):
             try:
@@ -59,7 +67,8 @@ def test_host_files_outside_the_bundle_cannot_be_read(tmp_path, host_secret):
         found['/root'] = sorted(os.listdir('/root')) if os.path.isdir('/root') else []
         found['/tmp'] = sorted(os.listdir('/tmp'))
         found['/etc'] = sorted(os.listdir('/etc'))
-        return found"""))
+        return found"""),
+    )
     assert res.outcome == "ok", res.log
     found = res.result["value"]
     assert found[str(host_secret)] == "FileNotFoundError" and found[str(log)] == "FileNotFoundError"
@@ -70,11 +79,14 @@ def test_host_files_outside_the_bundle_cannot_be_read(tmp_path, host_secret):
 
 
 def test_proc_sys_is_read_only_and_the_box_is_not_root(tmp_path):
-    res = attack(tmp_path, textwrap.dedent("""\
+    res = attack(
+        tmp_path,
+        textwrap.dedent("""\
         return {'uid': os.getuid(), 'euid': os.geteuid(),
                 'core_pattern': os.access('/proc/sys/kernel/core_pattern', os.W_OK),
                 'sysrq': os.access('/proc/sysrq-trigger', os.W_OK),
-                'proc_sys_writable_dirs': [d for d, _, _ in os.walk('/proc/sys/kernel') if os.access(d, os.W_OK)][:3]}"""))
+                'proc_sys_writable_dirs': [d for d, _, _ in os.walk('/proc/sys/kernel') if os.access(d, os.W_OK)][:3]}"""),
+    )
     assert res.outcome == "ok", res.log
     got = res.result["value"]
     assert got["core_pattern"] is False and got["sysrq"] is False and got["proc_sys_writable_dirs"] == []
@@ -85,8 +97,11 @@ def test_on_the_host_the_box_runs_as_an_unprivileged_user(tmp_path):
     """Seen from the host (not through the box's own user namespace), model code is not root."""
     marker = uuid.uuid4().hex
     done: dict = {}
-    thread = threading.Thread(target=lambda: done.update(res=attack(
-        tmp_path, f"time.sleep(4)  # {marker}\nreturn {{}}", work=tmp_path / f"work-{marker}")))
+    thread = threading.Thread(
+        target=lambda: done.update(
+            res=attack(tmp_path, f"time.sleep(4)  # {marker}\nreturn {{}}", work=tmp_path / f"work-{marker}")
+        )
+    )
     thread.start()
     try:
         pids = wait_for(lambda: processes_matching("workers.sandbox_child", marker), 30, "the boxed process")
@@ -129,19 +144,23 @@ def test_no_network_not_even_loopback_redis_or_postgres(tmp_path, port):
 
 def test_cannot_see_or_signal_the_worker(tmp_path):
     me = os.getpid()
-    res = attack(tmp_path, "print('pids', sorted(p for p in os.listdir('/proc') if p.isdigit()))\n"
-                           f"os.kill({me}, signal.SIGKILL)")
+    res = attack(
+        tmp_path, f"print('pids', sorted(p for p in os.listdir('/proc') if p.isdigit()))\nos.kill({me}, signal.SIGKILL)"
+    )
     assert res.outcome == "error" and "ProcessLookupError" in res.reason
     pids = res.log.split("pids", 1)[1]
     assert str(me) not in pids  # its own /proc shows only the box's processes
 
 
 def test_no_capabilities_so_no_remount_and_no_escape(tmp_path):
-    res = attack(tmp_path, "print(open('/proc/self/status').read())\n"
-                           "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
-                           "rc = libc.mount(None, b'/', None, 32 | 4096, None)\n"
-                           "nested = libc.unshare(0x10000000)\n"  # CLONE_NEWUSER: no nested user namespace
-                           "return {'rc': rc, 'nested': nested}")
+    res = attack(
+        tmp_path,
+        "print(open('/proc/self/status').read())\n"
+        "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+        "rc = libc.mount(None, b'/', None, 32 | 4096, None)\n"
+        "nested = libc.unshare(0x10000000)\n"  # CLONE_NEWUSER: no nested user namespace
+        "return {'rc': rc, 'nested': nested}",
+    )
     assert res.outcome == "ok", res.log
     assert "CapEff:\t0000000000000000" in res.log and "NoNewPrivs:\t1" in res.log
     assert res.result["value"]["rc"] != 0 and res.result["value"]["nested"] != 0
@@ -163,13 +182,17 @@ def test_a_pickle_that_runs_a_shell_cannot_leave_a_marker_outside(tmp_path):
 
 def test_process_count_is_bounded_at_its_default(tmp_path):
     limits = Limits(memory_bytes=MIN_MEMORY_BYTES * 2, timeout_s=60)
-    res = attack(tmp_path, "kids = []\n"
-                           "try:\n"
-                           "    for _ in range(600):\n"
-                           "        kids.append(subprocess.Popen(['sleep', '30']))\n"
-                           "except OSError as exc:\n"
-                           "    return {'started': len(kids), 'error': str(exc)}\n"
-                           "return {'started': len(kids)}", limits=limits)
+    res = attack(
+        tmp_path,
+        "kids = []\n"
+        "try:\n"
+        "    for _ in range(600):\n"
+        "        kids.append(subprocess.Popen(['sleep', '30']))\n"
+        "except OSError as exc:\n"
+        "    return {'started': len(kids), 'error': str(exc)}\n"
+        "return {'started': len(kids)}",
+        limits=limits,
+    )
     assert res.outcome == "ok", res.reason
     assert res.result["value"]["started"] < limits.processes and "error" in res.result["value"]
 
@@ -178,13 +201,17 @@ def test_memory_is_bounded_at_its_default_half_of_this_machine(tmp_path):
     half = boundary.default_memory_bytes()
     assert half <= boundary.total_memory_bytes() // 2
     gib = half // (1 << 30) + 2  # more than the default allows, less than the machine has
-    res = attack(tmp_path, textwrap.dedent(f"""\
+    res = attack(
+        tmp_path,
+        textwrap.dedent(f"""\
         import numpy as np
         keep = []
         for i in range({gib}):
             keep.append(np.ones(1 << 27))  # 1 GiB, touched
             print('GiB', i + 1, flush=True)
-        return {{'allocated': len(keep)}}"""), limits=Limits(timeout_s=120))
+        return {{'allocated': len(keep)}}"""),
+        limits=Limits(timeout_s=120),
+    )
     assert res.outcome == "memory", (res.outcome, res.reason, res.log[-300:])
     assert f"GiB {gib}" not in res.log
 
@@ -193,13 +220,18 @@ def test_disk_is_bounded_at_its_default_half_of_the_free_space(tmp_path):
     with tmpfs(tmp_path / "small", "96m") as small:
         quota = boundary.default_disk_bytes(small)
         assert quota <= 48 << 20
-        res = attack(tmp_path, textwrap.dedent("""\
+        res = attack(
+            tmp_path,
+            textwrap.dedent("""\
             with open('big.bin', 'wb') as f:
                 for _ in range(90):
                     f.write(b'x' * (1 << 20))
                     f.flush()
                     time.sleep(0.03)
-            return {}"""), limits=Limits(timeout_s=60), work=small / "work")
+            return {}"""),
+            limits=Limits(timeout_s=60),
+            work=small / "work",
+        )
         assert res.outcome in ("disk", "file_size"), (res.outcome, res.reason)
         big = small / "work" / "big.bin"
         assert not big.exists() or big.stat().st_size <= quota
@@ -217,8 +249,10 @@ def test_a_leftover_box_of_an_earlier_attempt_is_killed_before_the_next_runs(tmp
         pytest.skip(f"no cgroups here: {notes}")
     import subprocess
 
-    stray = subprocess.Popen(["sleep", "60"], preexec_fn=lambda: [
-        os.write(fd := os.open(leftover.procs_files()[0], os.O_WRONLY), b"0"), os.close(fd)])
+    stray = subprocess.Popen(
+        ["sleep", "60"],
+        preexec_fn=lambda: [os.write(fd := os.open(leftover.procs_files()[0], os.O_WRONLY), b"0"), os.close(fd)],
+    )
     try:
         assert attack(tmp_path, "return {}", work=work).outcome == "ok"
         assert stray.wait(timeout=5) == -9
@@ -233,14 +267,20 @@ def test_a_job_may_set_its_own_memory_limit(tmp_path):
     from workers.engine import convert
 
     bundle = tmp_path / "hungry.py"
-    bundle.write_text("import numpy as np, torch\n"
-                      "def build_model():\n"
-                      "    build_model.keep = np.ones(3 << 27)  # 3 GiB, touched\n"
-                      "    return torch.nn.Linear(4, 4)\n")
+    bundle.write_text(
+        "import numpy as np, torch\n"
+        "def build_model():\n"
+        "    build_model.keep = np.ones(3 << 27)  # 3 GiB, touched\n"
+        "    return torch.nn.Linear(4, 4)\n"
+    )
     signature = {"inputs": [{"name": "x", "dtype": "float32", "shape": ["batch", 4]}]}
     try:
-        ctx = convert(bundle, tmp_path / "out", signature=signature,
-                      options={"targets": ["onnxruntime"], "memory_limit_bytes": 2 << 30, "bench_seconds": 0.05})
+        ctx = convert(
+            bundle,
+            tmp_path / "out",
+            signature=signature,
+            options={"targets": ["onnxruntime"], "memory_limit_bytes": 2 << 30, "bench_seconds": 0.05},
+        )
         load = ctx.step("load")
         assert load.status == "failed" and "2.0 GiB memory limit" in (load.error or ""), load
     except KilnError as exc:  # the pipeline may raise the step's error instead
@@ -255,9 +295,11 @@ def test_links_left_in_the_working_directory_do_not_steer_the_worker(tmp_path):
     victim = tmp_path / "victim"
     victim.write_text("precious")
     work = tmp_path / "work"
-    body = ("for name in ('request.json', 'result.json', 'output.log', '.sandbox'):\n"
-            f"    os.symlink({str(victim)!r}, name)\n"
-            f"open({str(control_dir(work) / 'result.json')!r}, 'w').write('{{}}')\n")
+    body = (
+        "for name in ('request.json', 'result.json', 'output.log', '.sandbox'):\n"
+        f"    os.symlink({str(victim)!r}, name)\n"
+        f"open({str(control_dir(work) / 'result.json')!r}, 'w').write('{{}}')\n"
+    )
     res = attack(tmp_path, body, work=work)
     assert res.outcome == "error"  # the control directory is not there to write in
     res = attack(tmp_path, "return {'again': True}", work=work)
@@ -267,7 +309,9 @@ def test_links_left_in_the_working_directory_do_not_steer_the_worker(tmp_path):
 
 def test_deleted_files_still_open_count_against_the_disk_quota(tmp_path):
     with tmpfs(tmp_path / "small", "96m") as small:
-        res = attack(tmp_path, textwrap.dedent("""\
+        res = attack(
+            tmp_path,
+            textwrap.dedent("""\
             keep = []
             for i in range(8):
                 f = open(f'f{i}', 'wb')
@@ -277,12 +321,17 @@ def test_deleted_files_still_open_count_against_the_disk_quota(tmp_path):
                 os.unlink(f'f{i}')  # gone from every listing, still taking space
                 keep.append(f)
                 time.sleep(0.3)
-            return {}"""), limits=Limits(timeout_s=60), work=small / "work")
+            return {}"""),
+            limits=Limits(timeout_s=60),
+            work=small / "work",
+        )
         assert res.outcome == "disk", (res.outcome, res.reason)
 
 
 def test_the_root_and_dev_shm_are_bounded_too(tmp_path):
-    res = attack(tmp_path, textwrap.dedent("""\
+    res = attack(
+        tmp_path,
+        textwrap.dedent("""\
         found = {}
         for path in ('/evil', '/dev/evil', '/usr/evil'):
             try:
@@ -297,7 +346,8 @@ def test_the_root_and_dev_shm_are_bounded_too(tmp_path):
             found['shm'] = 'written'
         except OSError as exc:
             found['shm'] = exc.strerror
-        return found"""))
+        return found"""),
+    )
     assert res.outcome == "ok", res.log
     found = res.result["value"]
     assert all(v != "written" for v in found.values()), found

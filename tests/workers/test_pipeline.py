@@ -21,14 +21,18 @@ class Recorder:
 
 
 def _ctx(tmp_path):
-    return Context(workdir=str(tmp_path), out_dir=str(tmp_path / "out"),
-                   bundle=BundleInfo(kind="python", root=str(tmp_path)),
-                   signature=Signature.parse({"inputs": ["x:float32[batch,4]"]}))
+    return Context(
+        workdir=str(tmp_path),
+        out_dir=str(tmp_path / "out"),
+        bundle=BundleInfo(kind="python", root=str(tmp_path)),
+        signature=Signature.parse({"inputs": ["x:float32[batch,4]"]}),
+    )
 
 
 def _raise(exc):
     def f():
         raise exc
+
     return f
 
 
@@ -39,8 +43,12 @@ def test_records_status_and_skips_dependents(tmp_path):
     d = Recorder("d", (), _raise(SkipStep("nothing to do")))
     ctx = Pipeline([a, b, c, d]).run(_ctx(tmp_path))
     status = {s.name: (s.status, s.error) for s in ctx.steps}
-    assert status == {"a": ("ok", None), "b": ("failed", "b broke"),
-                      "c": ("skipped", "needs b, which did not succeed"), "d": ("skipped", "nothing to do")}
+    assert status == {
+        "a": ("ok", None),
+        "b": ("failed", "b broke"),
+        "c": ("skipped", "needs b, which did not succeed"),
+        "d": ("skipped", "nothing to do"),
+    }
     assert c.calls == 0
     assert "a ran" in ctx.step("a").log and ctx.step("a").outputs == {"n": 1}
     assert ctx.step("a").duration_s is not None

@@ -196,8 +196,22 @@ def test_environment_is_scrubbed(tmp_path, monkeypatch):
     env = json.loads((tmp_path / "work" / "env.json").read_text())
     work = tmp_path / "work"
     assert "hunter2" not in json.dumps(env) and "pw@db" not in json.dumps(env)
-    allowed = {"PATH", "LANG", "LC_ALL", "HOME", "TMPDIR", "PYTHONPATH", "PYTHONNOUSERSITE", "USER", "LOGNAME", "PWD",
-               "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED", "OMP_NUM_THREADS", "MKL_NUM_THREADS"}
+    allowed = {
+        "PATH",
+        "LANG",
+        "LC_ALL",
+        "HOME",
+        "TMPDIR",
+        "PYTHONPATH",
+        "PYTHONNOUSERSITE",
+        "USER",
+        "LOGNAME",
+        "PWD",
+        "PYTHONDONTWRITEBYTECODE",
+        "PYTHONUNBUFFERED",
+        "OMP_NUM_THREADS",
+        "MKL_NUM_THREADS",
+    }
     # the interpreter itself may add LC_CTYPE when it coerces the C locale
     assert set(env) - {"LC_CTYPE"} <= allowed
     assert env["HOME"] == str(work) and env["TMPDIR"] == str(work / "tmp") and (work / "tmp").is_dir()

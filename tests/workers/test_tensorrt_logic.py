@@ -42,11 +42,17 @@ from workers.pipeline import StepLog
 
 ROOT = Path(__file__).resolve().parents[2]
 SIG = Signature.parse({"inputs": ["x:float32[batch,8]"], "outputs": ["y"], "dims": {"batch": [1, 4, 16]}})
-SEQ = Signature.parse({"inputs": [{"name": "ids", "dtype": "int64", "shape": ["batch", "seq"]}],
-                       "outputs": ["logits"], "dims": {"batch": [1, 4, 8], "seq": [4, 64, 128]}})
+SEQ = Signature.parse(
+    {
+        "inputs": [{"name": "ids", "dtype": "int64", "shape": ["batch", "seq"]}],
+        "outputs": ["logits"],
+        "dims": {"batch": [1, 4, 8], "seq": [4, 64, 128]},
+    }
+)
 
 
 # --- profiles and buckets -----------------------------------------------------------------------
+
 
 def test_profiles_from_signature_min_opt_max():
     full, small = optimization_profiles(SEQ)
@@ -54,8 +60,11 @@ def test_profiles_from_signature_min_opt_max():
     assert small == {"ids": ((1, 4), (1, 4), (4, 64))}  # tuned for min, up to opt
     static = Signature.parse({"inputs": ["x:float32[1,3]"]})
     assert optimization_profiles(static) == [{"x": ((1, 3), (1, 3), (1, 3))}]
-    assert ort_trt_profile_options(SEQ) == {"trt_profile_min_shapes": "ids:1x4", "trt_profile_opt_shapes": "ids:4x64",
-                                            "trt_profile_max_shapes": "ids:8x128"}
+    assert ort_trt_profile_options(SEQ) == {
+        "trt_profile_min_shapes": "ids:1x4",
+        "trt_profile_opt_shapes": "ids:4x64",
+        "trt_profile_max_shapes": "ids:8x128",
+    }
     assert ort_trt_profile_options(static) == {}
 
 
@@ -76,13 +85,14 @@ def test_shape_buckets_round_dynamic_dims_up_to_powers_of_two_within_the_profile
     assert shape_bucket(full, {"ids": (3, 65)}) == {"ids": (4, 128)}
     assert shape_bucket(full, {"ids": (1, 4)}) == {"ids": (1, 4)}
     assert shape_bucket(full, {"ids": (5, 100)}) == {"ids": (8, 128)}  # capped at max
-    image = optimization_profiles(Signature.parse({"inputs": ["image:float32[batch,3,224,224]"],
-                                                   "dims": {"batch": [1, 4, 8]}}))[0]
+    image = optimization_profiles(
+        Signature.parse({"inputs": ["image:float32[batch,3,224,224]"], "dims": {"batch": [1, 4, 8]}})
+    )[0]
     assert shape_bucket(image, {"image": (3, 3, 224, 224)}) == {"image": (4, 3, 224, 224)}  # static dims kept
     # every shape of a bucket fits the buffer sized for it
     for b in range(1, 9):
         for s in range(4, 129, 7):
-            (bb, ss), = shape_bucket(full, {"ids": (b, s)}).values()
+            ((bb, ss),) = shape_bucket(full, {"ids": (b, s)}).values()
             assert b <= bb <= 8 and s <= ss <= 128
 
 
@@ -97,6 +107,7 @@ def test_engine_compatibility_names_what_differs():
 
 
 # --- precision and the fp32 fallback ------------------------------------------------------------
+
 
 def test_build_mode_by_tensorrt_generation():
     assert build_mode("fp16", weak=True, has_qdq=False).flags == ("FP16",)
@@ -115,10 +126,14 @@ def test_build_mode_by_tensorrt_generation():
 
 def _net() -> list[LayerInfo]:
     # x -> conv -> relu -> matmul -> softmax -> y ;  x -> shape (feeds nothing float); side branch z
-    return [LayerInfo("conv", "CONVOLUTION", ("x",), ("c",)), LayerInfo("relu", "ACTIVATION", ("c",), ("r",)),
-            LayerInfo("shape", "SHAPE", ("x",), ("s",), float_outputs=False),
-            LayerInfo("mm", "MATRIX_MULTIPLY", ("r", "s"), ("m",)), LayerInfo("softmax", "SOFTMAX", ("m",), ("y",)),
-            LayerInfo("side", "NORMALIZATION", ("x",), ("z",))]
+    return [
+        LayerInfo("conv", "CONVOLUTION", ("x",), ("c",)),
+        LayerInfo("relu", "ACTIVATION", ("c",), ("r",)),
+        LayerInfo("shape", "SHAPE", ("x",), ("s",), float_outputs=False),
+        LayerInfo("mm", "MATRIX_MULTIPLY", ("r", "s"), ("m",)),
+        LayerInfo("softmax", "SOFTMAX", ("m",), ("y",)),
+        LayerInfo("side", "NORMALIZATION", ("x",), ("z",)),
+    ]
 
 
 def test_fp32_fallback_rounds_widen_from_sensitive_layers_to_all_feeding_the_failing_output():
@@ -133,8 +148,7 @@ def test_fp32_fallback_rounds_widen_from_sensitive_layers_to_all_feeding_the_fai
     # a round that adds nothing is skipped
     plain = [LayerInfo("a", "CONVOLUTION", ("x",), ("h",)), LayerInfo("b", "ACTIVATION", ("h",), ("y",))]
     assert next_fp32_layers(plain, ["y"], set(), 1) == ({"b"}, 2)
-    assert describe_fp32_layers(layers, {"softmax", "mm"}) == \
-        "2 layer(s) (MATRIX_MULTIPLY x1, SOFTMAX x1): mm, softmax"
+    assert describe_fp32_layers(layers, {"softmax", "mm"}) == "2 layer(s) (MATRIX_MULTIPLY x1, SOFTMAX x1): mm, softmax"
 
 
 def test_calibration_uses_batches_at_the_profiles_opt_shapes():
@@ -145,6 +159,7 @@ def test_calibration_uses_batches_at_the_profiles_opt_shapes():
 
 # --- the builder through the fake module --------------------------------------------------------
 
+
 def _onnx(path: Path, *, odd_op: str | None = None) -> Path:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -152,14 +167,20 @@ def _onnx(path: Path, *, odd_op: str | None = None) -> Path:
     w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32), "w")
     scale = numpy_helper.from_array(np.ones(8, np.float32), "scale")
     bias = numpy_helper.from_array(np.zeros(8, np.float32), "bias")
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
-             helper.make_node("LayerNormalization", ["h", "scale", "bias"], ["n"], name="ln", axis=-1),
-             helper.make_node("Softmax", ["n"], ["y"], name="sm", axis=-1)]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+        helper.make_node("LayerNormalization", ["h", "scale", "bias"], ["n"], name="ln", axis=-1),
+        helper.make_node("Softmax", ["n"], ["y"], name="sm", axis=-1),
+    ]
     if odd_op:
         nodes.append(helper.make_node(odd_op, ["y"], ["y2"], name="odd"))
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
-                              [helper.make_tensor_value_info(nodes[-1].output[0], TensorProto.FLOAT, ["batch", 8])],
-                              [w, scale, bias])
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+        [helper.make_tensor_value_info(nodes[-1].output[0], TensorProto.FLOAT, ["batch", 8])],
+        [w, scale, bias],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save(model, str(path))
@@ -170,17 +191,27 @@ def test_build_engine_sets_flags_profiles_pinned_layers_and_timing_cache(tmp_pat
     trt = fake_tensorrt.make(weak=True)
     src = _onnx(tmp_path / "m.onnx")
     cache = tmp_path / "cache" / "timing.cache"
-    engine, layers = build_engine(trt, src, build_mode("fp16", weak=True, has_qdq=False), optimization_profiles(SIG),
-                                  fp32_layers={"sm"}, timing_cache=cache)
+    engine, layers = build_engine(
+        trt,
+        src,
+        build_mode("fp16", weak=True, has_qdq=False),
+        optimization_profiles(SIG),
+        fp32_layers={"sm"},
+        timing_cache=cache,
+    )
     built = json.loads(engine)
     assert built["flags"] == ["FP16", "OBEY_PRECISION_CONSTRAINTS"] and not built["strongly_typed"]
     assert built["profiles"] == [{"x": [[1, 8], [4, 8], [16, 8]]}, {"x": [[1, 8], [1, 8], [4, 8]]}]
     assert built["fp32_layers"] == ["sm"]
-    assert [(layer.name, layer.kind) for layer in layers] == [("mm", "MATRIX_MULTIPLY"), ("ln", "NORMALIZATION"),
-                                                               ("sm", "SOFTMAX")]
+    assert [(layer.name, layer.kind) for layer in layers] == [
+        ("mm", "MATRIX_MULTIPLY"),
+        ("ln", "NORMALIZATION"),
+        ("sm", "SOFTMAX"),
+    ]
     assert cache.read_bytes() == b"timing:+"  # persisted, and read back by the next build
-    engine, _ = build_engine(trt, src, build_mode("fp32", weak=True, has_qdq=False), optimization_profiles(SIG),
-                             timing_cache=cache)
+    engine, _ = build_engine(
+        trt, src, build_mode("fp32", weak=True, has_qdq=False), optimization_profiles(SIG), timing_cache=cache
+    )
     assert json.loads(engine)["timing_cache_loaded"] == "timing:+" and json.loads(engine)["flags"] == []
 
 
@@ -213,22 +244,42 @@ def _context(tmp_path: Path) -> Context:
     refs = [{"y": sess.run(["y"], s)[0]} for s in samples]
     sample_io.save(work / "samples.npz", samples)
     sample_io.save(work / "refs.npz", refs)
-    return Context(workdir=str(work), out_dir=str(out), bundle=BundleInfo(kind="onnx", root=str(tmp_path)),
-                   signature=SIG, samples_file=str(work / "samples.npz"), reference_file=str(work / "refs.npz"),
-                   sample_labels=[label for label, _ in labelled], onnx_file=str(src), onnx_exporter="given")
+    return Context(
+        workdir=str(work),
+        out_dir=str(out),
+        bundle=BundleInfo(kind="onnx", root=str(tmp_path)),
+        signature=SIG,
+        samples_file=str(work / "samples.npz"),
+        reference_file=str(work / "refs.npz"),
+        sample_labels=[label for label, _ in labelled],
+        onnx_file=str(src),
+        onnx_exporter="given",
+    )
 
 
 def _passes_with(needed: set[str], seen: list):
     """A stand-in for validating an engine: it passes once `needed` layers are kept at fp32."""
+
     def validate(ctx, directory, precision, samples, refs):
         info = json.loads((directory / "kiln-artifact.json").read_text())
         pinned = set(info["extra"]["fp32_layers"])
         seen.append(sorted(pinned))
         ok = needed <= pinned
-        metrics = OutputMetrics(max_abs=0.0 if ok else 0.5, rel=0.0, cosine=1.0, passed=ok, tolerance=Tolerance(),
-                                failed_checks=[] if ok else ["max abs error 0.5 > atol"])
-        return Validation(passed=ok, samples=len(samples), outputs={"y": metrics},
-                          reason=None if ok else "y: max abs error 0.5 > atol")
+        metrics = OutputMetrics(
+            max_abs=0.0 if ok else 0.5,
+            rel=0.0,
+            cosine=1.0,
+            passed=ok,
+            tolerance=Tolerance(),
+            failed_checks=[] if ok else ["max abs error 0.5 > atol"],
+        )
+        return Validation(
+            passed=ok,
+            samples=len(samples),
+            outputs={"y": metrics},
+            reason=None if ok else "y: max abs error 0.5 > atol",
+        )
+
     return validate
 
 
@@ -284,13 +335,19 @@ def test_weak_int8_without_qdq_calibrates_at_opt_shapes(tmp_path, monkeypatch):
     trt = fake_tensorrt.make(weak=True)
     monkeypatch.setattr(trt_compiler, "make_calibrator", lambda trt, batches, cache: ("calibrator", len(batches)))
     batches = calibration_inputs([{"x": np.zeros((4, 8), np.float32)}], optimization_profiles(SIG)[0])
-    engine, _ = build_engine(trt, _onnx(tmp_path / "m.onnx"), build_mode("int8", weak=True, has_qdq=False),
-                             optimization_profiles(SIG), calibration=batches)
+    engine, _ = build_engine(
+        trt,
+        _onnx(tmp_path / "m.onnx"),
+        build_mode("int8", weak=True, has_qdq=False),
+        optimization_profiles(SIG),
+        calibration=batches,
+    )
     built = json.loads(engine)
     assert built["calibrator"] and built["calibration_profile"] and built["flags"] == ["FP16", "INT8"]
 
 
 # --- the code only names what the real API has ---------------------------------------------------
+
 
 def _trt_attribute_chains(path: Path) -> set[tuple[str, ...]]:
     chains = set()

@@ -57,8 +57,13 @@ def test_scores_heuristic():
 
 
 def test_options_validate_names_and_merge_tolerances():
-    opts = ConversionOptions.parse({"targets": ["onnxruntime"], "precisions": ["float16", "int8"],
-                                    "tolerances": {"fp16": {"atol": 0.5}, "logits": {"min_cosine": 0.9}}})
+    opts = ConversionOptions.parse(
+        {
+            "targets": ["onnxruntime"],
+            "precisions": ["float16", "int8"],
+            "tolerances": {"fp16": {"atol": 0.5}, "logits": {"min_cosine": 0.9}},
+        }
+    )
     assert opts.precisions == ["fp16", "int8"]
     t = opts.tolerance_for("fp16", "logits")
     assert t.atol == 0.5 and t.min_cosine == 0.9 and t.rtol == 1e-2

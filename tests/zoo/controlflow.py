@@ -1,4 +1,5 @@
 """Data-dependent control flow: the branch depends on the values, so tracing freezes one side."""
+
 import torch
 from torch import nn
 

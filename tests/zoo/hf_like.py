@@ -1,14 +1,17 @@
 """An encoder that returns what Hugging Face models return: a ModelOutput-like ordered dict whose
 None fields are left out, with a nested tuple of hidden states (not scriptable, like HF models):
 ids:int64[batch,seq] -> last_hidden_state, pooler_output, hidden_states.0, hidden_states.1."""
+
 from collections import OrderedDict
 
 import torch
 from torch import nn
 
 VOCAB = 100
-SIGNATURE = {"inputs": [{"name": "ids", "dtype": "int64", "shape": ["batch", "seq"], "value_range": [0, VOCAB]}],
-             "dims": {"batch": [1, 2, 4], "seq": [2, 8, 16]}}
+SIGNATURE = {
+    "inputs": [{"name": "ids", "dtype": "int64", "shape": ["batch", "seq"], "value_range": [0, VOCAB]}],
+    "dims": {"batch": [1, 2, 4], "seq": [2, 8, 16]},
+}
 
 
 class ModelOutput(OrderedDict):
@@ -29,8 +32,9 @@ class Encoder(nn.Module):
     def forward(self, ids: torch.Tensor) -> ModelOutput:
         e = self.embed(ids)
         h = self.norm(e + self.layer(e))
-        return ModelOutput(last_hidden_state=h, pooler_output=torch.tanh(self.pool(h[:, 0])),
-                           hidden_states=(e, h), attentions=None)
+        return ModelOutput(
+            last_hidden_state=h, pooler_output=torch.tanh(self.pool(h[:, 0])), hidden_states=(e, h), attentions=None
+        )
 
 
 def build_model() -> nn.Module:

@@ -1,4 +1,5 @@
 """Model code that misbehaves in the ways uploaded code can: each entry point is one way."""
+
 import os
 import time
 
@@ -36,6 +37,7 @@ def build_not_a_module():
 class Crasher(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         import ctypes
+
         ctypes.string_at(0)  # segfault while running, not while building
         return x
 

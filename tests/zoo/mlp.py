@@ -1,4 +1,5 @@
 """A plain MLP: x:float32[batch,64] -> logits[batch,10]."""
+
 import torch
 from torch import nn
 

@@ -1,9 +1,13 @@
 """Two inputs, two outputs: an image and a feature vector in; class scores and an embedding out."""
+
 import torch
 from torch import nn
 
-SIGNATURE = {"inputs": ["image:float32[batch,3,16,16]", "features:float32[batch,8]"],
-             "outputs": ["scores", "embedding"], "dims": {"batch": [1, 2, 4]}}
+SIGNATURE = {
+    "inputs": ["image:float32[batch,3,16,16]", "features:float32[batch,8]"],
+    "outputs": ["scores", "embedding"],
+    "dims": {"batch": [1, 2, 4]},
+}
 
 
 class Fusion(nn.Module):

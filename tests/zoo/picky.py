@@ -1,5 +1,6 @@
 """A model that raises at run time for inputs it refuses (values over 1000): serving must answer
 that request with an error and go on serving the next."""
+
 import torch
 from torch import nn
 

@@ -1,5 +1,6 @@
 """A model whose rows depend on each other (it centres each batch on its mean): batching it would
 change every caller's answer, so Kiln must serve it unbatched."""
+
 import torch
 from torch import nn
 

@@ -1,15 +1,22 @@
 """A small BERT-like encoder over token ids with a dynamic sequence length:
 ids:int64[batch,seq] -> logits[batch,num_classes]."""
+
 import math
 
 import torch
 from torch import nn
 
 VOCAB = 1000
-SIGNATURE = {"inputs": [{"name": "ids", "dtype": "int64", "shape": ["batch", "seq"], "value_range": [0, VOCAB]}],
-             "outputs": ["logits"], "dims": {"batch": [1, 4, 8], "seq": [4, 64, 128]}}
-SMALL_SIGNATURE = {"inputs": [{"name": "ids", "dtype": "int64", "shape": ["batch", "seq"], "value_range": [0, VOCAB]}],
-                   "outputs": ["logits"], "dims": {"batch": [1, 2, 4], "seq": [2, 8, 16]}}
+SIGNATURE = {
+    "inputs": [{"name": "ids", "dtype": "int64", "shape": ["batch", "seq"], "value_range": [0, VOCAB]}],
+    "outputs": ["logits"],
+    "dims": {"batch": [1, 4, 8], "seq": [4, 64, 128]},
+}
+SMALL_SIGNATURE = {
+    "inputs": [{"name": "ids", "dtype": "int64", "shape": ["batch", "seq"], "value_range": [0, VOCAB]}],
+    "outputs": ["logits"],
+    "dims": {"batch": [1, 2, 4], "seq": [2, 8, 16]},
+}
 
 
 class Attention(nn.Module):
@@ -39,8 +46,9 @@ class Layer(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, d: int = 256, heads: int = 4, ff: int = 1024, layers: int = 4, classes: int = 16,
-                 max_len: int = 512) -> None:
+    def __init__(
+        self, d: int = 256, heads: int = 4, ff: int = 1024, layers: int = 4, classes: int = 16, max_len: int = 512
+    ) -> None:
         super().__init__()
         self.tok = nn.Embedding(VOCAB, d)
         self.pos = nn.Embedding(max_len, d)

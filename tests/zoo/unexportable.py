@@ -1,5 +1,6 @@
 """Uses an operator that has no ONNX equivalent (symmetric eigenvalues): ONNX export must fail
 with a clear reason while TorchScript candidates still build."""
+
 import torch
 from torch import nn
 

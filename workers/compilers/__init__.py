@@ -31,7 +31,9 @@ class Compiler(Protocol):
         KilnError when it cannot tell (the library missing here)."""
 
 
-COMPILERS: dict[str, Compiler] = {c.target: c for c in (OnnxRuntimeCompiler(), TorchScriptCompiler(), TensorRTCompiler())}
+COMPILERS: dict[str, Compiler] = {
+    c.target: c for c in (OnnxRuntimeCompiler(), TorchScriptCompiler(), TensorRTCompiler())
+}
 
 
 def candidate_id(target: str, precision: str, variant: str | None) -> str:

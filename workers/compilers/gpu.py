@@ -72,11 +72,14 @@ def require_ort_provider(provider: str) -> None:
     """RuntimeUnavailable unless ONNX Runtime can run `provider` on this machine."""
     require_cuda()
     if provider not in ort_providers():
-        raise RuntimeUnavailable(f"ONNX Runtime on this machine has no {provider} "
-                                 "(onnxruntime-gpu is not installed; the CPU build is)")
+        raise RuntimeUnavailable(
+            f"ONNX Runtime on this machine has no {provider} (onnxruntime-gpu is not installed; the CPU build is)"
+        )
     if provider == TENSORRT_PROVIDER and not tensorrt_libraries():
-        raise RuntimeUnavailable("ONNX Runtime's TensorRT execution provider needs TensorRT's libraries "
-                                 "(libnvinfer), which are not installed on this machine")
+        raise RuntimeUnavailable(
+            "ONNX Runtime's TensorRT execution provider needs TensorRT's libraries "
+            "(libnvinfer), which are not installed on this machine"
+        )
 
 
 def require_tensorrt() -> None:

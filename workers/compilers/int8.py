@@ -22,8 +22,9 @@ def calibration_batches(ctx: Context) -> list[dict[str, Any]]:
     return [s for s, label in zip(samples, ctx.sample_labels) if label in ("min", "opt", "max")] or samples
 
 
-def quantize_int8_static(ctx: Context, src: Path, work: Path, *, symmetric: bool = False,
-                         exclude: list[str] | None = None) -> tuple[Path, int]:
+def quantize_int8_static(
+    ctx: Context, src: Path, work: Path, *, symmetric: bool = False, exclude: list[str] | None = None
+) -> tuple[Path, int]:
     """Static int8 (QDQ) of `src`, calibrated on `calibration_batches(ctx)`; returns the quantized graph
     and how many batches calibrated it. `symmetric` (signed int8 activations) is what TensorRT takes;
     `exclude` names nodes to keep in float."""
@@ -50,11 +51,19 @@ def quantize_int8_static(ctx: Context, src: Path, work: Path, *, symmetric: bool
             self._it = iter(batches)
 
     path = work / "int8-static.onnx"
-    quantize_static(str(preprocess(src, work)), str(path), Reader(), quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
-                    weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-                    nodes_to_exclude=exclude or None, reduce_range=True,
-                    extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True})
+    quantize_static(
+        str(preprocess(src, work)),
+        str(path),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+        nodes_to_exclude=exclude or None,
+        reduce_range=True,
+        extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True},
+    )
     return path, len(batches)
 
 
@@ -77,4 +86,6 @@ def preprocess(src: Path, work: Path) -> Path:
 def _has_float_weights(path: Path) -> bool:
     import onnx
 
-    return any(t.data_type == onnx.TensorProto.FLOAT for t in onnx.load(str(path), load_external_data=False).graph.initializer)
+    return any(
+        t.data_type == onnx.TensorProto.FLOAT for t in onnx.load(str(path), load_external_data=False).graph.initializer
+    )

@@ -53,32 +53,44 @@ class OnnxRuntimeCompiler:
         provider_options: dict[str, Any] = {}
         if device == "tensorrt":
             # TensorRT picks the precision of each layer itself; the graph stays fp32 (or QDQ for int8).
-            provider_options = {"trt_fp16_enable": p in ("fp16", "int8"), "trt_int8_enable": p == "int8",
-                                **ort_trt_profile_options(ctx.signature)}
+            provider_options = {
+                "trt_fp16_enable": p in ("fp16", "int8"),
+                "trt_int8_enable": p == "int8",
+                **ort_trt_profile_options(ctx.signature),
+            }
         if p == "fp32" or (p == "fp16" and device == "tensorrt"):
             model = src
             if p == "fp16":
-                candidate.notes.append("TensorRT execution provider with fp16 layers enabled (fp32 where faster "
-                                       "or needed)")
+                candidate.notes.append(
+                    "TensorRT execution provider with fp16 layers enabled (fp32 where faster or needed)"
+                )
         elif p == "fp16":
             model = self._fp16(src, work)
             candidate.notes.append("weights and compute in float16; inputs and outputs keep the signature's dtypes")
         elif p == "int8" and candidate.variant == "dynamic":
             model = self._int8_dynamic(src, work)
-            candidate.notes.append("dynamic quantization: int8 weights, activations quantized per batch at run time "
-                                   "(suits MatMul/Gemm-heavy models; slow on convolutions)")
+            candidate.notes.append(
+                "dynamic quantization: int8 weights, activations quantized per batch at run time "
+                "(suits MatMul/Gemm-heavy models; slow on convolutions)"
+            )
         elif p == "int8":
             symmetric = device == "tensorrt"  # TensorRT takes only symmetric, signed int8 QDQ
             model, n = quantize_int8_static(ctx, src, work, symmetric=symmetric)
-            candidate.notes.append(f"static quantization (QDQ), per-channel int8 weights, "
-                                   f"{'symmetric signed' if symmetric else 'asymmetric'} activations calibrated "
-                                   f"on {n} sample batch(es) (suits convolutions)")
+            candidate.notes.append(
+                f"static quantization (QDQ), per-channel int8 weights, "
+                f"{'symmetric signed' if symmetric else 'asymmetric'} activations calibrated "
+                f"on {n} sample batch(es) (suits convolutions)"
+            )
         else:
-            raise InvalidOptions(f"precision {p} is not supported by ONNX Runtime on the CPU "
-                                 "(it has no bf16 kernels for most operators); build bf16 with the torchscript target")
+            raise InvalidOptions(
+                f"precision {p} is not supported by ONNX Runtime on the CPU "
+                "(it has no bf16 kernels for most operators); build bf16 with the torchscript target"
+            )
         if p == "int8" and not quantized_nodes(model):
-            raise ConversionError("nothing in this graph could be quantized to int8 (no MatMul/Gemm/Conv outside "
-                                  "control-flow subgraphs); the int8 model would just be the fp32 one")
+            raise ConversionError(
+                "nothing in this graph could be quantized to int8 (no MatMul/Gemm/Conv outside "
+                "control-flow subgraphs); the int8 model would just be the fp32 one"
+            )
         out_dir.mkdir(parents=True, exist_ok=True)
         if device == "cpu":
             optimize(model, out_dir / "model.onnx", ctx.options.threads)
@@ -89,10 +101,19 @@ class OnnxRuntimeCompiler:
             shutil.copyfile(model, out_dir / "model.onnx")
             optimization = "ORT_ENABLE_ALL at load, for its provider"
         candidate.file = "model.onnx"
-        info = ArtifactInfo(runtime="onnxruntime", file="model.onnx", precision=p, signature=ctx.signature.to_json(),
-                            device=device, extra={"variant": candidate.variant, "exporter": ctx.onnx_exporter,
-                                                  "graph_optimization": optimization,
-                                                  **({"provider_options": provider_options} if provider_options else {})})
+        info = ArtifactInfo(
+            runtime="onnxruntime",
+            file="model.onnx",
+            precision=p,
+            signature=ctx.signature.to_json(),
+            device=device,
+            extra={
+                "variant": candidate.variant,
+                "exporter": ctx.onnx_exporter,
+                "graph_optimization": optimization,
+                **({"provider_options": provider_options} if provider_options else {}),
+            },
+        )
         info.save(out_dir)
         if device == "cuda":
             # Loading here tells a provider that is listed but cannot start (its CUDA libraries
@@ -117,10 +138,8 @@ class OnnxRuntimeCompiler:
         # On such a CPU the zoo MLP's dynamic int8 fell to cosine 0.967 (0.9998 with 7 bits), its
         # static int8 to 0.937 (0.991). An artifact may be served on such a host even when it was
         # built on one with VNNI, so both int8 paths always quantize this way.
-        quantize_dynamic(str(preprocess(src, work)), str(path), weight_type=QuantType.QInt8,
-                         reduce_range=True)
+        quantize_dynamic(str(preprocess(src, work)), str(path), weight_type=QuantType.QInt8, reduce_range=True)
         return path
-
 
 
 def optimize(src: Path, dst: Path, threads: int | None) -> None:
@@ -135,8 +154,16 @@ def optimize(src: Path, dst: Path, threads: int | None) -> None:
         raise ConversionError("ONNX Runtime did not write the optimized model")
 
 
-QUANTIZED_OPS = {"QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "QLinearConv",
-                 "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
+QUANTIZED_OPS = {
+    "QuantizeLinear",
+    "DynamicQuantizeLinear",
+    "MatMulInteger",
+    "ConvInteger",
+    "QLinearConv",
+    "QLinearMatMul",
+    "DynamicQuantizeMatMul",
+    "MatMulIntegerToFloat",
+}
 
 
 def quantized_nodes(path: Path) -> int:

@@ -54,19 +54,42 @@ PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 ENGINE_FILE = "model.plan"
 TIMING_CACHE_DIR = "cache/tensorrt"
 # Layer kinds whose results lose most in lower precision (TensorRT LayerType names and ONNX op types).
-SENSITIVE_KINDS = frozenset({
-    "SOFTMAX", "NORMALIZATION", "REDUCE", "UNARY", "TOPK", "RAGGED_SOFTMAX",
-    "Softmax", "LogSoftmax", "LayerNormalization", "InstanceNormalization", "GroupNormalization",
-    "ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL2", "ReduceLogSumExp", "Pow", "Exp", "Log", "Sqrt",
-    "Reciprocal", "Erf", "Div",
-})
+SENSITIVE_KINDS = frozenset(
+    {
+        "SOFTMAX",
+        "NORMALIZATION",
+        "REDUCE",
+        "UNARY",
+        "TOPK",
+        "RAGGED_SOFTMAX",
+        "Softmax",
+        "LogSoftmax",
+        "LayerNormalization",
+        "InstanceNormalization",
+        "GroupNormalization",
+        "ReduceMean",
+        "ReduceSum",
+        "ReduceSumSquare",
+        "ReduceL2",
+        "ReduceLogSumExp",
+        "Pow",
+        "Exp",
+        "Log",
+        "Sqrt",
+        "Reciprocal",
+        "Erf",
+        "Div",
+    }
+)
 # Layers that compute nothing in floating point, so there is no precision to keep.
-NO_PRECISION_KINDS = frozenset({"CONSTANT", "SHAPE", "Constant", "Shape", "QuantizeLinear", "DequantizeLinear",
-                                "Cast", "CAST"})
+NO_PRECISION_KINDS = frozenset(
+    {"CONSTANT", "SHAPE", "Constant", "Shape", "QuantizeLinear", "DequantizeLinear", "Cast", "CAST"}
+)
 MAX_FALLBACK_ROUNDS = 3
 
 
 # --- pure decisions -----------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class BuildMode:
@@ -83,8 +106,11 @@ class BuildMode:
         if self.calibrate:
             return "int8 (entropy calibration on the sample inputs) with fp16, by builder flags"
         if self.strongly_typed:
-            how = {"fp16": "the ONNX graph converted to float16", "qdq": "a symmetric Q/DQ graph calibrated on the "
-                   "sample inputs", None: "the graph's own types"}[self.graph]
+            how = {
+                "fp16": "the ONNX graph converted to float16",
+                "qdq": "a symmetric Q/DQ graph calibrated on the sample inputs",
+                None: "the graph's own types",
+            }[self.graph]
             return f"strongly typed network: {how}"
         return f"builder flags {', '.join(self.flags) or 'none (fp32; TF32 allowed)'}"
 
@@ -102,8 +128,10 @@ def build_mode(precision: str, *, weak: bool, has_qdq: bool) -> BuildMode:
         flags = {"fp32": (), "fp16": ("FP16",), "bf16": ("BF16",), "int8": ("INT8", "FP16")}[precision]
         return BuildMode(precision, strongly_typed=False, flags=flags, calibrate=precision == "int8" and not has_qdq)
     if precision == "bf16":
-        raise ConversionError("this TensorRT builds strongly typed networks only, where bf16 needs a bf16 ONNX "
-                              "graph, which Kiln does not make; build fp16, or bf16 with the torchscript target")
+        raise ConversionError(
+            "this TensorRT builds strongly typed networks only, where bf16 needs a bf16 ONNX "
+            "graph, which Kiln does not make; build fp16, or bf16 with the torchscript target"
+        )
     graph = {"fp32": None, "fp16": "fp16", "int8": None if has_qdq else "qdq"}[precision]
     return BuildMode(precision, strongly_typed=True, graph=graph)
 
@@ -133,22 +161,27 @@ def feeding(layers: Sequence[LayerInfo], outputs: Iterable[str]) -> list[int]:
     return sorted(seen)
 
 
-def choose_fp32_layers(layers: Sequence[LayerInfo], failing_outputs: Iterable[str], pinned: Iterable[str],
-                       round_: int) -> set[str]:
+def choose_fp32_layers(
+    layers: Sequence[LayerInfo], failing_outputs: Iterable[str], pinned: Iterable[str], round_: int
+) -> set[str]:
     """The layers to keep at fp32 in fallback round `round_` (from 1), among those feeding the failing
     outputs: precision-sensitive kinds; then also the half closest to the outputs; then all."""
-    candidates = [layers[i] for i in feeding(layers, failing_outputs)
-                  if layers[i].float_outputs and layers[i].kind not in NO_PRECISION_KINDS]
+    candidates = [
+        layers[i]
+        for i in feeding(layers, failing_outputs)
+        if layers[i].float_outputs and layers[i].kind not in NO_PRECISION_KINDS
+    ]
     chosen = {layer.name for layer in candidates if layer.kind in SENSITIVE_KINDS}
     if round_ >= 2:
-        chosen |= {layer.name for layer in candidates[len(candidates) // 2:]}
+        chosen |= {layer.name for layer in candidates[len(candidates) // 2 :]}
     if round_ >= 3:
         chosen |= {layer.name for layer in candidates}
     return set(pinned) | chosen
 
 
-def next_fp32_layers(layers: Sequence[LayerInfo], failing_outputs: Iterable[str], pinned: set[str],
-                     round_: int) -> tuple[set[str], int]:
+def next_fp32_layers(
+    layers: Sequence[LayerInfo], failing_outputs: Iterable[str], pinned: set[str], round_: int
+) -> tuple[set[str], int]:
     """The first round from `round_` on that keeps more layers at fp32, and that set; the same set and
     a round past the last when nothing more can be kept."""
     failing = list(failing_outputs)
@@ -167,7 +200,7 @@ def describe_fp32_layers(layers: Sequence[LayerInfo], names: Iterable[str], limi
     for layer in kept:
         kinds[layer.kind] = kinds.get(layer.kind, 0) + 1
     listed = ", ".join(layer.name for layer in kept[:limit]) + (", ..." if len(kept) > limit else "")
-    return (f"{len(kept)} layer(s) ({', '.join(f'{k} x{n}' for k, n in sorted(kinds.items()))}): {listed}")
+    return f"{len(kept)} layer(s) ({', '.join(f'{k} x{n}' for k, n in sorted(kinds.items()))}): {listed}"
 
 
 def calibration_inputs(batches: Sequence[Mapping[str, np.ndarray]], profile: Profile) -> list[dict[str, np.ndarray]]:
@@ -178,8 +211,11 @@ def calibration_inputs(batches: Sequence[Mapping[str, np.ndarray]], profile: Pro
 
 def describe_onnx(model: Any) -> list[LayerInfo]:
     """The nodes of an ONNX graph as layers (strongly typed builds keep ONNX nodes at fp32)."""
-    return [LayerInfo(name=n.name, kind=n.op_type, inputs=tuple(i for i in n.input if i),
-                      outputs=tuple(n.output)) for n in model.graph.node if n.name]
+    return [
+        LayerInfo(name=n.name, kind=n.op_type, inputs=tuple(i for i in n.input if i), outputs=tuple(n.output))
+        for n in model.graph.node
+        if n.name
+    ]
 
 
 def timing_cache_file(stamp: Mapping[str, str]) -> Path:
@@ -197,6 +233,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 # --- TensorRT itself (runs only where it is installed) ------------------------------------------
 
+
 def _enum_name(value: Any) -> str:
     return getattr(value, "name", None) or str(value).rsplit(".", 1)[-1]
 
@@ -209,8 +246,15 @@ def describe_network(network: Any) -> list[LayerInfo]:
         ins = tuple(t.name for t in (layer.get_input(j) for j in range(layer.num_inputs)) if t is not None)
         outs = [layer.get_output(j) for j in range(layer.num_outputs)]
         floats = all(_enum_name(t.dtype) in ("FLOAT", "HALF", "BF16") for t in outs)
-        layers.append(LayerInfo(name=layer.name, kind=_enum_name(layer.type), inputs=ins,
-                                outputs=tuple(t.name for t in outs), float_outputs=floats))
+        layers.append(
+            LayerInfo(
+                name=layer.name,
+                kind=_enum_name(layer.type),
+                inputs=ins,
+                outputs=tuple(t.name for t in outs),
+                float_outputs=floats,
+            )
+        )
     return layers
 
 
@@ -258,10 +302,17 @@ def make_calibrator(trt: Any, batches: Sequence[Mapping[str, np.ndarray]], cache
     return Calibrator()
 
 
-def build_engine(trt: Any, onnx_path: Path, mode: BuildMode, profiles: Sequence[Profile], *,
-                 fp32_layers: Iterable[str] = (), timing_cache: Path | None = None,
-                 calibration: Sequence[Mapping[str, np.ndarray]] = (), work: Path | None = None
-                 ) -> tuple[bytes, list[LayerInfo]]:
+def build_engine(
+    trt: Any,
+    onnx_path: Path,
+    mode: BuildMode,
+    profiles: Sequence[Profile],
+    *,
+    fp32_layers: Iterable[str] = (),
+    timing_cache: Path | None = None,
+    calibration: Sequence[Mapping[str, np.ndarray]] = (),
+    work: Path | None = None,
+) -> tuple[bytes, list[LayerInfo]]:
     """Parse `onnx_path` and build a serialized engine; also return the network's layers."""
     # The parser owns the weights the network points at: it stays alive until the engine is built.
     logger = _logger(trt)
@@ -309,14 +360,16 @@ def build_engine(trt: Any, onnx_path: Path, mode: BuildMode, profiles: Sequence[
         config.set_timing_cache(cache, False)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise ConversionError("TensorRT could not build the engine"
-                              + (f": {'; '.join(logger.errors[-3:])}" if logger.errors else ""))
+        raise ConversionError(
+            "TensorRT could not build the engine" + (f": {'; '.join(logger.errors[-3:])}" if logger.errors else "")
+        )
     if timing_cache is not None:
         _write_atomic(timing_cache, bytes(config.get_timing_cache().serialize()))
     return bytes(serialized), layers
 
 
 # --- the compiler -------------------------------------------------------------------------------
+
 
 @dataclass
 class _Attempt:
@@ -364,17 +417,33 @@ class TensorRTCompiler:
         while True:
             onnx_path = self._graph(ctx, src, work, mode, attempt.fp32_layers)
             engine, trt_layers = build_engine(
-                trt, onnx_path, mode, profiles, fp32_layers=attempt.fp32_layers if not mode.strongly_typed else (),
-                timing_cache=timing_cache_file(stamp), calibration=calibration, work=work)
+                trt,
+                onnx_path,
+                mode,
+                profiles,
+                fp32_layers=attempt.fp32_layers if not mode.strongly_typed else (),
+                timing_cache=timing_cache_file(stamp),
+                calibration=calibration,
+                work=work,
+            )
             layers = describe_onnx(_load_onnx(onnx_path)) if mode.strongly_typed else trt_layers
             (out_dir / ENGINE_FILE).write_bytes(engine)
-            ArtifactInfo(runtime="tensorrt", file=ENGINE_FILE, precision=p, signature=ctx.signature.to_json(),
-                         device="cuda", extra={
-                             "engine": stamp, "build": mode.explains, "strongly_typed": mode.strongly_typed,
-                             "flags": list(mode.flags), "fp32_layers": sorted(attempt.fp32_layers),
-                             "profiles": [{n: [list(s) for s in shapes] for n, shapes in prof.items()}
-                                          for prof in profiles],
-                             "onnx_sha256": sha256_file(src)}).save(out_dir)
+            ArtifactInfo(
+                runtime="tensorrt",
+                file=ENGINE_FILE,
+                precision=p,
+                signature=ctx.signature.to_json(),
+                device="cuda",
+                extra={
+                    "engine": stamp,
+                    "build": mode.explains,
+                    "strongly_typed": mode.strongly_typed,
+                    "flags": list(mode.flags),
+                    "fp32_layers": sorted(attempt.fp32_layers),
+                    "profiles": [{n: [list(s) for s in shapes] for n, shapes in prof.items()} for prof in profiles],
+                    "onnx_sha256": sha256_file(src),
+                },
+            ).save(out_dir)
             if p == "fp32":
                 break
             check = validate_artifact(ctx, out_dir, p, samples, refs)
@@ -383,18 +452,25 @@ class TensorRTCompiler:
             failing = [n for n, m in check.outputs.items() if not m.passed] or [o.name for o in ctx.signature.outputs]
             more, round_ = next_fp32_layers(layers, failing, attempt.fp32_layers, attempt.round_ + 1)
             if more == attempt.fp32_layers:
-                candidate.notes.append(f"still outside the tolerances after keeping "
-                                       f"{len(attempt.fp32_layers)} layer(s) at fp32: {check.reason}")
+                candidate.notes.append(
+                    f"still outside the tolerances after keeping "
+                    f"{len(attempt.fp32_layers)} layer(s) at fp32: {check.reason}"
+                )
                 break
-            log.info(f"{candidate.id}: {check.reason}; rebuilding with {len(more - attempt.fp32_layers)} more "
-                     f"layer(s) at fp32 (round {round_})")
+            log.info(
+                f"{candidate.id}: {check.reason}; rebuilding with {len(more - attempt.fp32_layers)} more "
+                f"layer(s) at fp32 (round {round_})"
+            )
             attempt = _Attempt(fp32_layers=more, round_=round_)
         candidate.file = ENGINE_FILE
-        candidate.notes.append(f"{mode.explains}; {len(profiles)} optimization profile(s); built for "
-                               f"{stamp['gpu']} with TensorRT {stamp['tensorrt']}")
+        candidate.notes.append(
+            f"{mode.explains}; {len(profiles)} optimization profile(s); built for "
+            f"{stamp['gpu']} with TensorRT {stamp['tensorrt']}"
+        )
         if attempt.fp32_layers:
-            candidate.notes.append("kept at fp32 to pass validation: "
-                                   + describe_fp32_layers(layers, attempt.fp32_layers))
+            candidate.notes.append(
+                "kept at fp32 to pass validation: " + describe_fp32_layers(layers, attempt.fp32_layers)
+            )
 
     def _graph(self, ctx: Context, src: Path, work: Path, mode: BuildMode, fp32_layers: set[str]) -> Path:
         """The ONNX graph to parse: the exported one, or (strongly typed) its float16 or Q/DQ rewrite."""
@@ -402,8 +478,9 @@ class TensorRTCompiler:
             import onnx
             from onnxruntime.transformers.float16 import convert_float_to_float16
 
-            model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True,
-                                             node_block_list=sorted(fp32_layers) or None)
+            model = convert_float_to_float16(
+                onnx.load(str(src)), keep_io_types=True, node_block_list=sorted(fp32_layers) or None
+            )
             path = work / "fp16.onnx"
             onnx.save(model, str(path))
             return path
@@ -424,5 +501,16 @@ def _load_onnx(path: Path) -> Any:
     return onnx.load(str(path), load_external_data=False)
 
 
-__all__ = ["BuildMode", "LayerInfo", "TensorRTCompiler", "build_engine", "build_mode", "calibration_inputs",
-           "choose_fp32_layers", "describe_fp32_layers", "engine_stamp", "next_fp32_layers", "weak_typing"]
+__all__ = [
+    "BuildMode",
+    "LayerInfo",
+    "TensorRTCompiler",
+    "build_engine",
+    "build_mode",
+    "calibration_inputs",
+    "choose_fp32_layers",
+    "describe_fp32_layers",
+    "engine_stamp",
+    "next_fp32_layers",
+    "weak_typing",
+]

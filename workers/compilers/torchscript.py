@@ -45,13 +45,28 @@ class TorchScriptCompiler:
         compute = COMPUTE[p]
         # Loading and freezing run the capture's code (TorchScript can call torch.from_file, and
         # freezing folds constants by running ops), so both happen in the sandbox.
-        built = sandboxed(ctx, "build_torchscript", {
-            "capture_file": capture.file, "compute": compute, "device": device,
-            "out_file": str(sandbox_dir(ctx) / "torchscript" / f"{candidate.id}.pt")}, log)
+        built = sandboxed(
+            ctx,
+            "build_torchscript",
+            {
+                "capture_file": capture.file,
+                "compute": compute,
+                "device": device,
+                "out_file": str(sandbox_dir(ctx) / "torchscript" / f"{candidate.id}.pt"),
+            },
+            log,
+        )
         candidate.notes.extend(built["notes"])
         out_dir.mkdir(parents=True, exist_ok=True)
         shutil.move(produced(ctx, built["file"]), out_dir / "model.pt")
         candidate.file = "model.pt"
         candidate.notes.append(f"from torch.jit.{method}" + (f", on {device}" if device != "cpu" else ""))
-        ArtifactInfo(runtime="torchscript", file="model.pt", precision=p, signature=ctx.signature.to_json(),
-                     compute_dtype=compute, device=device, extra={"capture": method}).save(out_dir)
+        ArtifactInfo(
+            runtime="torchscript",
+            file="model.pt",
+            precision=p,
+            signature=ctx.signature.to_json(),
+            compute_dtype=compute,
+            device=device,
+            extra={"capture": method},
+        ).save(out_dir)

@@ -59,25 +59,38 @@ class Benchmark:
                 eager.append({"id": EAGER, "device": "cpu", "precision": "fp32"})
             if on_cuda:
                 eager += [{"id": f"{EAGER}-cuda-{p}", "device": "cuda", "precision": p} for p in CUDA_EAGER_PRECISIONS]
-        baseline = {c.id: (f"{EAGER}-cuda-{CUDA_EAGER_PRECISIONS[0]}" if devices[c.id] == "cuda" else EAGER)
-                    for c in passing}
+        baseline = {
+            c.id: (f"{EAGER}-cuda-{CUDA_EAGER_PRECISIONS[0]}" if devices[c.id] == "cuda" else EAGER) for c in passing
+        }
         contenders = len(eager) + len(passing)
         # The same total time as timing each point alone for bench_seconds; stable figures stop early.
         budget = ctx.options.bench_seconds * contenders
-        log.info(f"batch sizes {batches}, {threads} thread(s); {contenders} contender(s) timed in interleaved "
-                 f"rounds, ~{budget:.1f}s per batch size (up to twice that while the figures are unsettled)")
+        log.info(
+            f"batch sizes {batches}, {threads} thread(s); {contenders} contender(s) timed in interleaved "
+            f"rounds, ~{budget:.1f}s per batch size (up to twice that while the figures are unsettled)"
+        )
         log.progress(0, "timing eager PyTorch and the candidates in interleaved rounds")
-        result = sandboxed(ctx, "benchmark", {
-            "batch_sizes": batches, "threads": threads, "budget_s": budget, "eager": eager,
-            "artifacts": [{"id": c.id, "dir": str(artifact_path(ctx, c))} for c in passing],
-            "pairs": [[baseline[c.id], c.id] for c in passing],
-        }, log, readable=[artifact_path(ctx, c) for c in passing])
+        result = sandboxed(
+            ctx,
+            "benchmark",
+            {
+                "batch_sizes": batches,
+                "threads": threads,
+                "budget_s": budget,
+                "eager": eager,
+                "artifacts": [{"id": c.id, "dir": str(artifact_path(ctx, c))} for c in passing],
+                "pairs": [[baseline[c.id], c.id] for c in passing],
+            },
+            log,
+            readable=[artifact_path(ctx, c) for c in passing],
+        )
         points = {name: [BenchPoint(**p) for p in pts] for name, pts in result["points"].items()}
         for name, error in result["errors"].items():
             log.info(f"{name} could not be timed: {error}")
         ctx.eager_benchmark = points.get(EAGER, [])
-        ctx.eager_baselines = {k.removeprefix(f"{EAGER}-"): v for k, v in points.items()
-                               if k.startswith(f"{EAGER}-cuda-")}
+        ctx.eager_baselines = {
+            k.removeprefix(f"{EAGER}-"): v for k, v in points.items() if k.startswith(f"{EAGER}-cuda-")
+        }
         if ctx.eager_benchmark:
             log.info("eager: " + _fmt(ctx.eager_benchmark))
         for key, pts in ctx.eager_baselines.items():
@@ -101,27 +114,51 @@ class Benchmark:
                 cand.noisy = True
             if cand.noisy:
                 noisy_ids.append(cand.id)
-            log.info(f"{cand.id}: {_fmt(cand.benchmark)}"
-                     + (f"; {speedup_text(cand)} eager{' on CUDA' if devices[cand.id] == 'cuda' else ''} "
-                        f"at batch {batches[0]}" if cand.speedup else ""))
+            log.info(
+                f"{cand.id}: {_fmt(cand.benchmark)}"
+                + (
+                    f"; {speedup_text(cand)} eager{' on CUDA' if devices[cand.id] == 'cuda' else ''} "
+                    f"at batch {batches[0]}"
+                    if cand.speedup
+                    else ""
+                )
+            )
         rounds = max((p.rounds or 0 for pts in points.values() for p in pts), default=0)
         ctx.benchmark_conditions = {
-            "method": "interleaved rounds", "rounds": rounds, "budget_s_per_batch": budget,
-            "threads": result.get("threads"), "load_before": result.get("load_before"),
-            "load_after": result.get("load_after"), "noisy": noisy_ids, "noisy_ratio": NOISY_RATIO,
-            "cpu_busy_share": busy, "busy_share_limit": BUSY_SHARE,
+            "method": "interleaved rounds",
+            "rounds": rounds,
+            "budget_s_per_batch": budget,
+            "threads": result.get("threads"),
+            "load_before": result.get("load_before"),
+            "load_after": result.get("load_after"),
+            "noisy": noisy_ids,
+            "noisy_ratio": NOISY_RATIO,
+            "cpu_busy_share": busy,
+            "busy_share_limit": BUSY_SHARE,
         }
         if busy is not None and busy > BUSY_SHARE:
-            log.info(f"the machine was busy: other work waited for a CPU {busy:.0%} of the time; every figure is "
-                     "marked noisy (rerun on a quieter machine for precise figures)")
+            log.info(
+                f"the machine was busy: other work waited for a CPU {busy:.0%} of the time; every figure is "
+                "marked noisy (rerun on a quieter machine for precise figures)"
+            )
         elif noisy_ids:
-            log.info(f"noisy: the spread of {', '.join(noisy_ids)} is too wide to rank on "
-                     f"(interval wider than {NOISY_RATIO:g}x); rerun on a quieter machine for precise figures")
+            log.info(
+                f"noisy: the spread of {', '.join(noisy_ids)} is too wide to rank on "
+                f"(interval wider than {NOISY_RATIO:g}x); rerun on a quieter machine for precise figures"
+            )
         ctx.save()
-        return {"batch_sizes": batches, "threads": threads, "rounds": rounds, "noisy": noisy_ids,
-                "eager_p50_ms": ctx.eager_benchmark[0].p50_ms if ctx.eager_benchmark else None,
-                **({"eager_cuda_p50_ms": {k: v[0].p50_ms for k, v in ctx.eager_baselines.items() if v}}
-                   if ctx.eager_baselines else {})}
+        return {
+            "batch_sizes": batches,
+            "threads": threads,
+            "rounds": rounds,
+            "noisy": noisy_ids,
+            "eager_p50_ms": ctx.eager_benchmark[0].p50_ms if ctx.eager_benchmark else None,
+            **(
+                {"eager_cuda_p50_ms": {k: v[0].p50_ms for k, v in ctx.eager_baselines.items() if v}}
+                if ctx.eager_baselines
+                else {}
+            ),
+        }
 
 
 def speedup_text(cand: Candidate) -> str:

@@ -29,14 +29,20 @@ class Capture:
                 log.info(f"{c.method}: failed: {c.error}")
             else:
                 verdict = "agrees with eager" if c.agrees else f"DISAGREES on {', '.join(c.disagreeing_samples)}"
-                log.info(f"{c.method}: {verdict} (max abs {c.max_abs if c.max_abs is not None else 'n/a'}, "
-                         f"{c.seconds:.2f}s)")
+                log.info(
+                    f"{c.method}: {verdict} (max abs {c.max_abs if c.max_abs is not None else 'n/a'}, {c.seconds:.2f}s)"
+                )
         ctx.hazards = [h for h in ctx.hazards if h.kind not in ("frozen_branch", "tracer_warning", "value_branch")]
         export = ctx.capture("export")
         if export and not export.ok and export.hint:
-            ctx.hazards.append(Hazard(kind="value_branch", detail=f"torch.export failed: {export.hint}",
-                                      action="Rewrite that branch with torch.cond for a torch.export capture; "
-                                             "the other captures are used meanwhile"))
+            ctx.hazards.append(
+                Hazard(
+                    kind="value_branch",
+                    detail=f"torch.export failed: {export.hint}",
+                    action="Rewrite that branch with torch.cond for a torch.export capture; "
+                    "the other captures are used meanwhile",
+                )
+            )
             log.info(f"hazard: {ctx.hazards[-1].detail}")
         ctx.preferred_capture = prefer(ctx.captures)
         trace = ctx.capture("trace")
@@ -46,9 +52,11 @@ class Capture:
         if not any(c.ok for c in ctx.captures):
             raise ConversionError("no capture succeeded: " + "; ".join(f"{c.method}: {c.error}" for c in ctx.captures))
         log.info(f"preferred capture: {ctx.preferred_capture or 'none agrees with eager'}")
-        return {"preferred": ctx.preferred_capture, "hazards": [h.kind for h in ctx.hazards],
-                "captures": {c.method: ("agrees" if c.agrees else "disagrees") if c.ok else "failed"
-                             for c in ctx.captures}}
+        return {
+            "preferred": ctx.preferred_capture,
+            "hazards": [h.kind for h in ctx.hazards],
+            "captures": {c.method: ("agrees" if c.agrees else "disagrees") if c.ok else "failed" for c in ctx.captures},
+        }
 
 
 def prefer(captures: list[CaptureRecord]) -> str | None:
@@ -64,8 +72,10 @@ def prefer(captures: list[CaptureRecord]) -> str | None:
 
 def frozen_branch_hazard(trace: CaptureRecord, preferred: str | None) -> Hazard:
     if not trace.agrees:
-        detail = (f"torch.jit.trace froze data-dependent control flow: the trace disagrees with eager on "
-                  f"sample(s) {', '.join(trace.disagreeing_samples)}")
+        detail = (
+            f"torch.jit.trace froze data-dependent control flow: the trace disagrees with eager on "
+            f"sample(s) {', '.join(trace.disagreeing_samples)}"
+        )
         kind = "frozen_branch"
     else:
         detail = "torch.jit.trace warned that the trace may not generalise, though it agreed on every sample"
@@ -73,8 +83,10 @@ def frozen_branch_hazard(trace: CaptureRecord, preferred: str | None) -> Hazard:
     if trace.warnings:
         detail += f" (tracer: {trace.warnings[0]})"
     if preferred and preferred != "trace":
-        action = (f"The trace was discarded; Kiln uses torch.jit.{preferred}, which keeps the control flow "
-                  "and agrees with eager on every sample")
+        action = (
+            f"The trace was discarded; Kiln uses torch.jit.{preferred}, which keeps the control flow "
+            "and agrees with eager on every sample"
+        )
     elif preferred == "trace":
         action = "Kept the trace because it agreed with eager on every sample, including both branch directions"
     else:

@@ -24,28 +24,40 @@ class Compile:
 
     def run(self, ctx: Context, log: StepLog) -> dict[str, Any]:
         devices = resolve_devices(ctx.options.devices)
-        plan = [(t, p, v) for t in ctx.options.targets for p in ctx.options.precisions
-                for v in COMPILERS[t].variants(p, devices)]
+        plan = [
+            (t, p, v)
+            for t in ctx.options.targets
+            for p in ctx.options.precisions
+            for v in COMPILERS[t].variants(p, devices)
+        ]
         # Combinations that cannot exist (int8 TorchScript) are not candidates, so never failures.
-        absent = [f"{t}-{p}" for t in ctx.options.targets for p in ctx.options.precisions
-                  if not COMPILERS[t].variants(p, devices)]
+        absent = [
+            f"{t}-{p}"
+            for t in ctx.options.targets
+            for p in ctx.options.precisions
+            if not COMPILERS[t].variants(p, devices)
+        ]
         if absent:
             log.info(f"not built here (no such combination on {', '.join(devices)}): {', '.join(absent)}")
         if not plan:
-            raise ConversionError(f"nothing to build: {', '.join(absent)} cannot be built on {', '.join(devices)} "
-                                  "(TorchScript builds fp32, bf16 and fp16; the onnxruntime target builds int8)")
+            raise ConversionError(
+                f"nothing to build: {', '.join(absent)} cannot be built on {', '.join(devices)} "
+                "(TorchScript builds fp32, bf16 and fp16; the onnxruntime target builds int8)"
+            )
         ctx.candidates = []
         for i, (target, precision, variant) in enumerate(plan):
-            cand = Candidate(id=candidate_id(target, precision, variant), target=target, precision=precision,
-                             variant=variant)
+            cand = Candidate(
+                id=candidate_id(target, precision, variant), target=target, precision=precision, variant=variant
+            )
             ctx.candidates.append(cand)
             log.progress(i / len(plan), f"building {cand.id}")
             build_candidate(ctx, cand, log)
             ctx.save()
         built = [c.id for c in ctx.candidates if c.status == "built"]
         if not built:
-            raise ConversionError("no candidate could be built: " +
-                                  "; ".join(f"{c.id}: {c.reason}" for c in ctx.candidates))
+            raise ConversionError(
+                "no candidate could be built: " + "; ".join(f"{c.id}: {c.reason}" for c in ctx.candidates)
+            )
         return {"built": built, "failed": [c.id for c in ctx.candidates if c.status != "built"], "devices": devices}
 
 
@@ -87,7 +99,10 @@ def build_candidate(ctx: Context, cand: Candidate, log: StepLog) -> None:
     except KilnError as exc:
         cand.status, cand.reason = "failed", exc.detail
     except Exception as exc:  # noqa: BLE001 - one candidate's failure never stops the others
-        cand.status, cand.reason = "failed", f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
+        cand.status, cand.reason = (
+            "failed",
+            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}",
+        )
     cand.build_s = time.perf_counter() - t0
     if cand.status != "built" and out_dir.exists():
         shutil.rmtree(out_dir)

@@ -28,19 +28,27 @@ class Export:
             ctx.onnx_file, ctx.onnx_exporter = str(target), "uploaded"
             log.info("using the uploaded ONNX model")
             return {"exporter": "uploaded"}
-        result = sandboxed(ctx, "export_onnx", {"out_dir": str(ctx.work / "sandbox" / "onnx"),
-                                                "captures": [c.model_dump() for c in ctx.captures]}, log)
+        result = sandboxed(
+            ctx,
+            "export_onnx",
+            {"out_dir": str(ctx.work / "sandbox" / "onnx"), "captures": [c.model_dump() for c in ctx.captures]},
+            log,
+        )
         ctx.export_attempts = result["attempts"]
         for a in ctx.export_attempts:
             what = f"{a['exporter']} exporter from {a['source']}"
             if not a.get("ok"):
                 log.info(f"{what}: failed: {a.get('error')}")
             else:
-                log.info(f"{what}: {'agrees with eager' if a.get('agrees') else 'disagrees on ' + ', '.join(a.get('disagreeing_samples', []))}"
-                         f" ({a['seconds']:.2f}s)")
+                log.info(
+                    f"{what}: {'agrees with eager' if a.get('agrees') else 'disagrees on ' + ', '.join(a.get('disagreeing_samples', []))}"
+                    f" ({a['seconds']:.2f}s)"
+                )
         chosen = result["chosen"]
         if not chosen:
-            reasons = "; ".join(f"{a['exporter']}: {a.get('error') or 'disagrees with eager'}" for a in ctx.export_attempts)
+            reasons = "; ".join(
+                f"{a['exporter']}: {a.get('error') or 'disagrees with eager'}" for a in ctx.export_attempts
+            )
             raise ConversionError(f"ONNX export failed: {reasons or 'no capture agrees with eager to export from'}")
         shutil.copyfile(produced(ctx, chosen["file"]), target, follow_symlinks=False)
         info = check_onnx(target)
@@ -61,5 +69,8 @@ def check_onnx(path: Path, *, external_ok: bool = True) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - checker and inference raise several types
         raise ConversionError(f"ONNX check failed: {str(exc).splitlines()[0][:300]}") from None
     opset = next((o.version for o in inferred.opset_import if o.domain in ("", "ai.onnx")), None)
-    return {"nodes": len(inferred.graph.node), "opset": opset,
-            "ops": sorted({n.op_type for n in inferred.graph.node})[:40]}
+    return {
+        "nodes": len(inferred.graph.node),
+        "opset": opset,
+        "ops": sorted({n.op_type for n in inferred.graph.node})[:40],
+    }

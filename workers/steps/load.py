@@ -32,9 +32,11 @@ class Load:
         have = sum(sample_io.rows(ctx.signature, s) for _, s in samples)
         generated = sample_io.generate(ctx.signature, min_rows=sample_io.MIN_ROWS - have)
         samples += generated
-        log.info(f"{len(generated)} generated sample(s) covering min/opt/max of "
-                 f"{', '.join(ctx.signature.dims) or 'static shapes'}, values of both signs; "
-                 f"{have + sum(sample_io.rows(ctx.signature, s) for _, s in generated)} rows in all")
+        log.info(
+            f"{len(generated)} generated sample(s) covering min/opt/max of "
+            f"{', '.join(ctx.signature.dims) or 'static shapes'}, values of both signs; "
+            f"{have + sum(sample_io.rows(ctx.signature, s) for _, s in generated)} rows in all"
+        )
         samples_file = ctx.work / "samples.npz"
         ctx.samples_file = str(samples_file)
         ctx.sample_labels = [label for label, _ in samples]
@@ -51,10 +53,15 @@ class Load:
         os.replace(produced(ctx, str(written)), reference_file)
         refs = sample_io.load(reference_file)
         ctx.signature = with_outputs(ctx.signature, result["output_names"], refs, [s for _, s in samples])
-        log.info(f"model built in {result['build_s']:.2f}s; {result.get('parameters') or 0:,} parameters; "
-                 f"outputs: {', '.join(o.name for o in ctx.signature.outputs)}")
-        return {"samples": len(samples), "outputs": [o.name for o in ctx.signature.outputs],
-                "parameters": result.get("parameters")}
+        log.info(
+            f"model built in {result['build_s']:.2f}s; {result.get('parameters') or 0:,} parameters; "
+            f"outputs: {', '.join(o.name for o in ctx.signature.outputs)}"
+        )
+        return {
+            "samples": len(samples),
+            "outputs": [o.name for o in ctx.signature.outputs],
+            "parameters": result.get("parameters"),
+        }
 
     def _onnx_reference(self, ctx: Context, log: StepLog, samples: list[dict], reference_file: Path) -> dict[str, Any]:
         """An uploaded ONNX model is its own reference, run by ONNX Runtime at fp32 without optimizations."""
@@ -71,15 +78,18 @@ class Load:
             try:
                 refs.append(dict(zip(names, sess.run(names, s))))
             except Exception as exc:  # noqa: BLE001 - the signature does not fit the model
-                raise InvalidSignature(f"the ONNX model failed on sample #{i}: {str(exc).splitlines()[0][:300]}") from None
+                raise InvalidSignature(
+                    f"the ONNX model failed on sample #{i}: {str(exc).splitlines()[0][:300]}"
+                ) from None
         sample_io.save(reference_file, refs)
         ctx.signature = with_outputs(ctx.signature, names, refs, samples)
         log.info(f"reference outputs from the uploaded ONNX model: {', '.join(names)}")
         return {"samples": len(samples), "outputs": names}
 
 
-def with_outputs(sig: Signature, names: list[str], refs: list[dict[str, np.ndarray]],
-                 samples: list[dict[str, np.ndarray]]) -> Signature:
+def with_outputs(
+    sig: Signature, names: list[str], refs: list[dict[str, np.ndarray]], samples: list[dict[str, np.ndarray]]
+) -> Signature:
     """The signature with every output's dtype and shape filled in from the reference outputs."""
     declared = {o.name: o for o in sig.outputs}
     sizes = [sizes_of(sig, s) for s in samples]
@@ -88,8 +98,9 @@ def with_outputs(sig: Signature, names: list[str], refs: list[dict[str, np.ndarr
         arrays = [r[name] for r in refs]
         spec = declared.get(name, TensorSpec(name=name))
         if spec.shape and any(len(spec.shape) != a.ndim for a in arrays):
-            raise InvalidSignature(f"output {name!r}: the signature gives rank {len(spec.shape)}, "
-                                   f"the model returns rank {arrays[0].ndim}")
+            raise InvalidSignature(
+                f"output {name!r}: the signature gives rank {len(spec.shape)}, the model returns rank {arrays[0].ndim}"
+            )
         dtype = spec.dtype or canonical_dtype(str(arrays[0].dtype))
         shape = spec.shape or _infer_shape(sig, name, arrays, sizes)
         outputs.append(TensorSpec(name=name, dtype=dtype, shape=shape, kind=spec.kind))

@@ -81,11 +81,15 @@ class Select:
             if tied:
                 ties.append(c.id)
             if throughput:
-                c.lost_because = (f"lower throughput at batch {c.benchmark[-1].batch}: {_throughput(c):.0f}/s "
-                                  f"vs {_throughput(best):.0f}/s")
+                c.lost_because = (
+                    f"lower throughput at batch {c.benchmark[-1].batch}: {_throughput(c):.0f}/s "
+                    f"vs {_throughput(best):.0f}/s"
+                )
             else:
-                c.lost_because = (f"slower at batch {c.benchmark[0].batch}: p50 {_latency(c):.3g} ms vs "
-                                  f"{_latency(best):.3g} ms ({mid:.2f}x)")
+                c.lost_because = (
+                    f"slower at batch {c.benchmark[0].batch}: p50 {_latency(c):.3g} ms vs "
+                    f"{_latency(best):.3g} ms ({mid:.2f}x)"
+                )
             if tied:
                 c.lost_because += "; within the noise of the selected one"
         if throughput:
@@ -100,11 +104,15 @@ class Select:
             low, high = best.speedup_low or best.speedup, best.speedup_high or best.speedup
             beats = low > 1.0
             if best.noisy:
-                why += (f"; {speedup_text(best)} eager PyTorch, but the figures are too noisy to rank on "
-                        "(the machine was busy): rerun on a quieter machine before trusting them")
+                why += (
+                    f"; {speedup_text(best)} eager PyTorch, but the figures are too noisy to rank on "
+                    "(the machine was busy): rerun on a quieter machine before trusting them"
+                )
             elif high < 1.0:
-                why = (f"no candidate is faster than eager PyTorch: the fastest, {best.id}, runs at "
-                       f"{speedup_text(best)} eager speed; it is still the best artifact to serve (" + why + ")")
+                why = (
+                    f"no candidate is faster than eager PyTorch: the fastest, {best.id}, runs at "
+                    f"{speedup_text(best)} eager speed; it is still the best artifact to serve (" + why + ")"
+                )
             elif low <= 1.0:
                 why += f"; no measurable speed-up over eager PyTorch ({speedup_text(best)})"
             else:
