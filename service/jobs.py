@@ -13,12 +13,14 @@ from sqlalchemy import CursorResult, Update, and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from service import states
 from service.errors import Conflict, NotFound
 from service.options import GPU_TARGETS, ConversionOptions
+from service.states import JobStatus
 from service.tables import CandidateRow, Job, JobLog, JobStep, Model, ModelVersion, WorkerRow, new_id, now
 
-TERMINAL = ("succeeded", "failed", "canceled")
-STATUSES = ("queued", "running") + TERMINAL
+TERMINAL = tuple(states.TERMINAL)
+STATUSES = tuple(states.JobStatus)
 MAX_ATTEMPTS = 3
 
 
@@ -110,11 +112,12 @@ def cancel(session: Session, job: Job) -> Job:
     session.execute(
         update(Job).where(Job.id == job.id).values(cancel_requested=True).execution_options(synchronize_session=False)
     )
-    session.execute(
-        update(Job)
-        .where(Job.id == job.id, Job.status == "queued")
-        .values(status="canceled", finished_at=now(), error="canceled before it started")
-        .execution_options(synchronize_session=False)
+    states.move_job(
+        session,
+        job.id,
+        JobStatus.CANCELED,
+        expect=[JobStatus.QUEUED],
+        values={"finished_at": now(), "error": "canceled before it started"},
     )
     session.commit()
     session.refresh(job)
@@ -123,7 +126,7 @@ def cancel(session: Session, job: Job) -> Job:
 
 def retry(session: Session, job: Job) -> Job:
     """A new attempt of a failed or canceled job, as a new job that points at the old one."""
-    if job.status not in ("failed", "canceled"):
+    if job.status not in (JobStatus.FAILED, JobStatus.CANCELED):
         raise Conflict(f"only failed or canceled jobs can be retried; job {job.id} is {job.status}")
     new, _ = create(
         session, owner=job.owner, version=job.version, options=ConversionOptions(**job.options), retry_of=job.id
@@ -149,33 +152,36 @@ def claim(session: Session, job_id: str, worker: str, *, stale_after: float) -> 
     died) can be taken over; one with a fresh heartbeat cannot, so a job never runs twice at once."""
     stale_before = now() - timedelta(seconds=stale_after)
     token = new_id()
-    changed = _updated(
+    changed = states.move_job(
         session,
-        update(Job)
-        .where(
-            Job.id == job_id,
+        job_id,
+        JobStatus.RUNNING,
+        where=[
             or_(
-                Job.status == "queued",
-                and_(Job.status == "running", or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale_before)),
-            ),
-        )
-        .values(
-            status="running",
-            worker=worker,
-            run_token=token,
-            heartbeat_at=now(),
-            attempts=Job.attempts + 1,
-            started_at=func.coalesce(Job.started_at, now()),
-        )
-        .execution_options(synchronize_session=False),
+                Job.status == JobStatus.QUEUED,
+                and_(
+                    Job.status == JobStatus.RUNNING,
+                    or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale_before),
+                ),
+            )
+        ],
+        values={
+            "worker": worker,
+            "run_token": token,
+            "heartbeat_at": now(),
+            "attempts": Job.attempts + 1,
+            "started_at": func.coalesce(Job.started_at, now()),
+        },
     )
     session.commit()
     job = session.get(Job, job_id)
     if job is None:
         raise ClaimRefused(f"job {job_id} does not exist")
     session.refresh(job)
-    if changed != 1 or job.run_token != token:
-        raise ClaimRefused(f"job {job_id} is {job.status}" + (f" on {job.worker}" if job.status == "running" else ""))
+    if not changed or job.run_token != token:
+        raise ClaimRefused(
+            f"job {job_id} is {job.status}" + (f" on {job.worker}" if job.status == JobStatus.RUNNING else "")
+        )
     return job
 
 
@@ -184,7 +190,7 @@ def heartbeat(session: Session, job_id: str, token: str) -> tuple[bool, bool]:
     changed = _updated(
         session,
         update(Job)
-        .where(Job.id == job_id, Job.run_token == token, Job.status == "running")
+        .where(Job.id == job_id, Job.run_token == token, Job.status == JobStatus.RUNNING)
         .values(heartbeat_at=now())
         .execution_options(synchronize_session=False),
     )
@@ -201,9 +207,9 @@ def orphaned(session: Session, *, stale_after: float, queued_after: float) -> li
         session.scalars(
             select(Job).where(
                 or_(
-                    and_(Job.status == "running", Job.heartbeat_at < t - timedelta(seconds=stale_after)),
+                    and_(Job.status == JobStatus.RUNNING, Job.heartbeat_at < t - timedelta(seconds=stale_after)),
                     and_(
-                        Job.status == "queued",
+                        Job.status == JobStatus.QUEUED,
                         Job.cancel_requested.is_(False),
                         or_(Job.enqueued_at.is_(None), Job.enqueued_at < t - timedelta(seconds=queued_after)),
                     ),
@@ -216,10 +222,12 @@ def orphaned(session: Session, *, stale_after: float, queued_after: float) -> li
 def upsert_step(session: Session, job_id: str, position: int, record: dict[str, Any]) -> None:
     step = session.scalar(select(JobStep).where(JobStep.job_id == job_id, JobStep.name == record["name"]))
     if step is None:
-        step = JobStep(job_id=job_id, position=position, name=record["name"], status=record["status"])
+        step = JobStep(
+            job_id=job_id, position=position, name=record["name"], status=states.StepStatus(record["status"])
+        )
         session.add(step)
     started = record.get("started_at")
-    step.status = record["status"]
+    step.status = states.StepStatus(record["status"])  # the worker's record, as its pipeline moved it
     step.started_at = datetime.fromtimestamp(started, UTC) if started else None
     step.duration_s = record.get("duration_s")
     step.log = record.get("log") or ""
@@ -239,11 +247,11 @@ def upsert_candidate(
             target=cand["target"],
             precision=cand["precision"],
             variant=cand.get("variant"),
-            status=cand["status"],
+            status=states.CandidateStatus(cand["status"]),
         )
         session.add(row)
     validation = cand.get("validation")
-    row.status = cand["status"]
+    row.status = states.CandidateStatus(cand["status"])  # as the worker's compile step moved it
     row.passed = bool(cand["status"] == "built" and validation and validation.get("passed"))
     row.reason = cand.get("reason")
     row.model_file = cand.get("file")
@@ -287,7 +295,7 @@ WORKER_SEEN_S = 30.0
 def waiting_reason(session: Session, job: Job) -> str | None:
     """Why a queued job is not running: no worker for its queue is online (a GPU job on a
     machine without GPU workers, say). None when one is, or the job is not queued."""
-    if job.status != "queued":
+    if job.status != JobStatus.QUEUED:
         return None
     recent = session.scalars(
         select(WorkerRow).where(WorkerRow.last_seen > now() - timedelta(seconds=WORKER_SEEN_S))

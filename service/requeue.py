@@ -11,10 +11,11 @@ import time
 
 from sqlalchemy import select
 
-from service import jobs, queue, registry
+from service import jobs, queue, registry, states
 from service.artifacts import ArtifactStore
 from service.config import get_settings
 from service.db import session_scope
+from service.states import JobStatus
 from service.tables import Job, now
 
 logger = logging.getLogger("kiln.requeue")
@@ -26,21 +27,40 @@ def requeue_orphans() -> list[str]:
     sent: list[tuple[str, str]] = []
     with session_scope() as session:
         orphans = jobs.orphaned(session, stale_after=s.job_stale_after_s, queued_after=s.job_requeue_after_s)
-        running = session.scalars(select(Job).where(Job.status == "running")).all()
+        running = session.scalars(select(Job).where(Job.status == JobStatus.RUNNING)).all()
         orphans += [j for j in running if j not in orphans and dead_here(j.worker)]
         for job in orphans:
-            if job.status == "running":
+            if job.status == JobStatus.RUNNING:
+                # compare-and-set on the run token: a worker that finished or took the job
+                # meanwhile keeps it
+                same_run = [Job.run_token == job.run_token]
                 if job.attempts >= jobs.MAX_ATTEMPTS:
-                    job.status, job.finished_at = "failed", now()
-                    job.error = (
+                    error = (
                         f"the worker running this job died {job.attempts} times "
                         f"(last during step {job.current_step or 'start'}); not trying again"
                     )
-                    logger.warning("job %s: %s", job.id, job.error)
+                    if states.move_job(
+                        session,
+                        job.id,
+                        JobStatus.FAILED,
+                        expect=[JobStatus.RUNNING],
+                        where=same_run,
+                        values={"finished_at": now(), "error": error},
+                    ):
+                        logger.warning("job %s: %s", job.id, error)
+                    continue
+                if not states.move_job(
+                    session,
+                    job.id,
+                    JobStatus.QUEUED,
+                    expect=[JobStatus.RUNNING],
+                    where=same_run,
+                    values={"run_token": None, "enqueued_at": now()},
+                ):
                     continue
                 logger.warning("job %s: worker %s stopped answering; sending the job again", job.id, job.worker)
-                job.status, job.run_token = "queued", None
-            job.enqueued_at = now()
+            else:
+                job.enqueued_at = now()
             sent.append((job.id, job.queue))
     for job_id, queue_name in sent:
         try:

@@ -21,6 +21,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from service.states import JobStatus
+
 
 def now() -> datetime:
     return datetime.now(UTC)
@@ -71,7 +73,7 @@ class Job(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     owner: Mapped[str] = mapped_column(String(100), default="default")
     model_version_id: Mapped[str] = mapped_column(ForeignKey("model_versions.id"))
-    status: Mapped[str] = mapped_column(String(20), default="queued")  # queued running succeeded failed canceled
+    status: Mapped[str] = mapped_column(String(20), default=JobStatus.QUEUED)  # service/states.py moves it
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     current_step: Mapped[str | None] = mapped_column(String(40), nullable=True)
     options: Mapped[dict[str, Any]] = mapped_column(JSON)

@@ -13,13 +13,14 @@ from pydantic import BaseModel, Field
 from service.bundles import Bundle
 from service.options import ConversionOptions, Tolerance
 from service.signature import Signature
+from service.states import CandidateStatus, StepStatus
 
 STATE_FILE = "state.json"
 
 
 class StepRecord(BaseModel):
     name: str
-    status: str = "pending"  # pending | running | ok | failed | skipped
+    status: StepStatus = StepStatus.PENDING
     started_at: float | None = None
     duration_s: float | None = None
     log: str = ""
@@ -86,7 +87,7 @@ class Candidate(BaseModel):
     target: str
     precision: str
     variant: str | None = None
-    status: str = "pending"  # built | failed | unavailable
+    status: CandidateStatus = CandidateStatus.PENDING
     reason: str | None = None
     artifact_dir: str | None = None  # relative to the output directory
     file: str | None = None
@@ -103,7 +104,7 @@ class Candidate(BaseModel):
 
     @property
     def passed(self) -> bool:
-        return self.status == "built" and self.validation is not None and self.validation.passed
+        return self.status == CandidateStatus.BUILT and self.validation is not None and self.validation.passed
 
 
 class Selection(BaseModel):

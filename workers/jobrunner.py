@@ -14,15 +14,17 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy.orm import Session
 
-from service import jobs
+from service import jobs, states
 from service.artifacts import ArtifactStore, get_store
 from service.config import get_settings
 from service.db import retrying, session_scope
 from service.errors import KilnError
 from service.signature import Signature
+from service.states import JobStatus
 from service.tables import Job, now
 from workers import engine
 from workers.context import Context, StepRecord
@@ -167,8 +169,8 @@ def run_job(job_id: str) -> str:
     try:
         token, attempt, cancel_requested, bundle, options = retrying(take, what=f"claiming job {job_id}")
         if cancel_requested:
-            _finish(job_id, token, "canceled", "canceled before it started")
-            return "canceled"
+            _finish(job_id, token, JobStatus.CANCELED, "canceled before it started")
+            return JobStatus.CANCELED
     except jobs.ClaimRefused as exc:
         logger.info("not running job %s: %s", job_id, exc)
         return "skipped"
@@ -185,19 +187,19 @@ def run_job(job_id: str) -> str:
             if lease.lost:
                 logger.warning("job %s was taken over by another worker; stopping", job_id)
                 return "lost"
-            _finish(job_id, token, "canceled", "canceled while running")
-            return "canceled"
+            _finish(job_id, token, JobStatus.CANCELED, "canceled while running")
+            return JobStatus.CANCELED
         except KilnError as exc:
-            _finish(job_id, token, "failed", exc.detail)
-            return "failed"
+            _finish(job_id, token, JobStatus.FAILED, exc.detail)
+            return JobStatus.FAILED
         except Exception as exc:  # a bug fails the job, it never crashes the worker
             logger.exception("job %s failed", job_id)
-            _finish(job_id, token, "failed", f"internal error: {type(exc).__name__}: {exc}")
-            return "failed"
+            _finish(job_id, token, JobStatus.FAILED, f"internal error: {type(exc).__name__}: {exc}")
+            return JobStatus.FAILED
     from workers.report import build_report
 
     report = build_report(ctx)
-    status = "succeeded" if report["status"] == "succeeded" else "failed"
+    status = JobStatus.SUCCEEDED if report["status"] == JobStatus.SUCCEEDED else JobStatus.FAILED
     _finish(
         job_id,
         token,
@@ -256,9 +258,15 @@ def _record_end(
         job = s.get(Job, job_id)
         if job is None or job.run_token != token:
             return
-        job.status, job.error, job.finished_at = status, error, now()
-        job.progress = 1.0 if status == "succeeded" else job.progress
-        job.current_step = None
+        values: dict[str, Any] = {"error": error, "finished_at": now(), "current_step": None}
+        if status == JobStatus.SUCCEEDED:
+            values["progress"] = 1.0
+        # compare-and-set on this run's token: a job taken over by another worker is not ours to end
+        if not states.move_job(
+            s, job_id, JobStatus(status), expect=[JobStatus.RUNNING], where=[Job.run_token == token], values=values
+        ):
+            return
+        s.refresh(job)
         if report is not None:
             job.report = report
             for pos, c in enumerate(report.get("candidates", [])):

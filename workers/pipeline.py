@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from service.errors import KilnError
+from service.states import StepStatus, move_step
 from workers.context import Context, StepRecord
 
 logger = logging.getLogger("kiln.pipeline")
@@ -121,7 +122,7 @@ class Pipeline:
             if record is None:
                 record = StepRecord(name=step.name)
                 ctx.steps.append(record)
-            if record.status in ("ok", "skipped", "failed"):
+            if record.status in (StepStatus.OK, StepStatus.SKIPPED, StepStatus.FAILED):
                 continue
             if self.canceled():
                 raise Canceled("the conversion was canceled")
@@ -131,8 +132,9 @@ class Pipeline:
         return ctx
 
     def _run_step(self, ctx: Context, step: Step, record: StepRecord, index: int, total: int) -> None:
-        missing = [r for r in step.requires if (done := ctx.step(r)) is None or done.status != "ok"]
-        record.status, record.started_at, record.error = "running", time.time(), None
+        missing = [r for r in step.requires if (done := ctx.step(r)) is None or done.status != StepStatus.OK]
+        move_step(record, StepStatus.RUNNING)
+        record.started_at = time.time()
         self.events.step_started(ctx, record, index, total)
         log = StepLog(
             step.name,
@@ -145,19 +147,19 @@ class Pipeline:
             if missing:
                 raise SkipStep(f"needs {', '.join(missing)}, which did not succeed")
             record.outputs = step.run(ctx, log) or {}
-            record.status = "ok"
+            move_step(record, StepStatus.OK)
         except SkipStep as exc:
-            record.status, record.error = "skipped", str(exc)
+            move_step(record, StepStatus.SKIPPED, str(exc))
             if not missing:  # a step skipped after a failure adds nothing to the failure's own line
                 log.info(f"skipped: {exc}")
         except (Canceled, KeyboardInterrupt):
-            record.status, record.error = "failed", "canceled"
+            move_step(record, StepStatus.FAILED, "canceled")
             raise
         except KilnError as exc:
-            record.status, record.error = "failed", exc.detail
+            move_step(record, StepStatus.FAILED, exc.detail)
             log.info(f"failed: {exc.detail}")
         except Exception as exc:  # noqa: BLE001 - a bug in a step fails the step, never the worker
-            record.status, record.error = "failed", f"internal error: {type(exc).__name__}: {exc}"
+            move_step(record, StepStatus.FAILED, f"internal error: {type(exc).__name__}: {exc}")
             log.info(traceback.format_exc())
         finally:
             record.duration_s = time.perf_counter() - t0

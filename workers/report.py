@@ -9,6 +9,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from service.states import JobStatus
 from workers.benchmark import speedup_text
 from workers.context import Context
 
@@ -50,7 +51,7 @@ def environment() -> dict[str, Any]:
 
 def build_report(ctx: Context) -> dict[str, Any]:
     data = json.loads(ctx.model_dump_json())
-    status = "succeeded" if ctx.selection and ctx.selection.candidate else "failed"
+    status = JobStatus.SUCCEEDED if ctx.selection and ctx.selection.candidate else JobStatus.FAILED
     failed = next((s for s in ctx.steps if s.status == "failed"), None)
     return {"status": status, "error": failed.error if failed and status == "failed" else None, **data}
 

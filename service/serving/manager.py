@@ -25,6 +25,7 @@ from service.runtimes.base import Runtime
 from service.serving import protocol
 from service.serving.batcher import Batcher
 from service.signature import Signature, TensorSpec
+from service.states import DeploymentState, move_deployment
 from service.tables import Deployment
 
 logger = logging.getLogger("kiln.serving")
@@ -47,7 +48,7 @@ class Served:
     runtime: str
     signature: Signature
     options: dict[str, Any]
-    state: str = "loading"  # loading | ready | failed
+    state: DeploymentState = DeploymentState.LOADING
     error: str | None = None
     batching: bool = False
     batching_note: str = ""
@@ -208,7 +209,7 @@ class Manager:
         """Loaded what the database says, and every default version is ready."""
         with self.lock:
             return self.synced and all(
-                self.served.get(k, {}).get(v) is not None and self.served[k][v].state == "ready"
+                self.served.get(k, {}).get(v) is not None and self.served[k][v].state == DeploymentState.READY
                 for k, v in self.defaults.items()
             )
 
@@ -238,7 +239,7 @@ class Manager:
                 not replace
                 and old is not None
                 and old.options == opts
-                and not (old.state == "failed" and row["updated"] > old.updated)
+                and not (old.state == DeploymentState.FAILED and row["updated"] > old.updated)
             ):
                 return old
             self.served[(served.owner, served.name)][served.version] = served
@@ -274,7 +275,7 @@ class Manager:
                 batching=served.batching,
                 labels=(served.name, str(served.version)),
             )
-            served.state = "ready"
+            move_deployment(served, DeploymentState.READY)
             logger.info(
                 "deployment %s v%d ready (%s, batching %s: %s)",
                 served.name,
@@ -284,8 +285,9 @@ class Manager:
                 served.batching_note,
             )
         except Exception as exc:  # noqa: BLE001 - a load that fails is reported, never raised into serving
-            served.state, served.error = (
-                "failed",
+            move_deployment(
+                served,
+                DeploymentState.FAILED,
                 f"{type(exc).__name__}: {str(exc).splitlines()[0][:400] if str(exc) else ''}",
             )
             served.close()
@@ -310,7 +312,7 @@ class Manager:
             self.defaults[(owner, name)] = version
 
     def _count(self) -> None:
-        metrics.DEPLOYMENTS.set(sum(1 for s in self.all() if s.state == "ready"))
+        metrics.DEPLOYMENTS.set(sum(1 for s in self.all() if s.state == DeploymentState.READY))
 
     # --- keeping in step with the database ------------------------------------------------------
     def sync(self) -> None:
@@ -330,7 +332,7 @@ class Manager:
             if (
                 served is None
                 or served.options != {**DEFAULT_OPTIONS, **row["options"]}
-                or (served.state == "failed" and row["updated"] > served.updated)
+                or (served.state == DeploymentState.FAILED and row["updated"] > served.updated)
             ):
                 self.load(row, replace=False)
         # Loads can take seconds: the defaults come from a fresh read, not the one before them.
@@ -435,7 +437,7 @@ class SyncLoop:
 
 async def infer(served: Served, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Run a checked request through the deployment's batcher."""
-    if served.state != "ready" or served.batcher is None:
+    if served.state != DeploymentState.READY or served.batcher is None:
         raise Unavailable(
             f"model {served.name!r} version {served.version} is not ready"
             + (f": {served.error}" if served.error else "")

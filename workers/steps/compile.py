@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from service.errors import ConversionError, KilnError, RuntimeUnavailable
+from service.states import CandidateStatus, move_candidate
 from workers.compilers import COMPILERS, candidate_id
 from workers.compilers.gpu import resolve_devices
 from workers.context import Candidate, Context
@@ -87,23 +88,23 @@ def build_candidate(ctx: Context, cand: Candidate, log: StepLog) -> None:
     out_dir = ctx.out / cand.id
     if out_dir.exists():
         shutil.rmtree(out_dir)
-    cand.notes, cand.reason, cand.validation = [], None, None
+    cand.notes, cand.validation = [], None
+    move_candidate(cand, CandidateStatus.PENDING)  # a rebuild starts over
     t0 = time.perf_counter()
     try:
         with scratch(ctx.work / "scratch" / cand.id):
             COMPILERS[cand.target].build(ctx, cand, out_dir, log)
-        cand.status, cand.artifact_dir = "built", cand.id
+        move_candidate(cand, CandidateStatus.BUILT)
+        cand.artifact_dir = cand.id
         cand.size_bytes = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
     except RuntimeUnavailable as exc:
-        cand.status, cand.reason = "unavailable", exc.detail
+        move_candidate(cand, CandidateStatus.UNAVAILABLE, exc.detail)
     except KilnError as exc:
-        cand.status, cand.reason = "failed", exc.detail
+        move_candidate(cand, CandidateStatus.FAILED, exc.detail)
     except Exception as exc:  # noqa: BLE001 - one candidate's failure never stops the others
-        cand.status, cand.reason = (
-            "failed",
-            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}",
-        )
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        move_candidate(cand, CandidateStatus.FAILED, f"{type(exc).__name__}: {first}")
     cand.build_s = time.perf_counter() - t0
-    if cand.status != "built" and out_dir.exists():
+    if cand.status != CandidateStatus.BUILT and out_dir.exists():
         shutil.rmtree(out_dir)
     log.info(f"{cand.id}: {cand.status}{' - ' + cand.reason if cand.reason else ''} ({cand.build_s:.2f}s)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from service.states import StepStatus, move_step
 from workers import report
 from workers.context import Context
 from workers.pipeline import StepLog
@@ -19,7 +20,7 @@ class Report:
         # this step's own record is finished by the pipeline after run(); mark it now for the file
         rec = ctx.step(self.name)
         if rec:
-            rec.status = "ok"
+            move_step(rec, StepStatus.OK)
         data = report.write(ctx)
         log.info(f"wrote {ctx.out / REPORT_FILE}")
         return {"report": str(ctx.out / REPORT_FILE), "status": data["status"]}
