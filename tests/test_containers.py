@@ -112,11 +112,14 @@ def test_only_the_api_publishes_a_port():
     gpu_services = compose_config(*GPU_PROFILE)["services"]
     publishing = sorted(name for name, service in gpu_services.items() if service.get("ports"))
     assert publishing == ["api"]
-    (port,) = gpu_services["api"]["ports"]
-    if isinstance(port, dict):
-        assert (int(port["published"]), int(port["target"])) == (8000, 8000)
-    else:
-        assert str(port).endswith("8000:8000")
+    # HTTP, and the KServe v2 gRPC endpoint beside it
+    published = []
+    for port in gpu_services["api"]["ports"]:
+        if isinstance(port, dict):
+            published.append((int(port["published"]), int(port["target"])))
+        else:
+            published.append(tuple(int(p) for p in str(port).split(":")[-2:]))
+    assert sorted(published) == [(8000, 8000), (8001, 8001)]
 
 
 @pytest.mark.parametrize("name", KILN_SERVICES)
