@@ -263,3 +263,54 @@ class JobSummary(BaseModel):
             started_at=j.started_at,
             finished_at=j.finished_at,
         )
+
+
+# --- deployments ----------------------------------------------------------------------------
+
+
+class ServingOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_batch_size: int | None = Field(
+        None, ge=1, le=4096, description="rows joined per run (default: the batch dimension's max)"
+    )
+    max_queue_delay_ms: float | None = Field(
+        None,
+        ge=0,
+        le=10_000,
+        description="the longest a batch stays open for requests that arrive while the runtime is busy (default 0)",
+    )
+    instances: int | None = Field(None, ge=1, le=64, description="runtime instances run in parallel")
+    threads: int | None = Field(None, ge=1, le=256, description="threads per runtime instance")
+
+
+class DeploymentCreate(ServingOptions):
+    name: str = Field(min_length=1, max_length=128)
+    candidate: str | None = None
+    job: str | None = None
+    force: bool = Field(False, description="deploy a candidate that failed validation")
+
+
+class DeploymentPatch(ServingOptions):
+    default_version: int | None = Field(None, ge=1)
+
+
+class VersionOut(BaseModel):
+    version: int
+    candidate: str
+    candidate_name: str
+    runtime: str
+    options: dict[str, Any]
+    default: bool
+    forced: bool
+    state: str
+    error: str | None
+    batching: bool | None
+    batching_note: str | None
+    max_batch_size: int | None
+
+
+class DeploymentOut(BaseModel):
+    name: str
+    default_version: int | None
+    state: str
+    versions: list[VersionOut]

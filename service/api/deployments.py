@@ -2,65 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, Request, Response
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from service import deployments, notify
 from service.api.deps import Owner, SessionDep
 from service.api.models import check_name
 from service.errors import Conflict, InvalidOptions
+from service.schemas import DeploymentCreate, DeploymentOut, DeploymentPatch, VersionOut
 from service.serving.manager import Manager, kept, row_dict
 from service.tables import Deployment
 
 router = APIRouter(prefix="/v1/deployments", tags=["deployments"])
-
-
-class ServingOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    max_batch_size: int | None = Field(
-        None, ge=1, le=4096, description="rows joined per run (default: the batch dimension's max)"
-    )
-    max_queue_delay_ms: float | None = Field(
-        None, ge=0, le=10_000, description="how long to wait for more requests to batch (default 0)"
-    )
-    instances: int | None = Field(None, ge=1, le=64, description="runtime instances run in parallel")
-    threads: int | None = Field(None, ge=1, le=256, description="threads per runtime instance")
-
-
-class DeploymentCreate(ServingOptions):
-    name: str = Field(min_length=1, max_length=128)
-    candidate: str | None = None
-    job: str | None = None
-    force: bool = Field(False, description="deploy a candidate that failed validation")
-
-
-class DeploymentPatch(ServingOptions):
-    default_version: int | None = Field(None, ge=1)
-
-
-class VersionOut(BaseModel):
-    version: int
-    candidate: str
-    candidate_name: str
-    runtime: str
-    options: dict[str, Any]
-    default: bool
-    forced: bool
-    state: str
-    error: str | None
-    batching: bool | None
-    batching_note: str | None
-    max_batch_size: int | None
-
-
-class DeploymentOut(BaseModel):
-    name: str
-    default_version: int | None
-    state: str
-    versions: list[VersionOut]
 
 
 def _manager(request: Request) -> Manager:
