@@ -128,10 +128,13 @@ def interleaved(
         order = names[r % len(names) :] + names[: r % len(names)]
         for n in order:
             fn, times = contenders[n], []
+            block_end = time.perf_counter() + 2 * block_s  # a contender that slowed down keeps its turn short
             for _ in range(per_block[n]):
                 t0 = time.perf_counter()
                 fn()
                 times.append(time.perf_counter() - t0)
+                if t0 + times[-1] > block_end:
+                    break
             out[n].calls += times
             out[n].rounds.append(float(np.median(times)))
             if pause_s:

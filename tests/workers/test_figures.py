@@ -79,7 +79,7 @@ class Jittery(torch.nn.Module):
     def forward(self, x):
         if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
             return self.fc(x)
-        # eager only: half the calls stall, as a model on a busy machine does
+        # eager only: half the calls stall, as on a machine whose load comes and goes
         if random.random() < 0.5:
             time.sleep(0.02)
         return self.fc(x)
