@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from service import boundary, errors
+from service.runtimes import INSIDE_BOX
 
 # The smallest memory limit accepted: ``import torch`` plus a forward pass of a small model.
 MIN_MEMORY_BYTES = 1 << 30
@@ -115,6 +116,7 @@ def run_op(
     _give_to_sandbox(workdir)
     env = boundary.python_env(home=str(workdir))
     env["TMPDIR"] = str(workdir / "tmp")
+    env[INSIDE_BOX] = "1"  # code-bearing artifacts may then load in-process (service.runtimes.load)
     if limits.threads is not None:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(limits.threads)
     box = boundary.Box(

@@ -4,6 +4,7 @@ imported until an artifact is loaded."""
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 from service.errors import RuntimeUnavailable
@@ -13,6 +14,8 @@ from service.runtimes.tensorrt import TensorRTRuntime
 from service.runtimes.torchscript import TorchScriptRuntime
 
 _REGISTRY: dict[str, type[Runtime]] = {}
+# Set in the environment of the sandbox's processes (workers/sandbox.py): the boundary is around them.
+INSIDE_BOX = "KILN_INSIDE_BOX"
 
 
 def register(cls: type[Runtime]) -> type[Runtime]:
@@ -43,6 +46,10 @@ def load(
     `isolated` is False: only for a caller that is itself inside the boundary (a sandbox op)."""
     info = ArtifactInfo.load(Path(directory))
     cls = get(info.runtime)
+    if cls.runs_code and not isolated and os.environ.get(INSIDE_BOX) != "1":
+        raise RuntimeUnavailable(
+            f"a {info.runtime} artifact runs code: it is loaded in-process only inside the isolation boundary"
+        )
     if cls.runs_code and isolated:
         from service.runner import IsolatedRuntime
 

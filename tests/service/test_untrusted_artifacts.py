@@ -307,3 +307,17 @@ def test_onnx_sparse_attribute_tensors_with_external_data_are_refused(tmp_path):
     path.write_bytes(helper.make_model(graph).SerializeToString())
     with pytest.raises(InvalidBundle, match="another file"):
         check_onnx(path)
+
+
+def test_code_bearing_artifacts_load_in_process_only_inside_the_box(tmp_path, monkeypatch):
+    """The in-process load that the sandboxed benchmark uses is refused anywhere else (the worker,
+    the API), before the file is opened: a TorchScript artifact there goes through the runner."""
+    from service import runtimes
+    from service.errors import RuntimeUnavailable
+    from service.runtimes.base import ArtifactInfo
+
+    (tmp_path / "model.pt").write_bytes(b"not even read")
+    ArtifactInfo(runtime="torchscript", file="model.pt").save(tmp_path)
+    monkeypatch.delenv(runtimes.INSIDE_BOX, raising=False)
+    with pytest.raises(RuntimeUnavailable, match="only inside the isolation boundary"):
+        runtimes.load(tmp_path, isolated=False)

@@ -79,9 +79,8 @@ class Jittery(torch.nn.Module):
     def forward(self, x):
         if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
             return self.fc(x)
-        # eager only: half the calls stall, as on a machine whose load comes and goes
-        if random.random() < 0.5:
-            time.sleep(0.02)
+        # eager only: every call stalls a random 0-40 ms, as on a machine whose load comes and goes
+        time.sleep(random.uniform(0.0, 0.04))
         return self.fc(x)
 
 def build_model():
