@@ -183,6 +183,9 @@ class Manager:
         self.store = store
         self.served: dict[tuple[str, str], dict[int, Served]] = {}
         self.defaults: dict[tuple[str, str], int] = {}
+        # when this process last set each default itself: a sync that read the database before that
+        # must not put the older default back
+        self._default_set_at: dict[tuple[str, str], float] = {}
         self.lock = threading.RLock()
         self.synced = False
 
@@ -310,6 +313,7 @@ class Manager:
     def set_default(self, owner: str, name: str, version: int) -> None:
         with self.lock:
             self.defaults[(owner, name)] = version
+            self._default_set_at[(owner, name)] = time.monotonic()
 
     def _count(self) -> None:
         metrics.DEPLOYMENTS.set(sum(1 for s in self.all() if s.state == DeploymentState.READY))
@@ -336,9 +340,14 @@ class Manager:
             ):
                 self.load(row, replace=False)
         # Loads can take seconds: the defaults come from a fresh read, not the one before them.
+        read_at = time.monotonic()
         fresh = desired_rows()
         with self.lock:
-            self.defaults = {(r["owner"], r["name"]): r["version"] for r in fresh if r["is_default"]}
+            defaults = {(r["owner"], r["name"]): r["version"] for r in fresh if r["is_default"]}
+            for name_key, at in self._default_set_at.items():
+                if at >= read_at and name_key in self.defaults:  # set by a request after this read
+                    defaults[name_key] = self.defaults[name_key]
+            self.defaults = defaults
         self.synced = True
 
     def close(self) -> None:
