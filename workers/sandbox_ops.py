@@ -309,6 +309,19 @@ def _check(torch: Any, module: Any, signature: Signature, samples: list, refs: l
     return {"agrees": not bad, "max_abs": worst if np.isfinite(worst) else None, "disagreeing_samples": bad}
 
 
+def example_index(signature: Signature, samples: list[dict[str, np.ndarray]], labels: list[str]) -> int:
+    """The sample to capture from: the opt sizes, unless a dynamic dimension is 1 there and another
+    sample has it larger. torch.export specializes a dimension it sees at size 0 or 1 (batch [1, 1, 8]
+    failed with "Constraints violated (batch)"), and a trace at size 1 can fold it into a reshape."""
+    dynamic = [(s.name, i) for s in signature.inputs for i, d in enumerate(s.shape or []) if isinstance(d, str)]
+
+    def smallest(sample: dict[str, np.ndarray]) -> int:
+        return min((int(sample[name].shape[i]) for name, i in dynamic), default=2)
+
+    order = [labels.index(label) for label in ("opt", "max") if label in labels] + list(range(len(samples)))
+    return next((i for i in order if smallest(samples[i]) >= 2), order[0])
+
+
 def export_dynamic_shapes(torch: Any, signature: Signature) -> dict[str, dict[int, Any]]:
     dims = {name: torch.export.Dim(name, min=r.min, max=r.max) for name, r in signature.dims.items()}
     return {s.name: {i: dims[d] for i, d in enumerate(s.shape or []) if isinstance(d, str)} for s in signature.inputs}
@@ -321,7 +334,7 @@ def capture(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
     signature = Signature.parse(args["signature"])
     samples, refs = _load_reference(args, signature)
     labels = args["sample_labels"]
-    example = samples[labels.index("opt")] if "opt" in labels else samples[0]
+    example = samples[example_index(signature, samples, labels)]
     out = Path(args["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
     model = build_eager(args["bundle"])
