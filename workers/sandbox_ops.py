@@ -668,6 +668,8 @@ def benchmark(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
                     calls[name] = call
                 except Exception as exc:  # noqa: BLE001 - e.g. a batch size an artifact froze
                     errors[name] = describe(exc)
+            if not calls:  # every contender failed (each has its reason in `errors`): nothing to time
+                continue
             pairs = [(b, o) for b, o in args.get("pairs") or [] if b in calls and o in calls]
             timed = interleaved(calls, batch=int(batch), budget_s=float(args["budget_s"]), pairs=pairs)
             for name, t in timed.items():
