@@ -16,6 +16,7 @@ operation sets only, the only thing the runtime will ever load.
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 from pathlib import Path
 
@@ -43,6 +44,9 @@ class OpenVinoCompiler:
         if not ctx.onnx_file:
             raise ConversionError("no ONNX model to convert: the export step did not succeed")
         p = candidate.precision
+        for library in ("openvino", "nncf") if p == "int8" else ("openvino",):
+            if importlib.util.find_spec(library) is None:
+                raise RuntimeUnavailable(f"{library} is not installed on this worker")
         if p in ("bf16", "fp16"):
             have = cpu_precisions()
             if INFERENCE_PRECISIONS[p] not in have:
