@@ -26,7 +26,7 @@ CNN_SIGNATURE = zoo_signature("cnn", "SMALL_SIGNATURE")
 
 @pytest.fixture(scope="module")
 def cnn_job(tmp_path_factory):
-    """One conversion of the small zoo CNN to ONNX Runtime and OpenVINO, fp32 and int8."""
+    """One conversion of the small zoo CNN to ONNX Runtime and OpenVINO, fp32, int8 and bf16."""
     tmp = tmp_path_factory.mktemp("openvino")
     ctx = engine.convert(
         zoo_bundle(tmp, "cnn"),
@@ -35,7 +35,7 @@ def cnn_job(tmp_path_factory):
         signature=CNN_SIGNATURE,
         options={
             "targets": ["onnxruntime", "openvino"],
-            "precisions": ["fp32", "int8"],
+            "precisions": ["fp32", "int8", "bf16"],
             "threads": 1,
             "bench_seconds": 0.2,
             "batch_sizes": [1, 4],
@@ -87,6 +87,21 @@ def test_fp32_and_int8_candidates_are_built_validated_and_benchmarked(cnn_job):
     )
     # fp32 weights are kept fp32 (openvino.save_model compresses to fp16 unless told not to)
     assert 'element_type="f16"' not in (out / "openvino-fp32" / "model.xml").read_text()
+
+
+def test_bf16_where_the_cpu_plugin_computes_in_it(cnn_job):
+    from service.runtimes.openvino import cpu_precisions
+
+    ctx, out = cnn_job
+    cand = next(c for c in ctx.candidates if c.id == "openvino-bf16")
+    if "bf16" in cpu_precisions():
+        assert cand.passed, (cand.status, cand.reason, cand.validation)
+        info = ArtifactInfo.load(out / "openvino-bf16")
+        assert (info.precision, info.extra["inference_precision"]) == ("bf16", "bf16")
+        # the IR is the fp32 one; the plugin computes in bf16
+        assert 'element_type="bf16"' not in (out / "openvino-bf16" / "model.xml").read_text()
+    else:
+        assert cand.status == "unavailable" and "bf16" in cand.reason
 
 
 @pytest.mark.parametrize("cid", ["openvino-fp32", "openvino-int8"])
