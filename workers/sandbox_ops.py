@@ -742,3 +742,39 @@ def _eager_call(
         return call
 
     return make
+
+
+# --- OpenVINO IR (the openvino target; workers/compilers/openvino.py says why it runs here) ------
+
+
+@op("build_openvino")
+def build_openvino(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    """Convert the ONNX export to OpenVINO IR; for int8, quantize it with NNCF's post-training
+    quantization calibrated on the samples at `calibration` (indices into the samples file). Weights
+    stay as computed (no fp16 compression of an fp32 IR)."""
+    import openvino as ov
+
+    out = Path(args["out_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    model = ov.convert_model(args["onnx_file"])
+    result: dict[str, Any] = {"openvino": ov.get_version()}
+    if args["precision"] == "int8":
+        import nncf
+        from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
+
+        samples = sample_io.load(Path(args["samples_file"]))
+        calibration = [samples[int(i)] for i in args["calibration"]] or samples
+        names = {p.get_any_name() for p in model.inputs}
+        model = nncf.quantize(
+            model,
+            nncf.Dataset(calibration, lambda s: {k: v for k, v in s.items() if k in names}),
+            preset=nncf.QuantizationPreset.MIXED,
+            subset_size=len(calibration),
+            # 7-bit weights everywhere: x86 CPUs without VNNI saturate 16-bit sums of full-range
+            # u8 x s8 products (the same reason the onnxruntime target's int8 uses reduce_range), and
+            # an artifact may be served on such a host even when it was built on one with VNNI
+            advanced_parameters=AdvancedQuantizationParameters(overflow_fix=OverflowFix.ENABLE),
+        )
+        result.update(nncf=nncf.__version__, calibrated=len(calibration))
+    ov.save_model(model, str(out / "model.xml"), compress_to_fp16=False)
+    return {**result, "model.xml": str(out / "model.xml"), "model.bin": str(out / "model.bin")}

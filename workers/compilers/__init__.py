@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Protocol
 
 from workers.compilers.onnxruntime import OnnxRuntimeCompiler
+from workers.compilers.openvino import OpenVinoCompiler
 from workers.compilers.tensorrt import TensorRTCompiler
 from workers.compilers.torchscript import TorchScriptCompiler
 from workers.context import Candidate, Context
@@ -32,7 +33,7 @@ class Compiler(Protocol):
 
 
 COMPILERS: dict[str, Compiler] = {
-    c.target: c for c in (OnnxRuntimeCompiler(), TorchScriptCompiler(), TensorRTCompiler())
+    c.target: c for c in (OnnxRuntimeCompiler(), TorchScriptCompiler(), TensorRTCompiler(), OpenVinoCompiler())
 }
 
 

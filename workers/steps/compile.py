@@ -43,7 +43,7 @@ class Compile:
         if not plan:
             raise ConversionError(
                 f"nothing to build: {', '.join(absent)} cannot be built on {', '.join(devices)} "
-                "(TorchScript builds fp32, bf16 and fp16; the onnxruntime target builds int8)"
+                "(TorchScript builds fp32, bf16 and fp16; the onnxruntime and openvino targets build int8)"
             )
         ctx.candidates = []
         for i, (target, precision, variant) in enumerate(plan):
