@@ -298,7 +298,9 @@ def _manifest_name(root: Path) -> str:
 def _resolve(root: Path, rel: Any, what: str) -> Path | None:
     if rel is None:
         return None
-    path = (root / str(rel)).resolve()
+    if not isinstance(rel, str):
+        raise InvalidBundle(f"{what} in the manifest must be a file name, not a {type(rel).__name__}")
+    path = (root / rel).resolve()
     if not path.is_relative_to(root.resolve()) or not path.is_file():
         raise InvalidBundle(f"{what} file {rel!r} named in the manifest is not in the bundle")
     return path

@@ -12,7 +12,9 @@ import importlib.metadata
 import shlex
 from typing import Any
 
+from packaging.markers import UndefinedComparison, UndefinedEnvironmentName
 from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
 from service.errors import InvalidBundle
@@ -34,14 +36,18 @@ def parse(value: Any, *, source: str = "kiln.yaml") -> list[str]:
     parsed = []
     for item in value:
         if not isinstance(item, str):
-            raise InvalidBundle(
-                f"{source}: requirement {str(item)[:100]!r} is not a string like 'timm>=0.9' ({type(item).__name__})"
-            )
+            # only its type: the str() of a nested value can be as large as the YAML describes
+            raise InvalidBundle(f"{source}: a requirement is a {type(item).__name__}, not a string like 'timm>=0.9'")
         try:
-            Requirement(item)
+            _applies(Requirement(item))
         except InvalidRequirement as exc:
             why = str(exc).splitlines()[0] if str(exc) else "it does not parse"
             raise InvalidBundle(f"{source}: requirement {item[:200]!r} is not a PEP 508 requirement: {why}") from None
+        except (UndefinedComparison, UndefinedEnvironmentName, InvalidVersion) as exc:
+            why = f"{exc} is not a marker variable" if isinstance(exc, UndefinedEnvironmentName) else str(exc)
+            raise InvalidBundle(
+                f"{source}: requirement {item[:200]!r} has a marker that cannot be evaluated: {why[:200]}"
+            ) from None
         parsed.append(item.strip())
     return parsed
 
@@ -52,7 +58,7 @@ def unmet(requirements: list[str], *, where: str = "this server") -> list[str]:
     problems = []
     for text in requirements:
         req = Requirement(text)
-        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+        if not _applies(req):
             continue
         wanted = req.name + (f"[{','.join(sorted(req.extras))}]" if req.extras else "") + str(req.specifier)
         try:
@@ -62,6 +68,48 @@ def unmet(requirements: list[str], *, where: str = "this server") -> list[str]:
             continue
         if not _satisfies(req, installed):
             problems.append(f"bundle requires {wanted}: {where} has {installed}")
+            continue
+        problems += [f"bundle requires {wanted}: {p}" for p in _unmet_extras(req, installed, where)]
+    return problems
+
+
+def _applies(req: Requirement, extra: str = "") -> bool:
+    """Whether the requirement's marker holds here (for `extra`); raises what packaging raises for a
+    marker that cannot be evaluated (parse() turns that into a one-line refusal)."""
+    return req.marker is None or bool(req.marker.evaluate({"extra": extra}))
+
+
+def _unmet_extras(req: Requirement, installed: str, where: str) -> list[str]:
+    """What the extras of an installed distribution (`pydantic[email]`) need that is not here."""
+    if not req.extras:
+        return []
+    meta = importlib.metadata.metadata(req.name)
+    declared = {canonicalize_name(e) for e in meta.get_all("Provides-Extra") or []}
+    deps = []
+    for text in importlib.metadata.requires(req.name) or []:
+        try:
+            deps.append(Requirement(text))
+        except InvalidRequirement:
+            continue
+    problems = []
+    for extra in sorted(req.extras):
+        if canonicalize_name(extra) not in declared:
+            problems.append(f"{req.name} {installed} on {where} has no extra {extra!r}")
+            continue
+        for dep in deps:
+            try:
+                needed = dep.marker is not None and _applies(dep, extra) and not _applies(dep)
+            except (UndefinedComparison, UndefinedEnvironmentName, InvalidVersion):
+                needed = False
+            if not needed:
+                continue
+            try:
+                have = importlib.metadata.version(dep.name)
+            except importlib.metadata.PackageNotFoundError:
+                problems.append(f"its extra {extra!r} needs {dep.name}{dep.specifier}, not installed on {where}")
+                continue
+            if not _satisfies(dep, have):
+                problems.append(f"its extra {extra!r} needs {dep.name}{dep.specifier}; {where} has {have}")
     return problems
 
 

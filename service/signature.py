@@ -272,6 +272,20 @@ class Signature(BaseModel):
         return cls.parse(data.get("signature", data))
 
 
+def _no_alias_loader(yaml: Any) -> Any:
+    """YAML's safe loader, refusing aliases (`*name`): ten nested aliases of ten items each describe
+    10**10 values in a few hundred bytes, which every later walk over the document would expand."""
+
+    class NoAliases(yaml.SafeLoader):
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.events.AliasEvent):
+                mark = self.peek_event().start_mark
+                raise yaml.composer.ComposerError(None, None, "aliases (*name) are not accepted", mark)
+            return super().compose_node(parent, index)
+
+    return NoAliases
+
+
 def load_mapping(text: str, *, source: str) -> dict[str, Any]:
     """Parse JSON or YAML text into a dict, or InvalidSignature saying where it broke."""
     try:
@@ -280,7 +294,7 @@ def load_mapping(text: str, *, source: str) -> dict[str, Any]:
         import yaml
 
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_no_alias_loader(yaml))
         except yaml.YAMLError as exc:
             raise InvalidSignature(f"{source} is neither JSON nor YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):

@@ -484,7 +484,7 @@ def export_onnx(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
     signature = Signature.parse(args["signature"])
     samples, refs = _load_reference(args, signature)
     labels = args["sample_labels"]
-    example = _tensors(torch, signature, samples[labels.index("opt")] if "opt" in labels else samples[0])
+    example = _tensors(torch, signature, samples[example_index(signature, samples, labels)])
     out = Path(args["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
     in_names = [s.name for s in signature.inputs]

@@ -38,6 +38,27 @@ OV_DTYPES = {
 }
 
 
+IR_VERSIONS = ("10", "11")
+
+
+def error_line(exc: BaseException) -> str:
+    """The line of an OpenVINO error that says what went wrong: its messages start with where in
+    OpenVINO's source it was raised (`Exception from src/inference/src/cpp/core.cpp:84:`)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    telling = [line for line in lines if not line.startswith(("Exception from", "Check '"))]
+    return (telling[-1] if telling else lines[-1] if lines else type(exc).__name__)[:300]
+
+
+def read_ir(xml: Path) -> Any:
+    """The IR as an OpenVINO model, read by the IR frontend only (never another frontend's parser)."""
+    from openvino.frontend import FrontEndManager
+
+    frontend = FrontEndManager().load_by_framework("ir")
+    if not frontend.supported(str(xml)):
+        raise InvalidBundle(f"{xml.name} is not an IR that OpenVINO's IR reader takes")
+    return frontend.convert(frontend.load(str(xml)))
+
+
 def check_ir(xml: Path, *, error: type[KilnError] = InvalidBundle) -> Counter[str]:
     """Refuse an IR that is not a plain graph of OpenVINO's standard operation sets (an operation of an
     extension would need a library loaded to run) or whose weights are not beside it; return how many of
@@ -50,6 +71,11 @@ def check_ir(xml: Path, *, error: type[KilnError] = InvalidBundle) -> Counter[st
         raise error(f"{xml.name} is not an OpenVINO IR: {exc}") from None
     if root.tag != "net":
         raise error(f"{xml.name} is not an OpenVINO IR (its root is <{root.tag}>)")
+    if root.get("version") not in IR_VERSIONS:
+        # OpenVINO offers a file its IR reader declines to every other frontend (ONNX, TF, Paddle...)
+        raise error(
+            f"{xml.name} is IR version {str(root.get('version'))[:20]!r}; versions {', '.join(IR_VERSIONS)} load"
+        )
     if not xml.with_suffix(".bin").is_file():
         raise error(f"{xml.name} has no {xml.with_suffix('.bin').name} beside it")
     ops: Counter[str] = Counter()
@@ -100,7 +126,7 @@ class OpenVinoRuntime(Runtime):
         if hint != "f32" and hint not in cpu_precisions():
             raise RuntimeUnavailable(f"OpenVINO's CPU plugin does not compute in {hint} on this CPU")
         try:
-            model = core.read_model(str(self.path), str(self.path.with_suffix(".bin")))
+            model = read_ir(self.path)
             config: dict[str, Any] = {
                 "PERFORMANCE_HINT": "LATENCY",
                 # explicit: on CPUs with bf16 the plugin's default is bf16, not what fp32 validated
@@ -110,7 +136,7 @@ class OpenVinoRuntime(Runtime):
                 config["INFERENCE_NUM_THREADS"] = int(threads)
             self.compiled = core.compile_model(model, "CPU", config)
         except RuntimeError as exc:
-            raise InvalidBundle(f"OpenVINO could not load {self.path.name}: {str(exc).strip()[:300]}") from None
+            raise InvalidBundle(f"OpenVINO could not load {self.path.name}: {error_line(exc)}") from None
         self.request = self.compiled.create_infer_request()
         # one infer request, so one run at a time (ONNX Runtime's session.run may be called concurrently)
         self._lock = threading.Lock()
@@ -127,7 +153,10 @@ class OpenVinoRuntime(Runtime):
         feed = {name: np.ascontiguousarray(value) for name, value in inputs.items()}
         with self._lock:
             # share_outputs=False (the default) copies the outputs out of the request's buffers
-            result = self.request.infer(feed, share_inputs=True)
+            try:
+                result = self.request.infer(feed, share_inputs=True)
+            except RuntimeError as exc:
+                raise RuntimeError(error_line(exc)) from None
             values = {name: result[port] for name, port, _ in self._ports}
         out: dict[str, np.ndarray] = {}
         for name, _, dtype in self._ports:

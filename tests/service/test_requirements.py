@@ -202,3 +202,34 @@ def test_requirements_are_parsed_with_the_bundle(tmp_path):
         with pytest.raises(InvalidBundle, match=says) as err:
             prepare_bundle(folder, tmp_path / "bad-root")
         assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("kiln_env", ["sqlite"], indirect=True)
+def test_markers_that_cannot_be_evaluated_and_unmet_extras_are_refused_in_one_line(api):
+    """Found by review: these markers made packaging raise past the check (a 500), and extras were never
+    checked at all (pydantic[email] passed without email-validator installed)."""
+    assert_refused(upload(api, "approx", ['numpy; python_version ~= "3"']), "marker that cannot be evaluated")
+    assert_refused(upload(api, "extras", ['numpy; "x" in extras']), "'extras' is not a marker variable")
+    assert_refused(upload(api, "noextra", ["pydantic[kiln-no-such-extra]"]), "has no extra 'kiln-no-such-extra'")
+    assert_refused(upload(api, "email", ["pydantic[email]"]), "its extra 'email' needs email-validator")
+    assert api.get("/v1/models").json()["total"] == 0
+
+
+@pytest.mark.parametrize("kiln_env", ["sqlite"], indirect=True)
+def test_a_manifest_of_nested_yaml_aliases_is_refused_at_once(api):
+    """Eight aliases of ten items each describe 10**9 requirements in a few hundred bytes; building the
+    refusal's message expanded them (minutes of CPU and gigabytes in the API). Aliases are refused."""
+    import time
+
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    text = "entry: model.py:build_model\n" + "\n".join(levels) + "\nrequirements: [*a8]\n"
+    assert len(text) < 1000
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("model.py", MODEL)
+        zf.writestr("kiln.yaml", text)
+    t0 = time.monotonic()
+    r = api.post("/v1/models", data={"name": "bomb"}, files={"file": ("bomb.zip", buf.getvalue())})
+    assert time.monotonic() - t0 < 10
+    assert_refused(r, "aliases (*name) are not accepted")

@@ -140,6 +140,25 @@ def test_runtime_refuses_an_ir_with_an_extension_operation(cnn_job, tmp_path):
         runtimes.load(tmp_path / "ir")
 
 
+def test_runtime_reads_only_an_ir_never_another_frontends_format(cnn_job, tmp_path):
+    """Found by review: an IR whose <net version> the IR reader declines was offered by OpenVINO to
+    every other frontend (ONNX, TensorFlow, Paddle...) in the API process. Such a file is refused, and a
+    broken weights file gives OpenVINO's reason, not the line of its source it was raised at."""
+    _, out = cnn_job
+    shutil.copytree(out / "openvino-fp32", tmp_path / "ir")
+    xml = tmp_path / "ir" / "model.xml"
+    text = xml.read_text()
+    xml.write_text(text.replace("<net name=", '<net version="12" name=', 1).replace('version="11"', "", 1))
+    assert '<net version="12"' in xml.read_text()
+    with pytest.raises(InvalidBundle, match="IR version '12'; versions 10, 11 load"):
+        runtimes.load(tmp_path / "ir")
+    xml.write_text(text)
+    (tmp_path / "ir" / "model.bin").write_bytes(b"\0" * 16)
+    with pytest.raises(InvalidBundle) as info:
+        runtimes.load(tmp_path / "ir")
+    assert "Exception from" not in str(info.value) and "\n" not in str(info.value), info.value
+
+
 def test_served_over_v2_like_an_onnx_artifact(tmp_path_factory):
     from tests.service.conftest import clear_caches
     from tests.service.test_serving import Server, convert

@@ -16,6 +16,7 @@ operation sets only, the only thing the runtime will ever load.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import shutil
 from pathlib import Path
@@ -68,6 +69,11 @@ class OpenVinoCompiler:
             },
             log,
         )
+        # what the worker records comes from the worker, not from the box's answer (as untrusted as the model)
+        calibrated = len(calibration) or len(ctx.sample_labels)
+        versions = {
+            lib: importlib.metadata.version(lib) for lib in ("openvino", "nncf") if importlib.util.find_spec(lib)
+        }
         out_dir.mkdir(parents=True, exist_ok=True)
         for name in ("model.xml", "model.bin"):
             shutil.move(produced(ctx, built[name]), out_dir / name)
@@ -80,7 +86,7 @@ class OpenVinoCompiler:
         if p == "int8":
             candidate.notes.append(
                 f"NNCF post-training quantization (mixed preset: symmetric int8 weights, asymmetric "
-                f"activations), calibrated on {built['calibrated']} sample(s); "
+                f"activations), calibrated on {calibrated} sample(s); "
                 f"{ops['FakeQuantize']} quantize node(s)"
             )
         elif p != "fp32":
@@ -98,8 +104,8 @@ class OpenVinoCompiler:
             device="cpu",
             extra={
                 "inference_precision": INFERENCE_PRECISIONS.get(p, "f32"),
-                "openvino": built["openvino"],
-                **({"nncf": built["nncf"], "calibration_samples": built["calibrated"]} if p == "int8" else {}),
+                "openvino": versions.get("openvino"),
+                **({"nncf": versions.get("nncf"), "calibration_samples": calibrated} if p == "int8" else {}),
                 "exporter": ctx.onnx_exporter,
             },
         ).save(out_dir)
