@@ -8,6 +8,7 @@ from typing import Protocol
 
 from workers.compilers.onnxruntime import OnnxRuntimeCompiler
 from workers.compilers.tensorrt import TensorRTCompiler
+from workers.compilers.torch_export import AOTInductorCompiler, TorchExportCompiler
 from workers.compilers.torchscript import TorchScriptCompiler
 from workers.context import Candidate, Context
 from workers.pipeline import StepLog
@@ -32,7 +33,14 @@ class Compiler(Protocol):
 
 
 COMPILERS: dict[str, Compiler] = {
-    c.target: c for c in (OnnxRuntimeCompiler(), TorchScriptCompiler(), TensorRTCompiler())
+    c.target: c
+    for c in (
+        OnnxRuntimeCompiler(),
+        TorchScriptCompiler(),
+        TensorRTCompiler(),
+        TorchExportCompiler(),
+        AOTInductorCompiler(),
+    )
 }
 
 
