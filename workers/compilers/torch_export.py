@@ -12,13 +12,15 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from service.errors import ConversionError, InvalidOptions
+from service.errors import ConversionError, InvalidOptions, RuntimeUnavailable
 from service.runtimes.base import ArtifactInfo
 from workers.context import Candidate, Context
 from workers.pipeline import StepLog
 from workers.sandboxed import produced, sandbox_dir, sandboxed
 
 ARTIFACT_FILE = "model.pt2"
+# where programs are found in the box (service/boundary.py gives its processes this PATH)
+BOX_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 
 def export_capture_file(ctx: Context) -> str:
@@ -100,6 +102,15 @@ class AOTInductorCompiler(_Pt2Compiler):
     target = runtime = "aotinductor"
     aotinductor = True
     what = "an AOTInductor package"
+
+    def build(self, ctx: Context, candidate: Candidate, out_dir: Path, log: StepLog) -> None:
+        # The box sees the host's /usr and searches it like this: a worker without a C++ compiler
+        # (the slim CPU image) cannot build packages, and says so rather than failing in Inductor.
+        if shutil.which("g++", path=BOX_PATH) is None:
+            raise RuntimeUnavailable(
+                "AOTInductor compiles C++ and this worker has no g++ (Debian/Ubuntu: apt-get install g++)"
+            )
+        super().build(ctx, candidate, out_dir, log)
 
     def stale(self, ctx: Context, candidate: Candidate) -> str | None:
         """A package holds machine code for the CPU and torch it was built with: after a resume on a
