@@ -40,4 +40,11 @@ class AOTInductorRuntime(TorchScriptRuntime):
     def load_module(self) -> Any:
         import torch._inductor
 
-        return torch._inductor.aoti_load_package(str(self.path))
+        package = torch._inductor.aoti_load_package(str(self.path))
+        loader = getattr(package, "loader", None)
+        if loader is None:
+            return package
+        # The package's own __call__ flattens its arguments and unflattens its results with pytree on
+        # every call: 20-30 us, a third of the MLP's time at batch 1. Kiln's programs take and return
+        # flat tensors in the signature's order, which is what its loader runs.
+        return lambda *args: loader.run(list(args))
