@@ -17,6 +17,7 @@ from typing import Any
 from service.errors import InvalidBundle
 from service.onnx_policy import check_onnx
 from service.pysource import check_python_bundle
+from service.requirements import parse as parse_requirements
 from service.signature import Signature, load_mapping
 
 # Kinds of bundle: Python source to build, or an already captured graph.
@@ -48,6 +49,7 @@ class Bundle:
     samples: Path | None = None
     signature: Signature | None = None
     manifest: dict[str, Any] = field(default_factory=dict)
+    requirements: list[str] = field(default_factory=list)  # PEP 508 strings (service/requirements.py)
 
     def describe(self) -> dict[str, Any]:
         rel = lambda p: str(p.relative_to(self.root)) if p else None  # noqa: E731 - a one-line helper local to this function
@@ -223,6 +225,7 @@ def prepare_bundle(
             check_onnx_upload(model_file)
 
     manifest = _read_manifest(root)
+    requirements = parse_requirements(manifest.get("requirements"), source=_manifest_name(root))
     entry = entry or manifest.get("entry")
     weights_path = _resolve(root, manifest.get("weights"), "weights")
     samples_path = _resolve(root, manifest.get("samples"), "samples")
@@ -269,6 +272,7 @@ def prepare_bundle(
         samples=samples_path,
         signature=sig,
         manifest=manifest,
+        requirements=requirements,
     )
 
 
@@ -285,6 +289,10 @@ def _read_manifest(root: Path) -> dict[str, Any]:
             except Exception as exc:  # noqa: BLE001 - reported as a bundle problem
                 raise InvalidBundle(f"{name} does not parse: {exc}") from None
     return {}
+
+
+def _manifest_name(root: Path) -> str:
+    return next((name for name in MANIFEST_NAMES if (root / name).is_file()), "kiln.yaml")
 
 
 def _resolve(root: Path, rel: Any, what: str) -> Path | None:

@@ -95,6 +95,12 @@ class KilnClient:
             data["entry"] = entry
         if signature is not None:
             data["signature"] = json.dumps(signature)
+        # refused here in one line, as a local `kiln convert` refuses them, not as an OSError
+        if not Path(bundle).exists():
+            raise errors.BadRequest(f"bundle {bundle} does not exist")
+        for label, extra in (("weights", weights), ("samples", samples)):
+            if extra is not None and not Path(extra).is_file():
+                raise errors.BadRequest(f"{label} file {extra} does not exist")
         files = {}
         handles = []
         tmpdir = None

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from service.artifacts import ArtifactStore
 from service.bundles import ONNX, onnx_signature, prepare_bundle
 from service.errors import Conflict, InvalidSignature, NotFound
+from service.requirements import check as check_requirements
 from service.signature import Signature
 from service.tables import CandidateRow, Deployment, Job, Model, ModelVersion, new_id
 
@@ -44,6 +45,7 @@ def inspect_upload(
         bundle = prepare_bundle(
             upload, tmp / "bundle", entry=entry, weights=weights_path, samples=samples_path, signature=signature
         )
+        check_requirements(bundle.requirements, where="this server")
         sig = bundle.signature or (onnx_signature(bundle) if bundle.kind == ONNX else None)
         if sig is None:
             raise InvalidSignature(

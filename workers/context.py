@@ -124,6 +124,7 @@ class BundleInfo(BaseModel):
     model_file: str | None = None
     weights: str | None = None
     samples: str | None = None
+    requirements: list[str] = Field(default_factory=list)  # PEP 508, checked again by the load step
 
     @classmethod
     def from_bundle(cls, b: Bundle) -> BundleInfo:
@@ -135,6 +136,7 @@ class BundleInfo(BaseModel):
             model_file=s(b.model_file),
             weights=s(b.weights),
             samples=s(b.samples),
+            requirements=list(b.requirements),
         )
 
 

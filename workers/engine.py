@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from service import requirements
 from service.bundles import ONNX, onnx_signature, prepare_bundle
 from service.errors import InvalidOptions, InvalidSignature
 from service.options import GPU_TARGETS, ConversionOptions
@@ -30,8 +31,13 @@ def prepare(
     signature: Signature | dict | str | None = None,
     options: ConversionOptions | dict | None = None,
     workdir: Path | None = None,
+    check_requirements: bool = True,
 ) -> Context:
-    """Lay out a new conversion and check what can be checked without running user code."""
+    """Lay out a new conversion and check what can be checked without running user code.
+
+    The bundle's requirements are checked against this machine unless `check_requirements` is false
+    (a worker: its load step checks them, so that the job fails at that step).
+    """
     out_dir = Path(out_dir).resolve()
     workdir = Path(workdir).resolve() if workdir else out_dir / ".work"
     if workdir.exists():
@@ -43,6 +49,8 @@ def prepare(
     bundle = prepare_bundle(
         Path(bundle_path), workdir / "bundle", entry=entry, weights=weights, samples=samples, signature=signature
     )
+    if check_requirements:
+        requirements.check(bundle.requirements, where="this machine")
     sig = bundle.signature or (onnx_signature(bundle) if bundle.kind == ONNX else None)
     if sig is None:
         raise InvalidSignature(

@@ -238,6 +238,7 @@ def _context(workdir: Path, bundle: dict, options: dict, store: ArtifactStore) -
         signature=Signature.parse(bundle["signature"]),
         options=options,
         workdir=workdir / "engine",
+        check_requirements=False,  # the load step checks them, so the job fails at that step
     )
 
 

@@ -19,7 +19,18 @@ SUMMARY_FILE = "summary.md"
 
 def environment() -> dict[str, Any]:
     versions = {}
-    for dist in ("kiln", "torch", "onnx", "onnxruntime", "onnxscript", "numpy", "tensorrt", "onnxruntime-gpu"):
+    for dist in (
+        "kiln",
+        "torch",
+        "onnx",
+        "onnxruntime",
+        "onnxscript",
+        "numpy",
+        "tensorrt",
+        "onnxruntime-gpu",
+        "openvino",
+        "nncf",
+    ):
         try:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:

@@ -309,6 +309,19 @@ def _check(torch: Any, module: Any, signature: Signature, samples: list, refs: l
     return {"agrees": not bad, "max_abs": worst if np.isfinite(worst) else None, "disagreeing_samples": bad}
 
 
+def example_index(signature: Signature, samples: list[dict[str, np.ndarray]], labels: list[str]) -> int:
+    """The sample to capture from: the opt sizes, unless a dynamic dimension is 1 there and another
+    sample has it larger. torch.export specializes a dimension it sees at size 0 or 1 (batch [1, 1, 8]
+    failed with "Constraints violated (batch)"), and a trace at size 1 can fold it into a reshape."""
+    dynamic = [(s.name, i) for s in signature.inputs for i, d in enumerate(s.shape or []) if isinstance(d, str)]
+
+    def smallest(sample: dict[str, np.ndarray]) -> int:
+        return min((int(sample[name].shape[i]) for name, i in dynamic), default=2)
+
+    order = [labels.index(label) for label in ("opt", "max") if label in labels] + list(range(len(samples)))
+    return next((i for i in order if smallest(samples[i]) >= 2), order[0])
+
+
 def export_dynamic_shapes(torch: Any, signature: Signature) -> dict[str, dict[int, Any]]:
     dims = {name: torch.export.Dim(name, min=r.min, max=r.max) for name, r in signature.dims.items()}
     return {s.name: {i: dims[d] for i, d in enumerate(s.shape or []) if isinstance(d, str)} for s in signature.inputs}
@@ -321,7 +334,7 @@ def capture(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
     signature = Signature.parse(args["signature"])
     samples, refs = _load_reference(args, signature)
     labels = args["sample_labels"]
-    example = samples[labels.index("opt")] if "opt" in labels else samples[0]
+    example = samples[example_index(signature, samples, labels)]
     out = Path(args["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
     model = build_eager(args["bundle"])
@@ -697,6 +710,8 @@ def benchmark(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
                     calls[name] = call
                 except Exception as exc:  # noqa: BLE001 - e.g. a batch size an artifact froze
                     errors[name] = describe(exc)
+            if not calls:  # every contender failed (each has its reason in `errors`): nothing to time
+                continue
             pairs = [(b, o) for b, o in args.get("pairs") or [] if b in calls and o in calls]
             timed = interleaved(calls, batch=int(batch), budget_s=float(args["budget_s"]), pairs=pairs)
             for name, t in timed.items():
@@ -769,3 +784,39 @@ def _eager_call(
         return call
 
     return make
+
+
+# --- OpenVINO IR (the openvino target; workers/compilers/openvino.py says why it runs here) ------
+
+
+@op("build_openvino")
+def build_openvino(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    """Convert the ONNX export to OpenVINO IR; for int8, quantize it with NNCF's post-training
+    quantization calibrated on the samples at `calibration` (indices into the samples file). Weights
+    stay as computed (no fp16 compression of an fp32 IR)."""
+    import openvino as ov
+
+    out = Path(args["out_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    model = ov.convert_model(args["onnx_file"])
+    result: dict[str, Any] = {"openvino": ov.get_version()}
+    if args["precision"] == "int8":
+        import nncf
+        from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
+
+        samples = sample_io.load(Path(args["samples_file"]))
+        calibration = [samples[int(i)] for i in args["calibration"]] or samples
+        names = {p.get_any_name() for p in model.inputs}
+        model = nncf.quantize(
+            model,
+            nncf.Dataset(calibration, lambda s: {k: v for k, v in s.items() if k in names}),
+            preset=nncf.QuantizationPreset.MIXED,
+            subset_size=len(calibration),
+            # 7-bit weights everywhere: x86 CPUs without VNNI saturate 16-bit sums of full-range
+            # u8 x s8 products (the same reason the onnxruntime target's int8 uses reduce_range), and
+            # an artifact may be served on such a host even when it was built on one with VNNI
+            advanced_parameters=AdvancedQuantizationParameters(overflow_fix=OverflowFix.ENABLE),
+        )
+        result.update(nncf=nncf.__version__, calibrated=len(calibration))
+    ov.save_model(model, str(out / "model.xml"), compress_to_fp16=False)
+    return {**result, "model.xml": str(out / "model.xml"), "model.bin": str(out / "model.bin")}

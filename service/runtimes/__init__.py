@@ -10,6 +10,7 @@ from pathlib import Path
 from service.errors import RuntimeUnavailable
 from service.runtimes.base import ARTIFACT_META, ArtifactInfo, Runtime
 from service.runtimes.onnxruntime import OnnxRuntime
+from service.runtimes.openvino import OpenVinoRuntime
 from service.runtimes.tensorrt import TensorRTRuntime
 from service.runtimes.torch_export import AOTInductorRuntime, ExportedProgramRuntime
 from service.runtimes.torchscript import TorchScriptRuntime
@@ -65,7 +66,14 @@ def compute_device(info: ArtifactInfo) -> str:
     return "cpu" if info.device == "cpu" else "cuda"
 
 
-for _cls in (OnnxRuntime, TorchScriptRuntime, TensorRTRuntime, ExportedProgramRuntime, AOTInductorRuntime):
+for _cls in (
+    OnnxRuntime,
+    TorchScriptRuntime,
+    TensorRTRuntime,
+    OpenVinoRuntime,
+    ExportedProgramRuntime,
+    AOTInductorRuntime,
+):
     register(_cls)
 
 __all__ = ["ARTIFACT_META", "ArtifactInfo", "Runtime", "available", "compute_device", "get", "load", "register"]

@@ -1,4 +1,4 @@
-"""The service never imports workers, and imports no heavy library (torch, tensorrt, onnxruntime)
+"""The service never imports workers, and imports no heavy library (torch, tensorrt, onnxruntime, openvino)
 when it starts: checked in a fresh interpreter, where nothing else has loaded them first."""
 
 import subprocess
@@ -7,7 +7,7 @@ import sys
 CHECK = """
 import sys
 import service.app, service.client, service.runtimes, service.serving.manager, service.dashboard
-print(",".join(m for m in ("workers", "torch", "tensorrt", "onnxruntime") if m in sys.modules))
+print(",".join(m for m in ("workers", "torch", "tensorrt", "onnxruntime", "openvino", "nncf") if m in sys.modules))
 """
 
 

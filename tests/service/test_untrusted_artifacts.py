@@ -50,7 +50,10 @@ class Writer(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
-            torch.from_file(self.path, shared=True, size=8, dtype=torch.uint8).fill_(65)
+            # used in the output: TorchScript drops a mapped file's write that nothing reads afterwards
+            mark = torch.from_file(self.path, shared=True, size=8, dtype=torch.uint8)
+            mark.fill_(65)
+            x = x + (mark.sum() - 520).to(x.dtype)
         return self.linear(x)
 
 def build_model():
@@ -195,6 +198,146 @@ def test_a_scripted_module_from_build_model_writes_nothing_outside_the_box(tmp_p
         assert not marker.exists(), "a scripted module wrote a file on the host"
     finally:
         marker.unlink(missing_ok=True)
+
+
+# Dormant while it is checked: the load, capture and validation processes call it a few dozen times
+# each. Past DORMANT_CALLS calls in one process, which only the benchmark's warm-up and timed rounds
+# reach, it attacks: it leaves a mark in its working directory (the job's own, the one place it may
+# write), then writes a host file, or reads one and copies its bytes into that working directory and
+# into the error it raises, so that a read that worked would leave the secret in what the job keeps.
+# Every file it maps is used afterwards: TorchScript drops an op whose result nothing uses, a write
+# through `torch.from_file(...).fill_(...)` included, and the attack would then prove nothing.
+ATTACK_SOURCE = """
+import torch
+
+class Timed(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("calls", torch.zeros(1, dtype=torch.int64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if int(self.calls[0]) > DORMANT_CALLS:
+            mark = torch.from_file("attack-ran", shared=True, size=1, dtype=torch.uint8)
+            mark.fill_(1)
+            if MODE == "write":
+                host = torch.from_file(TARGET, shared=True, size=8, dtype=torch.uint8)
+                host.fill_(65)
+                raise RuntimeError("kiln-test: wrote the host file " + str(int(host.sum()) + int(mark[0])))
+            data = torch.from_file(TARGET, size=SIZE, dtype=torch.uint8)
+            leaked = torch.from_file("leaked", shared=True, size=SIZE, dtype=torch.uint8)
+            leaked.copy_(data)
+            text = ""
+            for i in range(SIZE):
+                text += chr(int(leaked[i]))
+            raise RuntimeError("kiln-test: read " + text + str(int(mark[0])))
+        return x * 2.0
+"""
+BENCH_SIGNATURE = {"inputs": [{"name": "x", "dtype": "float32", "shape": ["batch", 8]}], "outputs": [{"name": "y"}]}
+
+
+def attacker(tmp_path: Path, mode: str, target: Path, dormant_calls: int) -> bytes:
+    """The attacking module, scripted and saved: what a TorchScript upload or candidate holds."""
+    source = (
+        ATTACK_SOURCE.replace("DORMANT_CALLS", str(dormant_calls))
+        .replace("MODE", repr(mode))
+        .replace("TARGET", repr(str(target)))
+        .replace("SIZE", str(target.stat().st_size))
+    )
+    return scripted(tmp_path, source, "Timed")
+
+
+def attack_target(mode: str, tmp_path: Path, host_secret: Path) -> Path:
+    """The secret in the host's /tmp to read, or a host file to write beside the job's own directory."""
+    if mode == "read":
+        return host_secret
+    target = tmp_path / "host-file.bin"
+    target.write_bytes(b"untouched host file")
+    return target
+
+
+def files_under(*roots: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for root in roots for p in root.rglob("*") if p.is_file() and not p.is_symlink()}
+
+
+@pytest.mark.parametrize("mode", ["read", "write"])
+def test_torchscript_that_attacks_only_when_benchmarked_gets_nothing(tmp_path, host_secret, mode):
+    """A TorchScript upload that passes validation and strikes in the sandboxed benchmark op (which loads
+    the eager model and every candidate in-process): the attack runs there and gets nothing. The host
+    file is unchanged and no byte of the secret is in any file the conversion leaves (report, summary,
+    state, the box's working directory, its logs and results) or in what it returns."""
+    from workers.engine import convert
+
+    target = attack_target(mode, tmp_path, host_secret)
+    before = target.read_bytes()
+    bundle = tmp_path / "timed.pt"
+    bundle.write_bytes(attacker(tmp_path, mode, target, dormant_calls=300))
+    out = tmp_path / "out"
+    ctx = convert(
+        bundle,
+        out,
+        signature=BENCH_SIGNATURE,
+        options={"targets": ["torchscript"], "precisions": ["fp32"], "bench_seconds": 0.05, "threads": 1},
+    )
+    # the report says how model code was contained (it used to lose that when it wrote the versions)
+    assert json.loads((out / "report.json").read_text())["environment"]["isolation"] == "bubblewrap"
+    cand = ctx.candidate("torchscript-fp32")
+    assert cand.validation is not None and cand.validation.passed, cand  # dormant until benchmarked
+    bench = ctx.step("benchmark")
+    assert bench is not None and bench.status == "failed", ctx.steps
+    assert "TorchScript interpreter" in (bench.error or ""), bench.error  # it struck while being timed
+    left = files_under(out)
+    assert any(p.name == "attack-ran" for p in left), sorted(map(str, left))  # in the benchmark op's workdir
+    assert not any(p.name == "leaked" for p in left), "the read worked"
+    assert target.read_bytes() == before, f"{target} changed on the host"
+    if mode == "read":
+        assert before not in ctx.model_dump_json().encode()
+        for path, data in left.items():
+            assert before not in data, f"{path} holds the host secret"
+
+
+@pytest.mark.parametrize("mode", ["read", "write"])
+def test_the_benchmark_op_runs_a_torchscript_candidate_only_inside_the_box(tmp_path, host_secret, mode):
+    """The sandboxed benchmark op alone, timing one TorchScript candidate (no eager baseline) whose
+    forward attacks on every call: it is left out with the box's refusal as its reason, the host file is
+    unchanged, and the secret is in nothing the op returns or leaves."""
+    from service.runtimes.base import ArtifactInfo
+    from workers.sandbox import MIN_MEMORY_BYTES, Limits, control_dir, run_op
+
+    target = attack_target(mode, tmp_path, host_secret)
+    before = target.read_bytes()
+    artifact = tmp_path / "artifacts" / "torchscript-fp32"
+    artifact.mkdir(parents=True)
+    (artifact / "model.pt").write_bytes(attacker(tmp_path, mode, target, dormant_calls=0))
+    ArtifactInfo(runtime="torchscript", file="model.pt", signature=BENCH_SIGNATURE).save(artifact)
+    work = tmp_path / "work"
+    res = run_op(
+        "benchmark",
+        {
+            "signature": BENCH_SIGNATURE,
+            "threads": 1,
+            "batch_sizes": [1, 4],
+            "budget_s": 0.05,
+            "eager": [],
+            "artifacts": [{"id": "torchscript-fp32", "dir": str(artifact)}],
+            "pairs": [],
+        },
+        work,
+        limits=Limits(memory_bytes=MIN_MEMORY_BYTES * 2, timeout_s=120, readable=(artifact,)),
+    )
+    assert res.isolated and not any("UNISOLATED" in n for n in res.notes), res.notes
+    assert res.outcome == "ok", (res.reason, res.log[-2000:])
+    assert res.result["points"] == {}, res.result
+    reason = res.result["errors"]["torchscript-fp32"]
+    refused = "No such file" if mode == "read" else "kiln-test: wrote the host file"  # a write lands in the box's /tmp
+    assert refused in reason, reason
+    left = files_under(work, control_dir(work))
+    assert (work / "attack-ran").is_file() and not (work / "leaked").exists(), sorted(map(str, left))
+    assert target.read_bytes() == before, f"{target} changed on the host"
+    if mode == "read":
+        assert before not in json.dumps(res.result).encode() and before.decode() not in res.log
+        for path, data in left.items():
+            assert before not in data, f"{path} holds the host secret"
 
 
 def _onnx_with_custom_op() -> bytes:

@@ -351,6 +351,77 @@ def test_convert_remote_writes_what_a_local_run_writes(up, tmp_path):
         assert (out / name / "model.onnx").is_file() and (out / name / "kiln-artifact.json").is_file(), name
 
 
+def requiring_folder(root, requirements: list[str]):
+    """A folder bundle whose kiln.yaml gives the entry point, the signature and `requirements`."""
+    root.mkdir(parents=True)
+    (root / "model.py").write_text(ONE_INPUT)
+    (root / "kiln.yaml").write_text(
+        json.dumps(
+            {
+                "entry": "model.py:build_model",
+                "signature": {"inputs": ["x:float32[batch,4]"], "dims": {"batch": [1, 2, 4]}},
+                "requirements": requirements,
+            }
+        )
+    )
+    return root
+
+
+def test_requirements_are_checked_by_every_way_in(up, tmp_path):
+    """`kiln push`, `kiln convert --remote` and a local `kiln convert` all refuse, in one line and with exit
+    code 2, a bundle whose requirements the server (or this machine) does not meet, naming every unmet one."""
+    import importlib.metadata
+
+    numpy_version = importlib.metadata.version("numpy")  # `kiln up` runs in this environment
+    folder = requiring_folder(tmp_path / "needs", ["kiln-no-such-package>=1", "numpy<1", "numpy>=1"])
+    remote = ["convert", str(folder), "--remote", up.url, "--out", str(tmp_path / "remote")]
+    for args, where in ((["push", str(folder), "--name", "needs"], "server"), (remote, "server")):
+        r = kiln(up, *args)
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error: "), r.stderr
+        assert f"bundle requires kiln-no-such-package>=1: not installed on this {where}" in r.stderr, r.stderr
+        assert f"bundle requires numpy<1: this {where} has {numpy_version}" in r.stderr, r.stderr
+        assert "numpy>=1" not in r.stderr, r.stderr
+    r = kiln(up, "convert", str(folder), "--out", str(tmp_path / "local"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stdout + r.stderr
+    assert "kiln-no-such-package>=1: not installed on this machine" in r.stderr, r.stderr
+    assert f"numpy<1: this machine has {numpy_version}" in r.stderr, r.stderr
+    headers = {"Authorization": f"Bearer {up.admin_token()}"}
+    assert httpx.get(f"{up.url}/v1/models/needs", headers=headers).status_code == 404
+    garbled = requiring_folder(tmp_path / "garbled", ["numpy>>1"])
+    for args in (["push", str(garbled), "--name", "garbled"], ["convert", str(garbled), "--out", str(tmp_path / "g")]):
+        r = kiln(up, *args)
+        assert r.returncode == 2 and "'numpy>>1' is not a PEP 508 requirement" in r.stderr, r.stdout + r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_a_folder_is_a_bundle_wherever_the_cli_takes_one(up, tmp_path):
+    """The README lists folders as bundles: `kiln push`, `kiln convert --remote` (from inside the folder, as
+    `.`) and a local `kiln convert` take one; a bundle that is not there is one line and exit code 2."""
+    folder = requiring_folder(tmp_path / "folder-model", ["numpy>=1"])
+    r = kiln(up, "push", str(folder), "--name", "folder-pushed")
+    assert r.returncode == 0 and "pushed folder-pushed version 1 (python" in r.stdout, r.stdout + r.stderr
+    quick = ["--target", "onnxruntime", "--precision", "fp32", "--bench-seconds", "0.05"]
+    out = tmp_path / "remote"
+    r = kiln_cli("convert", ".", "--remote", up.url, *quick, "--out", str(out), env=user_env(up.home), cwd=folder)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (out / "report.json").is_file() and (out / "onnxruntime-fp32" / "model.onnx").is_file()
+    headers = {"Authorization": f"Bearer {up.admin_token()}"}
+    assert httpx.get(f"{up.url}/v1/models/folder-model", headers=headers).status_code == 200  # named after it
+    r = kiln(up, "convert", str(folder), *quick, "--out", str(tmp_path / "local"))
+    assert r.returncode == 0 and (tmp_path / "local" / "onnxruntime-fp32" / "model.onnx").is_file(), r.stderr
+    missing = tmp_path / "not-there"
+    for args in (
+        ["push", str(missing), "--name", "missing"],
+        ["convert", str(missing), "--remote", up.url],
+        ["convert", str(missing)],
+        ["push", str(folder), "--name", "missing", "--weights", str(tmp_path / "no-weights.safetensors")],
+    ):
+        r = kiln(up, *args)
+        assert r.returncode == 2 and r.stderr.startswith("error: "), r.stdout + r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and "does not exist" in r.stderr, r.stderr
+
+
 def test_kiln_up_says_nothing_a_user_should_not_see(up):
     """Run last in this module, after jobs that failed and succeeded: the log of `kiln up` (a file, not a
     terminal) has no third-party warnings, no Celery task lines, no escape codes, and an unbroken banner."""

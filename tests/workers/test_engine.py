@@ -312,3 +312,15 @@ def test_cancel_reaches_the_sandboxed_op_that_is_running(tmp_path):
     report = json.loads((tmp_path / "out" / "report.json").read_text())  # written whatever happens
     load = next(s for s in report["steps"] if s["name"] == "load")
     assert (load["status"], load["error"]) == ("failed", "canceled"), load
+
+
+def test_a_batch_optimised_at_one_is_captured_from_a_larger_sample(tmp_path):
+    """torch.export specializes a dimension it sees at size 1: capturing from the opt sample of
+    batch [1, 1, 4] failed with "Constraints violated (batch)". The capture now takes a sample where
+    every dynamic dimension is at least 2, and the captured program still runs at batch 1."""
+    sig = {**zoo_signature("mlp"), "dims": {"batch": [1, 1, 4]}}
+    ctx = convert(tmp_path, "mlp", signature=sig, targets=("onnxruntime",))
+    export = ctx.capture("export")
+    assert export.ok and export.agrees, export.error
+    assert ctx.capture("trace").agrees
+    assert all(c.passed for c in ctx.candidates)

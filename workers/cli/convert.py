@@ -53,7 +53,7 @@ def convert(
             remote,
             token,
             bundle,
-            name or bundle.name.split(".")[0],
+            name or bundle.resolve().name.split(".")[0],  # `kiln convert . --remote` is named after the folder
             entry,
             weights,
             samples,

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Protocol
 
 from workers.compilers.onnxruntime import OnnxRuntimeCompiler
+from workers.compilers.openvino import OpenVinoCompiler
 from workers.compilers.tensorrt import TensorRTCompiler
 from workers.compilers.torch_export import AOTInductorCompiler, TorchExportCompiler
 from workers.compilers.torchscript import TorchScriptCompiler
@@ -38,6 +39,7 @@ COMPILERS: dict[str, Compiler] = {
         OnnxRuntimeCompiler(),
         TorchScriptCompiler(),
         TensorRTCompiler(),
+        OpenVinoCompiler(),
         TorchExportCompiler(),
         AOTInductorCompiler(),
     )

@@ -1,5 +1,6 @@
 """Int8 static quantization (QDQ) and its calibration data, shared by the ONNX Runtime compiler (its
-int8 candidates) and the TensorRT compiler (the graph of a strongly typed int8 engine)."""
+int8 candidates) and the TensorRT compiler (the graph of a strongly typed int8 engine); the OpenVINO
+compiler calibrates NNCF on the same samples (`calibration_indices`)."""
 
 from __future__ import annotations
 
@@ -16,10 +17,16 @@ from workers.sandboxed import load_samples
 def calibration_batches(ctx: Context) -> list[dict[str, Any]]:
     """User samples when there are any, else the generated ones (mixed-sign values only)."""
     samples = load_samples(ctx)
-    user = [s for s, label in zip(samples, ctx.sample_labels) if label.startswith("user")]
+    return [samples[i] for i in calibration_indices(ctx.sample_labels)]
+
+
+def calibration_indices(labels: list[str]) -> list[int]:
+    """Which of the samples (by their labels) calibrate: what `calibration_batches` returns, as
+    indices into the samples file, for a sandbox op that reads the file itself (the openvino target)."""
+    user = [i for i, label in enumerate(labels) if label.startswith("user")]
     if user:
         return user
-    return [s for s, label in zip(samples, ctx.sample_labels) if label in ("min", "opt", "max")] or samples
+    return [i for i, label in enumerate(labels) if label in ("min", "opt", "max")] or list(range(len(labels)))
 
 
 def quantize_int8_static(

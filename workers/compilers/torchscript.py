@@ -21,7 +21,7 @@ class TorchScriptCompiler:
 
     def variants(self, precision: str, devices: list[str]) -> list[str | None]:
         if precision not in COMPUTE:
-            return []  # TorchScript has no int8 path: not a candidate (the onnxruntime target builds it)
+            return []  # TorchScript has no int8 path: not a candidate (the onnxruntime and openvino targets build it)
         out: list[str | None] = [None] if "cpu" in devices else []
         if "cuda" in devices and precision in COMPUTE:
             out.append("cuda")
@@ -34,7 +34,9 @@ class TorchScriptCompiler:
     def build(self, ctx: Context, candidate: Candidate, out_dir: Path, log: StepLog) -> None:
         p = candidate.precision
         if p not in COMPUTE:
-            raise InvalidOptions(f"precision {p} is not built for TorchScript; the onnxruntime target builds int8")
+            raise InvalidOptions(
+                f"precision {p} is not built for TorchScript; the onnxruntime and openvino targets build int8"
+            )
         device = "cuda" if candidate.variant == "cuda" else "cpu"
         if device == "cuda":
             require_cuda()

@@ -44,7 +44,7 @@ class Compile:
             raise ConversionError(
                 f"nothing to build: {', '.join(absent)} cannot be built on {', '.join(devices)} "
                 "(TorchScript builds fp32, bf16 and fp16; torch_export and aotinductor build fp32 on the CPU; "
-                "the onnxruntime target builds int8)"
+                "the onnxruntime and openvino targets build int8)"
             )
         ctx.candidates = []
         for i, (target, precision, variant) in enumerate(plan):

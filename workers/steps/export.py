@@ -12,13 +12,16 @@ from workers.context import Context
 from workers.pipeline import SkipStep, StepLog
 from workers.sandboxed import produced, sandboxed, uploaded_model_file
 
+# The targets that compile from the ONNX export.
+ONNX_TARGETS = {"onnxruntime", "tensorrt", "openvino"}
+
 
 class Export:
     name = "export"
     requires = ("load",)
 
     def run(self, ctx: Context, log: StepLog) -> dict[str, Any]:
-        if "onnxruntime" not in ctx.options.targets and "tensorrt" not in ctx.options.targets:
+        if not set(ctx.options.targets) & ONNX_TARGETS:
             raise SkipStep("no ONNX-based target was asked for")
         target = ctx.work / "onnx" / "model.onnx"
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from service import requirements
 from service import samples as sample_io
 from service.errors import InvalidSignature
 from service.onnx_policy import check_onnx
@@ -23,6 +24,11 @@ class Load:
     requires: tuple[str, ...] = ()
 
     def run(self, ctx: Context, log: StepLog) -> dict[str, Any]:
+        # Before any of the bundle's code is imported: this worker's environment may differ from the
+        # API's, which checked the same requirements at upload.
+        requirements.check(ctx.bundle.requirements, where="this worker")
+        if ctx.bundle.requirements:
+            log.info(f"requirements met: {', '.join(ctx.bundle.requirements)}")
         samples: list[tuple[str, dict]] = []
         if ctx.bundle.samples:
             user = sample_io.load(Path(ctx.bundle.samples))

@@ -16,7 +16,8 @@ class Report:
     requires: tuple[str, ...] = ()
 
     def run(self, ctx: Context, log: StepLog) -> dict[str, Any]:
-        ctx.environment = report.environment()
+        # versions and the machine, beside what the steps recorded (how model code was contained)
+        ctx.environment = {**ctx.environment, **report.environment()}
         # this step's own record is finished by the pipeline after run(); mark it now for the file
         rec = ctx.step(self.name)
         if rec:
