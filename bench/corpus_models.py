@@ -40,11 +40,16 @@ def _torchvision():
     import torchvision
     import torchvision.extension
 
-    torchvision.extension._has_ops = lambda: True  # nms now has the kernel above
+    # nms now has the kernel above; a def, not a lambda: torchvision scripts its callers when traced
+    torchvision.extension._has_ops = _has_ops
     return torchvision
 
 
 _LIBS: list = []
+
+
+def _has_ops() -> bool:
+    return True
 
 
 def _nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:

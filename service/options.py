@@ -19,6 +19,11 @@ GPU_TARGETS = ("tensorrt",)
 DEVICES = ("cpu", "cuda")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 POLICIES = ("latency", "throughput", "accuracy")
+# The ONNX exporters the export step tries, in this order by default, each as "<exporter>:<source>":
+# the torch.export-based exporter from the eager model and from the torch.export capture (made
+# with strict=False), and the TorchScript-based exporter from the script capture, the trace capture
+# and the eager model (which it traces itself). The first whose graph agrees with eager is used.
+ONNX_EXPORTERS = ("dynamo:eager", "dynamo:export", "torchscript:script", "torchscript:trace", "torchscript:eager")
 
 
 class Tolerance(BaseModel):
@@ -94,6 +99,8 @@ class ConversionOptions(BaseModel):
     memory_limit_bytes: int | None = Field(default=None, ge=1 << 30)
     # Devices to build candidates for; None: the CPU, plus CUDA where the worker has a CUDA device.
     devices: list[str] | None = None
+    # The ONNX exporters to try, in order (ONNX_EXPORTERS).
+    onnx_exporters: list[str] = Field(default_factory=lambda: list(ONNX_EXPORTERS))
 
     @field_validator("targets")
     @classmethod
@@ -106,6 +113,11 @@ class ConversionOptions(BaseModel):
         return _known(
             [{"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(p, p) for p in v], PRECISIONS, "precision"
         )
+
+    @field_validator("onnx_exporters")
+    @classmethod
+    def _exporters(cls, v: list[str]) -> list[str]:
+        return _known(v, ONNX_EXPORTERS, "ONNX exporter")
 
     @field_validator("devices")
     @classmethod

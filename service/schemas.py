@@ -86,6 +86,9 @@ class JobCreate(BaseModel):
     batch_sizes: list[int] | None = Field(None, max_length=16)
     threads: int | None = Field(None, ge=1, le=256)
     bench_seconds: float | None = Field(None, gt=0, le=60)
+    onnx_exporters: list[str] | None = Field(
+        None, max_length=8, description="ONNX exporters to try, in order (default: all, dynamo:eager first)"
+    )
     memory_limit_bytes: int | None = Field(
         None,
         ge=1 << 30,

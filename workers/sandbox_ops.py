@@ -17,6 +17,7 @@ import numpy as np
 
 from service import samples as sample_io
 from service.errors import InvalidBundle, InvalidEntryPoint, InvalidSignature
+from service.options import ONNX_EXPORTERS
 from service.runtimes.torchscript import telling_line
 from service.signature import Signature
 
@@ -556,7 +557,7 @@ def export_onnx(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
         return {"agrees": not bad, "max_abs": worst if np.isfinite(worst) else None, "disagreeing_samples": bad}
 
     def attempt(exporter: str, source: str, fn: Callable[[Path], None]) -> bool:
-        path = out / f"model.{exporter}.onnx"
+        path = out / f"model.{exporter}-{source}.onnx"
         t0 = time.perf_counter()
         rec: dict[str, Any] = {"exporter": exporter, "source": source}
         try:
@@ -572,15 +573,16 @@ def export_onnx(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
 
     kind = args["bundle"]["kind"]
     captures = {c["method"]: c for c in args.get("captures", []) if c.get("ok")}
-    if kind in ("python", "export"):
-        model = build_eager(args["bundle"]) if kind == "python" else torch.export.load(args["bundle"]["model_file"])
+    order = list(args.get("exporters") or ONNX_EXPORTERS)
+    eager: list[Any] = []  # built once, when an exporter from eager is tried
 
-        def dynamo(path: Path) -> None:
-            shapes: Any
-            if kind == "python":
-                target, shapes = flat_module(torch, model), flat_dynamic_shapes(torch, signature)
-            else:  # an uploaded ExportedProgram: its own inputs and outputs
-                target, shapes = model, tuple(export_dynamic_shapes(torch, signature).values())
+    def eager_model() -> Any:
+        if not eager:
+            eager.append(build_eager(args["bundle"]))
+        return eager[0]
+
+    def dynamo(target: Any, shapes: Any) -> Callable[[Path], None]:
+        def run(path: Path) -> None:
             torch.onnx.export(
                 target,
                 example,
@@ -593,17 +595,12 @@ def export_onnx(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
                 verbose=False,
             )
 
-        if attempt("dynamo", "eager" if kind == "python" else "export", dynamo):
-            return {"attempts": attempts, "chosen": attempts[-1]}
-    # TorchScript-based exporter: from the scripted module when it is faithful (keeps control
-    # flow as ONNX If), else from the trace when that is faithful.
-    for method in ("script", "trace"):
-        cap = captures.get(method)
-        if not cap or not cap.get("agrees"):
-            continue
-        module = torch.jit.load(cap["file"], map_location="cpu")
+        return run
 
-        def legacy(path: Path, module: Any = module) -> None:
+    def legacy(module: Any) -> Callable[[Path], None]:
+        # opset 17: the TorchScript-based exporter's best-tested opset (the torch.export-based one
+        # picks its own, 18 or newer)
+        def run(path: Path) -> None:
             torch.onnx.export(
                 module,
                 example,
@@ -615,28 +612,44 @@ def export_onnx(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
                 opset_version=17,
             )
 
-        if attempt("torchscript", method, legacy):
-            return {"attempts": attempts, "chosen": attempts[-1]}
-    if kind == "python":
-        # last: the TorchScript-based exporter straight from the eager model (it traces it itself),
-        # what a user tries by hand when both captures failed
-        eager = flat_module(torch, build_eager(args["bundle"]))
+        return run
 
-        def legacy_eager(path: Path) -> None:
-            torch.onnx.export(
-                eager,
-                example,
-                str(path),
-                dynamo=False,
-                input_names=in_names,
-                output_names=out_names,
-                dynamic_axes=dynamic_axes,
-                opset_version=17,
+    for name in order:
+        exporter, source = name.split(":")
+        fn: Callable[[Path], None] | None = None
+        if exporter == "torchscript" and source in ("script", "trace"):
+            # from the scripted module when it is faithful (keeps control flow as ONNX If), or the trace
+            cap = captures.get(source)
+            if cap and cap.get("agrees"):
+                fn = legacy(torch.jit.load(cap["file"], map_location="cpu"))
+        elif kind == "python" and name == "dynamo:eager":
+            fn = dynamo(flat_module(torch, eager_model()), flat_dynamic_shapes(torch, signature))
+        elif kind == "python" and name == "dynamo:export":
+            cap = captures.get("export")
+            if cap and cap.get("agrees"):
+                # the torch.export capture (strict=False), which carries its dynamic shapes
+                fn = dynamo(torch.export.load(cap["file"]), None)
+        elif kind == "python" and name == "torchscript:eager":
+            # the TorchScript-based exporter straight from the eager model (it traces it itself)
+            fn = legacy(flat_module(torch, eager_model()))
+        elif kind == "export" and name == "dynamo:export":
+            # an uploaded ExportedProgram: its own inputs and outputs
+            program = torch.export.load(args["bundle"]["model_file"])
+            fn = dynamo(program, tuple(export_dynamic_shapes(torch, signature).values()))
+        if fn is None:
+            attempts.append(
+                {"exporter": exporter, "source": source, "ok": False, "skipped": True, "error": _no_source(source)}
             )
-
-        if attempt("torchscript", "eager", legacy_eager):
+            continue
+        if attempt(exporter, source, fn):
             return {"attempts": attempts, "chosen": attempts[-1]}
     return {"attempts": attempts, "chosen": None}
+
+
+def _no_source(source: str) -> str:
+    if source == "eager":
+        return "not tried: this bundle has no eager model to export from"
+    return f"not tried: no {source} capture agrees with eager"
 
 
 # --- eager benchmark ----------------------------------------------------------------------------

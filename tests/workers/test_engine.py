@@ -26,6 +26,7 @@ def convert(
     signature=None,
     targets=("onnxruntime", "torchscript"),
     precisions=("fp32",),
+    options_extra=None,
     **kwargs,
 ):
     bundle = zoo_bundle(tmp_path, name)
@@ -34,7 +35,7 @@ def convert(
         tmp_path / "out",
         entry=f"{name}.py:{entry}" if entry else None,
         signature=signature or zoo_signature(name),
-        options={"targets": list(targets), "precisions": list(precisions), **FAST},
+        options={"targets": list(targets), "precisions": list(precisions), **FAST, **(options_extra or {})},
         **kwargs,
     )
 
@@ -324,3 +325,87 @@ def test_a_batch_optimised_at_one_is_captured_from_a_larger_sample(tmp_path):
     assert export.ok and export.agrees, export.error
     assert ctx.capture("trace").agrees
     assert all(c.passed for c in ctx.candidates)
+
+
+def test_every_onnx_exporter_of_the_fallback_chain_exports_a_graph_that_agrees(tmp_path):
+    """Each exporter, asked for alone, exports the MLP (whose trace, script and torch.export captures
+    all agree) into a graph ONNX Runtime runs in agreement with eager at a batch size of its own."""
+    from service.options import ONNX_EXPORTERS
+    from workers.pipeline import StepLog
+    from workers.steps.export import Export
+
+    ctx = convert(tmp_path, "mlp", targets=("onnxruntime",))
+    assert ctx.onnx_exporter == "dynamo:eager"
+    x = sample_io.at_batch(ctx.signature, 3)["x"]
+    want = build_mlp()(torch_tensor(x)).detach().numpy()
+    opsets = set()
+    for name in ONNX_EXPORTERS:
+        ctx.options.onnx_exporters = [name]
+        result = Export().run(ctx, StepLog("export"))
+        assert result["exporter"] == name and ctx.onnx_exporter == name
+        assert [f"{a['exporter']}:{a['source']}" for a in ctx.export_attempts] == [name]
+        assert ctx.export_attempts[0]["agrees"], ctx.export_attempts[0]
+        import onnxruntime as ort
+
+        got = ort.InferenceSession(ctx.onnx_file, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        np.testing.assert_allclose(got, want, atol=1e-4)
+        opsets.add(next(o.version for o in onnx.load(ctx.onnx_file).opset_import if o.domain in ("", "ai.onnx")))
+    # the TorchScript-based exporter writes opset 17; the torch.export-based one its own, newer
+    assert 17 in opsets and max(opsets) > 17, opsets
+
+
+def build_mlp():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("zoo_mlp", ZOO / "mlp.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build_model()
+
+
+def torch_tensor(x):
+    import torch
+
+    return torch.from_numpy(x)
+
+
+def test_exporters_are_tried_in_the_order_asked_and_say_why_each_was_not_used(tmp_path):
+    """The Hugging Face-like encoder is not scriptable: asked for script then trace, the script
+    exporter is not tried (no script capture), the trace one is used, and the report says both."""
+    ctx = convert(
+        tmp_path,
+        "hf_like",
+        targets=("onnxruntime",),
+        options_extra={"onnx_exporters": ["torchscript:script", "torchscript:trace"]},
+    )
+    assert ctx.onnx_exporter == "torchscript:trace"
+    first, second = ctx.export_attempts
+    assert (first["source"], first.get("skipped")) == ("script", True)
+    assert first["error"] == "not tried: no script capture agrees with eager"
+    assert second["source"] == "trace" and second["agrees"]
+    assert ctx.candidate("onnxruntime-fp32").passed
+
+
+def test_when_every_exporter_fails_the_error_names_each_reason(tmp_path):
+    ctx = convert(
+        tmp_path,
+        "unexportable",
+        targets=("onnxruntime",),
+        options_extra={"onnx_exporters": ["dynamo:eager", "torchscript:eager"]},
+    )
+    error = ctx.step("export").error
+    assert error.startswith("ONNX export failed: dynamo:eager: ")
+    assert "_linalg_eigh" in error and "torchscript:eager: " in error and "linalg_eigvalsh" in error, error
+    assert error.endswith("(tried dynamo:eager, torchscript:eager)")
+
+
+def test_an_unknown_onnx_exporter_is_refused_in_one_line():
+    from service.errors import InvalidOptions
+    from service.options import ConversionOptions
+
+    with pytest.raises(InvalidOptions) as info:
+        ConversionOptions.parse({"onnx_exporters": ["dynamo:eager", "tf2onnx"]})
+    assert str(info.value) == (
+        "onnx_exporters: unknown ONNX exporter 'tf2onnx'; known: dynamo:eager, dynamo:export, "
+        "torchscript:script, torchscript:trace, torchscript:eager"
+    )

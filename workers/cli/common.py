@@ -81,10 +81,17 @@ def _signature_arg(
     return None
 
 
-def _job_options(target, precision, policy, threads, bench_seconds) -> dict:
+EXPORTER_HELP = (
+    "ONNX exporters to try, in order, comma-separated (default: dynamo:eager,dynamo:export,"
+    "torchscript:script,torchscript:trace,torchscript:eager)"
+)
+
+
+def _job_options(target, precision, policy, threads, bench_seconds, onnx_exporter=None) -> dict:
     return {
         "targets": _split(target) or None,
         "precisions": _split(precision) or None,
+        "onnx_exporters": _split(onnx_exporter) or None,
         "policy": policy,
         "threads": threads,
         "bench_seconds": bench_seconds,

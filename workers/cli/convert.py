@@ -9,6 +9,7 @@ import typer
 from service.errors import BadRequest, KilnError
 from service.options import TARGETS
 from workers.cli.common import (
+    EXPORTER_HELP,
     TOKEN,
     _client,
     _fail,
@@ -42,6 +43,7 @@ def convert(
     policy: str = typer.Option("latency", help="Selection policy: latency, throughput or accuracy"),
     threads: int | None = typer.Option(None, help="Threads for runtimes and benchmarks (default: all cores)"),
     bench_seconds: float = typer.Option(1.0, help="Seconds of timing per benchmark point"),
+    onnx_exporter: list[str] | None = typer.Option(None, help=EXPORTER_HELP),
     out_dir: Path = typer.Option(Path("kiln-out"), "--out", help="Directory for report.json and the artifacts"),
     remote: str | None = typer.Option(None, "--remote", help="Convert on this Kiln server instead of locally"),
     name: str | None = typer.Option(None, help="Model name on the server (--remote; default: the file's stem)"),
@@ -61,7 +63,7 @@ def convert(
             input,
             output,
             dim,
-            _job_options(target, precision, policy, threads, bench_seconds),
+            _job_options(target, precision, policy, threads, bench_seconds, onnx_exporter),
             out_dir,
         )
         return
@@ -76,6 +78,8 @@ def convert(
             opts["targets"] = _split(target)
         if precision:
             opts["precisions"] = _split(precision)
+        if onnx_exporter:
+            opts["onnx_exporters"] = _split(onnx_exporter)
         if threads:
             opts["threads"] = threads
         options = ConversionOptions.parse(opts)

@@ -9,6 +9,7 @@ from rich.table import Table
 
 from service.errors import KilnError
 from workers.cli.common import (
+    EXPORTER_HELP,
     SERVER,
     TOKEN,
     _client,
@@ -37,6 +38,7 @@ def job_create(
     policy: str | None = typer.Option(None, help="latency, throughput or accuracy"),
     threads: int | None = typer.Option(None, help="Threads for runtimes and benchmarks"),
     bench_seconds: float | None = typer.Option(None, help="Seconds of timing per benchmark point"),
+    onnx_exporter: list[str] | None = typer.Option(None, help=EXPORTER_HELP),
     watch: bool = typer.Option(False, "--watch", help="Follow the job until it ends"),
     server: str | None = SERVER,
     token: str | None = TOKEN,
@@ -45,7 +47,7 @@ def job_create(
     try:
         with _client(server, token) as client:
             job = client.create_job(
-                model, version=version, **_job_options(target, precision, policy, threads, bench_seconds)
+                model, version=version, **_job_options(target, precision, policy, threads, bench_seconds, onnx_exporter)
             )
             out.print(f"job {job['id']} {job['status']} ({model} v{job['version']})", highlight=False)
             if job.get("waiting"):  # e.g. a GPU target and no GPU worker online

@@ -34,13 +34,19 @@ class Export:
         result = sandboxed(
             ctx,
             "export_onnx",
-            {"out_dir": str(ctx.work / "sandbox" / "onnx"), "captures": [c.model_dump() for c in ctx.captures]},
+            {
+                "out_dir": str(ctx.work / "sandbox" / "onnx"),
+                "captures": [c.model_dump() for c in ctx.captures],
+                "exporters": ctx.options.onnx_exporters,
+            },
             log,
         )
         ctx.export_attempts = result["attempts"]
         for a in ctx.export_attempts:
             what = f"{a['exporter']} exporter from {a['source']}"
-            if not a.get("ok"):
+            if a.get("skipped"):
+                log.info(f"{what}: {a.get('error')}")
+            elif not a.get("ok"):
                 log.info(f"{what}: failed: {a.get('error')}")
             else:
                 log.info(
@@ -50,9 +56,13 @@ class Export:
         chosen = result["chosen"]
         if not chosen:
             reasons = "; ".join(
-                f"{a['exporter']}: {a.get('error') or 'disagrees with eager'}" for a in ctx.export_attempts
+                f"{a['exporter']}:{a['source']}: {a.get('error') or 'disagrees with eager'}"
+                for a in ctx.export_attempts
             )
-            raise ConversionError(f"ONNX export failed: {reasons or 'no capture agrees with eager to export from'}")
+            tried = ", ".join(ctx.options.onnx_exporters)
+            raise ConversionError(
+                f"ONNX export failed: {reasons or 'no capture agrees with eager to export from'} (tried {tried})"
+            )
         shutil.copyfile(produced(ctx, chosen["file"]), target, follow_symlinks=False)
         info = check_onnx(target)
         ctx.onnx_file, ctx.onnx_exporter = str(target), f"{chosen['exporter']}:{chosen['source']}"
