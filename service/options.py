@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from service.errors import InvalidOptions
 
-TARGETS = ("onnxruntime", "torchscript", "tensorrt", "openvino")
+TARGETS = ("onnxruntime", "torchscript", "tensorrt", "openvino", "torch_export", "aotinductor")
 GPU_TARGETS = ("tensorrt",)
 # Where candidates run. A target builds one candidate per device it supports; CUDA candidates
 # are named with a variant suffix (onnxruntime-fp16-cuda, torchscript-bf16-cuda; onnxruntime-fp16-trt

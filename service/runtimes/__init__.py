@@ -12,6 +12,7 @@ from service.runtimes.base import ARTIFACT_META, ArtifactInfo, Runtime
 from service.runtimes.onnxruntime import OnnxRuntime
 from service.runtimes.openvino import OpenVinoRuntime
 from service.runtimes.tensorrt import TensorRTRuntime
+from service.runtimes.torch_export import AOTInductorRuntime, ExportedProgramRuntime
 from service.runtimes.torchscript import TorchScriptRuntime
 
 _REGISTRY: dict[str, type[Runtime]] = {}
@@ -43,7 +44,7 @@ def load(
     directory: Path, *, threads: int | None = None, device: str | None = None, spin: bool = True, isolated: bool = True
 ) -> Runtime:
     """Load a built artifact directory (model file + kiln-artifact.json) with its runtime. An artifact
-    that can run code (TorchScript) runs in an isolated runner process (service/runner.py), unless
+    that can run code (TorchScript, .pt2) runs in an isolated runner process (service/runner.py), unless
     `isolated` is False: only for a caller that is itself inside the boundary (a sandbox op)."""
     info = ArtifactInfo.load(Path(directory))
     cls = get(info.runtime)
@@ -65,7 +66,14 @@ def compute_device(info: ArtifactInfo) -> str:
     return "cpu" if info.device == "cpu" else "cuda"
 
 
-for _cls in (OnnxRuntime, TorchScriptRuntime, TensorRTRuntime, OpenVinoRuntime):
+for _cls in (
+    OnnxRuntime,
+    TorchScriptRuntime,
+    TensorRTRuntime,
+    OpenVinoRuntime,
+    ExportedProgramRuntime,
+    AOTInductorRuntime,
+):
     register(_cls)
 
 __all__ = ["ARTIFACT_META", "ArtifactInfo", "Runtime", "available", "compute_device", "get", "load", "register"]

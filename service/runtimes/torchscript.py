@@ -75,21 +75,27 @@ class TorchScriptRuntime(Runtime):
 
         if threads:
             torch.set_num_threads(threads)
-        module = torch.jit.load(str(self.path), map_location=device)
-        module.eval()
-        # Saving an optimize_for_inference'd module breaks reloading it, so artifacts are saved
-        # frozen and optimized here, after loading. Its passes are for the CPU (oneDNN layouts);
-        # on CUDA the frozen graph (batch norms already folded) is what runs.
-        if device == "cpu":
-            try:
-                module = torch.jit.optimize_for_inference(module)
-            except Exception:  # noqa: BLE001 - an unoptimizable graph still runs as frozen
-                pass
-        self.module = module
+        self.module = self.load_module()
         sig = self.signature()
         self._inputs = list(sig.inputs) if sig else []
         self._outputs = list(sig.outputs) if sig else []
         self._compute = torch_dtype(info.compute_dtype) if info and info.compute_dtype else None
+
+    def load_module(self) -> Any:
+        """The callable that runs the artifact: positional tensors in, tensors (nested or not) out."""
+        import torch
+
+        module = torch.jit.load(str(self.path), map_location=self.device)
+        module.eval()
+        # Saving an optimize_for_inference'd module breaks reloading it, so artifacts are saved
+        # frozen and optimized here, after loading. Its passes are for the CPU (oneDNN layouts);
+        # on CUDA the frozen graph (batch norms already folded) is what runs.
+        if self.device == "cpu":
+            try:
+                module = torch.jit.optimize_for_inference(module)
+            except Exception:  # noqa: BLE001 - an unoptimizable graph still runs as frozen
+                pass
+        return module
 
     def run(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         import torch

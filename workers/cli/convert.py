@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from service.errors import BadRequest, KilnError
+from service.options import TARGETS
 from workers.cli.common import (
     EXPORTER_HELP,
     TOKEN,
@@ -37,9 +38,7 @@ def convert(
     output: list[str] | None = typer.Option(None, "--output", help="Output name (repeatable)"),
     dim: list[str] | None = typer.Option(None, "--dim", help="Dynamic dimension range, e.g. batch=1:8:32 (repeatable)"),
     samples: Path | None = typer.Option(None, help="Sample inputs (.npz) for validation and int8 calibration"),
-    target: list[str] | None = typer.Option(
-        None, help="Targets, comma-separated: onnxruntime,torchscript,tensorrt,openvino"
-    ),
+    target: list[str] | None = typer.Option(None, help=f"Targets, comma-separated: {','.join(TARGETS)}"),
     precision: list[str] | None = typer.Option(None, help="Precisions, comma-separated: fp32,fp16,bf16,int8"),
     policy: str = typer.Option("latency", help="Selection policy: latency, throughput or accuracy"),
     threads: int | None = typer.Option(None, help="Threads for runtimes and benchmarks (default: all cores)"),

@@ -9,6 +9,7 @@ from typing import Protocol
 from workers.compilers.onnxruntime import OnnxRuntimeCompiler
 from workers.compilers.openvino import OpenVinoCompiler
 from workers.compilers.tensorrt import TensorRTCompiler
+from workers.compilers.torch_export import AOTInductorCompiler, TorchExportCompiler
 from workers.compilers.torchscript import TorchScriptCompiler
 from workers.context import Candidate, Context
 from workers.pipeline import StepLog
@@ -33,7 +34,15 @@ class Compiler(Protocol):
 
 
 COMPILERS: dict[str, Compiler] = {
-    c.target: c for c in (OnnxRuntimeCompiler(), TorchScriptCompiler(), TensorRTCompiler(), OpenVinoCompiler())
+    c.target: c
+    for c in (
+        OnnxRuntimeCompiler(),
+        TorchScriptCompiler(),
+        TensorRTCompiler(),
+        OpenVinoCompiler(),
+        TorchExportCompiler(),
+        AOTInductorCompiler(),
+    )
 }
 
 

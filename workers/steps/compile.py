@@ -31,7 +31,7 @@ class Compile:
             for p in ctx.options.precisions
             for v in COMPILERS[t].variants(p, devices)
         ]
-        # Combinations that cannot exist (int8 TorchScript) are not candidates, so never failures.
+        # Combinations that cannot exist (int8 TorchScript, fp16 AOTInductor) are not candidates, so never failures.
         absent = [
             f"{t}-{p}"
             for t in ctx.options.targets
@@ -43,7 +43,8 @@ class Compile:
         if not plan:
             raise ConversionError(
                 f"nothing to build: {', '.join(absent)} cannot be built on {', '.join(devices)} "
-                "(TorchScript builds fp32, bf16 and fp16; the onnxruntime and openvino targets build int8)"
+                "(TorchScript builds fp32, bf16 and fp16; torch_export and aotinductor build fp32 on the CPU; "
+                "the onnxruntime and openvino targets build int8)"
             )
         ctx.candidates = []
         for i, (target, precision, variant) in enumerate(plan):
