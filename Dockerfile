@@ -49,9 +49,10 @@ FROM ${CUDA_IMAGE} AS gpu-base
 
 # Ubuntu 24.04's own Python (3.12; Kiln needs >= 3.11): the CUDA images carry no Python, and
 # the distribution's build is the one that gets security updates with the base image.
-# bubblewrap: the isolation boundary for uploaded code and TorchScript (service/boundary.py)
+# bubblewrap: the isolation boundary for uploaded code and TorchScript (service/boundary.py);
+# g++: AOTInductor compiles the aotinductor target's packages with it (inside the box)
 RUN apt-get update \
-    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 bubblewrap \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 bubblewrap g++ \
     && rm -rf /var/lib/apt/lists/*
 
 FROM gpu-base AS gpu-builder
@@ -115,9 +116,10 @@ CMD ["kiln", "api", "--host", "0.0.0.0", "--port", "8000"]
 # CPU runtime. Last, so that a plain `docker build .` produces it.
 FROM ${PYTHON_IMAGE} AS cpu
 
-# bubblewrap: the isolation boundary for uploaded code and TorchScript (service/boundary.py)
+# bubblewrap: the isolation boundary for uploaded code and TorchScript (service/boundary.py);
+# g++: AOTInductor compiles the aotinductor target's packages with it (inside the box)
 RUN apt-get update \
-    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends bubblewrap \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends bubblewrap g++ \
     && rm -rf /var/lib/apt/lists/*
 RUN groupadd --system --gid 10001 kiln \
     && useradd --system --uid 10001 --gid kiln --home-dir /data --no-create-home --shell /usr/sbin/nologin kiln \
