@@ -1,4 +1,5 @@
-"""A small BERT-like encoder over token ids with a dynamic sequence length:
+"""A small BERT-like encoder (post-LayerNorm blocks, the layout ONNX Runtime's transformer fusions
+recognise) over token ids with a dynamic sequence length:
 ids:int64[batch,seq] -> logits[batch,num_classes]."""
 
 import math
@@ -20,15 +21,21 @@ SMALL_SIGNATURE = {
 
 
 class Attention(nn.Module):
+    """BERT's self-attention: separate query, key and value projections, heads split by a reshape."""
+
     def __init__(self, d: int, heads: int) -> None:
         super().__init__()
         self.heads, self.dh = heads, d // heads
-        self.qkv = nn.Linear(d, 3 * d)
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
         self.out = nn.Linear(d, d)
+
+    def split(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        return x.reshape(b, s, self.heads, self.dh).transpose(1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, d = x.shape
-        q, k, v = self.qkv(x).reshape(b, s, 3, self.heads, self.dh).permute(2, 0, 3, 1, 4)
+        q, k, v = self.split(self.q(x)), self.split(self.k(x)), self.split(self.v(x))
         att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(self.dh), dim=-1)
         return self.out((att @ v).transpose(1, 2).reshape(b, s, d))
 
@@ -52,12 +59,13 @@ class Encoder(nn.Module):
         super().__init__()
         self.tok = nn.Embedding(VOCAB, d)
         self.pos = nn.Embedding(max_len, d)
+        self.ln = nn.LayerNorm(d)
         self.layers = nn.ModuleList(Layer(d, heads, ff) for _ in range(layers))
         self.head = nn.Linear(d, classes)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        pos = torch.arange(ids.shape[1], device=ids.device)
-        x = self.tok(ids) + self.pos(pos)[None]
+        pos = torch.arange(ids.shape[1], device=ids.device)[None].expand_as(ids)
+        x = self.ln(self.tok(ids) + self.pos(pos))
         for layer in self.layers:
             x = layer(x)
         return self.head(x.mean(dim=1))
