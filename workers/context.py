@@ -94,6 +94,9 @@ class Candidate(BaseModel):
     size_bytes: int | None = None
     build_s: float | None = None
     notes: list[str] = Field(default_factory=list)
+    # ONNX Runtime fused operators in the artifact, by type, where the transformer fusions ran
+    # (workers/compilers/fusion.py); empty for every other candidate.
+    fused_ops: dict[str, int] = Field(default_factory=dict)
     validation: Validation | None = None
     benchmark: list[BenchPoint] = Field(default_factory=list)
     speedup: float | None = None  # median over rounds of eager / candidate at the first batch size

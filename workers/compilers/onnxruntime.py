@@ -11,10 +11,13 @@ from service.errors import ConversionError, InvalidOptions
 from service.runtimes.base import ArtifactInfo
 from service.runtimes.onnxruntime import OnnxRuntime, session_options
 from service.runtimes.tensorrt import ort_trt_profile_options
+from workers.compilers.fusion import fuse_transformer, fused_operators, transformer_kind
 from workers.compilers.gpu import CUDA_PROVIDER, TENSORRT_PROVIDER, require_ort_provider
 from workers.compilers.int8 import preprocess, quantize_int8_static
 from workers.context import Candidate, Context
 from workers.pipeline import StepLog
+from workers.sandboxed import load_references, load_samples
+from workers.validation import validate_artifact
 
 # The variant of a GPU candidate -> the device its artifact records (the runtime maps it to a provider).
 GPU_VARIANTS = {"cuda": "cuda", "trt": "tensorrt"}
@@ -50,6 +53,9 @@ class OnnxRuntimeCompiler:
             shutil.rmtree(work)
         work.mkdir(parents=True)
         p = candidate.precision
+        fused = self._fuse(src, work, p, device, log)
+        if fused:
+            src = fused[0]
         provider_options: dict[str, Any] = {}
         if device == "tensorrt":
             # TensorRT picks the precision of each layer itself; the graph stays fp32 (or QDQ for int8).
@@ -91,6 +97,24 @@ class OnnxRuntimeCompiler:
                 "nothing in this graph could be quantized to int8 (no MatMul/Gemm/Conv outside "
                 "control-flow subgraphs); the int8 model would just be the fp32 one"
             )
+        self._emit(ctx, model, out_dir, p, device, candidate.variant, provider_options)
+        candidate.file = "model.onnx"
+        if fused:
+            self._keep_fused_if_valid(
+                ctx, candidate, Path(ctx.onnx_file), work, out_dir, device, provider_options, fused
+            )
+
+    def _emit(
+        self,
+        ctx: Context,
+        model: Path,
+        out_dir: Path,
+        p: str,
+        device: str,
+        variant: str | None,
+        provider_options: dict[str, Any],
+    ) -> None:
+        """Write the artifact (optimized for the CPU, or as it is for a GPU provider) and its info."""
         out_dir.mkdir(parents=True, exist_ok=True)
         if device == "cpu":
             optimize(model, out_dir / "model.onnx", ctx.options.threads)
@@ -100,7 +124,6 @@ class OnnxRuntimeCompiler:
             # for (the CPU's layouts and fused kernels), so GPU artifacts are optimized when loaded.
             shutil.copyfile(model, out_dir / "model.onnx")
             optimization = "ORT_ENABLE_ALL at load, for its provider"
-        candidate.file = "model.onnx"
         info = ArtifactInfo(
             runtime="onnxruntime",
             file="model.onnx",
@@ -108,7 +131,7 @@ class OnnxRuntimeCompiler:
             signature=ctx.signature.to_json(),
             device=device,
             extra={
-                "variant": candidate.variant,
+                "variant": variant,
                 "exporter": ctx.onnx_exporter,
                 "graph_optimization": optimization,
                 **({"provider_options": provider_options} if provider_options else {}),
@@ -120,12 +143,59 @@ class OnnxRuntimeCompiler:
             # missing) from a model that fails validation: the first is "unavailable".
             OnnxRuntime(out_dir / "model.onnx", info=info, threads=ctx.options.threads, device=device).close()
 
-    def _fp16(self, src: Path, work: Path) -> Path:
+    def _fuse(self, src: Path, work: Path, p: str, device: str, log: StepLog) -> tuple[Path, str] | None:
+        """The graph with ONNX Runtime's transformer fusions and its model type, for a transformer's
+        fp32 and fp16 candidates on the CPU and CUDA providers; None for anything else. TensorRT
+        builds its own kernels from standard operators, and the int8 quantizers expect them too."""
+        if p not in ("fp32", "fp16") or device == "tensorrt":
+            return None
+        kind = transformer_kind(src)
+        if kind is None:
+            return None
+        path = work / "fused.onnx"
+        try:
+            stats = fuse_transformer(src, path, kind)
+        except ConversionError as exc:
+            log.info(f"transformer fusions skipped: {exc.detail}")
+            return None
+        return (path, kind) if stats else None
+
+    def _keep_fused_if_valid(
+        self,
+        ctx: Context,
+        candidate: Candidate,
+        src: Path,
+        work: Path,
+        out_dir: Path,
+        device: str,
+        provider_options: dict[str, Any],
+        fused: tuple[Path, str],
+    ) -> None:
+        """Record what fused when the fused artifact agrees with eager PyTorch; otherwise put the
+        unfused graph in its place, saying why, so that a bad fusion never costs the candidate."""
+        p = candidate.precision
+        check = validate_artifact(ctx, out_dir, p, load_samples(ctx), load_references(ctx))
+        if not check.passed:
+            candidate.notes.append(
+                f"ONNX Runtime's transformer fusions ({fused[1]}) were dropped: the fused graph failed "
+                f"validation ({check.reason}); this is the unfused graph"
+            )
+            model = src if p == "fp32" else self._fp16(src, work, name="unfused-fp16.onnx")
+            shutil.rmtree(out_dir)
+            self._emit(ctx, model, out_dir, p, device, candidate.variant, provider_options)
+            return
+        candidate.fused_ops = fused_operators(out_dir / "model.onnx")
+        candidate.notes.append(
+            f"ONNX Runtime's transformer fusions (model type {fused[1]}): "
+            + ", ".join(f"{op} x{n}" for op, n in candidate.fused_ops.items())
+        )
+
+    def _fp16(self, src: Path, work: Path, name: str = "fp16.onnx") -> Path:
         import onnx
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
         model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True, disable_shape_infer=False)
-        path = work / "fp16.onnx"
+        path = work / name
         onnx.save(model, str(path))
         return path
 

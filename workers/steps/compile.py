@@ -89,7 +89,7 @@ def build_candidate(ctx: Context, cand: Candidate, log: StepLog) -> None:
     out_dir = ctx.out / cand.id
     if out_dir.exists():
         shutil.rmtree(out_dir)
-    cand.notes, cand.validation = [], None
+    cand.notes, cand.fused_ops, cand.validation = [], {}, None
     move_candidate(cand, CandidateStatus.PENDING)  # a rebuild starts over
     t0 = time.perf_counter()
     try:
