@@ -50,3 +50,21 @@ def test_models_without_attention_are_left_alone(tmp_path):
     assert not any("transformer fusions" in n for n in cand.notes), cand.notes
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert next(c for c in report["candidates"] if c["id"] == "onnxruntime-fp32")["fused_ops"] == {}
+
+
+def test_scaled_dot_product_attention_fuses_too(tmp_path):
+    # torch.export decomposes it into a Softmax guarded by IsNaN/Where, which ONNX Runtime's own
+    # optimizer does not recognise; onnxscript's fusions do
+    ctx = convert(
+        tmp_path,
+        "transformer",
+        entry="build_small_sdpa",
+        signature=zoo_signature("transformer", "SMALL_SIGNATURE"),
+        targets=("onnxruntime",),
+        precisions=("fp32",),
+    )
+    assert ctx.onnx_exporter == "dynamo:eager"
+    cand = ctx.candidate("onnxruntime-fp32")
+    assert cand.passed, (cand.reason, cand.validation)
+    assert cand.fused_ops.get("Attention", 0) >= 1, (cand.fused_ops, cand.notes)
+    assert any("onnxscript" in n for n in cand.notes), cand.notes

@@ -6,6 +6,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 VOCAB = 1000
 SIGNATURE = {
@@ -23,9 +24,9 @@ SMALL_SIGNATURE = {
 class Attention(nn.Module):
     """BERT's self-attention: separate query, key and value projections, heads split by a reshape."""
 
-    def __init__(self, d: int, heads: int) -> None:
+    def __init__(self, d: int, heads: int, sdpa: bool = False) -> None:
         super().__init__()
-        self.heads, self.dh = heads, d // heads
+        self.heads, self.dh, self.sdpa = heads, d // heads, sdpa
         self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
         self.out = nn.Linear(d, d)
 
@@ -36,14 +37,17 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, d = x.shape
         q, k, v = self.split(self.q(x)), self.split(self.k(x)), self.split(self.v(x))
-        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(self.dh), dim=-1)
-        return self.out((att @ v).transpose(1, 2).reshape(b, s, d))
+        if self.sdpa:  # what Hugging Face models call by default
+            heads = F.scaled_dot_product_attention(q, k, v)
+        else:
+            heads = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(self.dh), dim=-1) @ v
+        return self.out(heads.transpose(1, 2).reshape(b, s, d))
 
 
 class Layer(nn.Module):
-    def __init__(self, d: int, heads: int, ff: int) -> None:
+    def __init__(self, d: int, heads: int, ff: int, sdpa: bool = False) -> None:
         super().__init__()
-        self.att, self.ln1 = Attention(d, heads), nn.LayerNorm(d)
+        self.att, self.ln1 = Attention(d, heads, sdpa), nn.LayerNorm(d)
         self.ff = nn.Sequential(nn.Linear(d, ff), nn.GELU(), nn.Linear(ff, d))
         self.ln2 = nn.LayerNorm(d)
 
@@ -54,13 +58,20 @@ class Layer(nn.Module):
 
 class Encoder(nn.Module):
     def __init__(
-        self, d: int = 256, heads: int = 4, ff: int = 1024, layers: int = 4, classes: int = 16, max_len: int = 512
+        self,
+        d: int = 256,
+        heads: int = 4,
+        ff: int = 1024,
+        layers: int = 4,
+        classes: int = 16,
+        max_len: int = 512,
+        sdpa: bool = False,
     ) -> None:
         super().__init__()
         self.tok = nn.Embedding(VOCAB, d)
         self.pos = nn.Embedding(max_len, d)
         self.ln = nn.LayerNorm(d)
-        self.layers = nn.ModuleList(Layer(d, heads, ff) for _ in range(layers))
+        self.layers = nn.ModuleList(Layer(d, heads, ff, sdpa) for _ in range(layers))
         self.head = nn.Linear(d, classes)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -79,3 +90,9 @@ def build_model() -> nn.Module:
 def build_small() -> nn.Module:
     torch.manual_seed(0)
     return Encoder(d=32, heads=2, ff=64, layers=1, classes=4, max_len=32).eval()
+
+
+def build_small_sdpa() -> nn.Module:
+    """The small encoder with its attention in torch's fused scaled_dot_product_attention."""
+    torch.manual_seed(0)
+    return Encoder(d=32, heads=2, ff=64, layers=1, classes=4, max_len=32, sdpa=True).eval()

@@ -1,21 +1,21 @@
 """ONNX Runtime's transformer fusions for graphs that look like transformers.
 
 ONNX Runtime's session optimizations (ORT_ENABLE_ALL) already fuse SkipLayerNormalization and
-BiasGelu, but never a whole attention block: that takes its offline transformer optimizer
-(`onnxruntime.transformers.optimizer`), which matches BERT's and GPT-2's subgraphs and writes
-Attention, EmbedLayerNormalization and friends (all of the com.microsoft domain, which Kiln's ONNX
-policy accepts). It recognises attention only where query, key and value are three separate MatMuls
-of one input, each followed by Add (bias), Reshape (heads) and Transpose: a single packed QKV
-projection split afterwards (`Linear(d, 3 * d)` then slicing) does not fuse, whichever exporter wrote it.
-"""
+BiasGelu, but never a whole attention block: that takes an offline rewrite into its fused
+com.microsoft operators (Attention, EmbedLayerNormalization, ...; Kiln's ONNX policy accepts that
+domain). Two rewriters do it, each matching the graphs it knows: ONNX Runtime's transformer optimizer
+(`onnxruntime.transformers.optimizer`) and onnxscript's ORT fusions. Both recognise attention only
+where query, key and value are three MatMuls of one input, each followed by a bias Add, a Reshape into
+heads and a Transpose: a single packed QKV projection split afterwards (`Linear(d, 3 * d)` then
+slicing) fuses nothing more than its layer norms and GELUs, whichever exporter wrote it."""
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-from service.errors import ConversionError
 
 # What may lie between an attention's score MatMul and its Softmax: scaling, masking, casts.
 _SCORE_OPS = frozenset({"Div", "Mul", "Add", "Sub", "Where", "Cast", "Reshape"})
@@ -73,20 +73,91 @@ def _causal(model: Any, ops: set[str]) -> bool:
     return False
 
 
-def fuse_transformer(src: Path, dst: Path, kind: str) -> dict[str, int]:
-    """Run ONNX Runtime's transformer optimizer (graph fusions only, heads and hidden size read from
-    the graph) on `src`, save the result to `dst` and return how many of each operator it fused."""
+# The fused operators that replace a whole attention block.
+ATTENTION_OPS = frozenset({"Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention"})
+
+
+@dataclass
+class Fusion:
+    """The fused graph a compiler builds from, and how it was made."""
+
+    path: Path
+    kind: str  # the optimizer's model type: bert or gpt2
+    route: str  # which rewriters made it
+    fused_ops: dict[str, int]  # the fused operators it gained, by type
+    tried: dict[str, str] = field(default_factory=dict)  # route -> what it gave or why it failed
+
+
+def fuse_transformer(src: Path, work: Path, kind: str) -> Fusion | None:
+    """The best fused graph of `src`, or None when no route fused anything.
+
+    Two routes: ONNX Runtime's transformer optimizer (its patterns are those of the TorchScript-based
+    exporter's graphs and of eager attention), and onnxscript's ORT fusions followed by that optimizer
+    (onnxscript's patterns are those of the torch.export-based exporter: scaled_dot_product_attention
+    decomposes there into a Softmax guarded by IsNaN/Where, which the optimizer does not recognise).
+    The graph with the most attention operators wins, then the one with the fewest nodes."""
+    before = fused_operators(src)
+    results: list[tuple[str, Path]] = []
+    tried: dict[str, str] = {}
+
+    def attempt(route: str, fn: Callable[[], Path]) -> Path | None:
+        try:
+            path = fn()
+        except Exception as exc:  # noqa: BLE001 - each rewriter raises whatever its pattern matching hits
+            tried[route] = f"failed: {type(exc).__name__}: {str(exc).strip()[:200]}"
+            return None
+        new_ops = gained(before, fused_operators(path))
+        tried[route] = ", ".join(f"{op} x{n}" for op, n in new_ops.items()) or "nothing fused"
+        if new_ops:
+            results.append((route, path))
+        return path
+
+    attempt("ONNX Runtime transformer optimizer", lambda: _ort_optimizer(src, work / "fused-ort.onnx", kind))
+    rewritten = attempt("onnxscript ORT fusions", lambda: _onnxscript(src, work / "fused-onnxscript.onnx"))
+    if rewritten is not None:
+        attempt(
+            "onnxscript ORT fusions, then ONNX Runtime transformer optimizer",
+            lambda: _ort_optimizer(rewritten, work / "fused-onnxscript-ort.onnx", kind),
+        )
+    if not results:
+        return None
+
+    def score(item: tuple[str, Path]) -> tuple[int, int]:
+        ops = fused_operators(item[1])
+        return sum(n for op, n in ops.items() if op in ATTENTION_OPS), -_node_count(item[1])
+
+    route, path = max(results, key=score)
+    return Fusion(path=path, kind=kind, route=route, fused_ops=gained(before, fused_operators(path)), tried=tried)
+
+
+def _ort_optimizer(src: Path, dst: Path, kind: str) -> Path:
     from onnxruntime.transformers.optimizer import optimize_model
 
-    try:
-        # opt_level 0: the Python fusions only; ONNX Runtime's own session optimizations run later,
-        # for the provider the artifact is built for.
-        optimized = optimize_model(str(src), model_type=kind, num_heads=0, hidden_size=0, opt_level=0)
-        stats = optimized.get_fused_operator_statistics()
-        optimized.save_model_to_file(str(dst))
-    except Exception as exc:  # noqa: BLE001 - the optimizer raises whatever its pattern matching hits
-        raise ConversionError(f"the transformer optimizer failed: {str(exc).splitlines()[0][:300]}") from None
-    return {op: int(n) for op, n in sorted(stats.items()) if n}
+    # opt_level 0: the Python fusions only; ONNX Runtime's own session optimizations run later, for the
+    # provider the artifact is built for. num_heads and hidden_size 0: read from the graph's reshapes.
+    optimized = optimize_model(str(src), model_type=kind, num_heads=0, hidden_size=0, opt_level=0)
+    optimized.save_model_to_file(str(dst))
+    return dst
+
+
+def _onnxscript(src: Path, dst: Path) -> Path:
+    import onnx_ir as ir
+    from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+    model, _ = optimize_for_ort(ir.load(str(src)))
+    ir.save(model, str(dst))
+    return dst
+
+
+def gained(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """The operators `after` has more of than `before`, and how many more."""
+    return {op: n - before.get(op, 0) for op, n in after.items() if n > before.get(op, 0)}
+
+
+def _node_count(path: Path) -> int:
+    import onnx
+
+    return len(onnx.load(str(path), load_external_data=False).graph.node)
 
 
 def fused_operators(path: Path) -> dict[str, int]:

@@ -11,7 +11,7 @@ from service.errors import ConversionError, InvalidOptions
 from service.runtimes.base import ArtifactInfo
 from service.runtimes.onnxruntime import OnnxRuntime, session_options
 from service.runtimes.tensorrt import ort_trt_profile_options
-from workers.compilers.fusion import fuse_transformer, fused_operators, transformer_kind
+from workers.compilers.fusion import Fusion, fuse_transformer, fused_operators, gained, transformer_kind
 from workers.compilers.gpu import CUDA_PROVIDER, TENSORRT_PROVIDER, require_ort_provider
 from workers.compilers.int8 import preprocess, quantize_int8_static
 from workers.context import Candidate, Context
@@ -55,7 +55,7 @@ class OnnxRuntimeCompiler:
         p = candidate.precision
         fused = self._fuse(src, work, p, device, log)
         if fused:
-            src = fused[0]
+            src = fused.path
         provider_options: dict[str, Any] = {}
         if device == "tensorrt":
             # TensorRT picks the precision of each layer itself; the graph stays fp32 (or QDQ for int8).
@@ -143,22 +143,21 @@ class OnnxRuntimeCompiler:
             # missing) from a model that fails validation: the first is "unavailable".
             OnnxRuntime(out_dir / "model.onnx", info=info, threads=ctx.options.threads, device=device).close()
 
-    def _fuse(self, src: Path, work: Path, p: str, device: str, log: StepLog) -> tuple[Path, str] | None:
-        """The graph with ONNX Runtime's transformer fusions and its model type, for a transformer's
-        fp32 and fp16 candidates on the CPU and CUDA providers; None for anything else. TensorRT
-        builds its own kernels from standard operators, and the int8 quantizers expect them too."""
+    def _fuse(self, src: Path, work: Path, p: str, device: str, log: StepLog) -> Fusion | None:
+        """The transformer-fused graph for a transformer's fp32 and fp16 candidates on the CPU and
+        CUDA providers; None for anything else. TensorRT builds its own kernels from standard
+        operators, and the int8 quantizers expect standard operators too."""
         if p not in ("fp32", "fp16") or device == "tensorrt":
             return None
         kind = transformer_kind(src)
         if kind is None:
             return None
-        path = work / "fused.onnx"
-        try:
-            stats = fuse_transformer(src, path, kind)
-        except ConversionError as exc:
-            log.info(f"transformer fusions skipped: {exc.detail}")
-            return None
-        return (path, kind) if stats else None
+        fusion = fuse_transformer(src, work, kind)
+        for route, result in (fusion.tried if fusion else {}).items():
+            log.info(f"transformer fusions by {route}: {result}")
+        if fusion is None:
+            log.info("transformer fusions: no rewriter fused anything in this graph")
+        return fusion
 
     def _keep_fused_if_valid(
         self,
@@ -169,7 +168,7 @@ class OnnxRuntimeCompiler:
         out_dir: Path,
         device: str,
         provider_options: dict[str, Any],
-        fused: tuple[Path, str],
+        fused: Fusion,
     ) -> None:
         """Record what fused when the fused artifact agrees with eager PyTorch; otherwise put the
         unfused graph in its place, saying why, so that a bad fusion never costs the candidate."""
@@ -177,16 +176,17 @@ class OnnxRuntimeCompiler:
         check = validate_artifact(ctx, out_dir, p, load_samples(ctx), load_references(ctx))
         if not check.passed:
             candidate.notes.append(
-                f"ONNX Runtime's transformer fusions ({fused[1]}) were dropped: the fused graph failed "
-                f"validation ({check.reason}); this is the unfused graph"
+                f"transformer fusions ({fused.route}) dropped: the fused graph failed validation "
+                f"({check.reason}); this is the unfused graph"
             )
             model = src if p == "fp32" else self._fp16(src, work, name="unfused-fp16.onnx")
             shutil.rmtree(out_dir)
             self._emit(ctx, model, out_dir, p, device, candidate.variant, provider_options)
             return
-        candidate.fused_ops = fused_operators(out_dir / "model.onnx")
+        # What the served artifact holds, with what ONNX Runtime's session optimizations fused besides
+        candidate.fused_ops = gained(fused_operators(src), fused_operators(out_dir / "model.onnx"))
         candidate.notes.append(
-            f"ONNX Runtime's transformer fusions (model type {fused[1]}): "
+            f"transformer fusions (model type {fused.kind}, by {fused.route}): "
             + ", ".join(f"{op} x{n}" for op, n in candidate.fused_ops.items())
         )
 
