@@ -4,15 +4,25 @@ on models without attention, through the real exporters, optimizer, runtimes and
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import numpy as np
 import onnx
+import pytest
+from onnx import numpy_helper
 
 from tests.conftest import zoo_signature
 from tests.workers.test_engine import convert
-from workers.compilers.fusion import fused_operators, transformer_kind
+from workers.compilers.fusion import fuse_transformer, fused_operators, transformer_kind
+from workers.compilers.onnxruntime import OnnxRuntimeCompiler
+from workers.context import Candidate
+from workers.sandboxed import load_references, load_samples
+from workers.validation import validate_artifact
 
 
-def test_transformer_candidates_fuse_attention_and_count_it(tmp_path):
+@pytest.fixture(scope="module")
+def small_transformer(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("transformer")
     ctx = convert(
         tmp_path,
         "transformer",
@@ -21,6 +31,11 @@ def test_transformer_candidates_fuse_attention_and_count_it(tmp_path):
         targets=("onnxruntime",),
         precisions=("fp32", "fp16"),
     )
+    return tmp_path, ctx
+
+
+def test_transformer_candidates_fuse_attention_and_count_it(small_transformer):
+    tmp_path, ctx = small_transformer
     assert transformer_kind(ctx.onnx_file) == "bert"
     for cid in ("onnxruntime-fp32", "onnxruntime-fp16"):
         cand = ctx.candidate(cid)
@@ -39,6 +54,27 @@ def test_transformer_candidates_fuse_attention_and_count_it(tmp_path):
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     record = next(c for c in report["candidates"] if c["id"] == "onnxruntime-fp32")
     assert record["fused_ops"] == ctx.candidate("onnxruntime-fp32").fused_ops
+
+
+def test_a_fused_graph_that_fails_validation_gives_way_to_the_unfused_one(small_transformer, tmp_path):
+    _, ctx = small_transformer
+    src = Path(ctx.onnx_file)
+    fusion = fuse_transformer(src, tmp_path, "bert")
+    assert fusion is not None and fusion.fused_ops.get("Attention")
+    # a real fused graph gone wrong: its classifier's weights scaled, as a faulty rewrite could
+    model = onnx.load(str(fusion.path))
+    weight = next(t for t in model.graph.initializer if "head" in t.name and len(t.dims) == 2)
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * np.float32(3), weight.name))
+    onnx.save(model, str(fusion.path))
+    cand = Candidate(id="onnxruntime-fp32", target="onnxruntime", precision="fp32")
+    out_dir = tmp_path / "artifact"
+    compiler = OnnxRuntimeCompiler()
+    compiler._emit(ctx, fusion.path, out_dir, "fp32", "cpu", None, {})
+    compiler._keep_fused_if_valid(ctx, cand, src, tmp_path, out_dir, "cpu", {}, fusion)
+    assert cand.fused_ops == {}
+    assert "dropped: the fused graph failed validation" in cand.notes[0], cand.notes
+    assert "Attention" not in fused_operators(out_dir / "model.onnx")
+    assert validate_artifact(ctx, out_dir, "fp32", load_samples(ctx), load_references(ctx)).passed
 
 
 def test_models_without_attention_are_left_alone(tmp_path):
