@@ -104,3 +104,46 @@ def test_scaled_dot_product_attention_fuses_too(tmp_path):
     assert cand.passed, (cand.reason, cand.validation)
     assert cand.fused_ops.get("Attention", 0) >= 1, (cand.fused_ops, cand.notes)
     assert any("onnxscript" in n for n in cand.notes), cand.notes
+
+
+def _attention_graph(tmp_path: Path, name: str, *, mask: str | None, norm: bool = True, weight: bool = False) -> Path:
+    """Scores of two activations (or of an activation and a weight), masked or not, into Softmax."""
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    inits = [
+        numpy_helper.from_array(np.ones(8, np.float32), "gamma"),
+        numpy_helper.from_array(np.array(2.0, np.float32), "scale"),
+        numpy_helper.from_array(np.ones((8, 4), np.float32), "w"),
+        numpy_helper.from_array(np.array(-1e9, np.float32), "neg"),
+    ]
+    nodes = [helper.make_node("LayerNormalization" if norm else "Identity", ["x", "gamma"][: 2 if norm else 1], ["h"])]
+    nodes.append(helper.make_node("Transpose", ["h"], ["ht"], perm=[0, 2, 1]))
+    nodes.append(helper.make_node("MatMul", ["h", "w" if weight else "ht"], ["s"]))
+    nodes.append(helper.make_node("Div", ["s", "scale"], ["scaled"]))
+    scores = "scaled"
+    if mask == "trilu":
+        inits.append(numpy_helper.from_array(np.ones((4, 4), bool), "ones"))
+        nodes.append(helper.make_node("Trilu", ["ones"], ["keep"], upper=0))
+    elif mask == "constant":
+        inits.append(numpy_helper.from_array(np.tril(np.ones((4, 4), bool)), "keep"))
+    if mask:
+        nodes.append(helper.make_node("Where", ["keep", "scaled", "neg"], ["masked"]))
+        scores = "masked"
+    nodes.append(helper.make_node("Softmax", [scores], ["y"], axis=-1))
+    model = helper.make_model(
+        helper.make_graph(nodes, name, [x], [y], inits), opset_imports=[helper.make_opsetid("", 17)]
+    )
+    path = tmp_path / f"{name}.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def test_transformer_kind_reads_the_graph(tmp_path):
+    assert transformer_kind(_attention_graph(tmp_path, "encoder", mask=None)) == "bert"
+    assert transformer_kind(_attention_graph(tmp_path, "trilu", mask="trilu")) == "gpt2"
+    assert transformer_kind(_attention_graph(tmp_path, "tril_buffer", mask="constant")) == "gpt2"
+    # a Softmax over a projection by weights is a classifier, not attention; no norm, no transformer
+    assert transformer_kind(_attention_graph(tmp_path, "classifier", mask=None, weight=True)) is None
+    assert transformer_kind(_attention_graph(tmp_path, "no_norm", mask=None, norm=False)) is None

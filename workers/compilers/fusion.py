@@ -35,21 +35,19 @@ def transformer_kind(path: Path) -> str | None:
     }
     producer = {o: n for n in graph.node for o in n.output}
 
-    def attention_scores(softmax: Any) -> bool:
-        name = softmax.input[0]
-        for _ in range(4):
-            node = producer.get(name)
-            if node is None:
-                return False
-            if node.op_type == "MatMul":
-                return not (set(node.input) & constants)
-            if node.op_type not in _SCORE_OPS:
-                return False
-            name = next((i for i in node.input if i in producer and i not in constants), "")
-        return False
+    def attention_scores(name: str, depth: int = 4) -> bool:
+        node = producer.get(name)
+        if node is None or depth == 0:
+            return False
+        if node.op_type == "MatMul":
+            return not (set(node.input) & constants)
+        if node.op_type not in _SCORE_OPS:
+            return False
+        # any input: a mask may come first (Where's condition)
+        return any(attention_scores(i, depth - 1) for i in node.input if i not in constants)
 
     ops = {n.op_type for n in graph.node}
-    if not (ops & _NORM_OPS) or not any(attention_scores(n) for n in graph.node if n.op_type == "Softmax"):
+    if not (ops & _NORM_OPS) or not any(attention_scores(n.input[0]) for n in graph.node if n.op_type == "Softmax"):
         return None
     return "gpt2" if _causal(model, ops) else "bert"
 
