@@ -120,6 +120,10 @@ def summary(report: dict[str, Any]) -> str:
         lines.append(
             f"| {c['id']} | {status} | {max_abs} | {cos} | {top1} | {p50} | {sp} | {str(note).replace('|', '/')[:160]} |"
         )
+    fused = [c for c in report["candidates"] if c.get("fused_ops")]
+    if fused:
+        lines += ["", "Fused operators in the ONNX Runtime artifacts of this transformer:", ""]
+        lines += [f"- {c['id']}: " + ", ".join(f"{op} x{n}" for op, n in c["fused_ops"].items()) for c in fused]
     cond = report.get("benchmark_conditions") or {}
     if cond:
         lines += ["", conditions_line(cond)]

@@ -54,6 +54,8 @@ def test_transformer_candidates_fuse_attention_and_count_it(small_transformer):
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     record = next(c for c in report["candidates"] if c["id"] == "onnxruntime-fp32")
     assert record["fused_ops"] == ctx.candidate("onnxruntime-fp32").fused_ops
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert f"- onnxruntime-fp32: Attention x{record['fused_ops']['Attention']}" in summary
 
 
 def test_a_fused_graph_that_fails_validation_gives_way_to_the_unfused_one(small_transformer, tmp_path):
@@ -86,6 +88,7 @@ def test_models_without_attention_are_left_alone(tmp_path):
     assert not any("transformer fusions" in n for n in cand.notes), cand.notes
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert next(c for c in report["candidates"] if c["id"] == "onnxruntime-fp32")["fused_ops"] == {}
+    assert "Fused operators" not in (tmp_path / "out" / "summary.md").read_text()
 
 
 def test_scaled_dot_product_attention_fuses_too(tmp_path):
