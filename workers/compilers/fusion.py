@@ -19,13 +19,17 @@ from typing import Any
 
 # What may lie between an attention's score MatMul and its Softmax: scaling, masking, casts.
 _SCORE_OPS = frozenset({"Div", "Mul", "Add", "Sub", "Where", "Cast", "Reshape"})
-_NORM_OPS = frozenset({"LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization"})
+_NORM_OPS = frozenset(
+    {"LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization"}
+)
+# A layer or RMS norm written out in basic operators (older opsets, hand-written norms).
+_DECOMPOSED_NORM = frozenset({"ReduceMean", "Pow", "Sqrt"})
 
 
 def transformer_kind(path: Path) -> str | None:
     """The transformer optimizer's model type for this graph: "gpt2" for a causal decoder, "bert"
     for an encoder, None when its top-level graph has no attention (MatMul of two activations,
-    scaled or masked, into Softmax) or no layer normalization."""
+    scaled or masked, into Softmax) or no layer (or RMS) normalization."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
@@ -47,7 +51,8 @@ def transformer_kind(path: Path) -> str | None:
         return any(attention_scores(i, depth - 1) for i in node.input if i not in constants)
 
     ops = {n.op_type for n in graph.node}
-    if not (ops & _NORM_OPS) or not any(attention_scores(n.input[0]) for n in graph.node if n.op_type == "Softmax"):
+    normalized = bool(ops & _NORM_OPS) or ops >= _DECOMPOSED_NORM
+    if not normalized or not any(attention_scores(n.input[0]) for n in graph.node if n.op_type == "Softmax"):
         return None
     return "gpt2" if _causal(model, ops) else "bert"
 
@@ -56,6 +61,7 @@ def _causal(model: Any, ops: set[str]) -> bool:
     """Whether the graph masks attention causally: a Trilu, a past key/value input, or a constant
     lower-triangular square mask (what a `torch.tril(torch.ones(n, n))` buffer exports as)."""
     import numpy as np
+    import onnx
     from onnx import numpy_helper
 
     if "Trilu" in ops or any("past" in i.name.lower() for i in model.graph.input):
@@ -64,7 +70,8 @@ def _causal(model: Any, ops: set[str]) -> bool:
         a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"
     ]
     for t in tensors:
-        if len(t.dims) >= 2 and t.dims[-1] == t.dims[-2] > 1 and int(np.prod(t.dims)) <= 1 << 24:
+        external = t.data_location == onnx.TensorProto.EXTERNAL
+        if not external and len(t.dims) >= 2 and t.dims[-1] == t.dims[-2] > 1 and int(np.prod(t.dims)) <= 1 << 22:
             a = numpy_helper.to_array(t).astype(np.float64)
             if np.array_equal(np.tril(a), a) and not np.array_equal(np.triu(a), a):
                 return True
