@@ -96,10 +96,11 @@ class Fusion:
 def fuse_transformer(src: Path, work: Path, kind: str) -> Fusion | None:
     """The best fused graph of `src`, or None when no route fused anything.
 
-    Two routes: ONNX Runtime's transformer optimizer (its patterns are those of the TorchScript-based
-    exporter's graphs and of eager attention), and onnxscript's ORT fusions followed by that optimizer
-    (onnxscript's patterns are those of the torch.export-based exporter: scaled_dot_product_attention
-    decomposes there into a Softmax guarded by IsNaN/Where, which the optimizer does not recognise).
+    Three routes: ONNX Runtime's transformer optimizer (its patterns are those of the TorchScript-based
+    exporter's graphs and of attention written out by hand), onnxscript's ORT fusions (its patterns are
+    those of the torch.export-based exporter, where scaled_dot_product_attention decomposes into a
+    Softmax guarded by IsNaN/Where that the optimizer does not recognise), and onnxscript's followed by
+    the optimizer (which may add EmbedLayerNormalization). A route that raises is recorded and skipped.
     The graph with the most attention operators wins, then the one with the fewest nodes."""
     before = fused_operators(src)
     results: list[tuple[str, Path]] = []
