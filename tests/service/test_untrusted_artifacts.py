@@ -464,3 +464,95 @@ def test_code_bearing_artifacts_load_in_process_only_inside_the_box(tmp_path, mo
     monkeypatch.delenv(runtimes.INSIDE_BOX, raising=False)
     with pytest.raises(RuntimeUnavailable, match="only inside the isolation boundary"):
         runtimes.load(tmp_path, isolated=False)
+
+
+# A shared library whose constructor runs as soon as it is loaded: it copies a host secret to a host
+# file (both paths compiled in). Dropped into an AOTInductor package as the model's library.
+CONSTRUCTOR_C = r"""
+#include <stdio.h>
+__attribute__((constructor)) static void strike(void) {
+    char buf[256] = {0};
+    FILE *in = fopen(SECRET, "r");
+    FILE *out = fopen(MARKER, "w");
+    if (out) {
+        if (in) { size_t n = fread(buf, 1, sizeof buf - 1, in); fwrite(buf, 1, n, out); }
+        fputs("ran", out);
+        fclose(out);
+    }
+    if (in) fclose(in);
+}
+"""
+
+
+def test_an_aotinductor_package_runs_its_library_only_inside_the_runners_box(tmp_path, host_secret):
+    """An aotinductor artifact is a zip with a compiled library that is loaded (and so runs) when the
+    package is. Served, it is loaded by the isolated runner: a library whose constructor copies a host
+    secret to a host file leaves nothing on the host. Loaded directly on the host, the same library
+    does write the file, so the attack is real."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    if shutil.which("gcc") is None:
+        pytest.skip("no gcc to build the attacking library")
+    marker = Path(tempfile.gettempdir()) / f"kiln-aoti-{uuid.uuid4().hex}"
+    lib = tmp_path / "attack.so"
+    src = tmp_path / "attack.c"
+    src.write_text(CONSTRUCTOR_C)
+    subprocess.run(
+        ["gcc", "-shared", "-fPIC", f'-DSECRET="{host_secret}"', f'-DMARKER="{marker}"', "-o", str(lib), str(src)],
+        check=True,
+    )
+    art = tmp_path / "artifact"
+    art.mkdir()
+    stem = "pkg/data/aotinductor/model/cattack"
+    meta = {
+        "AOTI_DEVICE_KEY": "cpu",
+        "AOTI_PLATFORM": "linux",
+        "AOTI_MACHINE": __import__("platform").machine(),
+        "AOTI_CPU_ISA": "",
+        "AOTI_COMPUTE_CAPABILITY": "",
+    }
+    with zipfile.ZipFile(art / "model.pt2", "w") as zf:
+        for name, data in {
+            "pkg/archive_format": b"pt2",
+            "pkg/archive_version": b"0",
+            "pkg/.data/version": b"6\n",
+            "pkg/byteorder": b"little",
+            f"{stem}.wrapper_metadata.json": json.dumps(meta).encode(),
+        }.items():
+            zf.writestr(name, data)
+        zf.write(lib, f"{stem}.wrapper.so")
+    (art / "kiln-artifact.json").write_text(
+        json.dumps(
+            {
+                "runtime": "aotinductor",
+                "file": "model.pt2",
+                "precision": "fp32",
+                "signature": {
+                    "inputs": [{"name": "x", "dtype": "float32", "shape": ["batch", 4]}],
+                    "outputs": [{"name": "y"}],
+                },
+                "device": "cpu",
+                "extra": {},
+            }
+        )
+    )
+    from service import runtimes
+
+    try:
+        rt = runtimes.load(art)  # the serving path: an isolated runner
+        try:
+            rt.run({"x": __import__("numpy").zeros((1, 4), dtype="float32")})
+        finally:
+            rt.close()
+    except Exception:  # noqa: BLE001 - the package is not a working model; what matters is the host
+        pass
+    assert not marker.exists(), marker.read_text()
+    # the control: loaded on the host, the library does run and write
+    subprocess.run([sys.executable, "-c", f"import ctypes; ctypes.CDLL({str(lib)!r})"], check=True)
+    try:
+        assert marker.read_text().endswith("ran")
+    finally:
+        marker.unlink(missing_ok=True)
