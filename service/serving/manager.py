@@ -444,17 +444,34 @@ class SyncLoop:
             self._wake.clear()
 
 
-async def infer(served: Served, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Run a checked request through the deployment's batcher."""
+def _ready_batcher(served: Served) -> Batcher:
     if served.state != DeploymentState.READY or served.batcher is None:
         raise Unavailable(
             f"model {served.name!r} version {served.version} is not ready"
             + (f": {served.error}" if served.error else "")
         )
+    return served.batcher
+
+
+async def infer(served: Served, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run a checked request through the deployment's batcher (from an event loop)."""
+    batcher = _ready_batcher(served)
     start = time.perf_counter()
-    metrics.IN_FLIGHT.labels(served.name, str(served.version)).inc()
+    batcher.m_in_flight.inc()
     try:
-        return await served.batcher.infer(inputs)
+        return await batcher.infer(inputs)
     finally:
-        metrics.IN_FLIGHT.labels(served.name, str(served.version)).dec()
-        metrics.REQUEST.labels(served.name, str(served.version)).observe(time.perf_counter() - start)
+        batcher.m_in_flight.dec()
+        batcher.m_request.observe(time.perf_counter() - start)
+
+
+def infer_blocking(served: Served, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run a checked request through the deployment's batcher, from a thread that may block."""
+    batcher = _ready_batcher(served)
+    start = time.perf_counter()
+    batcher.m_in_flight.inc()
+    try:
+        return batcher.infer_blocking(inputs)
+    finally:
+        batcher.m_in_flight.dec()
+        batcher.m_request.observe(time.perf_counter() - start)
