@@ -67,6 +67,7 @@ class Batcher:
         # the runner threads; shut down once they have ended (after close)
         self._pool = ThreadPoolExecutor(max_workers=len(runners), thread_name_prefix=f"infer-{labels[0]}")
         self._threads: list[Future] = []
+        self._free = list(range(len(runners)))  # instances no thread is running now
         self._closed = False
         # label lookups done once, not per request
         self.m_requests = metrics.REQUESTS.labels(*labels)
@@ -109,36 +110,63 @@ class Batcher:
                 else:
                     fut.set_result(result)  # type: ignore[arg-type]
 
-        self._put(inputs, answer, fut.cancelled)
+        item = self._item(inputs, answer, fut.cancelled)
+        with self._cond:
+            self._check_open()
+            # Nothing waiting and an instance free: this thread runs the request itself, sparing
+            # two thread switches; otherwise it joins the queue like any other request.
+            instance = self._free.pop() if not self._queue and self._free else None
+            if instance is None:
+                self._enqueue(item)
+        if instance is not None:
+            self._run_on(instance, [item], item.rows)
         return fut.result(timeout)
 
-    def _put(self, inputs: Arrays, answer, gone) -> None:
+    def _item(self, inputs: Arrays, answer, gone) -> _Item:
         rows = next(iter(inputs.values())).shape[0] if self.batching else 1
         key = tuple((n, a.shape[1:], a.dtype.str) for n, a in sorted(inputs.items())) if self.batching else ()
-        item = _Item(inputs, rows, key, answer, gone)
+        return _Item(inputs, rows, key, answer, gone)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise Unloaded(f"model {self.labels[0]!r} version {self.labels[1]} was just unloaded; send again")
+
+    def _put(self, inputs: Arrays, answer, gone) -> None:
+        item = self._item(inputs, answer, gone)
         with self._cond:
-            if self._closed:
-                raise Unloaded(f"model {self.labels[0]!r} version {self.labels[1]} was just unloaded; send again")
-            if not self._threads:
-                self._threads = [self._pool.submit(self._serve, i) for i in range(len(self.runners))]
-            self._queue.append(item)
-            self._cond.notify()
+            self._check_open()
+            self._enqueue(item)
+
+    def _enqueue(self, item: _Item) -> None:
+        """Queue a request (under the lock), starting the runner threads on first use."""
+        if not self._threads:
+            self._threads = [self._pool.submit(self._serve) for _ in self.runners]
+        self._queue.append(item)
+        self._cond.notify()
 
     # --- the runner threads -------------------------------------------------------------------------
-    def _serve(self, instance: int) -> None:
-        run = self.runners[instance]
+    def _serve(self) -> None:
         while True:
             with self._cond:
-                while not self._queue and not self._closed:
+                while not (self._queue and self._free) and not (self._closed and not self._queue):
                     self._cond.wait()
                 if not self._queue:  # closed, and everything accepted has been taken
                     return
+                instance = self._free.pop()
                 batch, rows = self._take()
+            self._run_on(instance, batch, rows)
+
+    def _run_on(self, instance: int, batch: list[_Item], rows: int) -> None:
+        """Run a batch on an instance taken from the free list, then give the instance back."""
+        try:
             if batch:
-                try:
-                    self._run(run, batch, rows)
-                except Exception:  # a bug here must not stop the thread that serves the queue
-                    logger.exception("batch of %d request(s) for %s v%s failed", len(batch), *self.labels)
+                self._run(self.runners[instance], batch, rows)
+        except Exception:  # a bug here must not stop the thread that serves the queue
+            logger.exception("batch of %d request(s) for %s v%s failed", len(batch), *self.labels)
+        finally:
+            with self._cond:
+                self._free.append(instance)
+                self._cond.notify_all()
 
     def _take(self) -> tuple[list[_Item], int]:
         """The next batch (under the lock): the oldest request, and those queued behind it that fit."""
@@ -199,8 +227,11 @@ class Batcher:
 
     # --- unloading ------------------------------------------------------------------------------------
     def wait_idle(self, timeout: float) -> None:
-        """Block until the runner threads have ended (after `close`) and their runs are done."""
+        """Block until the runner threads have ended (after `close`) and every run is done."""
         deadline = time.monotonic() + timeout
+        with self._cond:
+            while len(self._free) < len(self.runners) and time.monotonic() < deadline:
+                self._cond.wait(max(0.0, deadline - time.monotonic()))
         for t in list(self._threads):
             try:
                 t.result(max(0.0, deadline - time.monotonic()))
