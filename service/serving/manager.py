@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -57,12 +58,12 @@ class Served:
     instances: list[Runtime] = field(default_factory=list)
     updated: float = 0.0
 
-    @property
+    @cached_property
     def input_dtypes(self) -> dict[str, str]:
         # a signature is refused when an input has no dtype, so every input is here
         return {s.name: s.dtype for s in self.signature.inputs if s.dtype is not None}
 
-    @property
+    @cached_property
     def output_dtypes(self) -> dict[str, str | None]:
         """Every output; None where the signature leaves its dtype to the runtime."""
         return {s.name: s.dtype for s in self.signature.outputs}
