@@ -19,7 +19,8 @@ What it does, in order:
    --open serves Kiln with authentication off instead.
 3. Per model, times the served artifact in this process while the Kiln server idles:
    `service.runtimes.load(dir).run(...)` at batch 1, with the intra-op thread count Kiln's server
-   gives a deployment of one instance (os.cpu_count() // instances); and eager PyTorch at batch 1
+   gives a deployment of one instance (os.cpu_count() // instances) and, as Kiln serves it, no
+   spinning between runs (KILN_SERVING_SPIN_WAIT's default); and eager PyTorch at batch 1
    with as many torch threads.
 4. Loads Kiln from the clients below: over HTTP, one client (JSON, binary, binary with batching
    off) and --clients concurrent clients (binary with each delay and with batching off, JSON with
@@ -391,7 +392,7 @@ def reference(directory: Path, inputs: dict, threads: int) -> dict:
     """The raw runtime's answer, which every server's is checked against."""
     from service import runtimes
 
-    rt = runtimes.load(directory, threads=threads)
+    rt = runtimes.load(directory, threads=threads, spin=False)
     try:
         return rt.run(inputs)
     finally:
@@ -401,7 +402,7 @@ def reference(directory: Path, inputs: dict, threads: int) -> dict:
 def measure_raw(directory: Path, inputs: dict, threads: int, seconds: float) -> tuple[list[float], Cpu, dict]:
     from service import runtimes
 
-    rt = runtimes.load(directory, threads=threads)
+    rt = runtimes.load(directory, threads=threads, spin=False)
     try:
         outputs = rt.run(inputs)
         lat, cpu = time_loop(lambda: rt.run(inputs), seconds)
@@ -685,7 +686,7 @@ def one_client_interleaved(
     def over_grpc() -> None:
         client.infer(dep, [tensor], headers=headers)
 
-    rt = runtimes.load(i["art"], threads=threads)
+    rt = runtimes.load(i["art"], threads=threads, spin=False)
     feeds = {i["input"]: i["x"]}
     contenders = {
         "Kiln JSON, 1 client (Python client)": over_http(js),
