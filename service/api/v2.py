@@ -101,7 +101,7 @@ async def _infer(request: Request, name: str, version: int | None) -> Response:
     who = await principal_async(request, "infer")
     served = manager(request).resolve(who.owner, name, version)
     labels = (served.name, str(served.version))
-    metrics.REQUESTS.labels(*labels).inc()
+    (served.batcher.m_requests if served.batcher is not None else metrics.REQUESTS.labels(*labels)).inc()
     try:
         body = await request.body()
         req = _request(served, body, request)

@@ -1,13 +1,20 @@
 """Dynamic batching: requests that arrive together are joined along the batch axis, run once
-off the event loop, and split back so each caller gets exactly its own rows."""
+off the event loop, and split back so each caller gets exactly its own rows.
+
+One thread per runtime instance takes requests from one first-in-first-out queue (fair: the
+oldest request is always the next batch's first) and runs them. A caller on an event loop (HTTP)
+is answered through its loop; a caller on a thread of its own (the gRPC server's) waits on a plain
+future; neither costs an extra hop through an executor or a scheduling task."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,6 +23,7 @@ from service import metrics
 from service.errors import Unloaded
 
 Arrays = dict[str, np.ndarray]
+logger = logging.getLogger("kiln.serving")
 
 
 @dataclass
@@ -23,14 +31,22 @@ class _Item:
     inputs: Arrays
     rows: int
     key: tuple
-    future: asyncio.Future
+    # settles the caller's future with (result, error), from the runner thread
+    answer: Callable[[Arrays | None, BaseException | None], None]
+    gone: Callable[[], bool]  # whether the caller went away (cancelled) before its run
     enqueued: float = field(default_factory=time.perf_counter)
 
 
 class Batcher:
     """Per deployment version. `runners` are one callable per runtime instance, each used by one
     thread at a time. With batching off (max_batch 1, or a model whose rows depend on each other)
-    every request runs alone, still off the event loop."""
+    every request runs alone, still off the event loop.
+
+    A request that finds an instance free runs at once: batching costs a lone client nothing.
+    Requests that arrive while every instance is busy wait in the queue; when an instance frees,
+    the oldest waiting request is the first of its batch and the others that fit (same shapes, up
+    to max_batch rows) join it, unless they came more than max_queue_delay after it: a batch stays
+    open no longer than the delay (with a delay of 0, whatever is waiting joins)."""
 
     def __init__(
         self,
@@ -46,178 +62,186 @@ class Batcher:
         self.max_delay_s = max_delay_s
         self.batching = batching and self.max_batch > 1
         self.labels = labels
-        # an asyncio.Queue binds to the loop that first uses it, the one _start runs on
-        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
-        self._free: asyncio.Queue[int] = asyncio.Queue()
+        self._queue: deque[_Item] = deque()
+        self._cond = threading.Condition(threading.Lock())
+        # the runner threads; shut down once they have ended (after close)
         self._pool = ThreadPoolExecutor(max_workers=len(runners), thread_name_prefix=f"infer-{labels[0]}")
-        self._task: asyncio.Task | None = None
-        self._carry: _Item | None = None
-        self._running: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
-        # `close` may come from another thread: under this lock a request either starts the loop and
-        # queues ahead of the end marker, or sees the batcher closed; never a loop on a shut-down pool
-        self._lock = threading.Lock()
+        self._threads: list[Future] = []
+        self._free = list(range(len(runners)))  # instances no thread is running now
         self._closed = False
+        # label lookups done once, not per request
+        self.m_requests = metrics.REQUESTS.labels(*labels)
+        self.m_in_flight = metrics.IN_FLIGHT.labels(*labels)
+        self.m_request = metrics.REQUEST.labels(*labels)
+        self._m_queue = metrics.QUEUE.labels(*labels)
+        self._m_compute = metrics.COMPUTE.labels(*labels)
+        self._m_batch = metrics.BATCH.labels(*labels)
 
-    def _start(self) -> None:
-        for i in range(len(self.runners)):
-            self._free.put_nowait(i)
-        self._loop_ref = asyncio.get_running_loop()
-        self._task = self._loop_ref.create_task(self._loop())
-
+    # --- callers --------------------------------------------------------------------------------------
     async def infer(self, inputs: Arrays) -> Arrays:
-        """Run one request (its first axis is the batch axis when batching is on)."""
-        rows = next(iter(inputs.values())).shape[0] if self.batching else 1
-        key = tuple((n, a.shape[1:], a.dtype.str) for n, a in sorted(inputs.items())) if self.batching else ()
-        fut = asyncio.get_running_loop().create_future()
-        with self._lock:
-            if self._closed:
-                raise Unloaded(f"model {self.labels[0]!r} version {self.labels[1]} was just unloaded; send again")
-            if self._task is None:
-                self._start()
-            self._queue.put_nowait(_Item(inputs, rows, key, fut))
+        """Run one request from an event loop (its first axis is the batch axis when batching is on)."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+
+        def settle(result: Arrays | None, error: BaseException | None) -> None:
+            if not fut.done():
+                if error is not None:
+                    fut.set_exception(error)
+                else:
+                    fut.set_result(result)
+
+        def answer(result: Arrays | None, error: BaseException | None) -> None:
+            try:
+                loop.call_soon_threadsafe(settle, result, error)
+            except RuntimeError:  # the caller's loop has closed: nobody is waiting
+                pass
+
+        self._put(inputs, answer, fut.cancelled)
         return await fut
 
-    async def _loop(self) -> None:
-        while True:
-            first = self._carry or await self._queue.get()
-            self._carry = None
-            if first is _CLOSE:
-                # Nothing is queued behind the marker: `close` sets _closed (under the lock that
-                # queueing takes) before it sends the marker. Runs still going finish before the
-                # loop ends, so that wait_idle covers them.
-                await asyncio.gather(*self._running, return_exceptions=True)
-                break
-            batch = [first]
-            rows = first.rows
-            instance: int | None = None
-            if self.batching:
-                rows = self._join_queued(batch, rows)
-                if rows < self.max_batch and self._carry is None and self._free.empty():
-                    # The runtime is busy: join what arrives until an instance is free (a batch stays
-                    # open at most max_queue_delay after its first request). A request that finds an
-                    # instance free and nothing queued runs at once: batching costs a lone client nothing.
-                    instance, rows = await self._join_while_busy(batch, rows, first.enqueued + self.max_delay_s)
-            batch = [b for b in batch if not b.future.cancelled()]  # callers that went away
-            if not batch:
-                if instance is not None:
-                    self._free.put_nowait(instance)
-                continue
+    def infer_blocking(self, inputs: Arrays, timeout: float | None = None) -> Arrays:
+        """Run one request from a thread that may block (not an event loop's)."""
+        fut: Future[Arrays] = Future()
+
+        def answer(result: Arrays | None, error: BaseException | None) -> None:
+            if fut.set_running_or_notify_cancel():  # False: the caller cancelled it
+                if error is not None:
+                    fut.set_exception(error)
+                else:
+                    fut.set_result(result)  # type: ignore[arg-type]
+
+        item = self._item(inputs, answer, fut.cancelled)
+        with self._cond:
+            self._check_open()
+            # Nothing waiting and an instance free: this thread runs the request itself, sparing
+            # two thread switches; otherwise it joins the queue like any other request.
+            instance = self._free.pop() if not self._queue and self._free else None
             if instance is None:
-                instance = await self._free.get()
-            task = asyncio.get_running_loop().create_task(self._run(instance, batch, rows))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+                self._enqueue(item)
+        if instance is not None:
+            self._run_on(instance, [item], item.rows)
+        return fut.result(timeout)
 
-    def _fits(self, item: _Item, first: _Item, rows: int) -> bool:
-        return item is not _CLOSE and item.key == first.key and rows + item.rows <= self.max_batch
+    def _item(self, inputs: Arrays, answer, gone) -> _Item:
+        rows = next(iter(inputs.values())).shape[0] if self.batching else 1
+        key = tuple((n, a.shape[1:], a.dtype.str) for n, a in sorted(inputs.items())) if self.batching else ()
+        return _Item(inputs, rows, key, answer, gone)
 
-    def _join_queued(self, batch: list[_Item], rows: int) -> int:
-        """Join what is already queued (same shapes, up to max_batch rows); the first that does not
-        fit waits for the next batch."""
-        while rows < self.max_batch:
-            try:
-                item = self._queue.get_nowait()
-            except asyncio.QueueEmpty:
-                break
-            if not self._fits(item, batch[0], rows):
-                self._carry = item  # the end marker too waits for the next round
-                break
-            batch.append(item)
-            rows += item.rows
-        return rows
+    def _check_open(self) -> None:
+        if self._closed:
+            raise Unloaded(f"model {self.labels[0]!r} version {self.labels[1]} was just unloaded; send again")
 
-    async def _join_while_busy(self, batch: list[_Item], rows: int, deadline: float) -> tuple[int | None, int]:
-        """Join arrivals until an instance is free, the batch is full or the deadline passes; return
-        the instance if one was taken."""
-        free = asyncio.ensure_future(self._free.get())
+    def _put(self, inputs: Arrays, answer, gone) -> None:
+        item = self._item(inputs, answer, gone)
+        with self._cond:
+            self._check_open()
+            self._enqueue(item)
+
+    def _enqueue(self, item: _Item) -> None:
+        """Queue a request (under the lock), starting the runner threads on first use."""
+        if not self._threads:
+            self._threads = [self._pool.submit(self._serve) for _ in self.runners]
+        self._queue.append(item)
+        self._cond.notify()
+
+    # --- the runner threads -------------------------------------------------------------------------
+    def _serve(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._queue and self._free) and not (self._closed and not self._queue):
+                    self._cond.wait()
+                if not self._queue:  # closed, and everything accepted has been taken
+                    return
+                instance = self._free.pop()
+                batch, rows = self._take()
+            self._run_on(instance, batch, rows)
+
+    def _run_on(self, instance: int, batch: list[_Item], rows: int) -> None:
+        """Run a batch on an instance taken from the free list, then give the instance back."""
         try:
-            while rows < self.max_batch and self._carry is None:
-                wait = deadline - time.perf_counter()
-                if wait <= 0:
-                    break
-                arrival = asyncio.ensure_future(self._queue.get())
-                await asyncio.wait({free, arrival}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
-                if not arrival.done():
-                    arrival.cancel()
-                    try:
-                        await arrival
-                    except asyncio.CancelledError:
-                        pass
-                if arrival.done() and not arrival.cancelled():
-                    item = arrival.result()
-                    if self._fits(item, batch[0], rows):
-                        batch.append(item)
-                        rows += item.rows
-                    else:
-                        self._carry = item
-                if free.done():
-                    break
+            if batch:
+                self._run(self.runners[instance], batch, rows)
+        except Exception:  # a bug here must not stop the thread that serves the queue
+            logger.exception("batch of %d request(s) for %s v%s failed", len(batch), *self.labels)
         finally:
-            if not free.done():
-                free.cancel()
-                try:
-                    await free
-                except asyncio.CancelledError:
-                    pass
-        if free.done() and not free.cancelled():
-            return free.result(), rows
-        return None, rows
+            with self._cond:
+                self._free.append(instance)
+                self._cond.notify_all()
 
-    async def _run(self, instance: int, batch: list[_Item], rows: int) -> None:
-        loop = asyncio.get_running_loop()
+    def _take(self) -> tuple[list[_Item], int]:
+        """The next batch (under the lock): the oldest request, and those queued behind it that fit."""
+        first = self._queue.popleft()
+        batch, rows = [first], first.rows
+        if self.batching and self._queue:
+            until = first.enqueued + self.max_delay_s if self.max_delay_s > 0 else float("inf")
+            kept: list[_Item] = []
+            while self._queue and rows < self.max_batch:
+                item = self._queue[0]
+                if item.enqueued > until:
+                    break  # later arrivals: the next batch
+                self._queue.popleft()
+                if item.key == first.key and rows + item.rows <= self.max_batch:
+                    batch.append(item)
+                    rows += item.rows
+                else:
+                    kept.append(item)  # another shape, or too many rows: keeps its place
+            self._queue.extendleft(reversed(kept))
+        live = [b for b in batch if not b.gone()]  # callers that went away
+        return live, sum(b.rows for b in live)
+
+    def _run(self, run: Callable[[Arrays], Arrays], batch: list[_Item], rows: int) -> None:
         start = time.perf_counter()
         for item in batch:
-            metrics.QUEUE.labels(*self.labels).observe(start - item.enqueued)
+            self._m_queue.observe(start - item.enqueued)
         try:
             if len(batch) == 1:
                 joined = batch[0].inputs
             else:
                 joined = {n: np.concatenate([b.inputs[n] for b in batch]) for n in batch[0].inputs}
-            outputs = await loop.run_in_executor(self._pool, self.runners[instance], joined)
+            outputs = run(joined)
         except Exception as exc:  # noqa: BLE001 - passed on to the callers
             if len(batch) == 1:
-                if not batch[0].future.done():
-                    batch[0].future.set_exception(exc)
-                return
-            # One bad request must not fail the others it was batched with: run each alone.
-            for item in batch:
-                try:
-                    result = await loop.run_in_executor(self._pool, self.runners[instance], item.inputs)
-                except Exception as alone:  # noqa: BLE001 - whatever it was is this request's answer
-                    if not item.future.done():
-                        item.future.set_exception(alone)
-                    continue
-                if not item.future.done():
-                    item.future.set_result(result)
-            return
+                batch[0].answer(None, exc)
+            else:
+                # One bad request must not fail the others it was batched with: run each alone.
+                for item in batch:
+                    try:
+                        result = run(item.inputs)
+                    except Exception as alone:  # noqa: BLE001 - whatever it was is this request's answer
+                        item.answer(None, alone)
+                        continue
+                    item.answer(result, None)
+            outputs = None
         finally:
-            self._free.put_nowait(instance)
-            metrics.COMPUTE.labels(*self.labels).observe(time.perf_counter() - start)
-            metrics.BATCH.labels(*self.labels).observe(sum(b.rows for b in batch))
+            self._m_compute.observe(time.perf_counter() - start)
+            self._m_batch.observe(rows)
+        if outputs is None:
+            return
+        if len(batch) == 1:
+            batch[0].answer(outputs, None)
+            return
         offset = 0
         for item in batch:
-            if not item.future.done():
-                if len(batch) == 1:
-                    item.future.set_result(outputs)
-                else:
-                    item.future.set_result({n: v[offset : offset + item.rows] for n, v in outputs.items()})
+            item.answer({n: v[offset : offset + item.rows] for n, v in outputs.items()}, None)
             offset += item.rows
 
+    # --- unloading ------------------------------------------------------------------------------------
     def wait_idle(self, timeout: float) -> None:
-        """Block (in another thread than the event loop's) until the loop has ended and runs are done."""
+        """Block until the runner threads have ended (after `close`) and every run is done."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self._task is not None and not self._task.done():
-            time.sleep(0.05)
+        with self._cond:
+            while len(self._free) < len(self.runners) and time.monotonic() < deadline:
+                self._cond.wait(max(0.0, deadline - time.monotonic()))
+        for t in list(self._threads):
+            try:
+                t.result(max(0.0, deadline - time.monotonic()))
+            except TimeoutError:  # the pool's shutdown below waits on
+                break
         self._pool.shutdown(wait=True)
 
     def close(self) -> None:
         """Stop taking requests; those already queued run first (callable from any thread): a
         version being replaced answers everything it accepted, and refuses the rest with Unloaded."""
-        with self._lock:
+        with self._cond:
             self._closed = True
-            started = self._task is not None
-        if started and not self._loop_ref.is_closed():
-            self._loop_ref.call_soon_threadsafe(self._queue.put_nowait, _CLOSE)
-
-
-_CLOSE: _Item = object()  # type: ignore[assignment]  # the queue's end marker
+            self._cond.notify_all()

@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -57,12 +58,12 @@ class Served:
     instances: list[Runtime] = field(default_factory=list)
     updated: float = 0.0
 
-    @property
+    @cached_property
     def input_dtypes(self) -> dict[str, str]:
         # a signature is refused when an input has no dtype, so every input is here
         return {s.name: s.dtype for s in self.signature.inputs if s.dtype is not None}
 
-    @property
+    @cached_property
     def output_dtypes(self) -> dict[str, str | None]:
         """Every output; None where the signature leaves its dtype to the runtime."""
         return {s.name: s.dtype for s in self.signature.outputs}
@@ -444,17 +445,34 @@ class SyncLoop:
             self._wake.clear()
 
 
-async def infer(served: Served, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Run a checked request through the deployment's batcher."""
+def _ready_batcher(served: Served) -> Batcher:
     if served.state != DeploymentState.READY or served.batcher is None:
         raise Unavailable(
             f"model {served.name!r} version {served.version} is not ready"
             + (f": {served.error}" if served.error else "")
         )
+    return served.batcher
+
+
+async def infer(served: Served, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run a checked request through the deployment's batcher (from an event loop)."""
+    batcher = _ready_batcher(served)
     start = time.perf_counter()
-    metrics.IN_FLIGHT.labels(served.name, str(served.version)).inc()
+    batcher.m_in_flight.inc()
     try:
-        return await served.batcher.infer(inputs)
+        return await batcher.infer(inputs)
     finally:
-        metrics.IN_FLIGHT.labels(served.name, str(served.version)).dec()
-        metrics.REQUEST.labels(served.name, str(served.version)).observe(time.perf_counter() - start)
+        batcher.m_in_flight.dec()
+        batcher.m_request.observe(time.perf_counter() - start)
+
+
+def infer_blocking(served: Served, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run a checked request through the deployment's batcher, from a thread that may block."""
+    batcher = _ready_batcher(served)
+    start = time.perf_counter()
+    batcher.m_in_flight.inc()
+    try:
+        return batcher.infer_blocking(inputs)
+    finally:
+        batcher.m_in_flight.dec()
+        batcher.m_request.observe(time.perf_counter() - start)

@@ -3,31 +3,21 @@ the gRPC endpoint on its event loop), authentication on, a real conversion and d
 
 from __future__ import annotations
 
+import httpx
 import numpy as np
 import pytest
 
+from tests.service.conftest import convert, serving
 from tests.service.procs import free_port
-from tests.service.test_serving import Server, convert
 
 tritonclient_grpc = pytest.importorskip("tritonclient.grpc")
 
 
 @pytest.fixture(scope="module")
 def grpc_served(tmp_path_factory):
-    import httpx
-
-    from tests.service.conftest import clear_caches
-
     data = tmp_path_factory.mktemp("grpc")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("KILN_DATA_DIR", str(data))
-    mp.delenv("KILN_DATABASE_URL", raising=False)
-    mp.delenv("KILN_BROKER_URL", raising=False)
-    mp.setenv("KILN_AUTH", "on")
     port = free_port()
-    mp.setenv("KILN_GRPC_PORT", str(port))
-    clear_caches()
-    with Server() as srv:
+    with serving(data, auth=True, KILN_GRPC_PORT=str(port)) as srv:
         token = (data / "admin-token").read_text().strip()
         with httpx.Client(base_url=srv.url, timeout=120, headers={"authorization": f"Bearer {token}"}) as http:
             job = convert(http, "mlp", "mlp")
@@ -36,8 +26,6 @@ def grpc_served(tmp_path_factory):
             client = tritonclient_grpc.InferenceServerClient(f"127.0.0.1:{port}")
             yield client, http, {"authorization": f"Bearer {token}"}
             client.close()
-    mp.undo()
-    clear_caches()
 
 
 def _input(name, array, datatype="FP32"):
@@ -135,3 +123,100 @@ def test_errors_are_status_codes_with_the_http_messages(grpc_served):
         )
     )
     assert status == "StatusCode.INVALID_ARGUMENT" and message.startswith("unknown output(s) nope")
+
+
+def test_more_errors_have_the_http_messages(grpc_served):
+    client, http, auth = grpc_served
+    x = np.zeros((1, 64), np.float32)
+    body = {"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32", "data": [0.0] * 64}]}
+    cases = [
+        # (gRPC call, HTTP path, HTTP body, gRPC status, HTTP status)
+        (
+            lambda: client.infer("mlp", [_input("x", x)], model_version="9", headers=auth),
+            "/v2/models/mlp/versions/9/infer",
+            body,
+            "StatusCode.NOT_FOUND",
+            404,
+        ),
+        (
+            lambda: client.infer("mlp", [_input("x", x)], model_version="one", headers=auth),
+            "/v2/models/mlp/versions/one/infer",
+            body,
+            "StatusCode.NOT_FOUND",
+            404,
+        ),
+        (
+            lambda: client.infer("mlp", [_input("y", x)], headers=auth),
+            "/v2/models/mlp/infer",
+            {"inputs": [{**body["inputs"][0], "name": "y"}]},
+            "StatusCode.INVALID_ARGUMENT",
+            400,
+        ),
+        (
+            lambda: client.infer("mlp", [_input("x", np.zeros((1, 2, 32), np.float32))], headers=auth),
+            "/v2/models/mlp/infer",
+            {"inputs": [{**body["inputs"][0], "shape": [1, 2, 32]}]},
+            "StatusCode.INVALID_ARGUMENT",
+            400,
+        ),
+        (
+            lambda: client.infer(
+                "mlp", [_input("x", x)], headers=auth, outputs=[tritonclient_grpc.InferRequestedOutput("nope")]
+            ),
+            "/v2/models/mlp/infer",
+            {**body, "outputs": [{"name": "nope"}]},
+            "StatusCode.INVALID_ARGUMENT",
+            400,
+        ),
+    ]
+    for call, path, http_body, grpc_status, http_status in cases:
+        status, message = _error(call)
+        r = http.post(path, json=http_body)
+        assert (status, r.status_code) == (grpc_status, http_status), (message, r.text)
+        assert message == r.json()["error"], (message, r.json())
+    # tokens refused: without the infer scope, unknown, not a Kiln token; the same words on both
+    token = http.post("/v1/tokens", json={"name": "scraper", "scopes": ["metrics"]})
+    assert token.status_code == 201, token.text
+    for bearer, grpc_status, http_status in (
+        (f"Bearer {token.json()['token']}", "StatusCode.PERMISSION_DENIED", 403),
+        ("Bearer kiln_" + "x" * 40, "StatusCode.UNAUTHENTICATED", 401),
+        ("Bearer nope", "StatusCode.UNAUTHENTICATED", 401),
+    ):
+        for _ in range(2):  # the first asks the database, the second the cache
+            status, message = _error(lambda: client.infer("mlp", [_input("x", x)], headers={"authorization": bearer}))  # noqa: B023 - called at once
+            r = http.post("/v2/models/mlp/infer", json=body, headers={"authorization": bearer})
+            assert (status, r.status_code) == (grpc_status, http_status), (message, r.text)
+            assert message == r.json()["error"], (message, r.json())
+
+
+def _batch_stats(http, model="mlp", version=1):
+    from tests.service.procs import metric
+
+    text = http.get("/metrics").text
+    labels = f'{{model="{model}",version="{version}"}}'
+    return (
+        metric(text, f"kiln_inference_batch_size_count{labels}"),
+        metric(text, f"kiln_inference_batch_size_sum{labels}"),
+    )
+
+
+def test_concurrent_grpc_requests_are_batched_and_each_gets_its_own_rows(grpc_served):
+    from concurrent.futures import ThreadPoolExecutor
+
+    client, http, auth = grpc_served
+    rng = np.random.default_rng(3)
+    xs = [rng.standard_normal((1 + i % 3, 64)).astype(np.float32) for i in range(48)]
+    alone = [client.infer("mlp", [_input("x", x)], headers=auth).as_numpy("logits") for x in xs]
+    before = _batch_stats(http)
+
+    def call(i):
+        return client.infer("mlp", [_input("x", xs[i])], headers=auth).as_numpy("logits")
+
+    with ThreadPoolExecutor(48) as pool:
+        results = list(pool.map(call, range(48)))
+    for x, want, got in zip(xs, alone, results):
+        assert got.shape == (len(x), 10)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    runs, rows = (a - b for a, b in zip(_batch_stats(http), before))
+    assert rows == sum(len(x) for x in xs)
+    assert runs < 48, f"48 concurrent gRPC requests ran in {runs} runs: batching joined none"

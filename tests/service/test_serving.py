@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,74 +13,17 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import ZOO, zoo_signature
+from tests.service.conftest import FAST, Server, convert, serving
 
-FAST = {"bench_seconds": 0.05, "threads": 1}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """The real app under uvicorn in a thread, on a free loopback port."""
-
-    def __init__(self) -> None:
-        import uvicorn
-
-        from service.app import create_app
-
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(
-            uvicorn.Config(create_app(), host="127.0.0.1", port=self.port, log_level="warning")
-        )
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> Server:
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline, "server did not start"
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-
-
-def convert(http: httpx.Client, name: str, zoo: str, **options) -> str:
-    """Upload a zoo model and run its conversion job with the real job runner; returns the job id."""
-    from workers.jobrunner import run_job
-
-    sig = zoo_signature(zoo)
-    r = http.post(
-        "/v1/models",
-        data={"name": name, "signature": json.dumps(sig)},
-        files={"file": (f"{zoo}.py", (ZOO / f"{zoo}.py").read_bytes())},
-    )
-    assert r.status_code in (200, 201), r.text
-    job = http.post("/v1/jobs", json={"model": name, "targets": ["onnxruntime"], **FAST, **options}).json()
-    assert run_job(job["id"]) == "succeeded", http.get(f"/v1/jobs/{job['id']}").json()
-    return job["id"]
+__all__ = ["FAST", "Server", "convert"]  # other test modules import these from here
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """One server with the MLP, the several-inputs model, the transformer and the row-mixing model deployed."""
-    from tests.service.conftest import clear_caches
-
     data = tmp_path_factory.mktemp("serving")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("KILN_DATA_DIR", str(data))
-    mp.delenv("KILN_DATABASE_URL", raising=False)
-    mp.delenv("KILN_BROKER_URL", raising=False)
-    mp.setenv("KILN_AUTH", "off")  # tests/service/test_auth.py covers authentication
-    clear_caches()
-    with Server() as srv, httpx.Client(base_url=srv.url, timeout=120) as http:
+    # authentication off: tests/service/test_auth.py covers it
+    with serving(data, auth=False) as srv, httpx.Client(base_url=srv.url, timeout=120) as http:
         jobs = {
             "mlp": convert(http, "mlp", "mlp"),
             "multi": convert(http, "multi", "multi_io"),
@@ -92,8 +33,6 @@ def served(tmp_path_factory):
             r = http.post("/v1/deployments", json={"name": name, "job": job, "max_queue_delay_ms": 20})
             assert r.status_code == 201 and r.json()["state"] == "ready", r.text
         yield srv, http, jobs, data
-    mp.undo()
-    clear_caches()
 
 
 def infer(http, name, inputs, **extra):
