@@ -16,7 +16,8 @@ CPU target available here), then times at batch 1, in ONE interleaved run per mo
 - the plain path a user tries by hand: `torch.onnx.export` (the new exporter, else the
   TorchScript-based one) into an ONNX Runtime session with default optimizations;
 - `torch.compile` (default mode; --no-compile leaves it out);
-- OpenVINO from the eager model (`openvino.convert_model`, latency hint);
+- OpenVINO from the eager model (`openvino.convert_model`, latency hint, computing in f32 as the
+  candidates Kiln validates at fp32 do: on a CPU with bf16 its default is bf16);
 - for Hugging Face models, Optimum's ONNX export with ORTOptimizer (optimization level 2).
 
 Then prints, per model: whether Kiln has a passing candidate (and why not, in one line), the
@@ -141,7 +142,9 @@ def flat(value) -> list:
     return []
 
 
-def peers(name: str, model, inputs: dict, threads: int, tmp: Path, use_compile: bool) -> tuple[dict, dict]:
+def peers(
+    name: str, model, inputs: dict, threads: int, tmp: Path, use_compile: bool, precisions: list[str]
+) -> tuple[dict, dict]:
     """Callables a user would build by hand, at batch 1; and why each missing one is missing."""
     import numpy as np
     import onnxruntime as ort
@@ -194,8 +197,13 @@ def peers(name: str, model, inputs: dict, threads: int, tmp: Path, use_compile: 
         import openvino as ov
 
         ovm = ov.convert_model(model, example_input=args)
+        # in f32, as Kiln's fp32 candidates are validated: on a CPU with bf16, OpenVINO's default is to
+        # compute in bf16 (Kiln's openvino-bf16 candidate, when bf16 is asked for)
+        hint = "f32" if "bf16" not in precisions else "bf16"
         compiled = ov.Core().compile_model(
-            ovm, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": str(threads)}
+            ovm,
+            "CPU",
+            {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": str(threads), "INFERENCE_PRECISION_HINT": hint},
         )
         request = compiled.create_infer_request()
         feed = list(inputs.values())
@@ -343,7 +351,7 @@ def main() -> None:
         inputs = sample_io.at_batch(Signature.parse(sig), 1)
         tmp = base / name / "peers"
         tmp.mkdir(parents=True, exist_ok=True)
-        calls, failed = peers(name, model, inputs, args.threads, tmp, not args.no_compile)
+        calls, failed = peers(name, model, inputs, args.threads, tmp, not args.no_compile, args.precisions.split(","))
         row["peer_failures"] = failed
         rt = None
         if selected is not None:
