@@ -195,7 +195,7 @@ def test_requirements_are_parsed_with_the_bundle(tmp_path):
     for bad, says in (
         (["transformers>>4.40"], "kiln.yaml: requirement 'transformers>>4.40' is not a PEP 508 requirement"),
         ([""], "is not a PEP 508 requirement"),
-        ([{"name": "timm"}], "is not a string"),
+        ([{"name": "timm"}], "a requirement is a dict, not a string"),
         ({"timm": ">=1"}, "'requirements' must be a list"),
     ):
         folder = bundle_folder(tmp_path / f"bad{len(says)}-{id(bad)}", bad)
