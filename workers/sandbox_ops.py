@@ -344,10 +344,14 @@ def capture(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
     def attempt(method: str, fn: Callable[[], Any], save: Callable[[Any, Path], None], filename: str) -> None:
         t0 = time.perf_counter()
         caught: list[str] = []
+        path = out / filename
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
             try:
                 captured = fn()
+                # saving can fail where capturing did not (torch.export.save on GPT-2's mask
+                # functions: "Failed serializing node flat_apply"): that capture fails, not the step
+                save(captured, path)
             except Exception as exc:  # noqa: BLE001 - a failed capture is recorded, not raised
                 hint = export_hint(exc) if method == "export" else None
                 records.append(
@@ -365,8 +369,6 @@ def capture(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
                 for w in seen
                 if "Tracer" in w.category.__name__
             ]
-        path = out / filename
-        save(captured, path)
         rec = {
             "method": method,
             "ok": True,
