@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,3 +46,10 @@ def zoo_signature(name: str, attr: str = "SIGNATURE") -> dict:
 def artifacts_dir() -> Path:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     return ARTIFACTS
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """A watchdog for the exit: a thread left running (a runner nobody stopped) that keeps the
+    interpreter from exiting once the tests are done would hang CI without a word. Two minutes
+    after pytest is done, a process still alive prints every thread's stack and exits with 1."""
+    faulthandler.dump_traceback_later(120, exit=True, file=sys.__stderr__)

@@ -14,7 +14,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -64,9 +64,9 @@ class Batcher:
         self.labels = labels
         self._queue: deque[_Item] = deque()
         self._cond = threading.Condition(threading.Lock())
-        # the runner threads; shut down once they have ended (after close)
-        self._pool = ThreadPoolExecutor(max_workers=len(runners), thread_name_prefix=f"infer-{labels[0]}")
-        self._threads: list[Future] = []
+        # The runner threads, started on first use. Daemon threads: a batcher nobody closed must
+        # not hold the process at exit (concurrent.futures joins its workers there, forever).
+        self._threads: list[threading.Thread] = []
         self._free = list(range(len(runners)))  # instances no thread is running now
         self._closed = False
         # label lookups done once, not per request
@@ -140,7 +140,12 @@ class Batcher:
     def _enqueue(self, item: _Item) -> None:
         """Queue a request (under the lock), starting the runner threads on first use."""
         if not self._threads:
-            self._threads = [self._pool.submit(self._serve) for _ in self.runners]
+            self._threads = [
+                threading.Thread(target=self._serve, name=f"infer-{self.labels[0]}-{i}", daemon=True)
+                for i in range(len(self.runners))
+            ]
+            for thread in self._threads:
+                thread.start()
         self._queue.append(item)
         self._cond.notify()
 
@@ -232,12 +237,8 @@ class Batcher:
         with self._cond:
             while len(self._free) < len(self.runners) and time.monotonic() < deadline:
                 self._cond.wait(max(0.0, deadline - time.monotonic()))
-        for t in list(self._threads):
-            try:
-                t.result(max(0.0, deadline - time.monotonic()))
-            except TimeoutError:  # the pool's shutdown below waits on
-                break
-        self._pool.shutdown(wait=True)
+        for thread in list(self._threads):
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def close(self) -> None:
         """Stop taking requests; those already queued run first (callable from any thread): a
