@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service import __version__, auth, dashboard, db, metrics
 from service.api import candidates, deployments, errors, health, jobs, models, tokens, v2
@@ -44,6 +47,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         from service.serving import grpc_server as kserve_grpc
 
         grpc_server = await kserve_grpc.start(app.state.manager, settings.grpc_host, settings.grpc_port)
+    gc.freeze()  # everything made at start lives as long as the process: see Manager.load
     try:
         yield
     finally:
@@ -54,9 +58,30 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.manager.close()
 
 
+class KilnApp(FastAPI):
+    """The app, with inference requests (POST /v2/models/{name}[/versions/{version}]/infer) taken
+    ahead of the framework's own layers (its error and telemetry middleware, its router): they go
+    through the same request gate (and CORS) as every route, straight to the /v2 handler. Every
+    other request, and the lifespan, take the usual way."""
+
+    infer_stack: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            self.infer_stack is not None
+            and scope["type"] == "http"
+            and scope["method"] == "POST"
+            and v2.INFER_PATH.match(scope["path"]) is not None
+        ):
+            scope["app"] = self
+            await self.infer_stack(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
 def create_app() -> FastAPI:
     settings = get_settings()
-    app = FastAPI(
+    app = KilnApp(
         title="Kiln",
         version=__version__,
         lifespan=lifespan,
@@ -80,17 +105,19 @@ def create_app() -> FastAPI:
         principal(request, "metrics")
         return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
-    app.add_middleware(v2.InferFastPath)  # innermost: inside CORS and the request gate
+    # the same gate (and CORS) around the inference handler, for KilnApp's short way in
+    inner: ASGIApp = v2.infer_asgi
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=settings.cors_origins,
-            allow_credentials=False,
-            allow_methods=["*"],
-            allow_headers=["Authorization", "Content-Type", "Inference-Header-Content-Length"],
-        )
-
+        cors: dict[str, Any] = {
+            "allow_origins": settings.cors_origins,
+            "allow_credentials": False,
+            "allow_methods": ["*"],
+            "allow_headers": ["Authorization", "Content-Type", "Inference-Header-Content-Length"],
+        }
+        app.add_middleware(CORSMiddleware, **cors)
+        inner = CORSMiddleware(inner, **cors)
     app.add_middleware(RequestGate, settings=settings)
+    app.infer_stack = RequestGate(inner, settings=settings)
     return app

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from service.errors import Conflict, InvalidOptions, NotFound
 from service.tables import CandidateRow, Deployment, Job, new_id
 
-OPTION_KEYS = ("max_batch_size", "max_queue_delay_ms", "instances", "threads")
+OPTION_KEYS = ("max_batch_size", "max_queue_delay_ms", "max_queue_size", "instances", "threads")
 
 
 def candidate_for(session: Session, owner: str, candidate: str | None, job: str | None) -> CandidateRow:

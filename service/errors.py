@@ -105,6 +105,10 @@ class Unloaded(Unavailable):
     """The model version a request was routed to was unloaded before it ran (a deployment change)."""
 
 
+class Overloaded(Unavailable):
+    """A deployment's queue is full: the request was refused at once, not queued."""
+
+
 class StorageFull(KilnError):
     status = 507
     title = "Insufficient storage"

@@ -282,6 +282,13 @@ class ServingOptions(BaseModel):
         le=10_000,
         description="the longest a batch stays open for requests that arrive while the runtime is busy (default 0)",
     )
+    max_queue_size: int | None = Field(
+        None,
+        ge=1,
+        le=1_000_000,
+        description="requests that may wait for a runtime instance; one more is refused at once with a 503 "
+        "and Retry-After (default 512)",
+    )
     instances: int | None = Field(None, ge=1, le=64, description="runtime instances run in parallel")
     threads: int | None = Field(None, ge=1, le=256, description="threads per runtime instance")
 

@@ -11,11 +11,11 @@ from urllib.parse import unquote
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from service import __version__, metrics
 from service.api.deps import principal, principal_async
-from service.errors import InvalidInput, KilnError, NotFound, Unloaded
+from service.errors import InvalidInput, KilnError, NotFound, Overloaded, Unloaded
 from service.runtimes.torchscript import telling_line
 from service.serving import protocol
 from service.serving.manager import Manager, Served, infer
@@ -148,35 +148,31 @@ def _reason(exc: Exception) -> str:
     return f"{type(exc).__name__}: {line[:300]}" if line else type(exc).__name__
 
 
-class InferFastPath:
-    """Inference requests (POST /v2/models/{name}[/versions/{version}]/infer) go straight to the
-    handler, ahead of the framework's routing, dependency and exception layers: the same handler,
-    checks and answers as the routes above (which stay for the OpenAPI document), with less
-    bookkeeping per request. It sits inside the request gate, so authentication from the headers,
-    body limits and the body timeout apply as to every route."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        match = INFER_PATH.match(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
-        if match is None:
-            await self.app(scope, receive, send)
-            return
-        request = Request(scope, receive)
-        try:
-            name, version = unquote(match.group(1)), match.group(2)
-            response = await _infer(request, name, None if version is None else _version(unquote(version)))
-        except KilnError as exc:
-            if exc.status >= 500:
-                logger.error("POST %s: %s", scope["path"][:200], exc.detail)
-            response = _error(exc.status, exc.detail)
-        except HTTPException as exc:  # the body limit or timeout, met while the body streamed in
-            response = _error(exc.status_code, exc.detail if isinstance(exc.detail, str) else str(exc.detail))
-        except Exception:
-            logger.exception("unhandled error on POST %s", scope["path"][:200])
-            response = _error(500, "an internal error occurred; the server log has the details")
-        await response(scope, receive, send)
+async def infer_asgi(scope: Scope, receive: Receive, send: Send) -> None:
+    """Inference requests (POST /v2/models/{name}[/versions/{version}]/infer) as a bare ASGI app,
+    which the app calls ahead of the framework's routing, dependency and exception layers (inside
+    the request gate, so authentication from the headers, body limits and the body timeout apply
+    as to every route): the same handler, checks and answers as the routes above, which stay for
+    the OpenAPI document, with less bookkeeping per request."""
+    match = INFER_PATH.match(scope["path"])
+    assert match is not None, "called for inference paths only"
+    request = Request(scope, receive)
+    try:
+        name, version = unquote(match.group(1)), match.group(2)
+        response = await _infer(request, name, None if version is None else _version(unquote(version)))
+    except Overloaded as exc:  # a refusal the client should retry, not a fault: no log line per request
+        response = _error(exc.status, exc.detail)
+        response.headers["Retry-After"] = "1"
+    except KilnError as exc:
+        if exc.status >= 500:
+            logger.error("POST %s: %s", scope["path"][:200], exc.detail)
+        response = _error(exc.status, exc.detail)
+    except HTTPException as exc:  # the body limit or timeout, met while the body streamed in
+        response = _error(exc.status_code, exc.detail if isinstance(exc.detail, str) else str(exc.detail))
+    except Exception:
+        logger.exception("unhandled error on POST %s", scope["path"][:200])
+        response = _error(500, "an internal error occurred; the server log has the details")
+    await response(scope, receive, send)
 
 
 def _error(status: int, detail: str) -> JSONResponse:

@@ -20,10 +20,16 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service import metrics
-from service.errors import Unloaded
+from service.errors import Overloaded, Unloaded
 
 Arrays = dict[str, np.ndarray]
 logger = logging.getLogger("kiln.serving")
+# A lone request of a model whose runs take at most this long runs on the caller's event loop.
+INLINE_MAX_S = 0.0005
+
+
+def _never() -> bool:
+    return False
 
 
 @dataclass
@@ -56,8 +62,10 @@ class Batcher:
         max_delay_s: float,
         batching: bool,
         labels: tuple[str, str],
+        max_queue: int = 0,
     ) -> None:
         self.runners = runners
+        self.max_queue = max_queue  # requests that may wait; 0: no bound
         self.max_batch = max(1, max_batch) if batching else 1
         self.max_delay_s = max_delay_s
         self.batching = batching and self.max_batch > 1
@@ -69,6 +77,8 @@ class Batcher:
         self._threads: list[threading.Thread] = []
         self._free = list(range(len(runners)))  # instances no thread is running now
         self._closed = False
+        # how long a run takes, a moving average (unknown at first: the first runs take the threads)
+        self._compute_s = float("inf")
         # label lookups done once, not per request
         self.m_requests = metrics.REQUESTS.labels(*labels)
         self.m_in_flight = metrics.IN_FLIGHT.labels(*labels)
@@ -79,7 +89,24 @@ class Batcher:
 
     # --- callers --------------------------------------------------------------------------------------
     async def infer(self, inputs: Arrays) -> Arrays:
-        """Run one request from an event loop (its first axis is the batch axis when batching is on)."""
+        """Run one request from an event loop (its first axis is the batch axis when batching is on).
+
+        A lone request (nothing queued, every instance free) of a model that computes in well under
+        a millisecond runs right here on the loop's thread: handing it to a runner thread and back
+        would cost more than the run. Anything slower, or anything that finds company, goes
+        through the runner threads, where it can be batched and keeps the loop free."""
+        if self._compute_s <= INLINE_MAX_S:
+            with self._cond:
+                self._check_open()
+                instance = self._free.pop() if not self._queue and len(self._free) == len(self.runners) else None
+            if instance is not None:
+                done: list = []
+                item = self._item(inputs, lambda r, e: done.append((r, e)), _never)
+                self._run_on(instance, [item], item.rows)
+                result, error = done[0]
+                if error is not None:
+                    raise error
+                return result
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
 
@@ -138,7 +165,14 @@ class Batcher:
             self._enqueue(item)
 
     def _enqueue(self, item: _Item) -> None:
-        """Queue a request (under the lock), starting the runner threads on first use."""
+        """Queue a request (under the lock), starting the runner threads on first use; refused
+        when the queue is full: a request that would wait behind that many is better sent again
+        later (or elsewhere) than left to time out, and the tail of those queued stays short."""
+        if self.max_queue and len(self._queue) >= self.max_queue:
+            raise Overloaded(
+                f"model {self.labels[0]!r} version {self.labels[1]} is overloaded: {len(self._queue)} requests "
+                "are waiting already (its max_queue_size); send again shortly"
+            )
         if not self._threads:
             self._threads = [
                 threading.Thread(target=self._serve, name=f"infer-{self.labels[0]}-{i}", daemon=True)
@@ -162,16 +196,21 @@ class Batcher:
             self._run_on(instance, batch, rows)
 
     def _run_on(self, instance: int, batch: list[_Item], rows: int) -> None:
-        """Run a batch on an instance taken from the free list, then give the instance back."""
+        """Run a batch on an instance taken from the free list, give the instance back, then
+        answer: a caller that sends its next request at once finds the instance free."""
+        answers: list[tuple[_Item, Arrays | None, BaseException | None]] = []
         try:
             if batch:
-                self._run(self.runners[instance], batch, rows)
-        except Exception:  # a bug here must not stop the thread that serves the queue
+                answers = self._run(self.runners[instance], batch, rows)
+        except Exception as exc:  # a bug here must not stop the thread that serves the queue
             logger.exception("batch of %d request(s) for %s v%s failed", len(batch), *self.labels)
+            answers = [(item, None, exc) for item in batch]
         finally:
             with self._cond:
                 self._free.append(instance)
                 self._cond.notify_all()
+        for item, result, error in answers:
+            item.answer(result, error)
 
     def _take(self) -> tuple[list[_Item], int]:
         """The next batch (under the lock): the oldest request, and those queued behind it that fit."""
@@ -194,7 +233,10 @@ class Batcher:
         live = [b for b in batch if not b.gone()]  # callers that went away
         return live, sum(b.rows for b in live)
 
-    def _run(self, run: Callable[[Arrays], Arrays], batch: list[_Item], rows: int) -> None:
+    def _run(
+        self, run: Callable[[Arrays], Arrays], batch: list[_Item], rows: int
+    ) -> list[tuple[_Item, Arrays | None, BaseException | None]]:
+        """Run a batch; each request's answer: its own rows of the outputs, or its error."""
         start = time.perf_counter()
         for item in batch:
             self._m_queue.observe(start - item.enqueued)
@@ -206,29 +248,28 @@ class Batcher:
             outputs = run(joined)
         except Exception as exc:  # noqa: BLE001 - passed on to the callers
             if len(batch) == 1:
-                batch[0].answer(None, exc)
-            else:
-                # One bad request must not fail the others it was batched with: run each alone.
-                for item in batch:
-                    try:
-                        result = run(item.inputs)
-                    except Exception as alone:  # noqa: BLE001 - whatever it was is this request's answer
-                        item.answer(None, alone)
-                        continue
-                    item.answer(result, None)
-            outputs = None
+                return [(batch[0], None, exc)]
+            # One bad request must not fail the others it was batched with: run each alone.
+            answers: list[tuple[_Item, Arrays | None, BaseException | None]] = []
+            for item in batch:
+                try:
+                    answers.append((item, run(item.inputs), None))
+                except Exception as alone:  # noqa: BLE001 - whatever it was is this request's answer
+                    answers.append((item, None, alone))
+            return answers
         finally:
-            self._m_compute.observe(time.perf_counter() - start)
+            took = time.perf_counter() - start
+            self._m_compute.observe(took)
             self._m_batch.observe(rows)
-        if outputs is None:
-            return
+            self._compute_s = took if self._compute_s == float("inf") else 0.8 * self._compute_s + 0.2 * took
         if len(batch) == 1:
-            batch[0].answer(outputs, None)
-            return
+            return [(batch[0], outputs, None)]
+        answers = []
         offset = 0
         for item in batch:
-            item.answer({n: v[offset : offset + item.rows] for n, v in outputs.items()}, None)
+            answers.append((item, {n: v[offset : offset + item.rows] for n, v in outputs.items()}, None))
             offset += item.rows
+        return answers
 
     # --- unloading ------------------------------------------------------------------------------------
     def wait_idle(self, timeout: float) -> None:

@@ -3,6 +3,7 @@ in step with the database (which says what should be served)."""
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import logging
 import os
@@ -30,7 +31,13 @@ from service.states import DeploymentState, move_deployment
 from service.tables import Deployment
 
 logger = logging.getLogger("kiln.serving")
-DEFAULT_OPTIONS = {"max_batch_size": None, "max_queue_delay_ms": 0.0, "instances": 1, "threads": None}
+DEFAULT_OPTIONS = {
+    "max_batch_size": None,
+    "max_queue_delay_ms": 0.0,
+    "max_queue_size": 512,
+    "instances": 1,
+    "threads": None,
+}
 
 
 PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "torchscript": "pytorch_torchscript", "tensorrt": "tensorrt_plan"}
@@ -130,14 +137,15 @@ def _release(instances: list[Runtime], batcher: Batcher | None) -> None:
     """Free an unloaded version's runtimes after its last run, and hand the memory back to the
     system (glibc keeps freed heap otherwise, and RSS would grow with every deployment change)."""
     import ctypes
-    import gc
 
     if batcher is not None:
         batcher.wait_idle(timeout=60)
     for rt in instances:
         rt.close()
     del instances
+    gc.unfreeze()  # what Manager.load froze: its cycles can be collected now
     gc.collect()
+    gc.freeze()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:  # not glibc
@@ -276,10 +284,15 @@ class Manager:
                 [rt.run for rt in served.instances],
                 max_batch=served.max_batch,
                 max_delay_s=float(opts["max_queue_delay_ms"] or 0) / 1e3,
+                max_queue=int(opts["max_queue_size"] or 0),
                 batching=served.batching,
                 labels=(served.name, str(served.version)),
             )
             move_deployment(served, DeploymentState.READY)
+            # What loading made (the runtime's objects, the modules it imported) lives as long as
+            # the version: out of the collector's sight, so that its full passes, which would
+            # walk all of it while every request in flight waits, stay short.
+            gc.freeze()
             logger.info(
                 "deployment %s v%d ready (%s, batching %s: %s)",
                 served.name,

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from service.errors import Unloaded
+from service.errors import Overloaded, Unloaded
 from service.serving.batcher import Batcher
 
 
@@ -143,3 +143,47 @@ def test_a_batcher_nobody_closed_does_not_hold_the_process_at_exit():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "6.0"
+
+
+@pytest.mark.parametrize("seconds, inline", [(0.0, True), (0.005, False)])
+def test_a_lone_request_of_a_fast_model_runs_on_the_loop_and_a_slow_ones_on_a_runner(seconds, inline):
+    # Handing a 20 us run to a runner thread and back costs more than the run; a 5 ms run must
+    # not hold the event loop (nor, then, the other requests it reads meanwhile).
+    threads: list[int] = []
+
+    def run(inputs):
+        threads.append(threading.get_ident())
+        time.sleep(seconds)
+        return {"y": inputs["x"] * 2}
+
+    b = Batcher([run], max_batch=8, max_delay_s=0.5, batching=True, labels=("m", "1"))
+
+    async def scenario():
+        outs = [await b.infer({"x": np.full((1, 3), i, np.float32)}) for i in range(4)]
+        return threading.get_ident(), outs
+
+    loop_thread, outs = asyncio.run(scenario())
+    assert [o["y"].tolist() for o in outs] == [[[2.0 * i] * 3] for i in range(4)]
+    assert threads[0] != loop_thread  # how long a run takes is not known before the first
+    assert all((t == loop_thread) == inline for t in threads[1:]), (threads, loop_thread)
+
+
+def test_a_full_queue_refuses_at_once_and_answers_what_it_accepted():
+    calls, run = _recording(0.2)
+    b = Batcher([run], max_batch=1, max_delay_s=0.0, batching=False, labels=("m", "1"), max_queue=2)
+
+    async def scenario():
+        running = asyncio.ensure_future(b.infer({"x": np.zeros((1, 3), np.float32)}))
+        await asyncio.sleep(0.05)  # the runtime is busy with it
+        queued = [asyncio.ensure_future(b.infer({"x": np.full((1, 3), i, np.float32)})) for i in (1, 2)]
+        await asyncio.sleep(0)
+        t0 = time.perf_counter()
+        with pytest.raises(Overloaded, match="2 requests are waiting already .*send again shortly"):
+            await b.infer({"x": np.ones((1, 3), np.float32)})
+        refused_in = time.perf_counter() - t0
+        return refused_in, await asyncio.gather(running, *queued)
+
+    refused_in, outs = asyncio.run(scenario())
+    assert refused_in < 0.1  # refused, not queued behind the three
+    assert [o["y"][0, 0] for o in outs] == [0.0, 2.0, 4.0]
+    assert calls == [1, 1, 1]

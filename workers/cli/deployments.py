@@ -46,6 +46,9 @@ def deploy(
     force: bool = typer.Option(False, "--force", help="Deploy a candidate that failed validation"),
     max_batch_size: int | None = typer.Option(None, help="Rows joined per run"),
     max_queue_delay_ms: float | None = typer.Option(None, help="How long to wait for more requests"),
+    max_queue_size: int | None = typer.Option(
+        None, help="Requests that may wait; one more is refused at once (503) [default: 512]"
+    ),
     instances: int | None = typer.Option(None, help="Runtime instances run in parallel"),
     threads: int | None = typer.Option(None, help="Threads per runtime instance"),
     server: str | None = SERVER,
@@ -63,6 +66,7 @@ def deploy(
                 force=force,
                 max_batch_size=max_batch_size,
                 max_queue_delay_ms=max_queue_delay_ms,
+                max_queue_size=max_queue_size,
                 instances=instances,
                 threads=threads,
             )
