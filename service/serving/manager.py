@@ -60,6 +60,7 @@ class Served:
     error: str | None = None
     batching: bool = False
     batching_note: str = ""
+    threads: int = 1  # intra-op threads per runtime instance
     max_batch: int = 1
     batcher: Batcher | None = None
     instances: list[Runtime] = field(default_factory=list)
@@ -150,6 +151,31 @@ def _release(instances: list[Runtime], batcher: Batcher | None) -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:  # not glibc
         pass
+
+
+def _runs_under(run: Callable[[sample_io.Sample], Any], sample: sample_io.Sample, seconds: float) -> bool:
+    """Whether a (warm) run of the sample takes less than `seconds`, the fastest of three."""
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        run(sample)
+        best = min(best, time.perf_counter() - start)
+    return best < seconds
+
+
+def _one_thread_is_faster(many: Runtime, one: Runtime, sample: sample_io.Sample) -> bool:
+    """Whether a model runs a lone row faster on one thread than on several: so small a model
+    that waking the other threads costs more than they save (an MLP: 20 us of work, and each run
+    would hand parts of it to threads that sleep between runs). Asked only of models that run in
+    under a millisecond (_runs_under); the two take turns, so that both see the same machine."""
+    times: dict[int, list[float]] = {0: [], 1: []}
+    one.run(sample)  # warm-up
+    for _ in range(40):
+        for i, rt in enumerate((many, one)):
+            start = time.perf_counter()
+            rt.run(sample)
+            times[i].append(time.perf_counter() - start)
+    return float(np.median(times[1])) < 0.9 * float(np.median(times[0]))
 
 
 def _show(shape: list) -> str:
@@ -268,6 +294,17 @@ class Manager:
             run = served.instances[0].run
             sizes = sig.sizes_at("opt", **({sig.batch_dim: 1} if sig.batch_dim else {}))
             run(sample_io.at_batch(sig, sizes.get(sig.batch_dim, 1) if sig.batch_dim else 1))  # warm-up
+            if opts["threads"] is None and threads > 1 and _runs_under(run, sample_io.at_batch(sig, 1), 1e-3):
+                one = runtimes.load(directory, threads=1, spin=spin)
+                if _one_thread_is_faster(served.instances[0], one, sample_io.at_batch(sig, 1)):
+                    for rt in served.instances:
+                        rt.close()
+                    served.instances = [one] + [runtimes.load(directory, threads=1, spin=spin) for _ in range(n - 1)]
+                    threads = 1
+                else:
+                    one.close()
+                run = served.instances[0].run
+            served.threads = threads
             for rt in served.instances[1:]:
                 rt.run(sample_io.at_batch(sig, 1))
             served.batching, served.batching_note = batching_check(run, sig)
@@ -294,10 +331,12 @@ class Manager:
             # walk all of it while every request in flight waits, stay short.
             gc.freeze()
             logger.info(
-                "deployment %s v%d ready (%s, batching %s: %s)",
+                "deployment %s v%d ready (%s, %d instance(s) of %d thread(s), batching %s: %s)",
                 served.name,
                 served.version,
                 served.candidate_name,
+                len(served.instances),
+                served.threads,
                 "on" if served.batching else "off",
                 served.batching_note,
             )

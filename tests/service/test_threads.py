@@ -1,0 +1,38 @@
+"""How many intra-op threads a served version gets: one, when the model is so small that waking
+more costs more than they save; as many as the cores allow otherwise."""
+
+from __future__ import annotations
+
+import time
+
+from service.serving.manager import _one_thread_is_faster, _runs_under
+
+
+class Timed:
+    """A runtime whose run takes a fixed time."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.runs = 0
+
+    def run(self, sample):
+        self.runs += 1
+        end = time.perf_counter() + self.seconds
+        while time.perf_counter() < end:
+            pass
+        return {}
+
+
+def test_one_thread_wins_when_it_runs_a_small_model_faster():
+    assert _one_thread_is_faster(Timed(200e-6), Timed(40e-6), {}) is True
+
+
+def test_several_threads_stay_when_one_is_no_faster():
+    assert _one_thread_is_faster(Timed(40e-6), Timed(40e-6), {}) is False
+    assert _one_thread_is_faster(Timed(40e-6), Timed(200e-6), {}) is False
+
+
+def test_only_a_model_that_runs_in_under_a_millisecond_is_tried_on_one_thread():
+    slow, fast = Timed(3e-3), Timed(50e-6)
+    assert _runs_under(slow.run, {}, 1e-3) is False
+    assert _runs_under(fast.run, {}, 1e-3) is True
