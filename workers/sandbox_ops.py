@@ -73,7 +73,9 @@ def build_eager(bundle: dict[str, Any]) -> Any:
     elif kind == "torchscript":
         model = torch.jit.load(bundle["model_file"], map_location="cpu")
     elif kind == "export":
-        model = torch.export.load(bundle["model_file"]).module()
+        # An ExportedProgram's module is already in the mode it was exported in, and refuses eval()
+        # and train() ("Calling eval() is not supported yet.")
+        return torch.export.load(bundle["model_file"]).module()
     else:
         raise InvalidBundle(f"bundle kind {kind!r} has no eager model")
     if hasattr(model, "eval"):
