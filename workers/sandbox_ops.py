@@ -642,7 +642,13 @@ def export_onnx(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
             fn = dynamo(program, tuple(export_dynamic_shapes(torch, signature).values()))
         if fn is None:
             attempts.append(
-                {"exporter": exporter, "source": source, "ok": False, "skipped": True, "error": _no_source(source)}
+                {
+                    "exporter": exporter,
+                    "source": source,
+                    "ok": False,
+                    "skipped": True,
+                    "error": _no_source(source, kind),
+                }
             )
             continue
         if attempt(exporter, source, fn):
@@ -650,7 +656,9 @@ def export_onnx(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
     return {"attempts": attempts, "chosen": None}
 
 
-def _no_source(source: str) -> str:
+def _no_source(source: str, kind: str) -> str:
+    if kind == "export":
+        return "not tried: an uploaded torch.export program is exported from itself, by dynamo:export"
     if source == "eager":
         return "not tried: this bundle has no eager model to export from"
     return f"not tried: no {source} capture agrees with eager"

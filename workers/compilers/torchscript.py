@@ -37,6 +37,13 @@ class TorchScriptCompiler:
             raise InvalidOptions(
                 f"precision {p} is not built for TorchScript; the onnxruntime and openvino targets build int8"
             )
+        if ctx.bundle.kind == "export":
+            # The capture step makes TorchScript from Python source only. A trace of the program's
+            # module would turn every size its graph reads off the inputs (sym_size) into a constant.
+            raise ConversionError(
+                "TorchScript is not built from an uploaded torch.export program (.pt2); "
+                "the torch_export and onnxruntime targets are"
+            )
         device = "cuda" if candidate.variant == "cuda" else "cpu"
         if device == "cuda":
             require_cuda()
