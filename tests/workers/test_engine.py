@@ -220,6 +220,44 @@ def test_captured_uploads_torchscript_and_onnx(tmp_path):
     assert ctx.step("capture").status == "skipped" and ctx.candidate("onnxruntime-fp32").passed
 
 
+def test_captured_upload_exported_program(tmp_path):
+    """A `.pt2` saved with torch.export.save, its batch dynamic: the loaded program is the reference,
+    the ONNX export is made from it, the onnxruntime and torch_export candidates pass and give the
+    module's outputs, and the TorchScript candidate says in one line why it is not built."""
+    import torch
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10)).eval()
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.export.export(net, (torch.randn(4, 64),), dynamic_shapes=({0: batch},))
+    pt2 = tmp_path / "mlp.pt2"
+    torch.export.save(program, str(pt2))
+    sig = {"inputs": ["x:float32[batch,64]"], "outputs": ["logits"], "dims": {"batch": [1, 8, 32]}}
+    ctx = engine.convert(
+        pt2,
+        tmp_path / "out",
+        signature=sig,
+        options={"targets": ["onnxruntime", "torchscript", "torch_export"], **FAST},
+    )
+    assert ctx.bundle.kind == "export"
+    assert statuses(ctx) == {
+        s: "ok" for s in ("load", "capture", "export", "compile", "validate", "benchmark", "select", "report")
+    }, [(s.name, s.error) for s in ctx.steps]
+    assert ctx.onnx_exporter == "dynamo:export"
+    assert ctx.export_attempts[0]["error"].startswith("not tried: an uploaded torch.export program")
+    for cid in ("onnxruntime-fp32", "torch_export-fp32"):
+        cand = ctx.candidate(cid)
+        assert cand.passed, (cid, cand.reason, cand.validation)
+        assert cand.validation.outputs["logits"].max_abs < 1e-4
+    ts = ctx.candidate("torchscript-fp32")
+    assert ts.status == "failed" and "\n" not in ts.reason and "torch.export program" in ts.reason, ts.reason
+    x = np.random.default_rng(1).standard_normal((5, 64)).astype(np.float32)  # a batch no sample had
+    with torch.no_grad():
+        want = net(torch.from_numpy(x)).numpy()
+    got = runtimes.load(tmp_path / "out" / "onnxruntime-fp32").run({"x": x})["logits"]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_signature_that_does_not_match_the_model(tmp_path):
     ctx = convert(tmp_path, "mlp", signature={"inputs": ["x:float32[batch,63]"]})
     load = ctx.step("load")
