@@ -683,8 +683,7 @@ def host_marker():
 
 # A Python bundle whose capture saves the attacking program instead of its own (its code runs only in
 # the box, where torch.export.save is called): the `.pt2` candidates are built from that capture. An
-# uploaded `.pt2` is unpickled the same way, by the sandboxed load op, but that op cannot yet run an
-# uploaded program (its module refuses `eval()`), so the conversion here starts from Python.
+# uploaded `.pt2` is unpickled the same way, by the sandboxed load op.
 PLANTING_SOURCE = """
 import base64
 
