@@ -714,6 +714,41 @@ def one_client_interleaved(
     return rows
 
 
+def wrk_vs_raw(port: int, dep: str, payload: Payload, i: dict, seconds: float, threads: int, tmp: Path, pid: int):
+    """Kiln binary from wrk (one connection) and the raw runtime in this process, in alternating
+    rounds of a second or so, so that both see the same machine: what a lone client's request
+    costs beyond the run, with a C client whose own cost is small (the Python client's is not:
+    reading and writing 600 KB bodies in Python costs it milliseconds of its own)."""
+    from service import runtimes
+
+    rt = runtimes.load(i["art"], threads=threads, spin=False)
+    feeds = {i["input"]: i["x"]}
+    rounds = max(3, round(2 * seconds))
+    kiln_p50: list[float] = []
+    raw_p50: list[float] = []
+    QUIET.wait(pid)
+    watch = CpuWatch(pid)
+    try:
+        for _ in range(rounds):
+            load = run_wrk(port, f"/v2/models/{dep}/infer", payload, 1, 1.0, tmp)
+            kiln_p50.append(load.p50_ms)
+            times, _ = time_loop(lambda: rt.run(feeds), 1.0, warmup=1)
+            raw_p50.append(pct(times, 50) * 1e3)
+    finally:
+        rt.close()
+    cpu = watch.stop()
+    ratios = sorted(k / r for k, r in zip(kiln_p50, raw_p50))
+    WRK_RAW.update(median=ratios[len(ratios) // 2], low=ratios[0], high=ratios[-1], rounds=rounds)
+    kp, rp = sorted(kiln_p50)[rounds // 2], sorted(raw_p50)[rounds // 2]
+    return [
+        Row("Kiln binary, 1 client (wrk, interleaved)", "seq-wrk", "kiln", kp, float("nan"), 1e3 / kp, cpu),
+        Row("raw runtime, in-process (interleaved with wrk)", "seq-wrk", "raw", rp, float("nan"), 1e3 / rp, cpu),
+    ]
+
+
+WRK_RAW: dict[str, float] = {}
+
+
 def _grpc_worker(port: int, model: str, name: str, x, headers: dict, seconds: float, threads: int) -> tuple[list, int]:
     """tritonclient.grpc clients in threads until `seconds` pass: (latencies, errors)."""
     import tritonclient.grpc as tg
@@ -1076,6 +1111,9 @@ def run(models, converted, args, delays, threads, use_wrk, tmp, data_dir, server
         for row in one_client_interleaved(kiln_port, grpc_port, seq_dep, i, args.seconds, kiln.pid, threads):
             add(row)
         add(grpc_load(grpc_port, kiln_port, f"{name}-on{best[0]:g}", i, n, args.seconds, kiln.pid, mb))
+        if use_wrk:
+            for row in wrk_vs_raw(kiln_port, seq_dep, binary, i, args.seconds, threads, tmp, kiln.pid):
+                add(row)
 
         # the hand-written servers and LitServe, one at a time (ORT's and torch's idle worker threads spin)
         hands = [
@@ -1220,11 +1258,18 @@ def report(name: str, i: dict, rows: list[Row], candidate: str, threads: int, ar
         print(f"  target: MLP binary overhead < 0.8 ms: {ob:.3f} ms -> {mark(ob < 0.8)}")
     elif name == "cnn":
         kb, kr = one("Kiln binary, 1 client (Python", "seq-py"), one("raw runtime, in-process (inter", "seq-py")
+        if WRK_RAW:
+            w = WRK_RAW
+            print(
+                f"  aim: CNN binary /v2 within 3% of the runtime alone (p50, wrk and the runtime in "
+                f"{w['rounds']:.0f} alternating rounds; the median of the per-round ratios, lowest-highest): "
+                f"{w['median'] - 1:+.1%} ({w['low'] - 1:+.1%} to {w['high'] - 1:+.1%}) -> {mark(w['median'] <= 1.03)}"
+            )
         if kb and kr:
             within = kb.p50_ms / kr.p50_ms - 1
             print(
-                f"  aim: CNN binary /v2 within 3% of the runtime alone (p50, interleaved rounds, Python client): "
-                f"{kb.p50_ms:.2f} vs {kr.p50_ms:.2f} ms = {within:+.1%} -> {mark(within <= 0.03)} (wrk, not "
+                f"  CNN binary /v2 against the runtime alone (p50, interleaved rounds, Python client): "
+                f"{kb.p50_ms:.2f} vs {kr.p50_ms:.2f} ms = {within:+.1%} (wrk, not "
                 f"interleaved: {sb.p50_ms / raw.p50_ms - 1:+.1%})"
             )
     rb = on_b.rps / off_b.rps if off_b and off_b.rps else float("inf")
