@@ -87,13 +87,36 @@ class _Cache:
     def __init__(self) -> None:
         self._items: dict[str, tuple[float, Principal | None]] = {}
         self._lock = threading.Lock()
+        self._refreshing: set[str] = set()
 
     def get(self, key: str) -> tuple[bool, Principal | None]:
+        hit, stale, principal = self.lookup(key)
+        return hit and not stale, principal
+
+    def lookup(self, key: str) -> tuple[bool, bool, Principal | None]:
+        """(known, stale, principal): a stale entry is past its time by less than CACHE_S more."""
         with self._lock:
-            hit = self._items.get(key)
-        if hit and hit[0] > time.monotonic():
-            return True, hit[1]
-        return False, None
+            item = self._items.get(key)
+        if item is None:
+            return False, False, None
+        left = item[0] - time.monotonic()
+        if left > 0:
+            return True, False, item[1]
+        if left > -CACHE_S:
+            return True, True, item[1]
+        return False, False, None
+
+    def claim_refresh(self, key: str) -> bool:
+        """Whether the caller is the one to look the key up again (one lookup at a time per key)."""
+        with self._lock:
+            if key in self._refreshing:
+                return False
+            self._refreshing.add(key)
+            return True
+
+    def refreshed(self, key: str) -> None:
+        with self._lock:
+            self._refreshing.discard(key)
 
     def put(self, key: str, value: Principal | None) -> None:
         with self._lock:
@@ -109,14 +132,50 @@ class _Cache:
 _cache = _Cache()
 
 
-def cached(token: str) -> Principal | None:
+def cached(token: str, session_factory: Callable[[], Session] | None = None) -> Principal | None:
     """The principal for a token seen lately, without asking the database; None if not known
-    (a token known to be bad raises Unauthorized)."""
+    (a token known to be bad raises Unauthorized).
+
+    With `session_factory`, an entry past its time by less than CACHE_S more is still answered,
+    while one thread looks the token up again in the background: when a busy token's entry ran
+    out, every request in flight went to the database at once (each writing last_used_at), which
+    stalled the whole server for 100 ms and more every CACHE_S. A revoked token stops working once
+    that lookup is back, a few milliseconds after CACHE_S."""
     if not token.startswith(PREFIX):
         raise Unauthorized("the token is not a Kiln token")
-    hit, principal = _cache.get(hash_token(token))
+    key = hash_token(token)
+    hit, stale, principal = _cache.lookup(key)
+    if stale:
+        if session_factory is None:
+            return None  # the caller asks the database itself
+        if _cache.claim_refresh(key):
+            threading.Thread(
+                target=_refresh, args=(session_factory, key), name="kiln-token-refresh", daemon=True
+            ).start()
     if hit and principal is None:
         raise Unauthorized("the token is unknown or revoked")
+    return principal
+
+
+def _refresh(session_factory: Callable[[], Session], key: str) -> None:
+    try:
+        _look_up(session_factory, key)
+    except Exception:  # the database may be down for a moment: the entry then runs out
+        logger.warning("looking a token up again failed", exc_info=True)
+    finally:
+        _cache.refreshed(key)
+
+
+def _look_up(session_factory: Callable[[], Session], key: str) -> Principal | None:
+    """The principal for a token's hash from the database (None: unknown or revoked), cached."""
+    with session_factory() as session:
+        row = session.scalar(select(ApiToken).where(ApiToken.token_hash == key))
+        principal = None
+        if row is not None and row.revoked_at is None:
+            principal = Principal(owner=row.owner, scopes=frozenset(row.scopes), token_id=row.id)
+            row.last_used_at = now()
+            session.commit()
+    _cache.put(key, principal)
     return principal
 
 
@@ -127,14 +186,7 @@ def authenticate(session_factory: Callable[[], Session], token: str) -> Principa
     key = hash_token(token)
     hit, principal = _cache.get(key)
     if not hit:
-        with session_factory() as session:
-            row = session.scalar(select(ApiToken).where(ApiToken.token_hash == key))
-            principal = None
-            if row is not None and row.revoked_at is None:
-                principal = Principal(owner=row.owner, scopes=frozenset(row.scopes), token_id=row.id)
-                row.last_used_at = now()
-                session.commit()
-        _cache.put(key, principal)
+        principal = _look_up(session_factory, key)
     if principal is None:
         raise Unauthorized("the token is unknown or revoked")
     return principal

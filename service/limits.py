@@ -117,7 +117,7 @@ async def _refusal(headers: dict[bytes, bytes]) -> str | None:
                 "(kiln up prints the admin token and keeps it in DATA_DIR/admin-token)"
             )
     try:
-        if auth.cached(token) is None:
+        if auth.cached(token, new_session) is None:
             await run_in_threadpool(auth.authenticate, new_session, token)
     except auth.Unauthorized as exc:
         return exc.detail

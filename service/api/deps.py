@@ -39,7 +39,7 @@ async def principal_async(request: Request, scope: str = "manage") -> auth.Princ
     token = _token(request)
     if token is None:
         return _open()
-    who = auth.cached(token)
+    who = auth.cached(token, new_session)
     if who is None:
         who = await run_in_threadpool(auth.authenticate, new_session, token)
     return _allowed(who, scope)

@@ -77,7 +77,7 @@ def _principal(context: grpc.ServicerContext, scope: str = "infer") -> auth.Prin
     kind, _, token = str(header).partition(" ")
     if kind.lower() != "bearer" or not token.strip():
         raise auth.Unauthorized("use 'authorization: Bearer <token>'")
-    who = auth.cached(token.strip())
+    who = auth.cached(token.strip(), new_session)
     if who is None:
         who = auth.authenticate(new_session, token.strip())
     if not who.allows(scope):

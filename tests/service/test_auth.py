@@ -251,3 +251,43 @@ def test_open_network_is_an_explicit_choice(monkeypatch):
     clear_caches()
     check_exposure("0.0.0.0")
     clear_caches()
+
+
+def test_a_busy_tokens_entry_running_out_sends_one_lookup_and_a_revocation_still_lands(secure, monkeypatch):
+    """When a token's cache entry runs out under load, the requests in flight are answered from
+    the stale entry while one lookup refreshes it (not one database write each); a token revoked
+    on another replica (here: in the database, not through this process) stops working once that
+    lookup is back."""
+    import threading
+    import time
+
+    from service import auth
+    from service.db import new_session, session_scope
+    from service.tables import ApiToken
+
+    api, admin, _ = secure
+    made = api.post("/v1/tokens", headers=bearer(admin), json={"name": "app", "scopes": ["infer"]}).json()
+    token = made["token"]
+    assert auth.authenticate(new_session, token).owner  # cached now
+    monkeypatch.setattr(auth, "CACHE_S", 0.2)
+    auth._cache.put(auth.hash_token(token), auth._cache.get(auth.hash_token(token))[1])
+    time.sleep(0.25)  # past its time, within the grace
+
+    lookups: list[int] = []
+    real = auth._look_up
+    monkeypatch.setattr(auth, "_look_up", lambda f, k: (lookups.append(1), time.sleep(0.1), real(f, k))[-1])
+    with session_scope() as s:  # revoked elsewhere: this process's cache is not told
+        s.get(ApiToken, made["id"]).revoked_at = auth.now()
+    answers: list[object] = []
+    callers = [threading.Thread(target=lambda: answers.append(auth.cached(token, new_session))) for _ in range(32)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join()
+    assert len(answers) == 32 and all(a is not None for a in answers)  # none waited for the database
+    deadline = time.time() + 5
+    while time.time() < deadline and auth._cache._refreshing:
+        time.sleep(0.01)
+    assert lookups == [1]  # one lookup for 32 requests
+    with pytest.raises(auth.Unauthorized, match="revoked"):
+        auth.cached(token, new_session)
