@@ -297,21 +297,10 @@ def test_torchscript_that_attacks_only_when_benchmarked_gets_nothing(tmp_path, h
             assert before not in data, f"{path} holds the host secret"
 
 
-@pytest.mark.parametrize("mode", ["read", "write"])
-def test_the_benchmark_op_runs_a_torchscript_candidate_only_inside_the_box(tmp_path, host_secret, mode):
-    """The sandboxed benchmark op alone, timing one TorchScript candidate (no eager baseline) whose
-    forward attacks on every call: it is left out with the box's refusal as its reason, the host file is
-    unchanged, and the secret is in nothing the op returns or leaves."""
-    from service.runtimes.base import ArtifactInfo
-    from workers.sandbox import MIN_MEMORY_BYTES, Limits, control_dir, run_op
+def benchmark_alone(candidate: str, artifact: Path, work: Path):
+    """The sandboxed benchmark op timing one candidate (no eager baseline), checked to have run boxed."""
+    from workers.sandbox import MIN_MEMORY_BYTES, Limits, run_op
 
-    target = attack_target(mode, tmp_path, host_secret)
-    before = target.read_bytes()
-    artifact = tmp_path / "artifacts" / "torchscript-fp32"
-    artifact.mkdir(parents=True)
-    (artifact / "model.pt").write_bytes(attacker(tmp_path, mode, target, dormant_calls=0))
-    ArtifactInfo(runtime="torchscript", file="model.pt", signature=BENCH_SIGNATURE).save(artifact)
-    work = tmp_path / "work"
     res = run_op(
         "benchmark",
         {
@@ -320,13 +309,32 @@ def test_the_benchmark_op_runs_a_torchscript_candidate_only_inside_the_box(tmp_p
             "batch_sizes": [1, 4],
             "budget_s": 0.05,
             "eager": [],
-            "artifacts": [{"id": "torchscript-fp32", "dir": str(artifact)}],
+            "artifacts": [{"id": candidate, "dir": str(artifact)}],
             "pairs": [],
         },
         work,
         limits=Limits(memory_bytes=MIN_MEMORY_BYTES * 2, timeout_s=120, readable=(artifact,)),
     )
     assert res.isolated and not any("UNISOLATED" in n for n in res.notes), res.notes
+    return res
+
+
+@pytest.mark.parametrize("mode", ["read", "write"])
+def test_the_benchmark_op_runs_a_torchscript_candidate_only_inside_the_box(tmp_path, host_secret, mode):
+    """The sandboxed benchmark op alone, timing one TorchScript candidate (no eager baseline) whose
+    forward attacks on every call: it is left out with the box's refusal as its reason, the host file is
+    unchanged, and the secret is in nothing the op returns or leaves."""
+    from service.runtimes.base import ArtifactInfo
+    from workers.sandbox import control_dir
+
+    target = attack_target(mode, tmp_path, host_secret)
+    before = target.read_bytes()
+    artifact = tmp_path / "artifacts" / "torchscript-fp32"
+    artifact.mkdir(parents=True)
+    (artifact / "model.pt").write_bytes(attacker(tmp_path, mode, target, dormant_calls=0))
+    ArtifactInfo(runtime="torchscript", file="model.pt", signature=BENCH_SIGNATURE).save(artifact)
+    work = tmp_path / "work"
+    res = benchmark_alone("torchscript-fp32", artifact, work)
     assert res.outcome == "ok", (res.reason, res.log[-2000:])
     assert res.result["points"] == {}, res.result
     reason = res.result["errors"]["torchscript-fp32"]
@@ -767,25 +775,11 @@ def test_the_benchmark_op_loads_an_exported_program_only_inside_the_box(tmp_path
     """The sandboxed benchmark op alone, timing a torch_export candidate whose pickled weight attacks
     as it is unpickled: it is timed (its weight is what the attack returned), the attack ran in the
     op's working directory, and the host file is not written nor the secret in anything it leaves."""
-    from workers.sandbox import MIN_MEMORY_BYTES, Limits, control_dir, run_op
+    from workers.sandbox import control_dir
 
     artifact = pt2_artifact(tmp_path / "artifacts" / "torch_export-fp32", attacking_pt2(host_secret, host_marker))
     work = tmp_path / "work"
-    res = run_op(
-        "benchmark",
-        {
-            "signature": BENCH_SIGNATURE,
-            "threads": 1,
-            "batch_sizes": [1, 4],
-            "budget_s": 0.05,
-            "eager": [],
-            "artifacts": [{"id": "torch_export-fp32", "dir": str(artifact)}],
-            "pairs": [],
-        },
-        work,
-        limits=Limits(memory_bytes=MIN_MEMORY_BYTES * 2, timeout_s=120, readable=(artifact,)),
-    )
-    assert res.isolated and not any("UNISOLATED" in n for n in res.notes), res.notes
+    res = benchmark_alone("torch_export-fp32", artifact, work)
     assert res.outcome == "ok", (res.reason, res.log[-2000:])
     assert res.result["points"].get("torch_export-fp32"), res.result  # it loaded and ran
     assert (work / "attack-ran").is_file()
