@@ -151,6 +151,19 @@ def _spec_json(spec: TensorSpec) -> dict[str, Any]:
 # --- the API / worker side -----------------------------------------------------------------------
 
 
+def scratch_for(directory: Path) -> dict[str, int]:
+    """The runner box's /tmp size and largest writable file, for an artifact: loading may unpack
+    it there (an AOTInductor package extracts its library and weights to a temporary directory;
+    a T5 encoder's weights alone are a file over the 64 MiB a runner was allowed). Both grow
+    with the artifact; the tmpfs pages count as the box's memory, which its limit bounds."""
+    sizes = [f.stat().st_size for f in directory.rglob("*") if f.is_file()]
+    total, largest = sum(sizes), max(sizes, default=0)
+    return {
+        "file_size_bytes": max(64 << 20, largest + (16 << 20)),
+        "tmp_bytes": max(256 << 20, total + (64 << 20)),
+    }
+
+
 class IsolatedRuntime(Runtime):
     """A runtime whose artifact runs in a runner process inside the isolation boundary."""
 
@@ -183,6 +196,7 @@ class IsolatedRuntime(Runtime):
             # forward pass, short enough not to take the cores the server needs between requests.
             # (OMP_WAIT_POLICY=PASSIVE made the CNN 5 % slower: every region then wakes its threads.)
             env["GOMP_SPINCOUNT"] = "20000"
+        room = scratch_for(self.directory)
         box = boundary.Box(
             name=f"runner:{self.directory}:{id(self)}:{os.getpid()}",
             read_only=(self.directory,),
@@ -191,7 +205,8 @@ class IsolatedRuntime(Runtime):
             processes=settings.sandbox_processes,
             cpus=settings.sandbox_cpus,
             gpu=self.device != "cpu",
-            file_size_bytes=64 << 20,
+            file_size_bytes=room["file_size_bytes"],
+            tmp_bytes=room["tmp_bytes"],
         )
         # the runner's end of the channel keeps its descriptor number in the box
         argv = [
