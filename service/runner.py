@@ -25,7 +25,7 @@ import tempfile
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import orjson
@@ -179,6 +179,7 @@ class IsolatedRuntime(Runtime):
         self._lock = threading.Lock()
         self._boxed: boundary.Boxed | None = None
         self._channel: Channel | None = None
+        self._errors: IO[bytes] | None = None  # the runner's output, a temporary file
         self.notes: list[str] = []
         hello = self._start()
         self._inputs = [TensorSpec.model_validate(s) for s in hello["inputs"]]
@@ -221,7 +222,8 @@ class IsolatedRuntime(Runtime):
         ]
         # model code's output would flood the API's log: the runner's goes to a bounded file, whose
         # tail explains a runner that did not start
-        errors = tempfile.TemporaryFile()  # noqa: SIM115 - closed below, once the runner is up or failed
+        self._last_words(close=True)  # a runner that died before this one
+        errors = tempfile.TemporaryFile()  # noqa: SIM115 - closed with the runner (_last_words)
         try:
             boxed = boundary.start(argv, box, stdout=errors, stderr=errors, pass_fds=(theirs.fileno(),))
         finally:
@@ -229,17 +231,15 @@ class IsolatedRuntime(Runtime):
         # A runner answers with no more than a batch's worth of outputs, and within the sandbox timeout.
         ours.settimeout(settings.sandbox_timeout_s)
         self._boxed, self._channel, self.notes = boxed, Channel(ours, settings.max_infer_bytes * 16), boxed.notes
+        self._errors = errors  # kept while the runner lives: its last line explains a crash
         try:
             header, _ = self._channel.recv()
         except Exception as exc:  # noqa: BLE001 - whatever the runner did, it is stopped
             self._stop()
-            errors.seek(max(0, errors.seek(0, os.SEEK_END) - 2000))
-            tail = errors.read().decode(errors="replace").strip().splitlines()[-1:] or [str(exc)]
+            tail = self._last_words(close=True) or str(exc)
             raise SandboxError(
-                f"the isolated runner for {self.path.name} did not start: {tail[0][:500]}", outcome="crashed"
+                f"the isolated runner for {self.path.name} did not start: {tail[:500]}", outcome="crashed"
             ) from None
-        finally:
-            errors.close()
         if not header.get("ok"):
             self._stop()
             raise _error(header)
@@ -263,10 +263,12 @@ class IsolatedRuntime(Runtime):
                 )
                 header, got = channel.recv()
             except Exception as exc:  # noqa: BLE001 - a runner that died, hung or spoke nonsense is stopped
-                self._stop()
+                self._stop()  # first: a runner that dies has written its last words once it is gone
                 why = "did not answer in time" if isinstance(exc, TimeoutError) else "failed"
+                last = self._last_words(close=True)
                 raise SandboxError(
-                    f"the isolated runner {why} while running a batch ({type(exc).__name__}: {str(exc)[:200]})",
+                    f"the isolated runner {why} while running a batch ({type(exc).__name__}: {str(exc)[:200]})"
+                    + (f"; its last words: {last[:500]}" if last else ""),
                     outcome="crashed",
                 ) from None
             if not isinstance(header.get("ok"), bool) or (header["ok"] and not _answers(got, outputs)):
@@ -277,6 +279,25 @@ class IsolatedRuntime(Runtime):
         if not header.get("ok"):
             raise _error(header)
         return dict(got)
+
+    def _last_words(self, close: bool = False) -> str:
+        """What the runner last said on its output (a C++ abort's message, say), or ''."""
+        errors = self._errors
+        if errors is None:
+            return ""
+        try:
+            errors.seek(max(0, errors.seek(0, os.SEEK_END) - 8000))
+            lines = errors.read().decode(errors="replace").strip().splitlines()
+        except (OSError, ValueError):
+            return ""
+        finally:
+            if close:
+                errors.close()
+                self._errors = None
+        # a C++ exception that ended the process says what in its `what():` line, above its frames
+        told = [ln.strip() for ln in lines if ln.strip().startswith("what():")]
+        plain = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("frame #")]
+        return (told or plain or [""])[-1]
 
     def _stop(self) -> None:
         channel, boxed, self._channel, self._boxed = self._channel, self._boxed, None, None
@@ -293,6 +314,7 @@ class IsolatedRuntime(Runtime):
             boxed.kill()
         with self._lock:
             self._stop()
+            self._last_words(close=True)
 
 
 def _answers(got: list[tuple[str, np.ndarray]], outputs: Sequence[str] | None) -> bool:
