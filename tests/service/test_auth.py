@@ -268,14 +268,14 @@ def test_a_busy_tokens_entry_running_out_sends_one_lookup_and_a_revocation_still
     api, admin, _ = secure
     made = api.post("/v1/tokens", headers=bearer(admin), json={"name": "app", "scopes": ["infer"]}).json()
     token = made["token"]
-    assert auth.authenticate(new_session, token).owner  # cached now
-    monkeypatch.setattr(auth, "CACHE_S", 0.2)
-    auth._cache.put(auth.hash_token(token), auth._cache.get(auth.hash_token(token))[1])
-    time.sleep(0.25)  # past its time, within the grace
+    principal = auth.authenticate(new_session, token)  # cached now
+    key = auth.hash_token(token)
+    auth._cache._items[key] = (time.monotonic() - 0.01, principal)  # just past its time: stale for CACHE_S more
 
     lookups: list[int] = []
     real = auth._look_up
-    monkeypatch.setattr(auth, "_look_up", lambda f, k: (lookups.append(1), time.sleep(0.1), real(f, k))[-1])
+    release = threading.Event()  # the lookup comes back only once every caller has been answered
+    monkeypatch.setattr(auth, "_look_up", lambda f, k: (lookups.append(1), release.wait(30), real(f, k))[-1])
     with session_scope() as s:  # revoked elsewhere: this process's cache is not told
         s.get(ApiToken, made["id"]).revoked_at = auth.now()
     answers: list[object] = []
@@ -285,6 +285,7 @@ def test_a_busy_tokens_entry_running_out_sends_one_lookup_and_a_revocation_still
     for t in callers:
         t.join()
     assert len(answers) == 32 and all(a is not None for a in answers)  # none waited for the database
+    release.set()
     deadline = time.time() + 5
     while time.time() < deadline and auth._cache._refreshing:
         time.sleep(0.01)
