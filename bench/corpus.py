@@ -144,8 +144,9 @@ def flat(value) -> list:
 
 def peers(
     name: str, model, inputs: dict, threads: int, tmp: Path, use_compile: bool, precisions: list[str]
-) -> tuple[dict, dict]:
-    """Callables a user would build by hand, at batch 1; and why each missing one is missing."""
+) -> tuple[dict, dict, str]:
+    """Callables a user would build by hand, at batch 1; why each missing one is missing; and which
+    exporter the plain path used (with why the new one failed, when the old one stood in)."""
     import numpy as np
     import onnxruntime as ort
     import torch
@@ -175,6 +176,7 @@ def peers(
     # the plain path: torch.onnx.export, the new exporter then the old one
     path = tmp / f"{name}.plain.onnx"
     reasons = []
+    plain = "failed"
     for dynamo in (True, False):
         try:
             import warnings
@@ -187,9 +189,10 @@ def peers(
             fn = ort_call(sess)
             fn()
             calls["plain onnx"] = fn
+            plain = "dynamo" if dynamo else f"torchscript-based ({reasons[0]})"
             break
         except Exception as exc:  # noqa: BLE001 - a peer that fails is reported, not raised
-            reasons.append(("dynamo: " if dynamo else "torchscript: ") + one_line(exc))
+            reasons.append(("dynamo failed: " if dynamo else "torchscript failed: ") + one_line(exc))
     else:
         failed["plain onnx"] = "; ".join(reasons)
 
@@ -234,7 +237,7 @@ def peers(
             calls["torch.compile"] = compiled_call
         except Exception as exc:  # noqa: BLE001 - a failure is a row of the table, not a crash
             failed["torch.compile"] = one_line(exc)
-    return calls, failed
+    return calls, failed, plain
 
 
 def optimum_call(model, hf_type: str, inputs: dict, tmp: Path, session):
@@ -351,7 +354,9 @@ def main() -> None:
         inputs = sample_io.at_batch(Signature.parse(sig), 1)
         tmp = base / name / "peers"
         tmp.mkdir(parents=True, exist_ok=True)
-        calls, failed = peers(name, model, inputs, args.threads, tmp, not args.no_compile, args.precisions.split(","))
+        calls, failed, row["plain"] = peers(
+            name, model, inputs, args.threads, tmp, not args.no_compile, args.precisions.split(",")
+        )
         row["peer_failures"] = failed
         rt = None
         if selected is not None:
@@ -382,7 +387,7 @@ def main() -> None:
 
 
 def print_row(row: dict) -> None:
-    for key in ("kiln", "passing", "failed", "exporter", "capture", "kiln_vs_eager", "kiln_load", "convert_s"):
+    for key in ("kiln", "passing", "failed", "exporter", "capture", "kiln_vs_eager", "kiln_load", "convert_s", "plain"):
         if row.get(key):
             print(f"  {key}: {row[key]}")
     for peer, why in row.get("peer_failures", {}).items():
@@ -414,7 +419,9 @@ def print_table(rows: list[dict], args) -> None:
         print(
             f"| {row['model']} | {row.get('passing') or '-'} | {row.get('exporter', '-')} | {row.get('kiln', '-')} | "
             f"{row.get('kiln_vs_eager', '-')} | {ms('eager')} | {ms('kiln')} | "
-            f"{ms('plain onnx') if 'plain onnx' in p50 else 'failed'} | "
+            f"{ms('plain onnx') if 'plain onnx' in p50 else 'failed'}"
+            + (" (torchscript-based)" if row.get("plain", "").startswith("torchscript") else "")
+            + " | "
             + (f"{vs[0]} ({p50[vs[0]]:.2f})" if vs else "-")
             + " | "
             + (f"{vs[1]:.2f}x ({vs[2]:.2f}-{vs[3]:.2f})" if vs else "-")
