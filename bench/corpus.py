@@ -342,6 +342,7 @@ def main() -> None:
                 if not c.passed
             )
             row["exporter"] = ctx.onnx_exporter or "-"
+            row["export_failed"] = export_failures(ctx.export_attempts)
             row["capture"] = ctx.preferred_capture or "-"
             if ctx.selection and ctx.selection.candidate:
                 selected = ctx.candidate(ctx.selection.candidate)
@@ -386,8 +387,34 @@ def main() -> None:
         shutil.rmtree(base, ignore_errors=True)
 
 
+def export_failures(attempts: list[dict]) -> str:
+    """The ONNX exporters Kiln tried before the one it kept, and why each failed: the cause that
+    torch.onnx puts last, rather than its generic first sentence."""
+    reasons = []
+    for a in attempts:
+        if a.get("skipped") or (a.get("ok") and a.get("agrees")):
+            continue
+        error = a.get("error") or "disagrees on " + ", ".join(a.get("disagreeing_samples") or [])
+        cause = error.rfind("(caused by ")
+        if cause >= 0:
+            error = error[cause + len("(caused by ") : -1]
+        reasons.append(f"{a['exporter']}:{a['source']}: {error[:160]}")
+    return "; ".join(reasons)
+
+
 def print_row(row: dict) -> None:
-    for key in ("kiln", "passing", "failed", "exporter", "capture", "kiln_vs_eager", "kiln_load", "convert_s", "plain"):
+    for key in (
+        "kiln",
+        "passing",
+        "failed",
+        "exporter",
+        "export_failed",
+        "capture",
+        "kiln_vs_eager",
+        "kiln_load",
+        "convert_s",
+        "plain",
+    ):
         if row.get(key):
             print(f"  {key}: {row[key]}")
     for peer, why in row.get("peer_failures", {}).items():
