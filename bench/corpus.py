@@ -21,10 +21,10 @@ CPU target available here), then times at batch 1, in ONE interleaved run per mo
 - for Hugging Face models, Optimum's ONNX export with ORTOptimizer (optimization level 2).
 
 Then prints, per model: whether Kiln has a passing candidate (and why not, in one line), the
-exporter and capture used, the selected candidate with Kiln's own speed-up over eager and its
-interval, whether the plain path worked, each peer's p50, and the ratio fastest peer / Kiln with
-its ~95% interval; the aim (Kiln at least as fast as the fastest peer) is met when the interval
-reaches 1.
+exporter and capture used (and why each exporter tried before that one failed), the selected
+candidate with Kiln's own speed-up over eager and its interval, whether the plain path worked and
+with which exporter, each peer's p50, and the ratio fastest peer / Kiln with its ~95% interval;
+the aim (Kiln at least as fast as the fastest peer) is met when the interval reaches 1.
 
 The libraries the models need are not Kiln's: on first use the script makes its own environment
 in bench/.venv-corpus (Kiln, transformers, timm, torchvision, openvino, optimum-onnx; torch pinned
@@ -192,7 +192,12 @@ def peers(
             plain = "dynamo" if dynamo else f"torchscript-based ({reasons[0]})"
             break
         except Exception as exc:  # noqa: BLE001 - a peer that fails is reported, not raised
-            reasons.append(("dynamo failed: " if dynamo else "torchscript failed: ") + one_line(exc))
+            # torch.onnx's own message is a generic "Failed to export the model with torch.export";
+            # the cause it chains says why
+            cause: BaseException = exc
+            while cause.__cause__ is not None:
+                cause = cause.__cause__
+            reasons.append(("dynamo failed: " if dynamo else "torchscript failed: ") + one_line(cause))
     else:
         failed["plain onnx"] = "; ".join(reasons)
 
