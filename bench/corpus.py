@@ -369,7 +369,11 @@ def main() -> None:
                     selected.speedup, selected.speedup_low, selected.speedup_high, selected.noisy
                 )
             else:
-                row["kiln"] = "no candidate: " + (ctx.selection.reason if ctx.selection else "no selection")[:200]
+                # without a selection, the step that failed says why (e.g. no sandbox on this machine)
+                failed_step = next((st for st in ctx.steps if st.error), None)
+                why = ctx.selection.reason if ctx.selection else None
+                why = why or (f"{failed_step.name}: {failed_step.error}" if failed_step else "no selection")
+                row["kiln"] = "no candidate: " + " ".join(why.split())[:200]
         inputs = sample_io.at_batch(Signature.parse(sig), 1)
         tmp = base / name / "peers"
         tmp.mkdir(parents=True, exist_ok=True)
