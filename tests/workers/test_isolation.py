@@ -262,6 +262,35 @@ def test_a_leftover_box_of_an_earlier_attempt_is_killed_before_the_next_runs(tmp
         leftover.remove()
 
 
+def test_a_box_weighs_as_much_as_a_process_using_every_cpu(tmp_path):
+    """Under load, a box (a serving runner, say) gets the CPU share of as many busy threads as the
+    machine has CPUs, not that of one thread: cgroup v1 counts a child cgroup as one entity of
+    weight 1024 beside every process of the service's own cgroup. On v2 the service sits in a leaf
+    of its own, a sibling of equal default weight, and nothing needs setting."""
+    from service.boundary import BOX_CPU_SHARES, Box, _Cgroups
+
+    notes: list[str] = []
+    cg = _Cgroups.create(Box(name=f"op:{(tmp_path / 'work').resolve()}"), notes)
+    if cg is None:
+        pytest.skip(f"no cgroups here: {notes}")
+    try:
+        if cg.v2:
+            weight, service = cg.dirs["v2"] / "cpu.weight", cg.dirs["v2"].parent / "kiln-service" / "cpu.weight"
+            if weight.exists() and service.exists():
+                assert (
+                    weight.read_text().strip()
+                    == (cg.dirs["v2"].parent / "kiln-service" / "cpu.weight").read_text().strip()
+                )
+        elif "cpu" not in cg.dirs:
+            pytest.skip("no v1 cpu controller here")
+        else:
+            shares = int((cg.dirs["cpu"] / "cpu.shares").read_text())
+            assert shares == BOX_CPU_SHARES == 1024 * (os.cpu_count() or 1)
+            assert shares > int((cg.dirs["cpu"].parent / "cpu.shares").read_text()) or os.cpu_count() == 1
+    finally:
+        cg.remove()
+
+
 def test_a_job_may_set_its_own_memory_limit(tmp_path):
     from service.errors import KilnError
     from workers.engine import convert
