@@ -214,21 +214,22 @@ def test_one_file_far_past_the_file_limit_is_refused_and_the_runner_goes_on(fill
     assert left_on_the_host(name, tmp_path, art) == []
 
 
-def test_files_that_fill_the_box_tmp_stop_at_its_size(filler, tmp_path):
-    """Eight files of 48 MiB, each under the file limit, 384 MiB in all in a 256 MiB /tmp: the first
-    page past its end kills the runner (SIGBUS), the error says so, nothing is left on the host,
-    and the next request gets a runner started afresh."""
+@pytest.mark.parametrize("where", [TMP, SHM], ids=["tmp", "dev-shm"])
+def test_files_that_fill_the_box_tmpfs_stop_at_its_size(filler, tmp_path, where):
+    """Eight files of 48 MiB, each under the file limit, 384 MiB in all in a 256 MiB /tmp (or
+    /dev/shm): the first page past its end kills the runner (SIGBUS), the error says so, nothing is
+    left on the host, and the next request gets a runner started afresh."""
     from service import runtimes
 
     art, name = filler
     rt = runtimes.load(art, threads=1)
     try:
         pid = runner_pid(rt)
-        assert next(iter(rt.run(fill(48, 2, TMP)).values()))[0, 0] == 2.0  # 96 MiB fit
+        assert next(iter(rt.run(fill(48, 2, where)).values()))[0, 0] == 2.0  # 96 MiB fit
         with pytest.raises(SandboxError) as err:
-            rt.run(fill(48, 8, TMP))
+            rt.run(fill(48, 8, where))
         message = str(err.value)
-        assert "SIGBUS" in message and "/tmp" in message and "256 MiB" in message, message
+        assert "SIGBUS" in message and "/dev/shm" in message and "256 MiB" in message, message
         assert "Traceback" not in message
         assert answers_plainly(rt)  # a fresh runner
         assert runner_pid(rt) != pid
@@ -238,14 +239,14 @@ def test_files_that_fill_the_box_tmp_stop_at_its_size(filler, tmp_path):
 
 
 def test_what_the_box_writes_to_its_tmpfs_counts_against_its_memory_limit(filler, tmp_path, memory_limit):
-    """With a 512 MiB memory limit (this host gives each box a memory cgroup; cgroup v1 here), the
-    pages written to /tmp are charged to the box; /tmp and /dev/shm filled almost to their 256 MiB
-    each, with the runner's own memory, go over the limit: the kernel kills the runner, the error
-    names the limit, and the next request gets a fresh runner."""
+    """With a 448 MiB memory limit (this host gives each box a memory cgroup; cgroup v1 here), the
+    pages written to /tmp are charged to the box; 240 MiB in /tmp and 192 MiB in /dev/shm, each
+    within its 256 MiB tmpfs, are more than the limit with the runner's own memory: the kernel kills
+    the runner, the error names the limit, and the next request gets a fresh runner."""
     from service import runtimes
 
     art, name = filler
-    memory_limit(512 * MiB)
+    memory_limit(448 * MiB)
     rt = runtimes.load(art, threads=1)
     try:
         boxed = rt._boxed
@@ -257,9 +258,9 @@ def test_what_the_box_writes_to_its_tmpfs_counts_against_its_memory_limit(filler
         rt.run(fill(48, 3, TMP))
         assert int(usage.read_text()) - before >= 3 * 48 * MiB - 8 * MiB, (before, usage.read_text())
         with pytest.raises(SandboxError) as err:
-            rt.run(fill(48, 10, BOTH))  # 240 MiB in each
+            rt.run(fill(48, 8, BOTH))  # files 0 to 7 in turn: 0-2, 4 and 6 in /tmp, the odd ones in /dev/shm
         message = str(err.value)
-        assert "512 MiB memory limit" in message, message
+        assert "448 MiB memory limit" in message, message
         assert answers_plainly(rt)
     finally:
         rt.close()
