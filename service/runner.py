@@ -162,9 +162,8 @@ def scratch_for(directory: Path, memory_bytes: int | None = None) -> dict[str, i
     a T5 encoder's weights alone are a file over the 64 MiB a runner was allowed). Both grow
     with the artifact, from SCRATCH_FLOOR up to half the box's memory limit (`memory_bytes`, or
     the default a box gets): the box has two such tmpfs (/tmp and /dev/shm), whose pages count as
-    its memory where it has a memory cgroup and are bounded by their size alone where it has
-    none; an artifact over half the limit could not be unpacked and loaded within it anyway. The
-    largest file is never larger than the tmpfs it would be in."""
+    its memory where it has a memory cgroup; where it has none, their sizes alone bound them, and
+    together they then stay within the limit. The largest file is never larger than the tmpfs."""
     sizes = [f.stat().st_size for f in directory.rglob("*") if f.is_file()]
     total, largest = sum(sizes), max(sizes, default=0)
     memory = memory_bytes or boundary.default_memory_bytes()
