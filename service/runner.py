@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import socket
 import struct
+import subprocess
 import sys
 import tempfile
 import threading
@@ -151,16 +153,24 @@ def _spec_json(spec: TensorSpec) -> dict[str, Any]:
 # --- the API / worker side -----------------------------------------------------------------------
 
 
-def scratch_for(directory: Path) -> dict[str, int]:
+SCRATCH_FLOOR = {"file_size_bytes": 64 << 20, "tmp_bytes": 256 << 20}
+
+
+def scratch_for(directory: Path, memory_bytes: int | None = None) -> dict[str, int]:
     """The runner box's /tmp size and largest writable file, for an artifact: loading may unpack
     it there (an AOTInductor package extracts its library and weights to a temporary directory;
     a T5 encoder's weights alone are a file over the 64 MiB a runner was allowed). Both grow
-    with the artifact; the tmpfs pages count as the box's memory, which its limit bounds."""
+    with the artifact, from SCRATCH_FLOOR up to half the box's memory limit (`memory_bytes`, or
+    the default a box gets): the box has two such tmpfs (/tmp and /dev/shm), whose pages count as
+    its memory where it has a memory cgroup; where it has none, their sizes alone bound them, and
+    together they then stay within the limit. The largest file is never larger than the tmpfs."""
     sizes = [f.stat().st_size for f in directory.rglob("*") if f.is_file()]
     total, largest = sum(sizes), max(sizes, default=0)
+    memory = memory_bytes or boundary.default_memory_bytes()
+    tmp = min(max(SCRATCH_FLOOR["tmp_bytes"], total + (64 << 20)), max(SCRATCH_FLOOR["tmp_bytes"], memory // 2))
     return {
-        "file_size_bytes": max(64 << 20, largest + (16 << 20)),
-        "tmp_bytes": max(256 << 20, total + (64 << 20)),
+        "file_size_bytes": min(max(SCRATCH_FLOOR["file_size_bytes"], largest + (16 << 20)), tmp),
+        "tmp_bytes": tmp,
     }
 
 
@@ -180,6 +190,7 @@ class IsolatedRuntime(Runtime):
         self._boxed: boundary.Boxed | None = None
         self._channel: Channel | None = None
         self._errors: IO[bytes] | None = None  # the runner's output, a temporary file
+        self._room: dict[str, int] = {}  # the box's memory limit, /tmp size and largest file
         self.notes: list[str] = []
         hello = self._start()
         self._inputs = [TensorSpec.model_validate(s) for s in hello["inputs"]]
@@ -197,7 +208,8 @@ class IsolatedRuntime(Runtime):
             # forward pass, short enough not to take the cores the server needs between requests.
             # (OMP_WAIT_POLICY=PASSIVE made the CNN 5 % slower: every region then wakes its threads.)
             env["GOMP_SPINCOUNT"] = "20000"
-        room = scratch_for(self.directory)
+        room = scratch_for(self.directory, settings.sandbox_memory_bytes)
+        self._room = {**room, "memory_bytes": settings.sandbox_memory_bytes or boundary.default_memory_bytes()}
         box = boundary.Box(
             name=f"runner:{self.directory}:{id(self)}:{os.getpid()}",
             read_only=(self.directory,),
@@ -235,10 +247,14 @@ class IsolatedRuntime(Runtime):
         try:
             header, _ = self._channel.recv()
         except Exception as exc:  # noqa: BLE001 - whatever the runner did, it is stopped
+            ended = self._how_it_ended(exc)
             self._stop()
             tail = self._last_words(close=True) or str(exc)
             raise SandboxError(
-                f"the isolated runner for {self.path.name} did not start: {tail[:500]}", outcome="crashed"
+                f"the isolated runner for {self.path.name} did not start: "
+                + (f"{ended}; " if ended else "")
+                + tail[:500],
+                outcome="crashed",
             ) from None
         if not header.get("ok"):
             self._stop()
@@ -263,11 +279,13 @@ class IsolatedRuntime(Runtime):
                 )
                 header, got = channel.recv()
             except Exception as exc:  # noqa: BLE001 - a runner that died, hung or spoke nonsense is stopped
+                ended = self._how_it_ended(exc)
                 self._stop()  # first: a runner that dies has written its last words once it is gone
                 why = "did not answer in time" if isinstance(exc, TimeoutError) else "failed"
                 last = self._last_words(close=True)
                 raise SandboxError(
                     f"the isolated runner {why} while running a batch ({type(exc).__name__}: {str(exc)[:200]})"
+                    + (f"; {ended}" if ended else "")
                     + (f"; its last words: {last[:500]}" if last else ""),
                     outcome="crashed",
                 ) from None
@@ -279,6 +297,33 @@ class IsolatedRuntime(Runtime):
         if not header.get("ok"):
             raise _error(header)
         return dict(got)
+
+    def _how_it_ended(self, exc: BaseException) -> str:
+        """Why a runner whose channel closed is gone, when one of its limits ended it: the kernel kills
+        without a word, so its own output cannot say. '' when it is still running or ended otherwise."""
+        boxed = self._boxed
+        if boxed is None or not isinstance(exc, (EOFError, ConnectionError)) or isinstance(exc, ChannelError):
+            return ""
+        try:  # its end of the channel closed as it died: what it died of comes a moment later
+            code = boxed.proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            return ""
+        room = self._room
+        if boxed.oom_killed():
+            return (
+                f"it was killed for using more than its {_mib(room['memory_bytes'])} memory limit "
+                "(what it writes to its /tmp and /dev/shm counts too)"
+            )
+        # bubblewrap exits with 128 + the signal that killed what it ran; unisolated, the runner is the process
+        signum = -code if code < 0 else code - 128 if boxed.isolated and code > 128 else 0
+        if signum == signal.SIGBUS:
+            return f"it was killed by SIGBUS: a file it mapped outgrew its /tmp or /dev/shm ({_mib(room['tmp_bytes'])} each)"
+        if signum == signal.SIGXFSZ:
+            return f"it was killed for writing a file larger than its {_mib(room['file_size_bytes'])} limit"
+        try:
+            return f"it was killed by {signal.Signals(signum).name}" if signum else ""
+        except ValueError:
+            return f"it was killed by signal {signum}"
 
     def _last_words(self, close: bool = False) -> str:
         """What the runner last said on its output (a C++ abort's message, say), or ''."""
@@ -315,6 +360,10 @@ class IsolatedRuntime(Runtime):
         with self._lock:
             self._stop()
             self._last_words(close=True)
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.0f} MiB"
 
 
 def _answers(got: list[tuple[str, np.ndarray]], outputs: Sequence[str] | None) -> bool:
