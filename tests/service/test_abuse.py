@@ -254,25 +254,42 @@ def test_arbitrary_header_bytes_are_4xx(kiln):
                 assert 400 <= status < 500, (header, value, status)
 
 
+def _trickle_headers(sock: socket.socket, started: float) -> float | None:
+    """Sends a request's headers a byte at a time: seconds from `started` until the server closed
+    the connection, or None if it never did."""
+    sock.sendall(b"GET /healthz HTTP/1.1\r\n")
+    for ch in b"Host: 127.0.0.1\r\nX-Slow: " + b"a" * 100:
+        try:
+            sock.sendall(bytes([ch]))
+            sock.settimeout(0.5)
+            if sock.recv(1) == b"":
+                return time.monotonic() - started
+        except TimeoutError:
+            continue
+        except OSError:
+            return time.monotonic() - started
+    return None
+
+
 def test_slow_headers_are_timed_out(kiln):
     api, _, _, _ = kiln
     with socket.create_connection(("127.0.0.1", api.port), timeout=HEADER_TIMEOUT_S * 5) as sock:
-        started = time.monotonic()
-        sock.sendall(b"GET /healthz HTTP/1.1\r\n")
-        closed_after = None
-        for ch in b"Host: 127.0.0.1\r\nX-Slow: " + b"a" * 100:
-            try:
-                sock.sendall(bytes([ch]))
-                sock.settimeout(0.5)
-                if sock.recv(1) == b"":
-                    closed_after = time.monotonic() - started
-                    break
-            except TimeoutError:
-                continue
-            except OSError:
-                closed_after = time.monotonic() - started
-                break
+        closed_after = _trickle_headers(sock, time.monotonic())
     assert closed_after is not None and closed_after < HEADER_TIMEOUT_S + 2, closed_after
+    assert httpx.get(f"{api.url}/healthz").status_code == 200
+
+
+def test_slow_headers_of_a_later_request_on_a_kept_alive_connection_are_timed_out(kiln):
+    """The header timer is set once per connection and moved when it fires: the second request's
+    time counts from its own first byte, neither from the connection's start nor not at all."""
+    api, _, _, _ = kiln
+    with socket.create_connection(("127.0.0.1", api.port), timeout=HEADER_TIMEOUT_S * 5) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert read_response(sock)[0] == 200
+        time.sleep(HEADER_TIMEOUT_S * 0.6)  # the connection's first deadline falls inside the next request
+        closed_after = _trickle_headers(sock, time.monotonic())
+    assert closed_after is not None, "a trickling second request was never cut off"
+    assert HEADER_TIMEOUT_S - 0.5 < closed_after < HEADER_TIMEOUT_S + 2, closed_after
     assert httpx.get(f"{api.url}/healthz").status_code == 200
 
 
