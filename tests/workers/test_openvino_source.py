@@ -1,0 +1,62 @@
+"""The openvino target's fp32 IR comes from whichever source runs faster in the box: the ONNX export,
+or the eager model converted by OpenVINO's PyTorch frontend. Either way the IR has the signature's
+input and output names and its dynamic dimensions, and passes validation at every batch size."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from service import runtimes
+from service import samples as sample_io
+from service.runtimes.openvino import read_ir
+from tests.conftest import zoo_bundle, zoo_signature
+from workers import engine
+
+OUTPUTS = ["last_hidden_state", "pooler_output", "hidden_states.0", "hidden_states.1"]
+
+
+def test_fp32_ir_from_the_faster_source_keeps_the_signature(tmp_path):
+    # named outputs (a ModelOutput-like dict, one tensor returned twice) and a dynamic batch and length
+    ctx = engine.convert(
+        zoo_bundle(tmp_path, "hf_like"),
+        tmp_path / "out",
+        entry="hf_like.py:build_model",
+        signature=zoo_signature("hf_like"),
+        options={
+            "targets": ["openvino"],
+            "precisions": ["fp32"],
+            "threads": 1,
+            "bench_seconds": 0.2,
+            "batch_sizes": [1, 2],
+        },
+    )
+    cand = next(c for c in ctx.candidates if c.id == "openvino-fp32")
+    assert cand.passed, (cand.status, cand.reason, cand.validation, cand.notes)
+    assert [p.batch for p in cand.benchmark] == [1, 2]
+    assert sorted(cand.validation.outputs) == sorted(OUTPUTS)
+    # the note names the source kept and both medians
+    (note,) = [n for n in cand.notes if n.startswith("OpenVINO IR converted from")]
+    figures = r"p50 [0-9.]+ ms against [0-9.]+ ms from the"
+    assert re.fullmatch(
+        rf"OpenVINO IR converted from the eager model \(PyTorch frontend\): {figures} \S+ ONNX export", note
+    ) or re.fullmatch(
+        rf"OpenVINO IR converted from the \S+ ONNX export: {figures} eager model \(PyTorch frontend\)", note
+    ), cand.notes
+
+    ir = read_ir(tmp_path / "out" / "openvino-fp32" / "model.xml")
+    assert [p.get_names() for p in ir.inputs] == [{"ids"}]
+    assert [str(p.get_partial_shape()) for p in ir.inputs] == ["[?,?]"]
+    assert [p.get_names() for p in ir.outputs] == [{n} for n in OUTPUTS]
+
+    samples, refs = sample_io.load(ctx.samples_file), sample_io.load(ctx.reference_file)
+    rt = runtimes.load(tmp_path / "out" / "openvino-fp32", threads=1)
+    try:
+        for batch in (1, 2):
+            i = next(k for k, s in enumerate(samples) if s["ids"].shape[0] == batch)
+            got = rt.run(samples[i])
+            for name in OUTPUTS:
+                np.testing.assert_allclose(got[name], refs[i][name], atol=1e-4, rtol=1e-3)
+    finally:
+        rt.close()
