@@ -1,8 +1,8 @@
 """OpenVINO candidates for the CPU: the validated ONNX export converted to OpenVINO IR (model.xml +
 model.bin), or for fp32 (and the bf16/fp16 that share its IR) the eager model converted by OpenVINO's
-PyTorch frontend where that IR runs faster in the box; fp32, int8 by NNCF post-training quantization calibrated on the job's samples, and bf16/fp16
-where OpenVINO's CPU plugin says this CPU computes in them (the IR stays fp32; the runtime asks the
-plugin for the lower inference precision).
+PyTorch frontend where that IR runs faster in the box; fp32, int8 by NNCF post-training quantization
+calibrated on the job's samples, and bf16/fp16 where OpenVINO's CPU plugin says this CPU computes in them
+(the IR stays fp32; the runtime asks the plugin for the lower inference precision).
 
 Conversion and quantization run in the sandbox (the `build_openvino` op), not in the worker:
 - the source ONNX came out of the sandbox and is derived from the user's model: the ONNX policy checked
@@ -141,6 +141,8 @@ def _source_note(source: dict[str, Any], exporter: str | None) -> str:
             f"OpenVINO IR converted from the eager model (PyTorch frontend): p50 {p50['pytorch']:.3g} ms "
             f"against {p50['onnx']:.3g} ms from the {exporter} ONNX export"
         )
+    if source.get("kept") == "pytorch":
+        return "OpenVINO IR converted from the eager model (PyTorch frontend)"
     if p50:
         return (
             f"OpenVINO IR converted from the {exporter} ONNX export: p50 {p50['onnx']:.3g} ms "
