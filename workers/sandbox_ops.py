@@ -873,9 +873,13 @@ def _faster_ir(ov: Any, args: dict[str, Any], onnx_ir: Any) -> tuple[Any, dict[s
     on a batch-1 sample, and what was found: {"kept": "pytorch" | "onnx", p50s in ms, or "error"}.
     The eager model's IR is kept only when it agrees with the reference outputs on every sample as
     closely as the ONNX export's does."""
+    import sys
+
     from service.runtimes.openvino import error_line
     from workers.benchmark import interleaved
 
+    if "torch" not in sys.modules:  # as in the benchmark op: no OpenMP threads spinning beside the timing
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     torch = _setup_torch(args)
     signature = Signature.parse(args["signature"])
     samples, refs = _load_reference(args, signature)
