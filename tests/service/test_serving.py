@@ -20,7 +20,7 @@ __all__ = ["FAST", "Server", "convert"]  # other test modules import these from 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """One server with the MLP, the several-inputs model, the transformer and the row-mixing model deployed."""
+    """One server with the MLP, the several-inputs model, the row-mixing model and the wide MLP deployed."""
     data = tmp_path_factory.mktemp("serving")
     # authentication off: tests/service/test_auth.py covers it
     with serving(data, auth=False) as srv, httpx.Client(base_url=srv.url, timeout=120) as http:
@@ -28,6 +28,7 @@ def served(tmp_path_factory):
             "mlp": convert(http, "mlp", "mlp"),
             "multi": convert(http, "multi", "multi_io"),
             "rowmix": convert(http, "rowmix", "rowmix"),
+            "wide": convert(http, "wide", "wide"),
         }
         for name, job in jobs.items():
             r = http.post("/v1/deployments", json={"name": name, "job": job, "max_queue_delay_ms": 20})
@@ -209,23 +210,27 @@ def test_bad_bodies(served):
 
 
 def test_concurrent_clients_get_their_own_rows_and_batching_joins_them(served):
+    """The wide MLP's runs take milliseconds on any CPU (its weights come from memory), so requests
+    sent together meet a busy runtime and wait: they must be joined. (A model that runs in
+    microseconds is not a test of joining: each request may find the runtime free, and a lone
+    request of it runs on the event loop.)"""
     _, http, _, _ = served
     rng = np.random.default_rng(2)
     xs = [rng.standard_normal((1 + i % 3, 64)).astype(np.float32) for i in range(40)]
     alone = [
-        np.array(infer(http, "mlp", {"x": (x, "FP32")}).json()["outputs"][0]["data"]).reshape(len(x), 10) for x in xs
+        np.array(infer(http, "wide", {"x": (x, "FP32")}).json()["outputs"][0]["data"]).reshape(len(x), 10) for x in xs
     ]
-    before = _batch_stats(http, "mlp")
+    before = _batch_stats(http, "wide")
 
     def call(i):
         with httpx.Client(base_url=str(http.base_url), timeout=60) as c:
-            return i, np.array(infer(c, "mlp", {"x": (xs[i], "FP32")}).json()["outputs"][0]["data"])
+            return i, np.array(infer(c, "wide", {"x": (xs[i], "FP32")}).json()["outputs"][0]["data"])
 
     with ThreadPoolExecutor(40) as pool:
         results = list(pool.map(call, range(40)))
     for i, got in results:
-        np.testing.assert_allclose(got.reshape(len(xs[i]), 10), alone[i], rtol=1e-5, atol=1e-6)
-    runs, rows = (a - b for a, b in zip(_batch_stats(http, "mlp"), before))
+        np.testing.assert_allclose(got.reshape(len(xs[i]), 10), alone[i], rtol=1e-4, atol=1e-5)
+    runs, rows = (a - b for a, b in zip(_batch_stats(http, "wide"), before))
     assert rows == sum(len(x) for x in xs)
     assert runs < 40, f"40 concurrent requests ran in {runs} runs: batching joined none"
 
