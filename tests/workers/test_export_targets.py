@@ -20,8 +20,9 @@ from service.runner import IsolatedRuntime
 from service.runtimes.base import ArtifactInfo
 from service.states import CandidateStatus, move_candidate
 from tests.conftest import ZOO, zoo_bundle, zoo_signature
+from tests.service.conftest import convert
 from tests.service.procs import kiln_cli, user_env
-from tests.service.test_serving import Server, convert, infer
+from tests.service.test_serving import infer
 from tests.workers.test_engine import convert as convert_locally
 from workers import engine
 from workers.compilers import COMPILERS
@@ -36,16 +37,10 @@ PT2 = ("torch_export-fp32", "aotinductor-fp32")
 def mlp(tmp_path_factory):
     """A server whose job converted the zoo's MLP to ONNX Runtime (the in-process reference, itself
     validated against eager) and both torch.export targets, with the AOTInductor package deployed."""
-    from tests.service.conftest import clear_caches
+    from tests.service.conftest import serving
 
     data = tmp_path_factory.mktemp("export-targets")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("KILN_DATA_DIR", str(data))
-    mp.delenv("KILN_DATABASE_URL", raising=False)
-    mp.delenv("KILN_BROKER_URL", raising=False)
-    mp.setenv("KILN_AUTH", "off")
-    clear_caches()
-    with Server() as srv, httpx.Client(base_url=srv.url, timeout=300) as http:
+    with serving(data, auth=False) as srv, httpx.Client(base_url=srv.url, timeout=300) as http:
         job_id = convert(http, "mlp", "mlp", targets=TARGETS)
         job = http.get(f"/v1/jobs/{job_id}").json()
         by_id = {c["name"]: c for c in job["candidates"]}
@@ -55,8 +50,6 @@ def mlp(tmp_path_factory):
         )
         assert r.status_code == 201 and r.json()["state"] == "ready", r.text
         yield http, job, by_id, data
-    mp.undo()
-    clear_caches()
 
 
 def artifact(http: httpx.Client, candidate: dict, where: Path) -> Path:

@@ -160,40 +160,29 @@ def test_runtime_reads_only_an_ir_never_another_frontends_format(cnn_job, tmp_pa
 
 
 def test_served_over_v2_like_an_onnx_artifact(tmp_path_factory):
-    from tests.service.conftest import clear_caches
-    from tests.service.test_serving import Server, convert
+    from tests.service.conftest import convert, serving
 
     data = tmp_path_factory.mktemp("ov-serving")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("KILN_DATA_DIR", str(data))
-    mp.delenv("KILN_DATABASE_URL", raising=False)
-    mp.delenv("KILN_BROKER_URL", raising=False)
-    mp.setenv("KILN_AUTH", "off")
-    clear_caches()
-    try:
-        with Server() as srv, httpx.Client(base_url=srv.url, timeout=120) as http:
-            job_id = convert(http, "mlp-ov", "mlp", targets=["openvino"], precisions=["fp32"])
-            job = http.get(f"/v1/jobs/{job_id}").json()
-            r = http.post("/v1/deployments", json={"name": "mlp-ov", "job": job_id, "max_queue_delay_ms": 5})
-            assert r.status_code == 201 and r.json()["state"] == "ready", r.text
-            meta = http.get("/v2/models/mlp-ov").json()
-            assert meta["platform"] == "openvino", meta
-            assert [i["name"] for i in meta["inputs"]] == ["x"] and [o["name"] for o in meta["outputs"]] == ["logits"]
-            cand = http.get(f"/v1/candidates/{job['selected_candidate']}").json()
-            assert cand["target"] == "openvino", cand
-            rng = np.random.default_rng(0)
-            for batch in (1, 4):
-                x = rng.standard_normal((batch, 64)).astype(np.float32)
-                body = {"inputs": [{"name": "x", "shape": [batch, 64], "datatype": "FP32", "data": x.ravel().tolist()}]}
-                r = http.post("/v2/models/mlp-ov/infer", json=body)
-                assert r.status_code == 200, r.text
-                (o,) = r.json()["outputs"]
-                assert o["name"] == "logits" and o["datatype"] == "FP32" and o["shape"] == [batch, 10]
-                served = np.asarray(o["data"], dtype=np.float32).reshape(batch, 10)
-                np.testing.assert_allclose(served, _mlp_eager(x), atol=1e-4, rtol=1e-3)
-    finally:
-        mp.undo()
-        clear_caches()
+    with serving(data, auth=False) as srv, httpx.Client(base_url=srv.url, timeout=120) as http:
+        job_id = convert(http, "mlp-ov", "mlp", targets=["openvino"], precisions=["fp32"])
+        job = http.get(f"/v1/jobs/{job_id}").json()
+        r = http.post("/v1/deployments", json={"name": "mlp-ov", "job": job_id, "max_queue_delay_ms": 5})
+        assert r.status_code == 201 and r.json()["state"] == "ready", r.text
+        meta = http.get("/v2/models/mlp-ov").json()
+        assert meta["platform"] == "openvino", meta
+        assert [i["name"] for i in meta["inputs"]] == ["x"] and [o["name"] for o in meta["outputs"]] == ["logits"]
+        cand = http.get(f"/v1/candidates/{job['selected_candidate']}").json()
+        assert cand["target"] == "openvino", cand
+        rng = np.random.default_rng(0)
+        for batch in (1, 4):
+            x = rng.standard_normal((batch, 64)).astype(np.float32)
+            body = {"inputs": [{"name": "x", "shape": [batch, 64], "datatype": "FP32", "data": x.ravel().tolist()}]}
+            r = http.post("/v2/models/mlp-ov/infer", json=body)
+            assert r.status_code == 200, r.text
+            (o,) = r.json()["outputs"]
+            assert o["name"] == "logits" and o["datatype"] == "FP32" and o["shape"] == [batch, 10]
+            served = np.asarray(o["data"], dtype=np.float32).reshape(batch, 10)
+            np.testing.assert_allclose(served, _mlp_eager(x), atol=1e-4, rtol=1e-3)
 
 
 def _mlp_eager(x: np.ndarray) -> np.ndarray:
