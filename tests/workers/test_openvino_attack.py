@@ -2,7 +2,10 @@
 `build_openvino` op: OpenVINO's PyTorch frontend builds the uploaded model and traces its forward).
 The model reads canaries outside the box, writes outside its working directory, runs a shell and
 connects to sockets this test listens on, and tries to carry whatever it got out through every
-channel it has; none of it may reach the host. Run in the real sandbox (bubblewrap)."""
+channel it has; none of it may reach the host. Run in the real sandbox (bubblewrap). What the model
+records of its own attempts is only evidence that they ran: a write under /tmp succeeds there (into
+the box's own tmpfs) and a datagram to 127.0.0.1 is sent (on the box's own loopback), so what counts
+is checked on the host."""
 
 from __future__ import annotations
 
@@ -124,7 +127,8 @@ def _host_address() -> str | None:
 @pytest.fixture
 def canaries(tmp_path):
     """Secrets where the worker keeps its own: its temporary directory, its home, a data directory,
-    and the directory the upload came from. Yields {path: secret}."""
+    and the directory the upload came from. Yields (the name in their paths, the secret in them,
+    {path: its secret})."""
     name, token = f"kiln-canary-{uuid.uuid4().hex}", f"s3cret-{uuid.uuid4().hex}"  # the model's source names paths
     paths = [
         Path(tempfile.gettempdir()) / f"{name}.txt",
