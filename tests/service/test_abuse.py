@@ -120,8 +120,11 @@ def test_a_manifest_with_a_million_inputs_is_refused_at_once(kiln):
         timeout=60,
     )
     elapsed = time.perf_counter() - started
+    # refused by its size, before it was parsed: the reason says so (a parsed manifest would be
+    # refused later, by its count of inputs); the clock is only a backstop for a loaded machine
     assert r.status_code == 400, r.text
-    assert elapsed < 1.0, f"{elapsed:.2f} s"
+    assert "a manifest may have at most 1048576 bytes" in r.json()["detail"], r.text
+    assert elapsed < 30, f"{elapsed:.2f} s"
     # and 10,000 inputs given as a field: refused by count, fast
     small = {"inputs": inputs[:10_000]}
     r = httpx.post(
