@@ -67,14 +67,13 @@ def test_a_big_body_without_a_token_is_refused_from_its_headers(kiln):
     api, _, tokens, _ = kiln
     before = rss_kib(api.pid)
     body = b'{"model": "' + b"x" * (64 << 20) + b'"}'
-    with socket.create_connection(("127.0.0.1", api.port), timeout=10) as sock:
-        started = time.perf_counter()
+    # only the start of the body is ever sent on this connection: a server that waited for the
+    # rest before answering would never answer, and the read would time out (no clock needed)
+    with socket.create_connection(("127.0.0.1", api.port), timeout=30) as sock:
         sock.sendall(_post_head(api.port, "/v1/jobs", len(body)))
-        sock.sendall(body[: 1 << 16])  # the start of it; the answer must not wait for the rest
+        sock.sendall(body[: 1 << 16])
         status, answer = read_response(sock)
-        elapsed = time.perf_counter() - started
     assert status == 401 and b"authentication required" in answer
-    assert elapsed < 0.1, f"answered after {elapsed * 1000:.0f} ms"
     # and the whole body, sent anyway, costs the API nothing
     r = httpx.post(f"{api.url}/v1/jobs", content=body, headers={"Content-Type": "application/json"}, timeout=60)
     assert r.status_code == 401
