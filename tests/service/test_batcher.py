@@ -78,6 +78,27 @@ def _recording(seconds: float):
     return calls, run
 
 
+def _gated():
+    """A model whose first run holds the runtime: `started` is set inside that run, which then
+    waits for the test to set `release`; later runs return at once. The runtime is busy exactly
+    until the test lets it go, however slow the machine."""
+    calls: list[int] = []
+    started, release = threading.Event(), threading.Event()
+
+    def run(inputs):
+        calls.append(inputs["x"].shape[0])
+        if len(calls) == 1:
+            started.set()
+            assert release.wait(60), "the test never released the first run"
+        return {"y": inputs["x"] * 2}
+
+    return calls, run, started, release
+
+
+async def _until(event: threading.Event) -> None:
+    assert await asyncio.to_thread(event.wait, 30), "the first run never started"
+
+
 def test_a_lone_request_is_not_delayed_by_the_queue_delay():
     calls, run = _recording(0.0)
     b = Batcher([run], max_batch=8, max_delay_s=0.5, batching=True, labels=("m", "1"))
@@ -115,15 +136,18 @@ def test_requests_arriving_while_the_runtime_is_busy_are_joined_and_get_their_ow
 
 
 def test_a_batch_stays_open_no_longer_than_the_queue_delay():
-    calls, run = _recording(0.3)
+    calls, run, started, release = _gated()
     b = Batcher([run], max_batch=64, max_delay_s=0.05, batching=True, labels=("m", "1"))
 
     async def scenario():
         running = asyncio.ensure_future(b.infer({"x": np.zeros((1, 3), np.float32)}))
-        await asyncio.sleep(0.02)
+        await _until(started)  # the runtime is busy with it until released
         early = asyncio.ensure_future(b.infer({"x": np.ones((1, 3), np.float32)}))
-        await asyncio.sleep(0.15)  # past the early one's delay, while the runtime is still busy
+        await asyncio.sleep(0.15)  # at least this long: past the early one's delay
         late = asyncio.ensure_future(b.infer({"x": np.ones((2, 3), np.float32)}))
+        await asyncio.sleep(0)
+        assert len(b._queue) == 2  # both wait behind the held run
+        release.set()
         return await asyncio.gather(running, early, late)
 
     asyncio.run(scenario())
