@@ -119,13 +119,17 @@ def test_a_lone_request_is_not_delayed_by_the_queue_delay():
 
 
 def test_requests_arriving_while_the_runtime_is_busy_are_joined_and_get_their_own_rows():
-    calls, run = _recording(0.1)
-    b = Batcher([run], max_batch=8, max_delay_s=0.5, batching=True, labels=("m", "1"))
+    calls, run, started, release = _gated()
+    # a delay far longer than a loaded machine could stall between the three arrivals
+    b = Batcher([run], max_batch=8, max_delay_s=5.0, batching=True, labels=("m", "1"))
 
     async def scenario():
         first = asyncio.ensure_future(b.infer({"x": np.full((1, 3), 0, np.float32)}))
-        await asyncio.sleep(0.02)  # the first is running alone
+        await _until(started)  # the first is running alone, until released
         rest = [asyncio.ensure_future(b.infer({"x": np.full((n, 3), n, np.float32)})) for n in (1, 2, 3)]
+        await asyncio.sleep(0)
+        assert len(b._queue) == 3  # all three wait behind it
+        release.set()
         return await first, await asyncio.gather(*rest)
 
     first, rest = asyncio.run(scenario())
