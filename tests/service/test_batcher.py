@@ -205,21 +205,23 @@ def test_a_lone_request_of_a_fast_model_runs_on_the_loop_and_a_slow_ones_on_a_ru
 
 
 def test_a_full_queue_refuses_at_once_and_answers_what_it_accepted():
-    calls, run = _recording(0.2)
+    calls, run, started, release = _gated()
     b = Batcher([run], max_batch=1, max_delay_s=0.0, batching=False, labels=("m", "1"), max_queue=2)
 
     async def scenario():
         running = asyncio.ensure_future(b.infer({"x": np.zeros((1, 3), np.float32)}))
-        await asyncio.sleep(0.05)  # the runtime is busy with it
+        await _until(started)  # the runtime is busy with it until released
         queued = [asyncio.ensure_future(b.infer({"x": np.full((1, 3), i, np.float32)})) for i in (1, 2)]
         await asyncio.sleep(0)
-        t0 = time.perf_counter()
+        assert len(b._queue) == 2
+        # Refused while the runtime is still held: had it been queued behind the three, it could
+        # not be answered before the release, and wait_for would time out instead.
         with pytest.raises(Overloaded, match="2 requests are waiting already .*send again shortly"):
-            await b.infer({"x": np.ones((1, 3), np.float32)})
-        refused_in = time.perf_counter() - t0
-        return refused_in, await asyncio.gather(running, *queued)
+            await asyncio.wait_for(b.infer({"x": np.ones((1, 3), np.float32)}), 30)
+        assert not release.is_set() and calls == [1] and len(b._queue) == 2  # nothing ran or joined meanwhile
+        release.set()
+        return await asyncio.gather(running, *queued)
 
-    refused_in, outs = asyncio.run(scenario())
-    assert refused_in < 0.1  # refused, not queued behind the three
+    outs = asyncio.run(scenario())
     assert [o["y"][0, 0] for o in outs] == [0.0, 2.0, 4.0]
     assert calls == [1, 1, 1]
