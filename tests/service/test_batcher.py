@@ -101,7 +101,7 @@ async def _until(event: threading.Event) -> None:
 
 def test_a_lone_request_is_not_delayed_by_the_queue_delay():
     calls, run = _recording(0.0)
-    b = Batcher([run], max_batch=8, max_delay_s=0.5, batching=True, labels=("m", "1"))
+    b = Batcher([run], max_batch=8, max_delay_s=5.0, batching=True, labels=("m", "1"))
 
     async def scenario():
         waits = []
@@ -113,8 +113,9 @@ def test_a_lone_request_is_not_delayed_by_the_queue_delay():
         return waits
 
     waits = asyncio.run(scenario())
-    # the old batcher waited out the whole 500 ms delay for company that never came
-    assert max(waits) < 0.1, waits
+    # the old batcher waited out the whole 5 s delay for company that never came; the bound is
+    # relative to that delay, not to how fast a loaded machine answers
+    assert max(waits) < 2.5, waits
     assert calls == [1] * 5
 
 
