@@ -350,8 +350,9 @@ def test_deleted_files_still_open_count_against_the_disk_quota(tmp_path):
                 os.unlink(f'f{i}')  # gone from every listing, still taking space
                 keep.append(f)
                 time.sleep(0.3)
+            time.sleep(240)  # still open: however late the watcher looks, only its kill ends this
             return {}"""),
-            limits=Limits(timeout_s=60),
+            limits=Limits(timeout_s=300),
             work=small / "work",
         )
         assert res.outcome == "disk", (res.outcome, res.reason)
