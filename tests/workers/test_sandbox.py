@@ -88,9 +88,10 @@ def test_unknown_op_is_an_error(tmp_path):
 def test_hang_is_killed_at_the_timeout(tmp_path):
     start = time.monotonic()
     res = run_model(tmp_path, "time.sleep(3600)", Limits(timeout_s=3, memory_bytes=MIN_MEMORY_BYTES))
-    assert time.monotonic() - start < 6
+    # killed, not run to its end: the upper bounds leave room for a loaded machine, far below 3600 s
+    assert time.monotonic() - start < 30
     assert res.outcome == "timeout" and res.reason == "model code ran longer than 3 s and was killed"
-    assert res.returncode == -signal.SIGKILL and 3 <= res.duration_s < 6
+    assert res.returncode == -signal.SIGKILL and 3 <= res.duration_s < 3 + 15
 
 
 def pids_running(marker: str) -> list[int]:
