@@ -137,16 +137,22 @@ def test_background_processes_do_not_outlive_a_successful_op(tmp_path):
 
 
 def test_cancel_kills_the_child(tmp_path):
-    asked = []
+    asked: list[float] = []
+    said_yes: list[float] = []
 
     def cancel() -> bool:
         asked.append(time.monotonic())
-        return len(asked) > 3
+        if len(asked) > 3:
+            said_yes.append(time.monotonic())
+            return True
+        return False
 
     start = time.monotonic()
     res = run_model(tmp_path, "time.sleep(3600)", cancel=cancel)
     assert res.outcome == "canceled" and res.returncode == -signal.SIGKILL
-    assert time.monotonic() - start < 3
+    # killed soon after the cancel was seen (not left to its hour), however loaded the machine
+    assert said_yes and time.monotonic() - said_yes[0] < 10, (said_yes, time.monotonic())
+    assert time.monotonic() - start < 60
 
 
 def test_unbounded_allocation_hits_the_memory_limit(tmp_path):
