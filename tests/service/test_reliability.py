@@ -216,6 +216,7 @@ def test_shutdown_drains_requests_in_flight(local, tmp_path):
             diagnose=procs.logs,
         )
         answer = {}
+        first_half_sent = threading.Event()
 
         def call() -> None:
             # the body comes in two halves 3 s apart, so the request is in flight when the server
@@ -224,6 +225,7 @@ def test_shutdown_drains_requests_in_flight(local, tmp_path):
 
             def halves():
                 yield raw[: len(raw) // 2]
+                first_half_sent.set()  # asked for the next chunk: the first has been written
                 time.sleep(3.0)
                 yield raw[len(raw) // 2 :]
 
@@ -238,7 +240,8 @@ def test_shutdown_drains_requests_in_flight(local, tmp_path):
 
         t = threading.Thread(target=call)
         t.start()
-        time.sleep(0.8)
+        assert first_half_sent.wait(30), "the request's first half was never sent"
+        time.sleep(0.3)  # for the server to read the head it was sent, well within the 3 s gap
         api.popen.send_signal(signal.SIGTERM)
         t.join(30)
         assert answer.get("status") == 200 and answer["seconds"] > 2.5, answer
