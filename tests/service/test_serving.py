@@ -20,7 +20,7 @@ __all__ = ["FAST", "Server", "convert"]  # other test modules import these from 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """One server with the MLP, the several-inputs model, the row-mixing model and the wide MLP deployed."""
+    """One server with the MLP, the several-inputs model, the row-mixing model and the wide MLP (as widemlp) deployed."""
     data = tmp_path_factory.mktemp("serving")
     # authentication off: tests/service/test_auth.py covers it
     with serving(data, auth=False) as srv, httpx.Client(base_url=srv.url, timeout=120) as http:
@@ -28,7 +28,7 @@ def served(tmp_path_factory):
             "mlp": convert(http, "mlp", "mlp"),
             "multi": convert(http, "multi", "multi_io"),
             "rowmix": convert(http, "rowmix", "rowmix"),
-            "wide": convert(http, "wide", "wide"),
+            "widemlp": convert(http, "widemlp", "wide"),
         }
         for name, job in jobs.items():
             r = http.post("/v1/deployments", json={"name": name, "job": job, "max_queue_delay_ms": 20})
@@ -218,19 +218,20 @@ def test_concurrent_clients_get_their_own_rows_and_batching_joins_them(served):
     rng = np.random.default_rng(2)
     xs = [rng.standard_normal((1 + i % 3, 64)).astype(np.float32) for i in range(40)]
     alone = [
-        np.array(infer(http, "wide", {"x": (x, "FP32")}).json()["outputs"][0]["data"]).reshape(len(x), 10) for x in xs
+        np.array(infer(http, "widemlp", {"x": (x, "FP32")}).json()["outputs"][0]["data"]).reshape(len(x), 10)
+        for x in xs
     ]
-    before = _batch_stats(http, "wide")
+    before = _batch_stats(http, "widemlp")
 
     def call(i):
         with httpx.Client(base_url=str(http.base_url), timeout=60) as c:
-            return i, np.array(infer(c, "wide", {"x": (xs[i], "FP32")}).json()["outputs"][0]["data"])
+            return i, np.array(infer(c, "widemlp", {"x": (xs[i], "FP32")}).json()["outputs"][0]["data"])
 
     with ThreadPoolExecutor(40) as pool:
         results = list(pool.map(call, range(40)))
     for i, got in results:
         np.testing.assert_allclose(got.reshape(len(xs[i]), 10), alone[i], rtol=1e-4, atol=1e-5)
-    runs, rows = (a - b for a, b in zip(_batch_stats(http, "wide"), before))
+    runs, rows = (a - b for a, b in zip(_batch_stats(http, "widemlp"), before))
     assert rows == sum(len(x) for x in xs)
     assert runs < 40, f"40 concurrent requests ran in {runs} runs: batching joined none"
 
