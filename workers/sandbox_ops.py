@@ -350,9 +350,9 @@ def save_exported(torch: Any, program: Any, path: Path) -> str | None:
     lowered by `run_decompositions({})` (ATen, nothing decomposed) instead, and say so.
 
     torch.export keeps some calls as higher-order nodes that only tracing can run, not the
-    serializer: Hugging Face's attention masks (GPT-2, BERT, ...) index the padding mask inside
-    torch's TransformGetItemToIndex mode, which export records as a `flat_apply` node whose
-    argument is a function (a TreeSpec constant `function_const_func_spec0`): "SerializeError:
+    serializer: Hugging Face's attention masks (GPT-2's in transformers 4.57) index the padding
+    mask inside torch's TransformGetItemToIndex mode, which export records as a `flat_apply` node
+    whose argument is a function (a TreeSpec constant `function_const_func_spec0`): "SerializeError:
     Failed serializing node flat_apply". Lowering traces through such nodes into the ATen ops they
     run. Programs that save as they are are saved unchanged."""
     from torch._export.serde.serialize import SerializeError

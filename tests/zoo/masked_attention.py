@@ -1,7 +1,7 @@
 """Causal self-attention over token ids whose mask is built the way Hugging Face's masking
-utilities build it (GPT-2, BERT and others in transformers 4.5x): a mask function over
-(batch, query, key) indices, vmapped, that reads the padding mask as `keep[b, k]` inside torch's
-TransformGetItemToIndex mode. There, indexing a tensor with index tensors is an autograd Function,
+utilities build it (create_causal_mask, as GPT-2 calls it in transformers 4.57): a mask function
+over (batch, query, key) indices, vmapped, that reads the padding mask as `keep[b, k]` inside
+torch's TransformGetItemToIndex mode. There, indexing a tensor with index tensors is an autograd Function,
 which torch.export records as a `flat_apply` node holding a function constant; torch.export.save
 cannot serialize that node ("Failed serializing node flat_apply", `function_const_func_spec0`).
 
