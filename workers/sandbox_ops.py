@@ -345,6 +345,27 @@ def capture_dynamic_shapes(torch: Any, signature: Signature) -> dict[str, tuple[
     return {"inputs": tuple(shapes)}
 
 
+def save_exported(torch: Any, program: Any, path: Path) -> str | None:
+    """torch.export.save the capture; when the serializer refuses a node of it, save the program
+    lowered by `run_decompositions({})` (ATen, nothing decomposed) instead, and say so.
+
+    torch.export keeps some calls as higher-order nodes that only tracing can run, not the
+    serializer: Hugging Face's attention masks (GPT-2's in transformers 4.57) index the padding
+    mask inside torch's TransformGetItemToIndex mode, which export records as a `flat_apply` node
+    whose argument is a function (a TreeSpec constant `function_const_func_spec0`): "SerializeError:
+    Failed serializing node flat_apply". Lowering traces through such nodes into the ATen ops they
+    run. Programs that save as they are are saved unchanged."""
+    from torch._export.serde.serialize import SerializeError
+
+    try:
+        torch.export.save(program, str(path))
+        return None
+    except SerializeError as exc:
+        refused = telling_line(str(exc)).split(" in graph")[0][:200]
+    torch.export.save(program.run_decompositions({}), str(path))
+    return f"torch.export.save refused the program ({refused}); saved it lowered by run_decompositions({{}})"
+
+
 @op("capture")
 def capture(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
     """Capture TorchScript by trace and by script, and torch.export; check each against eager."""
@@ -358,7 +379,7 @@ def capture(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
     model = build_eager(args["bundle"])
     records = []
 
-    def attempt(method: str, fn: Callable[[], Any], save: Callable[[Any, Path], None], filename: str) -> None:
+    def attempt(method: str, fn: Callable[[], Any], save: Callable[[Any, Path], str | None], filename: str) -> None:
         t0 = time.perf_counter()
         caught: list[str] = []
         path = out / filename
@@ -366,9 +387,8 @@ def capture(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
             warnings.simplefilter("always")
             try:
                 captured = fn()
-                # saving can fail where capturing did not (torch.export.save on GPT-2's mask
-                # functions: "Failed serializing node flat_apply"): that capture fails, not the step
-                save(captured, path)
+                # saving can fail where capturing did not: that capture fails, not the step
+                note = save(captured, path)
             except Exception as exc:  # noqa: BLE001 - a failed capture is recorded, not raised
                 hint = export_hint(exc) if method == "export" else None
                 records.append(
@@ -385,7 +405,7 @@ def capture(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
                 f"{w.category.__name__}: {str(w.message).splitlines()[0][:300]}"
                 for w in seen
                 if "Tracer" in w.category.__name__
-            ]
+            ] + ([note] if note else [])
         rec = {
             "method": method,
             "ok": True,
@@ -411,7 +431,7 @@ def capture(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
             lambda: torch.export.export(
                 flat, _tensors(torch, signature, example), dynamic_shapes=capture_dynamic_shapes(torch, signature)
             ),
-            lambda ep, p: torch.export.save(ep, str(p)),
+            lambda ep, p: save_exported(torch, ep, p),
             "exported.pt2",
         )
         # an ExportedProgram is checked through its module
