@@ -7,11 +7,13 @@ from typing import Any
 
 import numpy as np
 
-from service.errors import ConversionError
+from service import runtimes
+from service.errors import ConversionError, KilnError
+from service.runtimes.base import ArtifactInfo
 from workers.benchmark import ratio
 from workers.context import Candidate, Context, Selection
 from workers.pipeline import StepLog
-from workers.steps.benchmark import speedup_text
+from workers.steps.benchmark import artifact_path, speedup_text
 
 
 def _latency(c: Candidate) -> float:
@@ -34,6 +36,16 @@ def _versus(slower: Candidate, best: Candidate, last: bool = False) -> tuple[flo
         return ratio(a, b)
     x = slower.benchmark[i].p50_ms / best.benchmark[i].p50_ms
     return x, x, x
+
+
+def _in_process(ctx: Context, c: Candidate) -> bool:
+    """Whether the candidate is served in the server's own process: a graph runtime's artifact. One
+    that runs code (TorchScript, .pt2, AOTInductor) is served through an isolated runner, a process
+    hop for every batch and a box of its own to schedule."""
+    try:
+        return not runtimes.get(ArtifactInfo.load(artifact_path(ctx, c)).runtime).runs_code
+    except KilnError:
+        return False
 
 
 def _relative(eligible: list[Candidate], last: bool = False) -> dict[str, float]:
@@ -72,11 +84,29 @@ class Select:
         throughput = policy == "throughput"
         score = _relative(eligible, last=throughput)
         best = min(eligible, key=lambda c: score[c.id])
+        # The benchmark times every artifact inside the box, where code-bearing ones run in-process
+        # too; served, they go through an isolated runner. A graph runtime within the noise of such
+        # a winner is served in the server's own process: it is the one to serve.
+        runner_best = None
+        if not _in_process(ctx, best):
+            graphs = [
+                c
+                for c in eligible
+                if c is not best and not _versus(c, best, last=throughput)[1] > 1.0 and _in_process(ctx, c)
+            ]
+            if graphs:
+                runner_best, best = best, min(graphs, key=lambda c: score[c.id])
         ties = []
         for c in eligible:
             if c is best:
                 continue
             mid, lo, _ = _versus(c, best, last=throughput)
+            if c is runner_best:
+                c.lost_because = (
+                    f"{1 / mid:.2f}x as fast as {best.id}, within the noise, and it would be served through "
+                    f"an isolated runner (its artifact runs code); {best.id} is served in the server's own process"
+                )
+                continue
             tied = not lo > 1.0
             if tied:
                 ties.append(c.id)
@@ -98,6 +128,8 @@ class Select:
             why = f"lowest p50 latency at batch {best.benchmark[0].batch}: {_latency(best):.3g} ms"
             if policy == "accuracy":
                 why += f" within the accuracy budget {ctx.options.accuracy_budget:g}"
+        if runner_best is not None:
+            why += f"; preferred to {runner_best.id}, whose lead is within the noise and which runs code (served through an isolated runner)"
         best.lost_because = None
         beats: bool | None = None
         if best.speedup:
