@@ -93,7 +93,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=0.3, help="timing per benchmark point")
     ap.add_argument("--models", default="cnn,transformer")
     ap.add_argument("--precisions", default="fp32,fp16,bf16,int8")
-    ap.add_argument("--targets", default="onnxruntime,torchscript,tensorrt")
+    ap.add_argument("--targets", default="onnxruntime,torchscript,tensorrt,torch_export,aotinductor")
     ap.add_argument("--devices", default="cuda")
     ap.add_argument("--batch-sizes", default="1,8")
     ap.add_argument("--small", action="store_true", help="the zoo's small variants")

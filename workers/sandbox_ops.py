@@ -514,20 +514,30 @@ def build_torchscript(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
 @op("build_pt2")
 def build_pt2(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
     """Load the torch.export capture and save it as a candidate: the ExportedProgram itself
-    (`aotinductor` false), or compiled ahead of time by AOTInductor into a package for the CPU.
+    (`aotinductor` false), or compiled ahead of time by AOTInductor into a package. On `device`
+    "cuda" the program is first moved to the GPU: its parameters, buffers and the device arguments
+    its graph recorded on the CPU (`move_to_device_pass`).
 
     Inductor writes its generated C++ and the compiler's output under its cache directory and
-    TMPDIR, and runs the host's C++ compiler (in the box: /usr, read-only); both directories are
-    pointed into this op's working directory, the one place the box may write."""
+    TMPDIR, and runs the host's C++ compiler (in the box: /usr, read-only); Triton (the GPU kernels)
+    caches under its own directory. All of them are pointed into this op's working directory, the
+    one place the box may write."""
     if args.get("aotinductor"):
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(workdir / "inductor-cache")
+        os.environ["TRITON_CACHE_DIR"] = str(workdir / "triton-cache")
+        os.environ["TRITON_HOME"] = str(workdir / "triton-home")
         # no pool of compile workers: one compile, and the box bounds its processes
         os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
     torch = _setup_torch(args)
     program = torch.export.load(args["capture_file"])
+    device = args.get("device") or "cpu"
+    notes: list[str] = []
+    if device != "cpu":
+        from torch.export.passes import move_to_device_pass
+
+        program = move_to_device_pass(program, device)
     out = Path(args["out_file"])
     out.parent.mkdir(parents=True, exist_ok=True)
-    notes: list[str] = []
     if not args.get("aotinductor"):
         torch.export.save(program, str(out))
         return {"file": str(out), "notes": notes, "seconds": 0.0}
@@ -540,7 +550,12 @@ def build_pt2(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
     configs = {"aot_inductor.precompile_headers": False, "cpp_cache_precompile_headers": False}
     path = torch._inductor.aoti_compile_and_package(program, package_path=str(out), inductor_configs=configs)
     seconds = time.perf_counter() - t0
-    notes.append(f"compiled by AOTInductor for this CPU ({torch.backends.cpu.get_cpu_capability()}) in {seconds:.1f}s")
+    where = (
+        f"this GPU ({torch.cuda.get_device_name()})"
+        if device != "cpu"
+        else f"this CPU ({torch.backends.cpu.get_cpu_capability()})"
+    )
+    notes.append(f"compiled by AOTInductor for {where} in {seconds:.1f}s")
     return {
         "file": str(path),
         "notes": notes,

@@ -26,6 +26,9 @@ def test_gpu_candidates_are_variants_of_their_target():
     assert ort.variants("fp32", ["cpu"]) == [None]
     assert ts.variants("bf16", both) == [None, "cuda"] and ts.variants("int8", both) == []
     assert trt.variants("fp16", ["cpu"]) == [None]  # engines are GPU-only whatever the devices
+    for pt2 in (COMPILERS["torch_export"], COMPILERS["aotinductor"]):
+        assert pt2.variants("fp32", both) == [None, "cuda"] and pt2.variants("fp32", ["cuda"]) == ["cuda"]
+        assert pt2.variants("fp16", both) == []  # fp32 only
     assert [candidate_id("onnxruntime", "fp16", v) for v in ort.variants("fp16", both)] == [
         "onnxruntime-fp16",
         "onnxruntime-fp16-cuda",
@@ -104,7 +107,7 @@ def test_gpu_candidates_are_unavailable_here_and_the_cpu_ones_complete(tmp_path)
         tmp_path / "out",
         signature=zoo_signature("mlp"),
         options={
-            "targets": ["onnxruntime", "torchscript", "tensorrt"],
+            "targets": ["onnxruntime", "torchscript", "tensorrt", "torch_export"],
             "precisions": ["fp32", "fp16"],
             "devices": ["cpu", "cuda"],
             "bench_seconds": 0.05,
@@ -125,17 +128,25 @@ def test_gpu_candidates_are_unavailable_here_and_the_cpu_ones_complete(tmp_path)
         "torchscript-fp16-cuda",
         "tensorrt-fp32",
         "tensorrt-fp16",
+        "torch_export-fp32",
+        "torch_export-fp32-cuda",
     }
-    for cid in ("onnxruntime-fp16-cuda", "onnxruntime-fp32-trt", "torchscript-fp16-cuda"):
+    for cid in ("onnxruntime-fp16-cuda", "onnxruntime-fp32-trt", "torchscript-fp16-cuda", "torch_export-fp32-cuda"):
         assert by_id[cid].status == "unavailable" and by_id[cid].reason == "no CUDA device on this machine"
     assert (
         by_id["tensorrt-fp16"].status == "unavailable" and "TensorRT is not installed" in by_id["tensorrt-fp16"].reason
     )
-    for cid in ("onnxruntime-fp32", "onnxruntime-fp16", "torchscript-fp32", "torchscript-fp16"):
+    for cid in ("onnxruntime-fp32", "onnxruntime-fp16", "torchscript-fp32", "torchscript-fp16", "torch_export-fp32"):
         assert by_id[cid].passed, (cid, by_id[cid].reason, by_id[cid].validation)
     assert ctx.step("compile").outputs["devices"] == ["cpu", "cuda"]
     assert ctx.eager_benchmark and not ctx.eager_baselines  # nothing ran on CUDA
-    assert ctx.selection.candidate in {"onnxruntime-fp32", "onnxruntime-fp16", "torchscript-fp32", "torchscript-fp16"}
+    assert ctx.selection.candidate in {
+        "onnxruntime-fp32",
+        "onnxruntime-fp16",
+        "torchscript-fp32",
+        "torchscript-fp16",
+        "torch_export-fp32",
+    }
     assert "not built: no CUDA device" in by_id["torchscript-fp32-cuda"].lost_because
 
 

@@ -5,6 +5,7 @@ or the library is missing."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import numpy as np
 import pytest
@@ -112,6 +113,54 @@ def test_small_transformer_on_cuda_keeps_its_dynamic_sequence(tmp_path, cuda):
         assert rt.run({"ids": np.ones((1, seq), np.int64)})["logits"].shape == (1, 4)
     if "CUDAExecutionProvider" in ort_providers():
         assert ctx.candidate("onnxruntime-fp16-cuda").passed, ctx.candidate("onnxruntime-fp16-cuda").validation
+
+
+def _pt2_on_cuda(tmp_path, targets: list[str]) -> tuple[Any, dict[str, Any]]:
+    ctx = engine.convert(
+        zoo_bundle(tmp_path, "cnn"),
+        tmp_path / "out",
+        entry="cnn.py:build_small",
+        signature=zoo_signature("cnn", "SMALL_SIGNATURE"),
+        options={"targets": targets, "precisions": ["fp32"], **FAST},
+    )
+    by_id = {c.id: c for c in ctx.candidates}
+    assert set(by_id) == {f"{t}-fp32-cuda" for t in targets}  # devices: cuda only
+    for cid, cand in by_id.items():
+        assert cand.passed, (cid, cand.reason, cand.validation, ctx.step("compile").log[-2000:])
+        assert cand.benchmark and cand.speedup_low <= cand.speedup <= cand.speedup_high
+        info = runtimes.ArtifactInfo.load(tmp_path / "out" / cid)
+        assert info.device == "cuda" and info.runtime == cand.target
+    assert set(ctx.eager_baselines) == {"cuda-fp32"}
+    outputs = {}
+    for cid in by_id:  # loaded the way serving loads them: in a runner, since they carry code
+        rt = runtimes.load(tmp_path / "out" / cid)
+        try:
+            for batch in (1, 3):
+                outputs[cid, batch] = rt.run(sample_io.at_batch(ctx.signature, batch))
+                assert all(v.shape[0] == batch for v in outputs[cid, batch].values())
+        finally:
+            rt.close()
+    return ctx, outputs
+
+
+def test_torch_export_candidate_on_cuda(tmp_path, cuda):
+    """The ExportedProgram is moved to the GPU from the CPU capture, passes validation against eager
+    on CUDA, is paired with eager fp32 on CUDA, and runs on the GPU at other batch sizes."""
+    ctx, _ = _pt2_on_cuda(tmp_path, ["torch_export"])
+    assert "from torch.export, on cuda" in ctx.candidate("torch_export-fp32-cuda").notes
+
+
+def test_aotinductor_package_on_cuda(tmp_path, cuda, aoti_cuda):
+    """An AOTInductor package compiled for this GPU (Triton kernels, in the box) passes validation,
+    records the GPU it was built for, and agrees with the ExportedProgram on the GPU."""
+    ctx, outputs = _pt2_on_cuda(tmp_path, ["torch_export", "aotinductor"])
+    aoti = ctx.candidate("aotinductor-fp32-cuda")
+    assert any(f"for this GPU ({cuda})" in n for n in aoti.notes), aoti.notes
+    assert runtimes.ArtifactInfo.load(tmp_path / "out" / aoti.id).extra["gpu"] == cuda
+    for batch in (1, 3):
+        a, b = outputs["torch_export-fp32-cuda", batch], outputs["aotinductor-fp32-cuda", batch]
+        for name in a:
+            assert np.allclose(a[name], b[name], atol=1e-3, rtol=1e-3), name
 
 
 def test_tensorrt_engine_profiles_buckets_and_refusal_elsewhere(tmp_path, tensorrt):
