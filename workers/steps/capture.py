@@ -53,8 +53,10 @@ class Capture:
                 Hazard(
                     kind="untraceable",
                     detail=f"torch.jit.trace failed: {trace.hint}",
-                    action="A trace needs that computed without the mode and torch.vmap (by broadcasting "
-                    "the index tensors); the other captures are used meanwhile",
+                    action="A trace needs that computed without the mode and torch.vmap, by broadcasting the "
+                    "index tensors (for a Hugging Face model: a mask function without vmap registered in "
+                    "transformers' AttentionMaskInterface, as Optimum's ONNX export does); the other captures "
+                    "are used meanwhile",
                 )
             )
             log.info(f"hazard: {ctx.hazards[-1].detail}")
