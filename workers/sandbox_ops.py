@@ -147,6 +147,48 @@ def export_hint(exc: BaseException) -> str | None:
     )
 
 
+def trace_hint(exc: BaseException) -> str | None:
+    """For torch.jit.trace failing on an index taken inside torch's TransformGetItemToIndex mode:
+    the model's line, and why no trace can be had.
+
+    Hugging Face's attention masks (GPT-2's in transformers 4.57, through create_causal_mask) call
+    a mask function through nested torch.vmap and read a mask tensor in it as `mask[b, k]` inside
+    that mode, where the index is an autograd Function over a list of index tensors (ModIndex).
+    The tracer cannot record such a call when the list holds traced tensors and fails with a bare
+    "RuntimeError: unordered_map::at". Nor would going around it help: a trace of torch.vmap
+    records the batch sizes it saw as constants, so the trace would hold one input shape only.
+    The mask has to be built without vmap for a trace (what Optimum's ONNX export patches into
+    transformers); Kiln does not patch a library's code, so it says why here."""
+    import traceback
+
+    import torch
+
+    torch_dir = str(Path(torch.__file__).resolve().parent) + os.sep
+    frames = [(f, str(Path(f.filename).resolve())) for f in traceback.extract_tb(exc.__traceback__)]
+    at = next(
+        (
+            i
+            for i, (f, path) in enumerate(frames)
+            if path.endswith("_trace_wrapped_higher_order_op.py") and f.name == "__torch_function__"
+        ),
+        None,
+    )
+    if at is None:
+        return None
+    caller = next((f for f, path in reversed(frames[:at]) if not path.startswith(torch_dir)), None)
+    where = ""
+    if caller is not None:
+        code = (caller.line or "").strip()[:120]
+        where = f" at {Path(caller.filename).name}:{caller.lineno} in {caller.name} (`{code}`)"
+    vmapped = any(path.startswith(torch_dir + "_functorch") and f.name == "_flat_vmap" for f, path in frames[:at])
+    return (
+        f"the model indexes a tensor{' inside torch.vmap' if vmapped else ''} under torch's "
+        f"TransformGetItemToIndex{where}, as Hugging Face's attention masks do; torch.jit.trace cannot "
+        "record that index (an autograd Function over a list of tensors)"
+        + (", and a trace of torch.vmap would hold only the traced sizes" if vmapped else "")
+    )
+
+
 def _tensors(torch: Any, signature: Signature, sample: dict[str, np.ndarray]) -> tuple[Any, ...]:
     return tuple(torch.from_numpy(np.ascontiguousarray(sample[s.name])) for s in signature.inputs)
 
@@ -390,7 +432,7 @@ def capture(args: dict[str, Any], workdir: Path) -> dict[str, Any]:
                 # saving can fail where capturing did not: that capture fails, not the step
                 note = save(captured, path)
             except Exception as exc:  # noqa: BLE001 - a failed capture is recorded, not raised
-                hint = export_hint(exc) if method == "export" else None
+                hint = {"export": export_hint, "trace": trace_hint}.get(method, lambda _: None)(exc)
                 records.append(
                     {
                         "method": method,

@@ -32,7 +32,9 @@ class Capture:
                 log.info(
                     f"{c.method}: {verdict} (max abs {c.max_abs if c.max_abs is not None else 'n/a'}, {c.seconds:.2f}s)"
                 )
-        ctx.hazards = [h for h in ctx.hazards if h.kind not in ("frozen_branch", "tracer_warning", "value_branch")]
+        ctx.hazards = [
+            h for h in ctx.hazards if h.kind not in ("frozen_branch", "tracer_warning", "value_branch", "untraceable")
+        ]
         export = ctx.capture("export")
         if export and not export.ok and export.hint:
             ctx.hazards.append(
@@ -46,6 +48,18 @@ class Capture:
             log.info(f"hazard: {ctx.hazards[-1].detail}")
         ctx.preferred_capture = prefer(ctx.captures)
         trace = ctx.capture("trace")
+        if trace and not trace.ok and trace.hint:
+            ctx.hazards.append(
+                Hazard(
+                    kind="untraceable",
+                    detail=f"torch.jit.trace failed: {trace.hint}",
+                    action="A trace needs that computed without the mode and torch.vmap, by broadcasting the "
+                    "index tensors (for a Hugging Face model: a mask function without vmap registered in "
+                    "transformers' AttentionMaskInterface, as Optimum's ONNX export does); the other captures "
+                    "are used meanwhile",
+                )
+            )
+            log.info(f"hazard: {ctx.hazards[-1].detail}")
         if trace and trace.ok and (not trace.agrees or trace.warnings):
             ctx.hazards.append(frozen_branch_hazard(trace, ctx.preferred_capture))
             log.info(f"hazard: {ctx.hazards[-1].detail} -> {ctx.hazards[-1].action}")
