@@ -31,3 +31,10 @@ def test_a_trace_failing_on_a_vmapped_index_says_where_and_why(tmp_path):
     # the other captures are unaffected: the export capture still agrees with eager
     export = ctx.capture("export")
     assert export is not None and export.ok and export.agrees, export and export.error
+    # and the TorchScript candidate, with no capture to build from (the script fails on the nested
+    # function), says why in its own reason, not only "see the capture step"
+    script = ctx.capture("script")
+    assert script is not None and not script.ok
+    cand = ctx.candidate("torchscript-fp32")
+    assert not cand.passed and f"trace failed ({trace.hint[:60]}" in (cand.reason or ""), cand.reason
+    assert "script failed (UnsupportedNodeError" in cand.reason

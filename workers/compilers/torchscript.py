@@ -50,7 +50,7 @@ class TorchScriptCompiler:
         method = ctx.preferred_capture
         capture = ctx.capture(method) if method else None
         if capture is None or method == "export" or not capture.file:
-            raise ConversionError("no TorchScript capture agrees with eager (see the capture step)")
+            raise ConversionError(f"no TorchScript capture agrees with eager: {why_no_capture(ctx)}")
         compute = COMPUTE[p]
         # Loading and freezing run the capture's code (TorchScript can call torch.from_file, and
         # freezing folds constants by running ops), so both happen in the sandbox.
@@ -79,3 +79,20 @@ class TorchScriptCompiler:
             device=device,
             extra={"capture": method},
         ).save(out_dir)
+
+
+def why_no_capture(ctx: Context) -> str:
+    """Why the trace and the script gave nothing to build from, one clause each: a failed capture's
+    hint (where the model did what the capture cannot record) or its error's first line, or where a
+    capture disagreed with eager."""
+    parts = []
+    for method in ("trace", "script"):
+        c = ctx.capture(method)
+        if c is None:
+            parts.append(f"{method} not tried")
+        elif not c.ok:
+            said = c.hint or (c.error or "it failed").strip().splitlines()[0]
+            parts.append(f"{method} failed ({said if len(said) <= 300 else said[:299] + '…'})")
+        elif not c.agrees:
+            parts.append(f"{method} disagrees on {', '.join(c.disagreeing_samples[:4]) or 'some samples'}")
+    return "; ".join(parts) or "see the capture step"
