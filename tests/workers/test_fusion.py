@@ -13,7 +13,13 @@ from onnx import numpy_helper
 
 from tests.conftest import zoo_signature
 from tests.workers.test_engine import convert
-from workers.compilers.fusion import fuse_transformer, fused_operators, transformer_kind
+from workers.compilers.fusion import (
+    _restore_shape_dims,
+    _shape_dims_as_gathers,
+    fuse_transformer,
+    fused_operators,
+    transformer_kind,
+)
 from workers.compilers.onnxruntime import OnnxRuntimeCompiler
 from workers.context import Candidate
 from workers.sandboxed import load_references, load_samples
@@ -107,6 +113,41 @@ def test_scaled_dot_product_attention_fuses_too(tmp_path):
     assert cand.passed, (cand.reason, cand.validation)
     assert cand.fused_ops.get("Attention", 0) >= 1, (cand.fused_ops, cand.notes)
     assert any("onnxscript" in n for n in cand.notes), cand.notes
+
+
+def test_bert_embeddings_fuse_into_one_operator(tmp_path):
+    # word, token type and position embeddings summed as Hugging Face's BertEmbeddings does, the
+    # position ids a Slice of a buffer up to the sequence length: the torch.export-based exporter
+    # reads that length with Shape(start=1, end=2), which the optimizer's pattern did not know
+    ctx = convert(
+        tmp_path,
+        "transformer",
+        entry="build_small_bert_embeddings",
+        signature=zoo_signature("transformer", "SMALL_SIGNATURE"),
+        targets=("onnxruntime",),
+        precisions=("fp32",),
+    )
+    assert ctx.onnx_exporter == "dynamo:eager"
+    assert any(n.op_type == "Shape" and n.attribute for n in onnx.load(str(ctx.onnx_file)).graph.node)
+    cand = ctx.candidate("onnxruntime-fp32")
+    assert cand.passed, (cand.reason, cand.validation)
+    assert cand.fused_ops.get("EmbedLayerNormalization", 0) == 1, (cand.fused_ops, cand.notes)
+    assert cand.fused_ops.get("Attention", 0) >= 1, (cand.fused_ops, cand.notes)
+    artifact = onnx.load(str(tmp_path / "out" / "onnxruntime-fp32" / "model.onnx"))
+    embed = next(n for n in artifact.graph.node if n.op_type == "EmbedLayerNormalization")
+    # all three tables: the token types are its segment embedding
+    assert len([i for i in embed.input[:5] if i]) == 5, embed.input
+    # what no fusion took in is given back as the exporter wrote it
+    model = onnx.load(str(ctx.onnx_file))
+
+    def nodes():
+        return [(n.op_type, list(n.input), list(n.output), str(n.attribute)) for n in model.graph.node]
+
+    exported, initializers = nodes(), len(model.graph.initializer)
+    rewritten = _shape_dims_as_gathers(model.graph)
+    assert rewritten and nodes() != exported
+    _restore_shape_dims(model.graph, rewritten)
+    assert nodes() == exported and len(model.graph.initializer) == initializers
 
 
 def _attention_graph(tmp_path: Path, name: str, *, mask: str | None, norm: bool = True, weight: bool = False) -> Path:

@@ -1,6 +1,8 @@
 """A small BERT-like encoder (post-LayerNorm blocks, the layout ONNX Runtime's transformer fusions
 recognise) over token ids with a dynamic sequence length:
-ids:int64[batch,seq] -> logits[batch,num_classes]."""
+ids:int64[batch,seq] -> logits[batch,num_classes]. `build_small_bert_embeddings` embeds as Hugging
+Face's BertEmbeddings does when called with input ids alone: word, token type and position
+embeddings summed, the position ids a slice of a buffer and the token types zeros from another."""
 
 import math
 
@@ -66,17 +68,28 @@ class Encoder(nn.Module):
         classes: int = 16,
         max_len: int = 512,
         sdpa: bool = False,
+        token_types: int = 0,
     ) -> None:
         super().__init__()
         self.tok = nn.Embedding(VOCAB, d)
         self.pos = nn.Embedding(max_len, d)
+        self.types = nn.Embedding(token_types, d) if token_types else None
+        if token_types:  # BertEmbeddings' buffers (not saved with the weights)
+            self.register_buffer("position_ids", torch.arange(max_len)[None], persistent=False)
+            self.register_buffer("token_type_ids", torch.zeros(1, max_len, dtype=torch.long), persistent=False)
         self.ln = nn.LayerNorm(d)
         self.layers = nn.ModuleList(Layer(d, heads, ff, sdpa) for _ in range(layers))
         self.head = nn.Linear(d, classes)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        pos = torch.arange(ids.shape[1], device=ids.device)[None].expand_as(ids)
-        x = self.ln(self.tok(ids) + self.pos(pos))
+        if self.types is None:
+            pos = torch.arange(ids.shape[1], device=ids.device)[None].expand_as(ids)
+            x = self.ln(self.tok(ids) + self.pos(pos))
+        else:
+            b, s = ids.shape
+            pos = self.position_ids[:, :s]
+            x = self.tok(ids) + self.types(self.token_type_ids[:, :s].expand(b, s))
+            x = self.ln(x + self.pos(pos))
         for layer in self.layers:
             x = layer(x)
         return self.head(x.mean(dim=1))
@@ -96,3 +109,9 @@ def build_small_sdpa() -> nn.Module:
     """The small encoder with its attention in torch's fused scaled_dot_product_attention."""
     torch.manual_seed(0)
     return Encoder(d=32, heads=2, ff=64, layers=1, classes=4, max_len=32, sdpa=True).eval()
+
+
+def build_small_bert_embeddings() -> nn.Module:
+    """The small encoder embedding token ids as BERT does (word, token type and position)."""
+    torch.manual_seed(0)
+    return Encoder(d=32, heads=2, ff=64, layers=1, classes=4, max_len=32, token_types=2).eval()

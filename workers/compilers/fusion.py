@@ -137,13 +137,88 @@ def fuse_transformer(src: Path, work: Path, kind: str) -> Fusion | None:
 
 
 def _ort_optimizer(src: Path, dst: Path, kind: str) -> Path:
+    import onnx
     from onnxruntime.transformers.optimizer import optimize_model
 
+    model = onnx.load(str(src))
+    rewritten = _shape_dims_as_gathers(model.graph)
     # opt_level 0: the Python fusions only; ONNX Runtime's own session optimizations run later, for the
     # provider the artifact is built for. num_heads and hidden_size 0: read from the graph's reshapes.
-    optimized = optimize_model(str(src), model_type=kind, num_heads=0, hidden_size=0, opt_level=0)
+    optimized = optimize_model(model, model_type=kind, num_heads=0, hidden_size=0, opt_level=0)
+    _restore_shape_dims(optimized.model.graph, rewritten)
     optimized.save_model_to_file(str(dst))
     return dst
+
+
+def _shape_dims_as_gathers(graph: Any) -> dict[str, tuple[str, int, str]]:
+    """Write each Shape node that reads one dimension (opset 15's start and end, what the
+    torch.export-based exporter writes for `x.shape[k]`) as the TorchScript-based exporter does: the
+    whole shape, a Gather of dimension k, an Unsqueeze back to one element. The same value; but the
+    optimizer's EmbedLayerNormalization fusion recognises BERT's position ids (a Slice of the
+    position_ids buffer up to the sequence length) only where that length is a Gather of input_ids'
+    Shape, so without this a BERT from the new exporter keeps its embeddings unfused.
+
+    Returns, by output, the input, dimension and name of each Shape node rewritten."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    nodes, rewritten = [], {}
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        start, end = attrs.get("start", 0), attrs.get("end")
+        if node.op_type != "Shape" or node.domain not in ("", "ai.onnx") or end is None or not 0 <= start == end - 1:
+            nodes.append(node)
+            continue
+        out = node.output[0]
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(np.array(start, np.int64), f"{out}__dim_index"),
+                numpy_helper.from_array(np.array([0], np.int64), f"{out}__unsqueeze_axes"),
+            ]
+        )
+        nodes += [
+            helper.make_node("Shape", [node.input[0]], [f"{out}__shape"], name=f"{out}__shape"),
+            helper.make_node(
+                "Gather", [f"{out}__shape", f"{out}__dim_index"], [f"{out}__dim"], name=f"{out}__dim", axis=0
+            ),
+            helper.make_node("Unsqueeze", [f"{out}__dim", f"{out}__unsqueeze_axes"], [out], name=f"{out}__unsqueeze"),
+        ]
+        rewritten[out] = (node.input[0], start, node.name)
+    if rewritten:
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return rewritten
+
+
+def _restore_shape_dims(graph: Any, rewritten: dict[str, tuple[str, int, str]]) -> None:
+    """Undo `_shape_dims_as_gathers` where no fusion took its nodes in: each Unsqueeze left is one
+    Shape node again, and the Gather and whole Shape before it go where nothing else reads them (the
+    optimizer may have given the whole shape other readers), so that only what fused changes the graph
+    and its node count, by which the routes are compared."""
+    from onnx import helper
+
+    if not rewritten:
+        return
+    nodes = list(graph.node)
+    for i, node in enumerate(nodes):
+        out = node.output[0] if node.output else ""
+        if out in rewritten and node.name == f"{out}__unsqueeze":
+            source, dim, name = rewritten[out]
+            nodes[i] = helper.make_node("Shape", [source], [out], name=name, start=dim, end=dim + 1)
+    for suffix in ("__dim", "__shape"):  # a Gather's reader goes first, then the Shape's
+        read = {i for n in nodes for i in n.input} | {o.name for o in graph.output}
+        nodes = [
+            n
+            for n in nodes
+            if not (n.name.endswith(suffix) and n.name[: -len(suffix)] in rewritten and n.output[0] not in read)
+        ]
+    read = {i for n in nodes for i in n.input}
+    added = {f"{out}{suffix}" for out in rewritten for suffix in ("__dim_index", "__unsqueeze_axes")}
+    initializers = [t for t in graph.initializer if t.name not in added or t.name in read]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
 
 
 def _onnxscript(src: Path, dst: Path) -> Path:
