@@ -14,6 +14,24 @@ from workers.context import CaptureRecord, Context, Hazard
 from workers.pipeline import SkipStep, StepLog
 from workers.sandboxed import sandboxed
 
+# capture method, hazard kind, what failed, what to do
+FAILED_CAPTURE_HAZARDS = (
+    (
+        "export",
+        "value_branch",
+        "torch.export",
+        "Rewrite that branch with torch.cond for a torch.export capture; the other captures are used meanwhile",
+    ),
+    (
+        "trace",
+        "untraceable",
+        "torch.jit.trace",
+        "A trace needs that computed without the mode and torch.vmap, by broadcasting the index tensors (for a "
+        "Hugging Face model: a mask function without vmap registered in transformers' AttentionMaskInterface, as "
+        "Optimum's ONNX export does); the other captures are used meanwhile",
+    ),
+)
+
 
 class Capture:
     name = "capture"
@@ -35,31 +53,14 @@ class Capture:
         ctx.hazards = [
             h for h in ctx.hazards if h.kind not in ("frozen_branch", "tracer_warning", "value_branch", "untraceable")
         ]
-        export = ctx.capture("export")
-        if export and not export.ok and export.hint:
-            ctx.hazards.append(
-                Hazard(
-                    kind="value_branch",
-                    detail=f"torch.export failed: {export.hint}",
-                    action="Rewrite that branch with torch.cond for a torch.export capture; "
-                    "the other captures are used meanwhile",
-                )
-            )
-            log.info(f"hazard: {ctx.hazards[-1].detail}")
+        # a failed capture whose hint says where and why: a hazard, with the way out
+        for method, kind, what, action in FAILED_CAPTURE_HAZARDS:
+            failed = ctx.capture(method)
+            if failed and not failed.ok and failed.hint:
+                ctx.hazards.append(Hazard(kind=kind, detail=f"{what} failed: {failed.hint}", action=action))
+                log.info(f"hazard: {ctx.hazards[-1].detail}")
         ctx.preferred_capture = prefer(ctx.captures)
         trace = ctx.capture("trace")
-        if trace and not trace.ok and trace.hint:
-            ctx.hazards.append(
-                Hazard(
-                    kind="untraceable",
-                    detail=f"torch.jit.trace failed: {trace.hint}",
-                    action="A trace needs that computed without the mode and torch.vmap, by broadcasting the "
-                    "index tensors (for a Hugging Face model: a mask function without vmap registered in "
-                    "transformers' AttentionMaskInterface, as Optimum's ONNX export does); the other captures "
-                    "are used meanwhile",
-                )
-            )
-            log.info(f"hazard: {ctx.hazards[-1].detail}")
         if trace and trace.ok and (not trace.agrees or trace.warnings):
             ctx.hazards.append(frozen_branch_hazard(trace, ctx.preferred_capture))
             log.info(f"hazard: {ctx.hazards[-1].detail} -> {ctx.hazards[-1].action}")
