@@ -14,6 +14,7 @@ from service.runtimes.tensorrt import ort_trt_profile_options
 from workers.compilers.fusion import Fusion, fuse_transformer, fused_operators, gained, transformer_kind
 from workers.compilers.gpu import CUDA_PROVIDER, TENSORRT_PROVIDER, require_ort_provider
 from workers.compilers.int8 import preprocess, quantize_int8_static
+from workers.compilers.static_resize import resize_by_scales
 from workers.context import Candidate, Context
 from workers.pipeline import StepLog
 from workers.sandboxed import load_references, load_samples
@@ -53,6 +54,13 @@ class OnnxRuntimeCompiler:
             shutil.rmtree(work)
         work.mkdir(parents=True)
         p = candidate.precision
+        if device == "cpu" and (n := resize_by_scales(src, work / "resize-scales.onnx")):
+            src = work / "resize-scales.onnx"
+            candidate.notes.append(
+                f"Resize x{n} by constant scales (its output size followed from static dimensions), "
+                "so that ONNX Runtime's blocked CPU layout runs through it"
+            )
+        unfused = src
         fused = self._fuse(src, work, p, device, log)
         if fused:
             src = fused.path
@@ -100,9 +108,7 @@ class OnnxRuntimeCompiler:
         self._emit(ctx, model, out_dir, p, device, candidate.variant, provider_options)
         candidate.file = "model.onnx"
         if fused:
-            self._keep_fused_if_valid(
-                ctx, candidate, Path(ctx.onnx_file), work, out_dir, device, provider_options, fused
-            )
+            self._keep_fused_if_valid(ctx, candidate, unfused, work, out_dir, device, provider_options, fused)
 
     def _emit(
         self,
