@@ -3,13 +3,19 @@ codes, and how jobs and conversions are printed."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from service.errors import BadRequest, KilnError
+
+if TYPE_CHECKING:
+    from service.client import KilnClient
 
 app = typer.Typer(
     help="Kiln: convert PyTorch models into fast, validated inference artifacts.",
@@ -56,6 +62,18 @@ def _client(server: str | None, token: str | None = None):
     from service.client import KilnClient
 
     return KilnClient(server, token)
+
+
+@contextmanager
+def remote(server: str | None, token: str | None = None) -> Iterator[KilnClient]:
+    """A client of the server for the block; a KilnError raised in the block (or opening the
+    client) ends the command through `_fail`: its one line on stderr, exit 2 for a bad request
+    and 1 otherwise."""
+    try:
+        with _client(server, token) as client:
+            yield client
+    except KilnError as exc:
+        _fail(exc)
 
 
 def _signature_arg(

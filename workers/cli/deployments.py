@@ -7,14 +7,14 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from service.errors import BadRequest, KilnError
+from service.errors import BadRequest
 from workers.cli.common import (
     SERVER,
     TOKEN,
-    _client,
     _fail,
     app,
     out,
+    remote,
 )
 
 
@@ -57,22 +57,18 @@ def deploy(
     """Serve a job's winner (or a candidate) as a new version of a deployment, and make it the default."""
     if (job is None) == (candidate is None):
         _fail(BadRequest("give --job JOB_ID or --candidate CANDIDATE_ID (one of them)"))
-    try:
-        with _client(server, token) as client:
-            d = client.deploy(
-                name,
-                job=job,
-                candidate=candidate,
-                force=force,
-                max_batch_size=max_batch_size,
-                max_queue_delay_ms=max_queue_delay_ms,
-                max_queue_size=max_queue_size,
-                instances=instances,
-                threads=threads,
-            )
-    except KilnError as exc:
-        _fail(exc)
-        return
+    with remote(server, token) as client:
+        d = client.deploy(
+            name,
+            job=job,
+            candidate=candidate,
+            force=force,
+            max_batch_size=max_batch_size,
+            max_queue_delay_ms=max_queue_delay_ms,
+            max_queue_size=max_queue_size,
+            instances=instances,
+            threads=threads,
+        )
     _print_deployment(d)
     newest = max(d["versions"], key=lambda v: v["version"])
     if newest["state"] != "ready":
@@ -90,12 +86,8 @@ app.add_typer(deployment_app, name="deployment")
 @deployment_app.command("list")
 def deployment_list(server: str | None = SERVER, token: str | None = TOKEN) -> None:
     """List deployments."""
-    try:
-        with _client(server, token) as client:
-            items = client.deployments()
-    except KilnError as exc:
-        _fail(exc)
-        return
+    with remote(server, token) as client:
+        items = client.deployments()
     table = Table()
     for col in ("name", "state", "default version", "versions", "candidate"):
         table.add_column(col)
@@ -114,42 +106,29 @@ def deployment_list(server: str | None = SERVER, token: str | None = TOKEN) -> N
 @deployment_app.command("show")
 def deployment_show(name: str, server: str | None = SERVER, token: str | None = TOKEN) -> None:
     """A deployment's versions."""
-    try:
-        with _client(server, token) as client:
-            _print_deployment(client.deployment(name))
-    except KilnError as exc:
-        _fail(exc)
+    with remote(server, token) as client:
+        _print_deployment(client.deployment(name))
 
 
 @deployment_app.command("set-default")
 def deployment_set_default(name: str, version: int, server: str | None = SERVER, token: str | None = TOKEN) -> None:
     """Serve this version by default."""
-    try:
-        with _client(server, token) as client:
-            _print_deployment(client.set_default(name, version))
-    except KilnError as exc:
-        _fail(exc)
+    with remote(server, token) as client:
+        _print_deployment(client.set_default(name, version))
 
 
 @deployment_app.command("rollback")
 def deployment_rollback(name: str, server: str | None = SERVER, token: str | None = TOKEN) -> None:
     """Make the previous version the default."""
-    try:
-        with _client(server, token) as client:
-            _print_deployment(client.rollback(name))
-    except KilnError as exc:
-        _fail(exc)
+    with remote(server, token) as client:
+        _print_deployment(client.rollback(name))
 
 
 @deployment_app.command("delete")
 def deployment_delete(name: str, server: str | None = SERVER, token: str | None = TOKEN) -> None:
     """Stop serving a deployment (all its versions)."""
-    try:
-        with _client(server, token) as client:
-            client.delete_deployment(name)
-    except KilnError as exc:
-        _fail(exc)
-        return
+    with remote(server, token) as client:
+        client.delete_deployment(name)
     out.print(f"deleted deployment {name}", highlight=False)
 
 
@@ -210,12 +189,8 @@ def infer(
     """Send inputs to a deployment and print its outputs."""
     import numpy as np
 
-    try:
-        with _client(server, token) as client:
-            outputs = client.infer(name, read_tensors(inputs, client.metadata(name)), version=version)
-    except KilnError as exc:
-        _fail(exc)
-        return
+    with remote(server, token) as client:
+        outputs = client.infer(name, read_tensors(inputs, client.metadata(name)), version=version)
     if output_file:
         np.savez(output_file, **outputs)
         out.print(f"wrote {output_file}", highlight=False)

@@ -7,18 +7,16 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from service.errors import KilnError
 from workers.cli.common import (
     EXPORTER_HELP,
     SERVER,
     TOKEN,
-    _client,
-    _fail,
     _job_options,
     _print_job,
     _watch,
     app,
     out,
+    remote,
 )
 
 job_app = typer.Typer(
@@ -44,19 +42,15 @@ def job_create(
     token: str | None = TOKEN,
 ) -> None:
     """Start a conversion job on a pushed model."""
-    try:
-        with _client(server, token) as client:
-            job = client.create_job(
-                model, version=version, **_job_options(target, precision, policy, threads, bench_seconds, onnx_exporter)
-            )
-            out.print(f"job {job['id']} {job['status']} ({model} v{job['version']})", highlight=False)
-            if job.get("waiting"):  # e.g. a GPU target and no GPU worker online
-                out.print(job["waiting"], highlight=False, markup=False, soft_wrap=True)
-            if watch:
-                job = _watch(client, job["id"])
-    except KilnError as exc:
-        _fail(exc)
-        return
+    with remote(server, token) as client:
+        job = client.create_job(
+            model, version=version, **_job_options(target, precision, policy, threads, bench_seconds, onnx_exporter)
+        )
+        out.print(f"job {job['id']} {job['status']} ({model} v{job['version']})", highlight=False)
+        if job.get("waiting"):  # e.g. a GPU target and no GPU worker online
+            out.print(job["waiting"], highlight=False, markup=False, soft_wrap=True)
+        if watch:
+            job = _watch(client, job["id"])
     if watch and job["status"] != "succeeded":
         raise typer.Exit(1)
 
@@ -71,12 +65,8 @@ def job_list(
     token: str | None = TOKEN,
 ) -> None:
     """List jobs, newest first."""
-    try:
-        with _client(server, token) as client:
-            items = client.jobs(status=status, model=model, limit=limit)
-    except KilnError as exc:
-        _fail(exc)
-        return
+    with remote(server, token) as client:
+        items = client.jobs(status=status, model=model, limit=limit)
     if quiet:
         for j in items:
             print(j["id"])
@@ -101,22 +91,15 @@ def job_list(
 @job_app.command("show")
 def job_show(job_id: str, server: str | None = SERVER, token: str | None = TOKEN) -> None:
     """A job's steps, candidates and selection."""
-    try:
-        with _client(server, token) as client:
-            _print_job(client.job(job_id))
-    except KilnError as exc:
-        _fail(exc)
+    with remote(server, token) as client:
+        _print_job(client.job(job_id))
 
 
 @job_app.command("watch")
 def job_watch(job_id: str, server: str | None = SERVER, token: str | None = TOKEN) -> None:
     """Follow a job's progress live until it ends."""
-    try:
-        with _client(server, token) as client:
-            job = _watch(client, job_id)
-    except KilnError as exc:
-        _fail(exc)
-        return
+    with remote(server, token) as client:
+        job = _watch(client, job_id)
     if job["status"] != "succeeded":
         raise typer.Exit(1)
 
@@ -124,12 +107,8 @@ def job_watch(job_id: str, server: str | None = SERVER, token: str | None = TOKE
 @job_app.command("cancel")
 def job_cancel(job_id: str, server: str | None = SERVER, token: str | None = TOKEN) -> None:
     """Cancel a queued or running job."""
-    try:
-        with _client(server, token) as client:
-            job = client.cancel(job_id)
-    except KilnError as exc:
-        _fail(exc)
-        return
+    with remote(server, token) as client:
+        job = client.cancel(job_id)
     out.print(f"job {job_id}: {'canceled' if job['status'] == 'canceled' else 'cancel requested'}", highlight=False)
 
 
@@ -141,15 +120,11 @@ def job_retry(
     token: str | None = TOKEN,
 ) -> None:
     """Start a new attempt of a failed or canceled job."""
-    try:
-        with _client(server, token) as client:
-            job = client.retry(job_id)
-            out.print(f"job {job['id']} queued (retry of {job_id})", highlight=False)
-            if watch:
-                job = _watch(client, job["id"])
-    except KilnError as exc:
-        _fail(exc)
-        return
+    with remote(server, token) as client:
+        job = client.retry(job_id)
+        out.print(f"job {job['id']} queued (retry of {job_id})", highlight=False)
+        if watch:
+            job = _watch(client, job["id"])
     if watch and job["status"] != "succeeded":
         raise typer.Exit(1)
 
@@ -164,12 +139,8 @@ def job_report(
     """The job's full report (JSON)."""
     import json
 
-    try:
-        with _client(server, token) as client:
-            report = client.report(job_id)
-    except KilnError as exc:
-        _fail(exc)
-        return
+    with remote(server, token) as client:
+        report = client.report(job_id)
     text = json.dumps(report, indent=2)
     if output_file:
         output_file.write_text(text)
@@ -181,8 +152,5 @@ def job_report(
 @job_app.command("logs")
 def job_logs(job_id: str, server: str | None = SERVER, token: str | None = TOKEN) -> None:
     """The job's log."""
-    try:
-        with _client(server, token) as client:
-            print(client.logs(job_id), end="")
-    except KilnError as exc:
-        _fail(exc)
+    with remote(server, token) as client:
+        print(client.logs(job_id), end="")

@@ -16,6 +16,7 @@ from workers.cli.common import (
     _signature_arg,
     app,
     out,
+    remote,
 )
 
 
@@ -66,12 +67,8 @@ model_app.command("push")(push)
 @model_app.command("list")
 def model_list(server: str | None = SERVER, token: str | None = TOKEN) -> None:
     """List models and their newest version."""
-    try:
-        with _client(server, token) as client:
-            items = client.models()
-    except KilnError as exc:
-        _fail(exc)
-        return
+    with remote(server, token) as client:
+        items = client.models()
     table = Table()
     for col in ("name", "versions", "latest", "kind", "created"):
         table.add_column(col)
@@ -93,11 +90,8 @@ def model_show(name: str, server: str | None = SERVER, token: str | None = TOKEN
     """A model's versions (JSON)."""
     import json
 
-    try:
-        with _client(server, token) as client:
-            print(json.dumps(client.model(name), indent=2))
-    except KilnError as exc:
-        _fail(exc)
+    with remote(server, token) as client:
+        print(json.dumps(client.model(name), indent=2))
 
 
 @model_app.command("delete")
@@ -108,10 +102,6 @@ def model_delete(
     token: str | None = TOKEN,
 ) -> None:
     """Delete a version of a model that no deployment uses."""
-    try:
-        with _client(server, token) as client:
-            client.delete_version(name, version)
-    except KilnError as exc:
-        _fail(exc)
-        return
+    with remote(server, token) as client:
+        client.delete_version(name, version)
     out.print(f"deleted {name} version {version}", highlight=False)

@@ -5,16 +5,14 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from service.errors import KilnError
 from workers.cli.common import (
     SERVER,
     TOKEN,
-    _client,
-    _fail,
     _split,
     app,
     console,
     out,
+    remote,
 )
 
 token_app = typer.Typer(help="API tokens: create, list, revoke.", no_args_is_help=True)
@@ -32,12 +30,8 @@ def token_create(
     token: str | None = TOKEN,
 ) -> None:
     """Create a token; it is printed once and stored only as a hash."""
-    try:
-        with _client(server, token) as client:
-            t = client.create_token(name, _split(scope), owner)
-    except KilnError as exc:
-        _fail(exc)
-        return
+    with remote(server, token) as client:
+        t = client.create_token(name, _split(scope), owner)
     out.print(f"token {t['id']} for {t['owner']} ({', '.join(t['scopes'])}):", highlight=False)
     print(t["token"])
 
@@ -45,12 +39,8 @@ def token_create(
 @token_app.command("list")
 def token_list(server: str | None = SERVER, token: str | None = TOKEN) -> None:
     """List tokens (never their secrets)."""
-    try:
-        with _client(server, token) as client:
-            items = client.tokens()
-    except KilnError as exc:
-        _fail(exc)
-        return
+    with remote(server, token) as client:
+        items = client.tokens()
     table = Table()
     for col in ("id", "name", "owner", "prefix", "scopes", "created", "last used", "revoked"):
         table.add_column(col)
@@ -71,12 +61,8 @@ def token_list(server: str | None = SERVER, token: str | None = TOKEN) -> None:
 @token_app.command("revoke")
 def token_revoke(token_id: str, server: str | None = SERVER, token: str | None = TOKEN) -> None:
     """Revoke a token (it stops working within seconds on every server)."""
-    try:
-        with _client(server, token) as client:
-            client.revoke_token(token_id)
-    except KilnError as exc:
-        _fail(exc)
-        return
+    with remote(server, token) as client:
+        client.revoke_token(token_id)
     out.print(f"revoked {token_id}", highlight=False)
 
 
