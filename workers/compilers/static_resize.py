@@ -8,7 +8,7 @@ constant, so each such Resize costs a reorder out of the layout and back, plus t
 the blocked tensor. On DeepLabV3 (MobileNetV3, batch 1, 224x224) that was about 7% of the latency and
 what made the plain static-shape export faster than Kiln's. Scales of 1 on the dimensions the input
 and output share (the batch, symbolic) and out/in on the static ones give the same output for every
-batch size: ONNX Runtime computes the output size as in x scale and, from sizes, the scale as out/in,
+batch size: ONNX Runtime computes the output size as int(in * scale) and, from sizes, the scale as out/in,
 so a scale is used only where that product gives the size back exactly.
 
 Which dimensions are static, and which output dimension is the input's own, comes from ONNX
@@ -62,6 +62,8 @@ def _shapes(model: Any) -> dict[str, list[int | str | None]]:
     try:
         inferred = SymbolicShapeInference.infer_shapes(bare)
     except Exception:  # noqa: BLE001 - an operator it does not know: leave the graph as it is
+        return {}
+    if inferred is None:
         return {}
     graph = inferred.graph
     out: dict[str, list[int | str | None]] = {}
