@@ -178,7 +178,8 @@ def peers(
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # as Kiln times its own candidates: threads spin within a run and stop when it returns
+        so.add_session_config_entry("session.force_spinning_stop", "1")
         so.log_severity_level = 3
         return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 

@@ -19,9 +19,9 @@ What it does, in order:
    --open serves Kiln with authentication off instead.
 3. Per model, times the served artifact in this process while the Kiln server idles:
    `service.runtimes.load(dir).run(...)` at batch 1, with the intra-op thread count Kiln's server
-   gives a deployment of one instance (os.cpu_count() // instances) and, as Kiln serves it, no
-   spinning between runs (KILN_SERVING_SPIN_WAIT's default); and eager PyTorch at batch 1
-   with as many torch threads.
+   gives a deployment of one instance (os.cpu_count() // instances) and, as Kiln serves it,
+   intra-op threads that spin within a run and stop when it returns (KILN_SERVING_SPIN_WAIT's
+   default); and eager PyTorch at batch 1 with as many torch threads.
 4. Loads Kiln from the clients below: over HTTP, one client (JSON, binary, binary with batching
    off) and --clients concurrent clients (binary with each delay and with batching off, JSON with
    the best delay and off); then one client in interleaved rounds (every contender sees the same

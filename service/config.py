@@ -39,9 +39,10 @@ class Settings(BaseSettings):
     store_sweep_interval_s: float = 3600.0
     # Redis URL for telling replicas about deployment changes (default: the broker, when it is Redis).
     notify_url: str | None = None
-    # Whether a served model's idle intra-op threads busy-wait for the next run (ONNX Runtime's
-    # allow_spinning). Off: under concurrent load the spinning threads take the cores that the
-    # event loop and other requests need.
+    # Whether a served model's idle intra-op threads busy-wait for the next run. Off: they spin
+    # only within a run and stop when it returns (ONNX Runtime's force_spinning_stop), since under
+    # concurrent load threads spinning between runs take the cores that the event loop and other
+    # requests need.
     serving_spin_wait: bool = False
     # How often each replica checks the database for deployment changes (the fallback).
     sync_interval_s: float = 5.0
