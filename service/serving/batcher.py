@@ -208,7 +208,11 @@ class Batcher:
         finally:
             with self._cond:
                 self._free.append(instance)
-                self._cond.notify_all()
+                # Wake the runner threads only when one has work (or the batcher is closing, for
+                # wait_idle): after a lone request run inline, waking them for nothing made each one
+                # take the GIL from the event loop (about 30 us a request under a profiler).
+                if self._queue or self._closed:
+                    self._cond.notify_all()
         for item, result, error in answers:
             item.answer(result, error)
 
