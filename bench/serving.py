@@ -27,7 +27,9 @@ What it does, in order:
    the best delay and off); then one client in interleaved rounds (every contender sees the same
    machine): gRPC with `tritonclient.grpc`, HTTP JSON and binary from http.client, and the raw
    runtime in this process (the gRPC and CNN aims use these); and gRPC from --clients concurrent
-   clients (threads in 4 processes).
+   clients (threads in 4 processes). With wrk, Kiln binary is also timed in alternating rounds
+   against the raw runtime and bench/bare_server.py, the floor for a Python server (one thread,
+   blocking sockets, no checks, around the same runtime with Kiln's settings).
 5. Then, one at a time (their idle ORT/torch worker threads spin, so they never run side by side):
    bench/ort_server.py (FastAPI + the same ORT session, a plain `def` endpoint as a user would
    write it), bench/eager_server.py (FastAPI + eager PyTorch), and LitServe without and with
@@ -714,39 +716,83 @@ def one_client_interleaved(
     return rows
 
 
-def wrk_vs_raw(port: int, dep: str, payload: Payload, i: dict, seconds: float, threads: int, tmp: Path, pid: int):
-    """Kiln binary from wrk (one connection) and the raw runtime in this process, in alternating
-    rounds of a second or so, so that both see the same machine: what a lone client's request
-    costs beyond the run, with a C client whose own cost is small (the Python client's is not:
-    reading and writing 600 KB bodies in Python costs it milliseconds of its own)."""
+def wrk_vs_raw(
+    port: int, dep: str, payload: Payload, i: dict, seconds: float, threads: int, tmp: Path, pid: int, servers
+):
+    """Kiln binary from wrk (one connection), the bare-socket floor (bench/bare_server.py: the same
+    request into the least a Python server can do around the same runtime) and the raw runtime in
+    this process, in alternating rounds of a second or so, so that all see the same machine: what a
+    lone client's request costs beyond the run, with a C client whose own cost is small (the Python
+    client's is not: reading and writing 600 KB bodies in Python costs it milliseconds of its own)."""
+    import numpy as np
+
     from service import runtimes
 
+    bare_port = free_port()
+    bare_log = tmp / "bare-server.log"
+    bare = servers.start(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "bare_server.py"),
+            "--artifact",
+            str(i["art"]),
+            "--port",
+            str(bare_port),
+            "--threads",
+            str(threads),
+        ],
+        dict(os.environ),
+        bare_log,
+    )
     rt = runtimes.load(i["art"], threads=threads, spin=False)
     feeds = {i["input"]: i["x"]}
     rounds = max(3, round(2 * seconds))
     kiln_p50: list[float] = []
+    bare_p50: list[float] = []
     raw_p50: list[float] = []
-    QUIET.wait(pid)
-    watch = CpuWatch(pid)
     try:
+        wait_port(bare_port, bare, bare_log)
+        path = f"/v2/models/{dep}/infer"
+        got = decode(*request(bare_port, "POST", path, payload.body, payload.headers), i["output"])
+        if not np.allclose(got, i["ref"], atol=1e-5, rtol=1e-4):
+            raise RuntimeError("the bare-socket server's answer differs from the raw runtime's")
+        QUIET.wait(pid)
+        watch = CpuWatch(pid)
         for _ in range(rounds):
-            load = run_wrk(port, f"/v2/models/{dep}/infer", payload, 1, 1.0, tmp)
-            kiln_p50.append(load.p50_ms)
+            kiln_p50.append(run_wrk(port, path, payload, 1, 1.0, tmp).p50_ms)
+            bare_p50.append(run_wrk(bare_port, path, payload, 1, 1.0, tmp).p50_ms)
             times, _ = time_loop(lambda: rt.run(feeds), 1.0, warmup=1)
             raw_p50.append(pct(times, 50) * 1e3)
+        cpu = watch.stop()
     finally:
         rt.close()
-    cpu = watch.stop()
-    ratios = sorted(k / r for k, r in zip(kiln_p50, raw_p50))
-    WRK_RAW.update(median=ratios[len(ratios) // 2], low=ratios[0], high=ratios[-1], rounds=rounds)
-    kp, rp = sorted(kiln_p50)[rounds // 2], sorted(raw_p50)[rounds // 2]
+        servers.stop(bare)
+    for key, p50s in (("kiln", kiln_p50), ("bare", bare_p50)):
+        ratios = sorted(k / r for k, r in zip(p50s, raw_p50))
+        WRK_RAW[key] = {"median": ratios[len(ratios) // 2], "low": ratios[0], "high": ratios[-1], "rounds": rounds}
+    kp, bp, rp = (sorted(v)[rounds // 2] for v in (kiln_p50, bare_p50, raw_p50))
     return [
         Row("Kiln binary, 1 client (wrk, interleaved)", "seq-wrk", "kiln", kp, float("nan"), 1e3 / kp, cpu),
+        Row("bare-socket floor, binary (wrk, interleaved)", "seq-wrk", "bare", bp, float("nan"), 1e3 / bp, cpu),
         Row("raw runtime, in-process (interleaved with wrk)", "seq-wrk", "raw", rp, float("nan"), 1e3 / rp, cpu),
     ]
 
 
-WRK_RAW: dict[str, float] = {}
+def wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 120.0) -> None:
+    """Until something accepts connections on the port (or the process ends: its log is the reason)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[1]} exited: {log.read_text()[-2000:]}")
+        try:
+            socket.create_connection((HOST, port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"nothing listens on :{port} after {timeout:.0f}s: {log.read_text()[-2000:]}")
+
+
+WRK_RAW: dict[str, dict[str, float]] = {}
 
 
 def batching_cost(port: int, on_dep: str, off_dep: str, payload: Payload, seconds: float, tmp: Path, pid: int):
@@ -1140,7 +1186,7 @@ def run(models, converted, args, delays, threads, use_wrk, tmp, data_dir, server
             add(row)
         add(grpc_load(grpc_port, kiln_port, f"{name}-on{best[0]:g}", i, n, args.seconds, kiln.pid, mb))
         if use_wrk:
-            for row in wrk_vs_raw(kiln_port, seq_dep, binary, i, args.seconds, threads, tmp, kiln.pid):
+            for row in wrk_vs_raw(kiln_port, seq_dep, binary, i, args.seconds, threads, tmp, kiln.pid, servers):
                 add(row)
             for row in batching_cost(kiln_port, seq_dep, f"{name}-off", binary, args.seconds, tmp, kiln.pid):
                 add(row)
@@ -1296,11 +1342,15 @@ def report(name: str, i: dict, rows: list[Row], candidate: str, threads: int, ar
     elif name == "cnn":
         kb, kr = one("Kiln binary, 1 client (Python", "seq-py"), one("raw runtime, in-process (inter", "seq-py")
         if WRK_RAW:
-            w = WRK_RAW
+            w, b = WRK_RAW["kiln"], WRK_RAW["bare"]
             print(
                 f"  aim: CNN binary /v2 within 3% of the runtime alone (p50, wrk and the runtime in "
                 f"{w['rounds']:.0f} alternating rounds; the median of the per-round ratios, lowest-highest): "
                 f"{w['median'] - 1:+.1%} ({w['low'] - 1:+.1%} to {w['high'] - 1:+.1%}) -> {mark(w['median'] <= 1.03)}"
+            )
+            print(
+                f"  the floor, bench/bare_server.py in the same rounds (one thread, blocking sockets, no checks): "
+                f"{b['median'] - 1:+.1%} ({b['low'] - 1:+.1%} to {b['high'] - 1:+.1%})"
             )
         if kb and kr:
             within = kb.p50_ms / kr.p50_ms - 1
