@@ -15,13 +15,16 @@ SPIN = "session.intra_op.allow_spinning"
 STOP = "session.force_spinning_stop"
 
 
-def _model(path):
-    w = helper.make_tensor("W", TensorProto.FLOAT, [4, 2], np.arange(8, dtype=np.float32).tolist())
+def _model(path, weight: np.ndarray | None = None, layers: int = 1):
+    """x @ W, `layers` times over (W square when layers > 1); W is arange(8) as 4x2 by default."""
+    weight = np.arange(8, dtype=np.float32).reshape(4, 2) if weight is None else weight
+    w = helper.make_tensor("W", TensorProto.FLOAT, list(weight.shape), weight.ravel().tolist())
+    names = ["x"] + [f"h{i}" for i in range(1, layers)] + ["y"]
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["y"])],
+        [helper.make_node("MatMul", [a, "W"], [b]) for a, b in zip(names, names[1:])],
         "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", weight.shape[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", weight.shape[1]])],
         [w],
     )
     save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
@@ -50,23 +53,6 @@ def test_serving_does_not_spin_by_default(monkeypatch):
     assert Settings().serving_spin_wait is True
 
 
-def _wide(path):
-    """A MatMul big enough that ONNX Runtime splits it across its intra-op threads."""
-    rng = np.random.default_rng(0)
-    w = helper.make_tensor(
-        "W", TensorProto.FLOAT, [512, 512], rng.standard_normal(512 * 512).astype(np.float32).tolist()
-    )
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("MatMul", ["h", "W"], ["y"])],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 512])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 512])],
-        [w],
-    )
-    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    return path
-
-
 def _idle_cpu_ms(rt, x) -> float:
     """CPU this process burns while it sleeps 100 ms right after a run (the most of 5 tries)."""
     burnt = []
@@ -81,7 +67,8 @@ def _idle_cpu_ms(rt, x) -> float:
 def test_served_sessions_burn_no_cpu_between_runs(tmp_path):
     """ONNX Runtime's own default keeps intra-op threads spinning after a run; a served session's
     stop when the run returns, so an idle server leaves its cores to the rest of the machine."""
-    path = _wide(tmp_path / "w.onnx")
+    # big enough that ONNX Runtime splits each MatMul across its intra-op threads
+    path = _model(tmp_path / "w.onnx", np.random.default_rng(0).standard_normal((512, 512)).astype(np.float32), 2)
     x = np.random.default_rng(1).standard_normal((256, 512)).astype(np.float32)
     served = OnnxRuntime(path, threads=2, spin=False)
     spinning = OnnxRuntime(path, threads=2)
