@@ -195,17 +195,18 @@ class Cpu:
 
 
 class CpuWatch:
-    def __init__(self, server_pid: int | None = None) -> None:
-        self.pid = server_pid
+    def __init__(self, server_pid: int | None = None, also: tuple[int, ...] = ()) -> None:
+        """`also`: more servers (this script's own children) whose CPU counts as the server's."""
+        self.pids = (server_pid, *also)
         self.t = time.perf_counter()
         self.busy, self.steal = machine_cpu()
-        self.srv = tree_cpu(server_pid)
+        self.srv = sum(tree_cpu(p) for p in self.pids)
         self.me, self.kids = own_cpu()
 
     def stop(self) -> Cpu:
         wall = max(1e-9, time.perf_counter() - self.t)
         busy, steal = machine_cpu()
-        srv = tree_cpu(self.pid) - self.srv
+        srv = sum(tree_cpu(p) for p in self.pids) - self.srv
         me, kids = own_cpu()
         client = (me - self.me) + (kids - self.kids)
         other = max(0.0, (busy - self.busy) - srv - client)
@@ -757,7 +758,7 @@ def wrk_vs_raw(
         if not np.allclose(got, i["ref"], atol=1e-5, rtol=1e-4):
             raise RuntimeError("the bare-socket server's answer differs from the raw runtime's")
         QUIET.wait(pid)
-        watch = CpuWatch(pid)
+        watch = CpuWatch(pid, also=(bare.pid,))
         for _ in range(rounds):
             kiln_p50.append(run_wrk(port, path, payload, 1, 1.0, tmp).p50_ms)
             bare_p50.append(run_wrk(bare_port, path, payload, 1, 1.0, tmp).p50_ms)
